@@ -1,0 +1,168 @@
+//! `IoBuf`: an owned, page-aligned byte buffer that can be handed to the kernel.
+//!
+//! io_uring needs a buffer that stays put until the completion arrives, and O_DIRECT needs it
+//! aligned to the device's logical block size. `IoBuf` is both: heap memory aligned to
+//! [`IO_ALIGN`], owned by exactly one holder at a time, with a movable window (`start..start+len`)
+//! so that a read-modify-write can return a sub-range without copying.
+
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+
+/// Alignment of every `IoBuf` allocation; enough for O_DIRECT on any common device.
+pub const IO_ALIGN: usize = 4096;
+
+/// An aligned, owned, fixed-capacity byte buffer.
+pub struct IoBuf {
+    ptr: NonNull<u8>,
+    cap: usize,
+    start: usize,
+    len: usize,
+}
+
+// SAFETY: IoBuf owns its allocation exclusively (like Vec<u8>); nothing else aliases it.
+unsafe impl Send for IoBuf {}
+// SAFETY: shared references only give out `&[u8]`, which is Sync.
+unsafe impl Sync for IoBuf {}
+
+impl IoBuf {
+    /// A zero-filled buffer of `len` bytes.
+    pub fn zeroed(len: usize) -> Self {
+        if len == 0 {
+            return Self {
+                ptr: NonNull::dangling(),
+                cap: 0,
+                start: 0,
+                len: 0,
+            };
+        }
+        let cap = len.div_ceil(IO_ALIGN) * IO_ALIGN;
+        let layout = Layout::from_size_align(cap, IO_ALIGN).expect("IoBuf layout");
+        // SAFETY: layout has non-zero size (cap >= IO_ALIGN).
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        Self {
+            ptr,
+            cap,
+            start: 0,
+            len,
+        }
+    }
+
+    /// A buffer holding a copy of `data`.
+    pub fn from_slice(data: &[u8]) -> Self {
+        let mut b = Self::zeroed(data.len());
+        b.copy_from_slice(data);
+        b
+    }
+
+    /// Number of visible bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True if the window is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Narrow the visible window to `offset..offset+len` of the current window, without copying.
+    ///
+    /// # Panics
+    /// If the new window does not lie inside the current one.
+    pub fn narrow(&mut self, offset: usize, len: usize) {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "IoBuf::narrow out of range"
+        );
+        self.start += offset;
+        self.len = len;
+    }
+
+    /// Pointer to the first visible byte, for handing to the kernel.
+    pub fn as_ptr(&self) -> *const u8 {
+        // SAFETY: start <= cap, so the result stays inside (or one past) the allocation.
+        unsafe { self.ptr.as_ptr().add(self.start) }
+    }
+
+    /// Mutable pointer to the first visible byte, for handing to the kernel.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        // SAFETY: as in `as_ptr`.
+        unsafe { self.ptr.as_ptr().add(self.start) }
+    }
+}
+
+impl Deref for IoBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: start+len <= cap, the memory is initialised (alloc_zeroed) and owned by self.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for IoBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        if self.len == 0 {
+            return &mut [];
+        }
+        let len = self.len;
+        // SAFETY: as in `deref`, and `&mut self` guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr(), len) }
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        if self.cap != 0 {
+            let layout = Layout::from_size_align(self.cap, IO_ALIGN).expect("IoBuf layout");
+            // SAFETY: allocated in `zeroed` with this very layout, freed exactly once.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
+        }
+    }
+}
+
+impl Clone for IoBuf {
+    fn clone(&self) -> Self {
+        Self::from_slice(self)
+    }
+}
+
+impl fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IoBuf({} bytes)", self.len)
+    }
+}
+
+impl PartialEq for IoBuf {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_and_zeroed() {
+        let b = IoBuf::zeroed(5000);
+        assert_eq!(b.as_ptr() as usize % IO_ALIGN, 0);
+        assert_eq!(b.len(), 5000);
+        assert!(b.iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn narrow_is_a_window() {
+        let mut b = IoBuf::from_slice(&[1, 2, 3, 4, 5]);
+        b.narrow(1, 3);
+        assert_eq!(&*b, &[2, 3, 4]);
+        b.narrow(2, 1);
+        assert_eq!(&*b, &[4]);
+        let empty = IoBuf::zeroed(0);
+        assert!(empty.is_empty());
+    }
+}

@@ -1,0 +1,693 @@
+//! `UringFile`: a regular file or block device driven through io_uring.
+//!
+//! One engine thread owns the ring. Callers (tokio tasks) push requests onto a shared queue and
+//! wake the thread through an eventfd only when it may be asleep; the thread submits everything
+//! queued in one `io_uring_enter`, reaps completions and answers each caller on a oneshot
+//! channel. Buffers travel *into* the engine with the request and come back with the answer, so
+//! the engine owns every buffer the kernel may touch for as long as the kernel may touch it.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use tokio::sync::oneshot;
+
+use super::{check_range, Backend, Extent, IoBuf, IoFuture, Op, Result, StorageError};
+
+/// How to open a disk.
+#[derive(Debug, Clone)]
+pub struct DiskOptions {
+    /// Regular file or block device.
+    pub path: PathBuf,
+    /// For a regular file: create it, or grow it, to this size. Refused for block devices.
+    pub size: Option<u64>,
+    /// Bypass the page cache (O_DIRECT); requests then need sector alignment, which
+    /// [`super::open_disk`] supplies with read-modify-write.
+    pub direct: bool,
+    /// Open read-only.
+    pub read_only: bool,
+    /// Maximum requests in flight in the kernel.
+    pub queue_depth: u32,
+}
+
+impl DiskOptions {
+    /// Options for `path` with defaults: buffered, read-write, depth 128, no resizing.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            size: None,
+            direct: false,
+            read_only: false,
+            queue_depth: 128,
+        }
+    }
+}
+
+/// A file or block device served through io_uring.
+#[derive(Debug)]
+pub struct UringFile {
+    engine: Arc<Engine>,
+    thread: Option<JoinHandle<()>>,
+    // Keeps the descriptor open for as long as the engine may use it.
+    file: File,
+    path: PathBuf,
+    size: u64,
+    align: u32,
+    read_only: bool,
+    block_device: bool,
+}
+
+/// What the engine answers: the buffer back (for reads and writes) or nothing.
+type Answer = io::Result<Option<IoBuf>>;
+
+#[derive(Debug)]
+enum Work {
+    Read { buf: IoBuf },
+    Write { buf: IoBuf, fua: bool },
+    Fsync,
+    Fallocate { len: u64, mode: i32 },
+}
+
+#[derive(Debug)]
+struct Request {
+    work: Work,
+    offset: u64,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// State shared between callers and the engine thread.
+#[derive(Debug)]
+struct Engine {
+    queue: Mutex<Queue>,
+    /// False while the engine thread may be blocked in `io_uring_enter`.
+    awake: AtomicBool,
+    eventfd: OwnedFd,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    requests: Vec<Request>,
+    stopping: bool,
+}
+
+impl Engine {
+    fn submit(&self, req: Request) -> std::result::Result<(), Request> {
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if q.stopping {
+                return Err(req);
+            }
+            q.requests.push(req);
+        }
+        self.wake();
+        Ok(())
+    }
+
+    fn wake(&self) {
+        if !self.awake.swap(true, Ordering::SeqCst) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
+            let r =
+                unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            debug_assert!(r == 8 || io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock);
+        }
+    }
+}
+
+fn ioctl_u64(fd: RawFd, req: libc::c_ulong) -> io::Result<u64> {
+    let mut v: u64 = 0;
+    // SAFETY: the ioctls used here (BLKGETSIZE64) write one u64 through the pointer.
+    let r = unsafe { libc::ioctl(fd, req as _, &mut v as *mut u64) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+fn ioctl_int(fd: RawFd, req: libc::c_ulong) -> io::Result<u32> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: the ioctls used here (BLKSSZGET) write one c_int through the pointer.
+    let r = unsafe { libc::ioctl(fd, req as _, &mut v as *mut libc::c_int) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v as u32)
+}
+
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+
+impl UringFile {
+    /// Open (and for regular files with `size`, create or grow) a disk.
+    pub fn open(opts: &DiskOptions) -> Result<Self> {
+        let path = opts.path.clone();
+        let open_err = |source: io::Error| StorageError::Io {
+            op: Op::Open,
+            path: path.clone(),
+            offset: 0,
+            len: 0,
+            source,
+        };
+        let meta = std::fs::metadata(&path);
+        let block_device = matches!(&meta, Ok(m) if m.file_type().is_block_device());
+        match (&meta, opts.size) {
+            (Err(e), None) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StorageError::Config(format!(
+                    "{} does not exist; pass --size to create it",
+                    path.display()
+                )))
+            }
+            (Err(e), Some(_)) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(open_err(io::Error::new(e.kind(), e.to_string())))
+            }
+            (Ok(_), Some(_)) if block_device => {
+                return Err(StorageError::Config(format!(
+                    "{} is a block device; its size is fixed, do not pass --size",
+                    path.display()
+                )))
+            }
+            (Ok(m), _) if !block_device && !m.is_file() => {
+                return Err(StorageError::Config(format!(
+                    "{} is neither a regular file nor a block device",
+                    path.display()
+                )))
+            }
+            _ => {}
+        }
+        if opts.read_only && opts.size.is_some() && meta.is_err() {
+            return Err(StorageError::Config(format!(
+                "{} does not exist and cannot be created read-only",
+                path.display()
+            )));
+        }
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.read_only);
+        if opts.size.is_some() && !opts.read_only {
+            oo.create(true);
+        }
+        let mut flags = libc::O_CLOEXEC;
+        if opts.direct {
+            flags |= libc::O_DIRECT;
+        }
+        oo.custom_flags(flags);
+        let file = oo.open(&path).map_err(open_err)?;
+        let fd = file.as_raw_fd();
+        let size = if block_device {
+            ioctl_u64(fd, BLKGETSIZE64).map_err(open_err)?
+        } else {
+            let cur = file.metadata().map_err(open_err)?.len();
+            match opts.size {
+                Some(want) if want < cur => return Err(StorageError::Config(format!(
+                    "{} is {cur} bytes, larger than --size {want}; lockstep never shrinks a disk",
+                    path.display()
+                ))),
+                Some(want) if want > cur => {
+                    if opts.read_only {
+                        return Err(StorageError::Config(format!(
+                            "{} cannot be grown read-only",
+                            path.display()
+                        )));
+                    }
+                    file.set_len(want).map_err(open_err)?;
+                    want
+                }
+                _ => cur,
+            }
+        };
+        let align = if !opts.direct {
+            1
+        } else if block_device {
+            ioctl_int(fd, BLKSSZGET).map_err(open_err)?.max(512)
+        } else {
+            4096
+        };
+        // SAFETY: eventfd() returns a new descriptor or -1; we take ownership of it at once.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(open_err(io::Error::last_os_error()));
+        }
+        // SAFETY: efd is a fresh descriptor nobody else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let depth = opts.queue_depth.clamp(1, 4096);
+        let ring = IoUring::builder()
+            .build((depth + 1).next_power_of_two())
+            .map_err(open_err)?;
+        let engine = Arc::new(Engine {
+            queue: Mutex::new(Queue::default()),
+            awake: AtomicBool::new(true),
+            eventfd,
+        });
+        let thread_engine = engine.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!(
+                "uring:{}",
+                path.file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
+            ))
+            .spawn(move || run_engine(ring, fd, depth as usize, &thread_engine))
+            .map_err(open_err)?;
+        Ok(Self {
+            engine,
+            thread: Some(thread),
+            file,
+            path,
+            size,
+            align,
+            read_only: opts.read_only,
+            block_device,
+        })
+    }
+
+    /// The path this disk was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn call(&self, op: Op, offset: u64, len: u64, work: Work) -> Result<Option<IoBuf>> {
+        let (tx, rx) = oneshot::channel();
+        let stopped = || StorageError::EngineStopped {
+            path: self.path.clone(),
+        };
+        self.engine
+            .submit(Request {
+                work,
+                offset,
+                reply: tx,
+            })
+            .map_err(|_| stopped())?;
+        match rx.await {
+            Ok(Ok(buf)) => Ok(buf),
+            Ok(Err(source)) => Err(StorageError::Io {
+                op,
+                path: self.path.clone(),
+                offset,
+                len,
+                source,
+            }),
+            Err(_) => Err(stopped()),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(StorageError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    /// Zero a range: deallocate when allowed, else zero in place, else write zero buffers.
+    async fn zero_range(&self, op: Op, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        check_range(op, offset, len, self.size, self.align)?;
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let unsupported = |e: &StorageError| matches!(e, StorageError::Io { source, .. } if source.raw_os_error() == Some(libc::EOPNOTSUPP));
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        if may_unmap {
+            match self
+                .call(
+                    op,
+                    offset,
+                    len,
+                    Work::Fallocate {
+                        len,
+                        mode: libc::FALLOC_FL_PUNCH_HOLE | keep,
+                    },
+                )
+                .await
+            {
+                Err(e) if unsupported(&e) => {}
+                r => return r.map(drop),
+            }
+        }
+        if !self.block_device {
+            match self
+                .call(
+                    op,
+                    offset,
+                    len,
+                    Work::Fallocate {
+                        len,
+                        mode: libc::FALLOC_FL_ZERO_RANGE | keep,
+                    },
+                )
+                .await
+            {
+                Err(e) if unsupported(&e) => {}
+                r => return r.map(drop),
+            }
+        }
+        const CHUNK: u64 = 1 << 20;
+        let mut at = offset;
+        while at < offset + len {
+            let n = CHUNK.min(offset + len - at);
+            self.call(
+                op,
+                at,
+                n,
+                Work::Write {
+                    buf: IoBuf::zeroed(n as usize),
+                    fua: false,
+                },
+            )
+            .await?;
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UringFile {
+    fn drop(&mut self) {
+        self.engine
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stopping = true;
+        self.engine.awake.store(false, Ordering::SeqCst);
+        self.engine.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Backend for UringFile {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn alignment(&self) -> u32 {
+        self.align
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> IoFuture<'_, IoBuf> {
+        Box::pin(async move {
+            check_range(Op::Read, offset, len as u64, self.size, self.align)?;
+            if len == 0 {
+                return Ok(IoBuf::zeroed(0));
+            }
+            let buf = IoBuf::zeroed(len);
+            let out = self
+                .call(Op::Read, offset, len as u64, Work::Read { buf })
+                .await?;
+            Ok(out.expect("engine returns the read buffer"))
+        })
+    }
+
+    fn write_at(&self, offset: u64, data: IoBuf, fua: bool) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let len = data.len() as u64;
+            check_range(Op::Write, offset, len, self.size, self.align)?;
+            self.check_writable()?;
+            if len == 0 {
+                return Ok(());
+            }
+            self.call(Op::Write, offset, len, Work::Write { buf: data, fua })
+                .await
+                .map(drop)
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if self.read_only {
+                return Ok(());
+            }
+            self.call(Op::Flush, 0, 0, Work::Fsync).await.map(drop)
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        Box::pin(self.zero_range(Op::Discard, offset, len, true))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()> {
+        Box::pin(self.zero_range(Op::WriteZeroes, offset, len, may_unmap))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
+        Box::pin(async move {
+            check_range(Op::BlockStatus, offset, len, self.size, 1)?;
+            if self.block_device || len == 0 {
+                return Ok(vec![Extent {
+                    len: len.max(1).min(self.size - offset),
+                    hole: false,
+                    zero: false,
+                }]);
+            }
+            let fd = self.file.as_raw_fd();
+            let end = offset + len;
+            let seek = |whence: i32, at: u64| -> Option<u64> {
+                // SAFETY: lseek on a descriptor we own; it touches no memory of ours.
+                let r = unsafe { libc::lseek(fd, at as libc::off_t, whence) };
+                (r >= 0).then_some(r as u64)
+            };
+            let mut out = Vec::new();
+            let mut at = offset;
+            while at < end && out.len() < 1024 {
+                // SEEK_DATA fails with ENXIO past the last data: the rest is a hole.
+                let data = seek(libc::SEEK_DATA, at).unwrap_or(self.size).min(end);
+                if data > at {
+                    out.push(Extent {
+                        len: data - at,
+                        hole: true,
+                        zero: true,
+                    });
+                    at = data;
+                    continue;
+                }
+                let hole = seek(libc::SEEK_HOLE, at).unwrap_or(self.size).min(end);
+                if hole <= at {
+                    // The file changed under us; report the rest as data.
+                    out.push(Extent {
+                        len: end - at,
+                        hole: false,
+                        zero: false,
+                    });
+                    break;
+                }
+                out.push(Extent {
+                    len: hole - at,
+                    hole: false,
+                    zero: false,
+                });
+                at = hole;
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Complete the pending eventfd read before the ring (and the buffer it writes to) go away.
+fn drain_wake_read(ring: &mut IoUring, engine: &Engine, need_rearm: bool) {
+    if need_rearm {
+        return;
+    }
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
+    unsafe { libc::write(engine.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    for _ in 0..100 {
+        if ring.submit_and_wait(1).is_err() {
+            continue;
+        }
+        if ring.completion().any(|c| c.user_data() == WAKE_TOKEN) {
+            return;
+        }
+    }
+}
+
+/// One request inside the kernel, and how much of it is done.
+struct InFlight {
+    req: Request,
+    done: u64,
+}
+
+const WAKE_TOKEN: u64 = u64::MAX;
+
+fn sqe_for(fd: RawFd, f: &mut InFlight) -> squeue::Entry {
+    let fd = types::Fd(fd);
+    let at = f.req.offset + f.done;
+    let done = f.done as usize;
+    match &mut f.req.work {
+        Work::Read { buf } => {
+            let rest = (buf.len() - done) as u32;
+            // SAFETY: the pointer stays within `buf`, which the engine keeps until completion.
+            opcode::Read::new(fd, unsafe { buf.as_mut_ptr().add(done) }, rest)
+                .offset(at)
+                .build()
+        }
+        Work::Write { buf, fua } => {
+            let rest = (buf.len() - done) as u32;
+            let flags = if *fua { libc::RWF_DSYNC } else { 0 };
+            // SAFETY: as for reads; the kernel only reads from the buffer.
+            opcode::Write::new(fd, unsafe { buf.as_ptr().add(done) }, rest)
+                .offset(at)
+                .rw_flags(flags)
+                .build()
+        }
+        Work::Fsync => opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build(),
+        Work::Fallocate { len, mode } => opcode::Fallocate::new(fd, *len)
+            .offset(f.req.offset)
+            .mode(*mode)
+            .build(),
+    }
+}
+
+fn total_len(w: &Work) -> u64 {
+    match w {
+        Work::Read { buf } | Work::Write { buf, .. } => buf.len() as u64,
+        Work::Fsync | Work::Fallocate { .. } => 0,
+    }
+}
+
+fn run_engine(mut ring: IoUring, fd: RawFd, depth: usize, engine: &Engine) {
+    let mut slots: Vec<Option<InFlight>> = (0..depth).map(|_| None).collect();
+    let mut free: Vec<usize> = (0..depth).rev().collect();
+    let mut waiting: VecDeque<Request> = VecDeque::new();
+    let mut wake_buf = [0u8; 8];
+    let efd = engine.eventfd.as_raw_fd();
+    let wake_sqe = |buf: &mut [u8; 8]| {
+        opcode::Read::new(types::Fd(efd), buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(WAKE_TOKEN)
+    };
+    let mut need_rearm = true;
+    let mut in_flight = 0usize;
+    loop {
+        let stopping = {
+            let mut q = engine.queue.lock().unwrap_or_else(|e| e.into_inner());
+            waiting.extend(q.requests.drain(..));
+            q.stopping
+        };
+        {
+            let mut sq = ring.submission();
+            if need_rearm {
+                // SAFETY: wake_buf lives on this thread's stack for the whole loop, which
+                // outlives every submission (we only leave the loop with nothing in flight
+                // but this read, and the ring is dropped, cancelling it, before wake_buf).
+                if unsafe { sq.push(&wake_sqe(&mut wake_buf)) }.is_ok() {
+                    need_rearm = false;
+                }
+            }
+            while let Some(slot) = free.last().copied() {
+                let Some(req) = waiting.pop_front() else {
+                    break;
+                };
+                let mut f = InFlight { req, done: 0 };
+                let sqe = sqe_for(fd, &mut f).user_data(slot as u64);
+                // SAFETY: the buffer the entry points into is owned by `f`, stored in
+                // `slots[slot]` until its completion is reaped below.
+                if unsafe { sq.push(&sqe) }.is_err() {
+                    waiting.push_front(f.req);
+                    break;
+                }
+                free.pop();
+                slots[slot] = Some(f);
+                in_flight += 1;
+            }
+        }
+        if stopping && in_flight == 0 && waiting.is_empty() {
+            drain_wake_read(&mut ring, engine, need_rearm);
+            return;
+        }
+        // Announce that we may sleep, then look once more so no request is stranded.
+        engine.awake.store(false, Ordering::SeqCst);
+        let more = !engine
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .requests
+            .is_empty();
+        let want = if more || (stopping && in_flight == 0) {
+            0
+        } else {
+            1
+        };
+        if more {
+            engine.awake.store(true, Ordering::SeqCst);
+        }
+        match ring.submit_and_wait(want) {
+            Ok(_) => {}
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINTR)
+                    || e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => {
+                tracing::error!("io_uring_enter failed: {e}; failing all requests");
+                for f in slots.iter_mut().filter_map(Option::take) {
+                    let _ = f
+                        .req
+                        .reply
+                        .send(Err(io::Error::new(e.kind(), e.to_string())));
+                }
+                for r in waiting.drain(..) {
+                    let _ = r.reply.send(Err(io::Error::new(e.kind(), e.to_string())));
+                }
+                return;
+            }
+        }
+        engine.awake.store(true, Ordering::SeqCst);
+        let mut resubmit = Vec::new();
+        for cqe in ring.completion() {
+            let token = cqe.user_data();
+            if token == WAKE_TOKEN {
+                need_rearm = true;
+                continue;
+            }
+            let slot = token as usize;
+            let res = cqe.result();
+            let mut f = slots[slot].take().expect("completion for an empty slot");
+            let total = total_len(&f.req.work);
+            let answer = if res == -libc::EINTR || res == -libc::EAGAIN {
+                None
+            } else if res < 0 {
+                Some(Err(io::Error::from_raw_os_error(-res)))
+            } else if total > 0 && res == 0 {
+                Some(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "short transfer: the disk ended early",
+                )))
+            } else {
+                f.done += res as u64;
+                (f.done >= total).then_some(Ok(()))
+            };
+            match answer {
+                None => resubmit.push((slot, f)),
+                Some(r) => {
+                    let buf = match f.req.work {
+                        Work::Read { buf } | Work::Write { buf, .. } => Some(buf),
+                        _ => None,
+                    };
+                    let _ = f.req.reply.send(r.map(|()| buf));
+                    free.push(slot);
+                    in_flight -= 1;
+                }
+            }
+        }
+        // Partial transfers and interrupted requests continue where they stopped.
+        for (slot, mut f) in resubmit {
+            let sqe = sqe_for(fd, &mut f).user_data(slot as u64);
+            slots[slot] = Some(f);
+            // SAFETY: as above; the slot keeps the buffer alive until completion. The ring has
+            // room: this slot's previous entry has completed.
+            while unsafe { ring.submission().push(&sqe) }.is_err() {
+                let _ = ring.submit();
+            }
+        }
+    }
+}
