@@ -21,7 +21,7 @@ mod unaligned;
 mod uring;
 
 #[cfg(test)]
-mod suite;
+pub(crate) mod suite;
 
 pub use buf::{IoBuf, IO_ALIGN};
 pub use memory::MemoryBackend;

@@ -10,7 +10,10 @@ use proptest::prelude::*;
 use super::*;
 
 /// Builds a fresh zero-filled disk of the given size.
-pub(crate) type Factory = fn(u64) -> (Arc<dyn Backend>, Option<tempfile::TempDir>);
+pub(crate) type Factory = fn(u64) -> (Arc<dyn Backend>, Guard);
+
+/// Whatever must outlive the disk (a temporary directory, a server thread).
+pub(crate) type Guard = Box<dyn std::any::Any>;
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -187,18 +190,18 @@ fn model_check(make: Factory) {
     });
 }
 
-fn memory(size: u64) -> (Arc<dyn Backend>, Option<tempfile::TempDir>) {
-    (Arc::new(MemoryBackend::new(size)), None)
+fn memory(size: u64) -> (Arc<dyn Backend>, Guard) {
+    (Arc::new(MemoryBackend::new(size)), Box::new(()))
 }
 
-fn memory_aligned(size: u64) -> (Arc<dyn Backend>, Option<tempfile::TempDir>) {
+fn memory_aligned(size: u64) -> (Arc<dyn Backend>, Guard) {
     (
         Arc::new(Unaligned::new(MemoryBackend::with_alignment(size, 4096))),
-        None,
+        Box::new(()),
     )
 }
 
-fn file_with(size: u64, direct: bool) -> (Arc<dyn Backend>, Option<tempfile::TempDir>) {
+pub(crate) fn file_with(size: u64, direct: bool) -> (Arc<dyn Backend>, Guard) {
     // /var/tmp is disk-backed on the usual setups, so O_DIRECT and hole punching work there.
     let dir = tempfile::Builder::new()
         .prefix("lockstep-suite")
@@ -207,7 +210,7 @@ fn file_with(size: u64, direct: bool) -> (Arc<dyn Backend>, Option<tempfile::Tem
     let mut o = DiskOptions::new(dir.path().join("disk.img"));
     o.size = Some(size);
     o.direct = direct;
-    (open_disk(&o).unwrap(), Some(dir))
+    (open_disk(&o).unwrap(), Box::new(dir))
 }
 
 #[test]

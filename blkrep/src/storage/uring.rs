@@ -204,10 +204,12 @@ impl UringFile {
         } else {
             let cur = file.metadata().map_err(open_err)?.len();
             match opts.size {
-                Some(want) if want < cur => return Err(StorageError::Config(format!(
+                Some(want) if want < cur => {
+                    return Err(StorageError::Config(format!(
                     "{} is {cur} bytes, larger than --size {want}; lockstep never shrinks a disk",
                     path.display()
-                ))),
+                )))
+                }
                 Some(want) if want > cur => {
                     if opts.read_only {
                         return Err(StorageError::Config(format!(

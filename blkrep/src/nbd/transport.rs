@@ -1,0 +1,124 @@
+//! Where NBD connections come from: TCP or unix sockets, behind one type.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+use super::NbdError;
+
+/// An address to listen on or connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `host:port`.
+    Tcp(String),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "nbd://{a}"),
+            Endpoint::Unix(p) => write!(f, "nbd+unix:///?socket={}", p.display()),
+        }
+    }
+}
+
+/// The read half of a connection.
+pub type ReadHalf = Box<dyn AsyncRead + Unpin + Send>;
+/// The write half of a connection.
+pub type WriteHalf = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix; the path is removed when the listener is dropped.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Bind `ep`. A stale unix socket file is replaced; a path held by a live server is not.
+    pub async fn bind(ep: &Endpoint) -> Result<Self, NbdError> {
+        match ep {
+            Endpoint::Tcp(a) => TcpListener::bind(a)
+                .await
+                .map(Listener::Tcp)
+                .map_err(NbdError::io(format!("cannot listen on {a}"))),
+            Endpoint::Unix(p) => {
+                if p.exists() {
+                    if UnixStream::connect(p).await.is_ok() {
+                        return Err(NbdError::Invalid(format!(
+                            "{} is in use by a running server",
+                            p.display()
+                        )));
+                    }
+                    let _ = std::fs::remove_file(p);
+                }
+                UnixListener::bind(p)
+                    .map(|l| Listener::Unix(l, p.clone()))
+                    .map_err(NbdError::io(format!("cannot listen on {}", p.display())))
+            }
+        }
+    }
+
+    /// The bound address (TCP port resolved).
+    pub fn local_endpoint(&self) -> Endpoint {
+        match self {
+            Listener::Tcp(l) => {
+                Endpoint::Tcp(l.local_addr().map(|a| a.to_string()).unwrap_or_default())
+            }
+            Listener::Unix(_, p) => Endpoint::Unix(p.clone()),
+        }
+    }
+
+    /// Accept one connection: (read half, write half, peer description).
+    pub async fn accept(&self) -> std::io::Result<(ReadHalf, WriteHalf, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, a) = l.accept().await?;
+                s.set_nodelay(true)?;
+                let (r, w) = s.into_split();
+                Ok((Box::new(r), Box::new(w), a.to_string()))
+            }
+            Listener::Unix(l, p) => {
+                let (s, _) = l.accept().await?;
+                let (r, w) = s.into_split();
+                Ok((Box::new(r), Box::new(w), format!("unix:{}", p.display())))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Connect to `ep`: (read half, write half).
+pub async fn connect(ep: &Endpoint) -> Result<(ReadHalf, WriteHalf), NbdError> {
+    match ep {
+        Endpoint::Tcp(a) => {
+            let s = TcpStream::connect(a)
+                .await
+                .map_err(NbdError::io(format!("cannot connect to {a}")))?;
+            s.set_nodelay(true)
+                .map_err(NbdError::io("setting TCP_NODELAY"))?;
+            let (r, w) = s.into_split();
+            Ok((Box::new(r), Box::new(w)))
+        }
+        Endpoint::Unix(p) => {
+            let s = UnixStream::connect(p)
+                .await
+                .map_err(NbdError::io(format!("cannot connect to {}", p.display())))?;
+            let (r, w) = s.into_split();
+            Ok((Box::new(r), Box::new(w)))
+        }
+    }
+}
