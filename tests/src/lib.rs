@@ -1,1 +1,221 @@
-//! e2e
+//! Harness for lockstep's end-to-end tests: start real processes, bound every wait, kill by pid.
+//!
+//! The tests use the `lockstep` binary named by `LOCKSTEP_BIN`, else the newest of
+//! `target/release/lockstep` and `target/debug/lockstep`. `tests/run-all` builds it first.
+//! A missing tool or binary fails the test loudly: nothing here skips.
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Heavy tests (fio, big copies) run one at a time even when the harness runs tests in
+/// parallel: the machine has two cores shared by daemons, clients and the test runner.
+pub fn heavy() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Path of the lockstep binary under test.
+pub fn lockstep_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("LOCKSTEP_BIN") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "LOCKSTEP_BIN={} does not exist", p.display());
+        return p;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").join("target");
+    let newest = ["release", "debug"]
+        .iter()
+        .map(|p| root.join(p).join("lockstep"))
+        .filter_map(|p| p.metadata().and_then(|m| m.modified()).ok().map(|t| (t, p)))
+        .max();
+    match newest {
+        Some((_, p)) => p,
+        None => panic!("no lockstep binary: run `cargo build -p lockstep-cli` (or tests/run-all) first, or set LOCKSTEP_BIN"),
+    }
+}
+
+/// Fail loudly if an external tool is missing.
+pub fn require(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(found, "required tool `{tool}` is missing: install the Debian package `{package}` (tests/run-all does)");
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local addr").port()
+}
+
+/// Poll until `addr` accepts TCP connections, or panic after `deadline`.
+pub fn wait_port(addr: &str, deadline: Duration, child: &mut Child) {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("process exited with {st} before listening on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listening on {addr} after {deadline:?}");
+}
+
+/// A background process killed (SIGTERM, then SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    /// The process.
+    pub child: Child,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+    name: String,
+}
+
+impl Daemon {
+    /// Start `program args…`, stderr to a log file in `dir`.
+    pub fn start(name: &str, program: &Path, args: &[&str], dir: &Path) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("dup log"))
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Self { child, log, name: name.into() }
+    }
+
+    /// Start `lockstep export` serving on `addr` (TCP) and wait until it listens.
+    pub fn export(dir: &Path, args: &[&str], addr: &str) -> Self {
+        let mut all = vec!["export", "--listen", addr];
+        all.extend_from_slice(args);
+        let mut d = Self::start("lockstep-export", &lockstep_bin(), &all, dir);
+        wait_port(addr, Duration::from_secs(15), &mut d.child);
+        d
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on a pid we started and have not reaped; touches no memory.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Wait for exit with a deadline; panics (after SIGKILL) if it does not come.
+    pub fn wait(&mut self, deadline: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st;
+            }
+            if start.elapsed() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("{} did not exit within {deadline:?}; log:\n{}", self.name, self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the process printed so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGTERM);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Run a command to completion within `deadline`; returns its output (not checked).
+pub fn run(program: &str, args: &[&str], deadline: Duration) -> Output {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    // Drain pipes on threads so a chatty child cannot block on a full pipe.
+    let mut so = child.stdout.take().expect("stdout");
+    let mut se = child.stderr.take().expect("stderr");
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`{program} {}` did not finish within {deadline:?}", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output { status, stdout: t1.join().unwrap_or_default(), stderr: t2.join().unwrap_or_default() }
+}
+
+/// Run a command and assert it succeeded; returns stdout as text.
+pub fn run_ok(program: &str, args: &[&str], deadline: Duration) -> String {
+    let out = run(program, args, deadline);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "`{program} {}` failed with {}\nstdout:\n{stdout}\nstderr:\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A file of `size` bytes of deterministic pseudo-random data.
+pub fn random_file(path: &Path, size: usize, seed: u64) {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(size);
+    while v.len() < size {
+        // xorshift64*: fast, deterministic, incompressible enough for our purposes.
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        v.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    v.truncate(size);
+    std::fs::write(path, v).expect("write random file");
+}
+
+/// A scratch directory on a disk-backed filesystem (O_DIRECT and hole punching work there).
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("lockstep-e2e").tempdir_in("/var/tmp").expect("scratch dir")
+}

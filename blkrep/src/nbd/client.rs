@@ -551,11 +551,8 @@ async fn negotiate(
             loop {
                 let (kind, data) = read_option_reply(rd, OPT_SET_META_CONTEXT, peer).await?;
                 match kind {
-                    REP_META_CONTEXT if data.len() >= 4 => {
-                        if &data[4..] == BASE_ALLOCATION.as_bytes() {
-                            info.base_allocation =
-                                Some(u32::from_be_bytes(data[..4].try_into().expect("4 bytes")));
-                        }
+                    REP_META_CONTEXT if data.len() >= 4 && &data[4..] == BASE_ALLOCATION.as_bytes() => {
+                        info.base_allocation = Some(u32::from_be_bytes(data[..4].try_into().expect("4 bytes")));
                     }
                     REP_ACK => break,
                     k if is_rep_err(k) => break,
@@ -717,7 +714,7 @@ async fn reply_loop(rd: &mut BufReader<ReadHalf>, shared: &Shared) -> Result<(),
                         rd.read_exact(&mut b).await.map_err(io())?;
                         p.status = codec::decode_block_status(&b).map_err(proto)?.1;
                     }
-                    k if k & (1 << 15) != 0 && length >= 6 && length <= 1 << 20 => {
+                    k if k & (1 << 15) != 0 && (6..=1 << 20).contains(&length) => {
                         let mut b = vec![0u8; length as usize];
                         rd.read_exact(&mut b).await.map_err(io())?;
                         let (errno, msg) = codec::decode_error_chunk(&b).map_err(proto)?;

@@ -171,7 +171,7 @@ impl NbdServer {
         let conn_shutdown = shutdown.clone();
         loop {
             tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => break,
+                _ = stopped(&mut shutdown) => break,
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 r = listener.accept() => match r {
                     Ok((rd, wr, peer)) => {
@@ -232,9 +232,9 @@ impl NbdServer {
                 return;
             }
         };
-        tracing::info!(%peer, export = %session.export.name, structured = session.structured, "client connected");
+        tracing::debug!(%peer, export = %session.export.name, structured = session.structured, "client connected");
         match self.transmission(rd, wr, &session, &peer, shutdown).await {
-            Ok(()) => tracing::info!(%peer, "client disconnected"),
+            Ok(()) => tracing::debug!(%peer, "client disconnected"),
             Err(e) => {
                 self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, "closing connection: {e}");
@@ -529,7 +529,7 @@ impl NbdServer {
             let mut hdr = [0u8; codec::REQUEST_LEN];
             let read = tokio::select! {
                 r = rd.read_exact(&mut hdr) => r,
-                _ = shutdown.wait_for(|s| *s) => break Ok(()),
+                _ = stopped(&mut shutdown) => break Ok(()),
             };
             match read {
                 Ok(_) => {}
@@ -689,6 +689,11 @@ impl NbdServer {
         }
         Ok(())
     }
+}
+
+/// Resolves once shutdown is requested (or its sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 /// Budget units a request holds until its reply is written: payload or read data, and at

@@ -1,0 +1,88 @@
+//! `lockstep export`: serve disks over NBD.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use blkrep::nbd::{Endpoint, Export, Listener, NbdServer, ServerOptions};
+use blkrep::storage::{open_disk, DiskOptions};
+use clap::Args;
+use tokio::sync::watch;
+
+use crate::units::parse_size;
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Disk to serve: a regular file or a block device. Repeat to serve several exports.
+    #[arg(long, required = true)]
+    disk: Vec<PathBuf>,
+    /// Create the file, or grow it, to this size (e.g. 10G). Applies to every --disk.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// TCP address to listen on.
+    #[arg(long, default_value = "127.0.0.1:10809", conflicts_with = "socket")]
+    listen: String,
+    /// Listen on a unix socket instead of TCP.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Export name; repeat once per --disk. Defaults to the file name without extension. The
+    /// first export also answers to the empty name.
+    #[arg(long)]
+    name: Vec<String>,
+    /// Serve read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Bypass the host page cache (O_DIRECT); odd-sized requests use read-modify-write.
+    #[arg(long)]
+    direct: bool,
+}
+
+pub fn run(a: ExportArgs) -> anyhow::Result<()> {
+    if !a.name.is_empty() && a.name.len() != a.disk.len() {
+        bail!("give one --name per --disk ({} names for {} disks)", a.name.len(), a.disk.len());
+    }
+    let mut exports = Vec::new();
+    for (i, path) in a.disk.iter().enumerate() {
+        let mut o = DiskOptions::new(path);
+        o.size = a.size;
+        o.direct = a.direct;
+        o.read_only = a.read_only;
+        let backend = open_disk(&o).with_context(|| format!("cannot open {}", path.display()))?;
+        let name = a.name.get(i).cloned().unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+        exports.push(Export { name, description: path.display().to_string(), backend, read_only: a.read_only });
+    }
+    let ep = match &a.socket {
+        Some(p) => Endpoint::Unix(p.clone()),
+        None => Endpoint::Tcp(a.listen.clone()),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    rt.block_on(async move {
+        let listener = Listener::bind(&ep).await?;
+        let server = Arc::new(NbdServer::new(exports.clone(), ServerOptions::default())?);
+        for e in &exports {
+            tracing::info!("serving {} as {}/{} ({} bytes{})", e.description, listener.local_endpoint(), e.name, e.backend.size(), if e.read_only { ", read-only" } else { "" });
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let serving = tokio::spawn(server.clone().serve(listener, stop_rx));
+        let signal = wait_for_signal().await?;
+        tracing::info!("{signal}: finishing requests in flight, flushing, exiting");
+        let _ = stop_tx.send(true);
+        serving.await.context("server task")?;
+        for e in &exports {
+            e.backend.flush().await.with_context(|| format!("flushing {}", e.description))?;
+        }
+        tracing::info!("flushed; bye");
+        Ok(())
+    })
+}
+
+/// Wait for SIGINT or SIGTERM; returns which.
+pub async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
