@@ -22,17 +22,70 @@ fn qemu_img_info_convert_and_compare() {
     random_file(&src, 48 << 20, 1);
     let disk = dir.path().join("disk.img");
     let addr = format!("127.0.0.1:{}", free_port());
-    let d = Daemon::export(dir.path(), &["--disk", disk.to_str().unwrap(), "--size", "48M"], &addr);
+    let d = Daemon::export(
+        dir.path(),
+        &["--disk", disk.to_str().unwrap(), "--size", "48M"],
+        &addr,
+    );
     let u = uri(&addr, "disk");
     let info = run_ok("qemu-img", &["info", "--output=json", &u], T);
-    assert!(info.contains("\"virtual-size\": 50331648"), "qemu-img info: {info}");
-    run_ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", "-W", "-m", "8", src.to_str().unwrap(), &u], T);
+    assert!(
+        info.contains("\"virtual-size\": 50331648"),
+        "qemu-img info: {info}"
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            "-W",
+            "-m",
+            "8",
+            src.to_str().unwrap(),
+            &u,
+        ],
+        T,
+    );
     let back = dir.path().join("back.raw");
-    run_ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &u, back.to_str().unwrap()], T);
-    assert!(std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap(), "round trip through the export changed the data");
-    run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", src.to_str().unwrap(), &u], T);
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &u,
+            back.to_str().unwrap(),
+        ],
+        T,
+    );
+    assert!(
+        std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap(),
+        "round trip through the export changed the data"
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            src.to_str().unwrap(),
+            &u,
+        ],
+        T,
+    );
     drop(d);
-    assert!(std::fs::read(&src).unwrap() == std::fs::read(&disk).unwrap(), "the served file differs from what was written");
+    assert!(
+        std::fs::read(&src).unwrap() == std::fs::read(&disk).unwrap(),
+        "the served file differs from what was written"
+    );
 }
 
 #[test]
@@ -74,13 +127,27 @@ fn qemu_io_patterns_zeroes_discard_flush_fua() {
         }
         args.push(&u);
         let out = run_ok("qemu-io", &args, T);
-        assert!(!out.contains("Pattern verification failed") && !out.contains("error"), "qemu-io (direct={direct}):\n{out}");
+        assert!(
+            !out.contains("Pattern verification failed") && !out.contains("error"),
+            "qemu-io (direct={direct}):\n{out}"
+        );
         // Out of range: qemu-io refuses or the server returns an error; either way not a success.
         let bad = run("qemu-io", &["-f", "raw", "-c", "read 4194300 100", &u], T);
-        let text = String::from_utf8_lossy(&bad.stdout).into_owned() + &String::from_utf8_lossy(&bad.stderr);
-        assert!(text.contains("error") || text.contains("Input/output") || text.contains("Invalid") || !bad.status.success(), "{text}");
+        let text = String::from_utf8_lossy(&bad.stdout).into_owned()
+            + &String::from_utf8_lossy(&bad.stderr);
+        assert!(
+            text.contains("error")
+                || text.contains("Input/output")
+                || text.contains("Invalid")
+                || !bad.status.success(),
+            "{text}"
+        );
         d.signal(libc::SIGTERM);
-        assert!(d.wait(Duration::from_secs(20)).success(), "export did not exit cleanly: {}", d.log_text());
+        assert!(
+            d.wait(Duration::from_secs(20)).success(),
+            "export did not exit cleanly: {}",
+            d.log_text()
+        );
         // Check the file itself once the server is gone.
         let f = std::fs::read(&disk).unwrap();
         assert!(f[..1000].iter().all(|&b| b == 0xab));
@@ -102,9 +169,27 @@ fn nbdinfo_lists_exports_and_capabilities() {
     let a = dir.path().join("a.img");
     let b = dir.path().join("b.img");
     let addr = format!("127.0.0.1:{}", free_port());
-    let d = Daemon::export(dir.path(), &["--disk", a.to_str().unwrap(), "--disk", b.to_str().unwrap(), "--size", "8M", "--name", "alpha", "--name", "beta"], &addr);
+    let d = Daemon::export(
+        dir.path(),
+        &[
+            "--disk",
+            a.to_str().unwrap(),
+            "--disk",
+            b.to_str().unwrap(),
+            "--size",
+            "8M",
+            "--name",
+            "alpha",
+            "--name",
+            "beta",
+        ],
+        &addr,
+    );
     let list = run_ok("nbdinfo", &["--list", &format!("nbd://{addr}")], T);
-    assert!(list.contains("export=\"alpha\"") && list.contains("export=\"beta\""), "{list}");
+    assert!(
+        list.contains("export=\"alpha\"") && list.contains("export=\"beta\""),
+        "{list}"
+    );
     for cap in ["flush", "fua", "trim", "zero", "multi-conn", "df", "cache"] {
         let out = run("nbdinfo", &["--can", cap, &uri(&addr, "beta")], T);
         assert!(out.status.success(), "nbdinfo --can {cap}: {:?}", out);
@@ -120,24 +205,59 @@ fn nbdinfo_lists_exports_and_capabilities() {
     drop(d);
 
     // Read-only: writes are not offered, and refused if tried.
-    let d = Daemon::export(dir.path(), &["--disk", a.to_str().unwrap(), "--read-only"], &addr);
+    let d = Daemon::export(
+        dir.path(),
+        &["--disk", a.to_str().unwrap(), "--read-only"],
+        &addr,
+    );
     let u = uri(&addr, "a");
-    assert!(run("nbdinfo", &["--is", "read-only", &u], T).status.success());
+    assert!(run("nbdinfo", &["--is", "read-only", &u], T)
+        .status
+        .success());
     assert!(!run("nbdinfo", &["--can", "trim", &u], T).status.success());
     let out = run("qemu-io", &["-f", "raw", "-c", "write 0 512", &u], T);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() || text.contains("rror") || text.contains("ermission") || text.contains("read-only"), "{text}");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            || text.contains("rror")
+            || text.contains("ermission")
+            || text.contains("read-only"),
+        "{text}"
+    );
     drop(d);
 
     // A unix socket works too.
     let sock = dir.path().join("nbd.sock");
-    let mut d = Daemon::start("unix", &lockstep_bin(), &["export", "--disk", a.to_str().unwrap(), "--socket", sock.to_str().unwrap()], dir.path());
+    let mut d = Daemon::start(
+        "unix",
+        &lockstep_bin(),
+        &[
+            "export",
+            "--disk",
+            a.to_str().unwrap(),
+            "--socket",
+            sock.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
     let start = std::time::Instant::now();
     while !sock.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "no unix socket: {}", d.log_text());
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no unix socket: {}",
+            d.log_text()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let size = run_ok("nbdinfo", &["--size", &format!("nbd+unix:///a?socket={}", sock.display())], T);
+    let size = run_ok(
+        "nbdinfo",
+        &[
+            "--size",
+            &format!("nbd+unix:///a?socket={}", sock.display()),
+        ],
+        T,
+    );
     assert_eq!(size.trim(), "8388608");
     d.signal(libc::SIGINT);
     assert!(d.wait(Duration::from_secs(20)).success());
@@ -163,21 +283,48 @@ fn nbdcopy_round_trip_with_multiple_connections() {
     let addr = format!("127.0.0.1:{}", free_port());
     let d = Daemon::export(dir.path(), &["--disk", disk.to_str().unwrap()], &addr);
     let u = uri(&addr, "disk");
-    run_ok("nbdcopy", &["--connections=4", "--requests=16", src.to_str().unwrap(), &u], T);
+    run_ok(
+        "nbdcopy",
+        &[
+            "--connections=4",
+            "--requests=16",
+            src.to_str().unwrap(),
+            &u,
+        ],
+        T,
+    );
     let back = dir.path().join("back.raw");
-    run_ok("nbdcopy", &["--connections=4", &u, back.to_str().unwrap()], T);
-    assert!(std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap(), "nbdcopy round trip differs");
+    run_ok(
+        "nbdcopy",
+        &["--connections=4", &u, back.to_str().unwrap()],
+        T,
+    );
+    assert!(
+        std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap(),
+        "nbdcopy round trip differs"
+    );
     drop(d);
     assert!(std::fs::read(&src).unwrap() == std::fs::read(&disk).unwrap());
 }
 
 fn fio(args: &[&str]) -> String {
     let out = run("fio", args, Duration::from_secs(300));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "fio failed:\n{text}");
-    let errs = text.split("err=").skip(1).filter(|rest| !rest.trim_start().starts_with("0:") && !rest.trim_start().starts_with("0 ")).count();
-    assert!(!text.contains("verify: bad") && errs == 0, "fio reported errors:\n{text}");
-    assert!(text.contains("err= 0"), "fio printed no job summary:\n{text}");
+    let errs = text
+        .split("err=")
+        .skip(1)
+        .filter(|rest| !rest.trim_start().starts_with("0:") && !rest.trim_start().starts_with("0 "))
+        .count();
+    assert!(
+        !text.contains("verify: bad") && errs == 0,
+        "fio reported errors:\n{text}"
+    );
+    assert!(
+        text.contains("err= 0"),
+        "fio printed no job summary:\n{text}"
+    );
     text
 }
 
@@ -188,7 +335,11 @@ fn fio_nbd_engine_verifies_while_hostile_clients_come_and_go() {
     let dir = scratch();
     let disk = dir.path().join("disk.img");
     let addr = format!("127.0.0.1:{}", free_port());
-    let d = Daemon::export(dir.path(), &["--disk", disk.to_str().unwrap(), "--size", "128M"], &addr);
+    let d = Daemon::export(
+        dir.path(),
+        &["--disk", disk.to_str().unwrap(), "--size", "128M"],
+        &addr,
+    );
     let u = uri(&addr, "disk");
     // Garbage connections in the background while fio runs.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -206,42 +357,116 @@ fn fio_nbd_engine_verifies_while_hostile_clients_come_and_go() {
         }
         n
     });
-    let common = ["--ioengine=nbd", "--iodepth=32", "--size=64M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--group_reporting"];
+    let common = [
+        "--ioengine=nbd",
+        "--iodepth=32",
+        "--size=64M",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--group_reporting",
+    ];
     let mut a: Vec<String> = common.iter().map(|s| s.to_string()).collect();
-    a.extend(["--name=rand4k".into(), format!("--uri={u}"), "--rw=randwrite".into(), "--bs=4k".into()]);
+    a.extend([
+        "--name=rand4k".into(),
+        format!("--uri={u}"),
+        "--rw=randwrite".into(),
+        "--bs=4k".into(),
+    ]);
     let args: Vec<&str> = a.iter().map(String::as_str).collect();
     fio(&args);
     // Mixed sizes, sequential, at an offset: unaligned to anything but 512.
     let mut a: Vec<String> = common.iter().map(|s| s.to_string()).collect();
-    a.extend(["--name=mixed".into(), format!("--uri={u}"), "--rw=write".into(), "--bsrange=512-1M".into(), "--offset=64M".into()]);
+    a.extend([
+        "--name=mixed".into(),
+        format!("--uri={u}"),
+        "--rw=write".into(),
+        "--bsrange=512-1M".into(),
+        "--offset=64M".into(),
+    ]);
     let args: Vec<&str> = a.iter().map(String::as_str).collect();
     fio(&args);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let vandals = vandal.join().unwrap();
-    assert!(vandals > 10, "the hostile clients should have run alongside fio");
+    assert!(
+        vandals > 10,
+        "the hostile clients should have run alongside fio"
+    );
     // Read it all back through a fresh connection with fio's randread (no errors).
-    fio(&["--name=rr", "--ioengine=nbd", &format!("--uri={u}"), "--rw=randread", "--bs=4k", "--iodepth=32", "--size=128M", "--time_based", "--runtime=2"]);
-    assert!(d.log_text().contains("closing connection"), "hostile connections are logged");
+    fio(&[
+        "--name=rr",
+        "--ioengine=nbd",
+        &format!("--uri={u}"),
+        "--rw=randread",
+        "--bs=4k",
+        "--iodepth=32",
+        "--size=128M",
+        "--time_based",
+        "--runtime=2",
+    ]);
+    assert!(
+        d.log_text().contains("closing connection"),
+        "hostile connections are logged"
+    );
 }
 
 #[test]
 fn cli_errors_are_clear() {
     let dir = scratch();
     let missing = dir.path().join("missing.img");
-    let out = run(lockstep_bin().to_str().unwrap(), &["export", "--disk", missing.to_str().unwrap(), "--listen", "127.0.0.1:1"], T);
+    let out = run(
+        lockstep_bin().to_str().unwrap(),
+        &[
+            "export",
+            "--disk",
+            missing.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:1",
+        ],
+        T,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("does not exist") && err.contains("--size"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("does not exist") && err.contains("--size"),
+        "{err}"
+    );
     let big = dir.path().join("big.img");
     random_file(&big, 8192, 1);
-    let out = run(lockstep_bin().to_str().unwrap(), &["export", "--disk", big.to_str().unwrap(), "--size", "4K", "--listen", "127.0.0.1:1"], T);
+    let out = run(
+        lockstep_bin().to_str().unwrap(),
+        &[
+            "export",
+            "--disk",
+            big.to_str().unwrap(),
+            "--size",
+            "4K",
+            "--listen",
+            "127.0.0.1:1",
+        ],
+        T,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("never shrinks"), "{err}");
-    let out = run(lockstep_bin().to_str().unwrap(), &["export", "--disk", big.to_str().unwrap(), "--size", "12Q"], T);
+    assert!(
+        !out.status.success() && err.contains("never shrinks"),
+        "{err}"
+    );
+    let out = run(
+        lockstep_bin().to_str().unwrap(),
+        &["export", "--disk", big.to_str().unwrap(), "--size", "12Q"],
+        T,
+    );
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("suffix"));
     // Port already taken.
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    let out = run(lockstep_bin().to_str().unwrap(), &["export", "--disk", big.to_str().unwrap(), "--listen", &addr], T);
+    let out = run(
+        lockstep_bin().to_str().unwrap(),
+        &["export", "--disk", big.to_str().unwrap(), "--listen", &addr],
+        T,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("cannot listen"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("cannot listen"),
+        "{err}"
+    );
 }

@@ -10,13 +10,22 @@ use blkrep::storage::{Backend, IoBuf};
 use lockstep_tests::*;
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// The same checks against any server exporting an 8 MiB zeroed disk named `name`.
 async fn exercise(ep: &Endpoint, name: &str, expect_structured: bool) -> Vec<u8> {
-    let opts = ClientOptions { export: name.into(), ..Default::default() };
-    let c = NbdClient::connect(ep, &opts).await.unwrap_or_else(|e| panic!("connect to {ep}: {e}"));
+    let opts = ClientOptions {
+        export: name.into(),
+        ..Default::default()
+    };
+    let c = NbdClient::connect(ep, &opts)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {ep}: {e}"));
     assert_eq!(c.size(), 8 << 20);
     assert_eq!(c.info().structured, expect_structured);
     // Pipelined writes at odd offsets and lengths, many in flight.
@@ -44,7 +53,12 @@ async fn exercise(ep: &Endpoint, name: &str, expect_structured: bool) -> Vec<u8>
     // A large request through the Backend interface (split by the server's maximum payload).
     let big = IoBuf::from_slice(&vec![0x77u8; 6 << 20]);
     c.write_at(2 << 20, big, false).await.unwrap();
-    assert!(c.read_at(2 << 20, 6 << 20).await.unwrap().iter().all(|&b| b == 0x77));
+    assert!(c
+        .read_at(2 << 20, 6 << 20)
+        .await
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0x77));
     if c.info().base_allocation.is_some() {
         let st = c.block_status(0, 1 << 20).await.unwrap();
         assert!(!st.is_empty());
@@ -59,9 +73,15 @@ async fn exercise(ep: &Endpoint, name: &str, expect_structured: bool) -> Vec<u8>
 fn check_file(path: &Path, seen: &[u8]) {
     let f = std::fs::read(path).unwrap();
     assert_eq!(f.len(), 8 << 20);
-    assert!(f == seen, "the file on the server's disk differs from what our client read");
+    assert!(
+        f == seen,
+        "the file on the server's disk differs from what our client read"
+    );
     assert!(f[..4096].iter().all(|&b| b == 0));
-    assert!(f[65536..131072].iter().all(|&b| b == 0), "trim leaves zeroes on a file");
+    assert!(
+        f[65536..131072].iter().all(|&b| b == 0),
+        "trim leaves zeroes on a file"
+    );
 }
 
 #[test]
@@ -70,13 +90,30 @@ fn our_client_against_qemu_nbd() {
     let _g = heavy();
     let dir = scratch();
     let disk = dir.path().join("q.img");
-    std::fs::File::create(&disk).unwrap().set_len(8 << 20).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut d = Daemon::start(
         "qemu-nbd",
         Path::new("qemu-nbd"),
-        &["-f", "raw", "-t", "-b", "127.0.0.1", "-p", &port.to_string(), "-x", "qdisk", "--discard=unmap", "-e", "4", disk.to_str().unwrap()],
+        &[
+            "-f",
+            "raw",
+            "-t",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-x",
+            "qdisk",
+            "--discard=unmap",
+            "-e",
+            "4",
+            disk.to_str().unwrap(),
+        ],
         dir.path(),
     );
     wait_port(&addr, Duration::from_secs(15), &mut d.child);
@@ -95,10 +132,26 @@ fn our_client_against_nbdkit() {
     let _g = heavy();
     let dir = scratch();
     let disk = dir.path().join("k.img");
-    std::fs::File::create(&disk).unwrap().set_len(8 << 20).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut d = Daemon::start("nbdkit", Path::new("nbdkit"), &["-f", "-i", "127.0.0.1", "-p", &port.to_string(), "file", disk.to_str().unwrap()], dir.path());
+    let mut d = Daemon::start(
+        "nbdkit",
+        Path::new("nbdkit"),
+        &[
+            "-f",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "file",
+            disk.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
     wait_port(&addr, Duration::from_secs(15), &mut d.child);
     let seen = rt().block_on(exercise(&Endpoint::Tcp(addr.clone()), "", true));
     drop(d);
@@ -107,7 +160,16 @@ fn our_client_against_nbdkit() {
     let mut d = Daemon::start(
         "nbdkit-simple",
         Path::new("nbdkit"),
-        &["-f", "-i", "127.0.0.1", "-p", &port.to_string(), "--no-sr", "file", disk.to_str().unwrap()],
+        &[
+            "-f",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--no-sr",
+            "file",
+            disk.to_str().unwrap(),
+        ],
         dir.path(),
     );
     wait_port(&addr, Duration::from_secs(15), &mut d.child);

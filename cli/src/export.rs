@@ -39,7 +39,11 @@ pub struct ExportArgs {
 
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     if !a.name.is_empty() && a.name.len() != a.disk.len() {
-        bail!("give one --name per --disk ({} names for {} disks)", a.name.len(), a.disk.len());
+        bail!(
+            "give one --name per --disk ({} names for {} disks)",
+            a.name.len(),
+            a.disk.len()
+        );
     }
     let mut exports = Vec::new();
     for (i, path) in a.disk.iter().enumerate() {
@@ -48,19 +52,38 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         o.direct = a.direct;
         o.read_only = a.read_only;
         let backend = open_disk(&o).with_context(|| format!("cannot open {}", path.display()))?;
-        let name = a.name.get(i).cloned().unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
-        exports.push(Export { name, description: path.display().to_string(), backend, read_only: a.read_only });
+        let name = a.name.get(i).cloned().unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        exports.push(Export {
+            name,
+            description: path.display().to_string(),
+            backend,
+            read_only: a.read_only,
+        });
     }
     let ep = match &a.socket {
         Some(p) => Endpoint::Unix(p.clone()),
         None => Endpoint::Tcp(a.listen.clone()),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     rt.block_on(async move {
         let listener = Listener::bind(&ep).await?;
         let server = Arc::new(NbdServer::new(exports.clone(), ServerOptions::default())?);
         for e in &exports {
-            tracing::info!("serving {} as {}/{} ({} bytes{})", e.description, listener.local_endpoint(), e.name, e.backend.size(), if e.read_only { ", read-only" } else { "" });
+            tracing::info!(
+                "serving {} as {}/{} ({} bytes{})",
+                e.description,
+                listener.local_endpoint(),
+                e.name,
+                e.backend.size(),
+                if e.read_only { ", read-only" } else { "" }
+            );
         }
         let (stop_tx, stop_rx) = watch::channel(false);
         let serving = tokio::spawn(server.clone().serve(listener, stop_rx));
@@ -69,7 +92,10 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
         serving.await.context("server task")?;
         for e in &exports {
-            e.backend.flush().await.with_context(|| format!("flushing {}", e.description))?;
+            e.backend
+                .flush()
+                .await
+                .with_context(|| format!("flushing {}", e.description))?;
         }
         tracing::info!("flushed; bye");
         Ok(())

@@ -9,7 +9,11 @@ mod units;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "lockstep", version, about = "COLO-style replicated disks: serve, replicate, checkpoint, fail over")]
+#[command(
+    name = "lockstep",
+    version,
+    about = "COLO-style replicated disks: serve, replicate, checkpoint, fail over"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -23,7 +27,9 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

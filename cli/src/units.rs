@@ -7,16 +7,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (examples: 4096, 512M, 10G)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 4096, 512M, 10G)"))?;
     let shift = match suffix.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,
         "M" | "MB" | "MIB" => 20,
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
-        other => return Err(format!("unknown size suffix {other:?} in {s:?} (use K, M, G or T)")),
+        other => {
+            return Err(format!(
+                "unknown size suffix {other:?} in {s:?} (use K, M, G or T)"
+            ))
+        }
     };
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// Parse a duration: a number with ms, s or m.
@@ -25,12 +32,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (examples: 100ms, 2s)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 100ms, 2s)"))?;
     match suffix {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        other => Err(format!("unknown duration unit {other:?} in {s:?} (use ms, s or m)")),
+        other => Err(format!(
+            "unknown duration unit {other:?} in {s:?} (use ms, s or m)"
+        )),
     }
 }
 

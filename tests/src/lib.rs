@@ -25,7 +25,10 @@ pub fn lockstep_bin() -> PathBuf {
         assert!(p.is_file(), "LOCKSTEP_BIN={} does not exist", p.display());
         return p;
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").join("target");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("target");
     let newest = ["release", "debug"]
         .iter()
         .map(|p| root.join(p).join("lockstep"))
@@ -47,7 +50,11 @@ pub fn require(tool: &str, package: &str) {
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind port 0")
+        .local_addr()
+        .expect("local addr")
+        .port()
 }
 
 /// Poll until `addr` accepts TCP connections, or panic after `deadline`.
@@ -87,7 +94,11 @@ impl Daemon {
             .stderr(f)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
-        Self { child, log, name: name.into() }
+        Self {
+            child,
+            log,
+            name: name.into(),
+        }
     }
 
     /// Start `lockstep export` serving on `addr` (TCP) and wait until it listens.
@@ -120,7 +131,11 @@ impl Daemon {
             if start.elapsed() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                panic!("{} did not exit within {deadline:?}; log:\n{}", self.name, self.log_text());
+                panic!(
+                    "{} did not exit within {deadline:?}; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -179,11 +194,18 @@ pub fn run(program: &str, args: &[&str], deadline: Duration) -> Output {
         if start.elapsed() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("`{program} {}` did not finish within {deadline:?}", args.join(" "));
+            panic!(
+                "`{program} {}` did not finish within {deadline:?}",
+                args.join(" ")
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    Output { status, stdout: t1.join().unwrap_or_default(), stderr: t2.join().unwrap_or_default() }
+    Output {
+        status,
+        stdout: t1.join().unwrap_or_default(),
+        stderr: t2.join().unwrap_or_default(),
+    }
 }
 
 /// Run a command and assert it succeeded; returns stdout as text.
@@ -217,5 +239,8 @@ pub fn random_file(path: &Path, size: usize, seed: u64) {
 
 /// A scratch directory on a disk-backed filesystem (O_DIRECT and hole punching work there).
 pub fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("lockstep-e2e").tempdir_in("/var/tmp").expect("scratch dir")
+    tempfile::Builder::new()
+        .prefix("lockstep-e2e")
+        .tempdir_in("/var/tmp")
+        .expect("scratch dir")
 }

@@ -551,8 +551,11 @@ async fn negotiate(
             loop {
                 let (kind, data) = read_option_reply(rd, OPT_SET_META_CONTEXT, peer).await?;
                 match kind {
-                    REP_META_CONTEXT if data.len() >= 4 && &data[4..] == BASE_ALLOCATION.as_bytes() => {
-                        info.base_allocation = Some(u32::from_be_bytes(data[..4].try_into().expect("4 bytes")));
+                    REP_META_CONTEXT
+                        if data.len() >= 4 && &data[4..] == BASE_ALLOCATION.as_bytes() =>
+                    {
+                        info.base_allocation =
+                            Some(u32::from_be_bytes(data[..4].try_into().expect("4 bytes")));
                     }
                     REP_ACK => break,
                     k if is_rep_err(k) => break,
