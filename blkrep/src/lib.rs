@@ -19,5 +19,8 @@
 //! Where to start reading: [`storage::Backend`] (the I/O seam every other part uses), then
 //! [`nbd::codec`] (the pure protocol codec), [`nbd::server`] and [`nbd::client`].
 
+pub mod digest;
+pub mod epoch;
 pub mod nbd;
+pub mod replica;
 pub mod storage;

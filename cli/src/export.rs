@@ -62,6 +62,7 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
             description: path.display().to_string(),
             backend,
             read_only: a.read_only,
+            epochs: None,
         });
     }
     let ep = match &a.socket {

@@ -3,7 +3,9 @@
 //! A thin clap layer: each subcommand parses its flags and calls into the library crates.
 //! See `docs/operations.md` for how to run it.
 
+mod demo;
 mod export;
+mod replicate;
 mod units;
 
 use clap::{Parser, Subcommand};
@@ -21,8 +23,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the replication demo: a primary and a secondary on loopback, a workload,
+    /// checkpoints, a killed primary, a failover, and a checksum proof.
+    Demo(demo::DemoArgs),
     /// Serve one or more disks over NBD (no replication).
     Export(export::ExportArgs),
+    /// Serve a disk and replicate every write to a secondary.
+    Primary(replicate::PrimaryArgs),
+    /// Receive a primary's writes, keep checkpoints, take over on failover.
+    Secondary(replicate::SecondaryArgs),
+    /// Show a daemon's state.
+    Status(replicate::StatusArgs),
+    /// Run a checkpoint now (on the primary).
+    Checkpoint(replicate::CheckpointArgs),
+    /// Fail the secondary over and serve its disk as an unprotected primary.
+    Failover(replicate::FailoverArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,7 +49,13 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(a) => demo::run(a),
         Command::Export(a) => export::run(a),
+        Command::Primary(a) => replicate::primary(a),
+        Command::Secondary(a) => replicate::secondary(a),
+        Command::Status(a) => replicate::status(a),
+        Command::Checkpoint(a) => replicate::checkpoint(a),
+        Command::Failover(a) => replicate::failover(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

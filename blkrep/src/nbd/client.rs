@@ -77,6 +77,66 @@ pub struct NbdClient {
     info: ExportInfo,
 }
 
+/// A request already on the wire; [`Ticket::wait`] waits for its reply. Dropping a ticket
+/// forgets the reply (the request still runs on the server).
+#[derive(Debug)]
+pub struct Ticket {
+    shared: Arc<Shared>,
+    cookie: u64,
+    command: u16,
+    offset: u64,
+    rx: oneshot::Receiver<Result<Outcome, NbdError>>,
+}
+
+impl Ticket {
+    /// Wait for the reply; an error reply becomes [`NbdError::Request`].
+    pub async fn wait(self) -> Result<(), NbdError> {
+        self.outcome().await.map(drop)
+    }
+
+    async fn outcome(self) -> Result<Outcome, NbdError> {
+        let Ticket {
+            shared,
+            cookie,
+            command,
+            offset,
+            rx,
+        } = self;
+        let answer = match shared.request_timeout {
+            Some(t) => match tokio::time::timeout(t, rx).await {
+                Ok(a) => a,
+                Err(_) => {
+                    shared.table().map.remove(&cookie);
+                    return Err(NbdError::Timeout(format!(
+                        "{} at {offset} on {}",
+                        command_name(command),
+                        shared.peer
+                    )));
+                }
+            },
+            None => rx.await,
+        };
+        let p = answer.map_err(|_| NbdError::Closed {
+            peer: shared.peer.clone(),
+            reason: None,
+        })??;
+        if let Some((errno, message)) = &p.error {
+            return Err(NbdError::Request {
+                command: command_name(p.command),
+                offset: p.offset,
+                length: u64::from(p.length),
+                errno: *errno,
+                message: if message.is_empty() {
+                    errno_name(*errno).to_string()
+                } else {
+                    message.clone()
+                },
+            });
+        }
+        Ok(p)
+    }
+}
+
 /// A reply in the making.
 #[derive(Debug)]
 struct Outcome {
@@ -118,6 +178,7 @@ fn command_name(c: u16) -> &'static str {
         CMD_CACHE => "cache",
         CMD_WRITE_ZEROES => "write-zeroes",
         CMD_BLOCK_STATUS => "block-status",
+        CMD_LOCKSTEP_EPOCH => "epoch-mark",
         _ => "command",
     }
 }
@@ -168,10 +229,21 @@ impl NbdClient {
 
     async fn request(
         &self,
-        mut req: Request,
+        req: Request,
         payload: Option<&[u8]>,
         data: Option<IoBuf>,
     ) -> Result<Outcome, NbdError> {
+        self.submit(req, payload, data).await?.outcome().await
+    }
+
+    /// Put a request on the wire and return without waiting for its reply. Requests
+    /// submitted one after another by the same task reach the server in that order.
+    async fn submit(
+        &self,
+        mut req: Request,
+        payload: Option<&[u8]>,
+        data: Option<IoBuf>,
+    ) -> Result<Ticket, NbdError> {
         let cookie = self.shared.next_cookie.fetch_add(1, Ordering::Relaxed);
         req.cookie = cookie;
         let (tx, rx) = oneshot::channel();
@@ -216,39 +288,84 @@ impl NbdClient {
                 source: e,
             });
         }
-        let answer = match self.shared.request_timeout {
-            Some(t) => match tokio::time::timeout(t, rx).await {
-                Ok(a) => a,
-                Err(_) => {
-                    self.shared.table().map.remove(&cookie);
-                    return Err(NbdError::Timeout(format!(
-                        "{} at {} on {}",
-                        command_name(req.command),
-                        req.offset,
-                        self.shared.peer
-                    )));
-                }
-            },
-            None => rx.await,
-        };
-        let p = answer.map_err(|_| NbdError::Closed {
-            peer: self.shared.peer.clone(),
-            reason: None,
-        })??;
-        if let Some((errno, message)) = &p.error {
-            return Err(NbdError::Request {
-                command: command_name(p.command),
-                offset: p.offset,
-                length: u64::from(p.length),
-                errno: *errno,
-                message: if message.is_empty() {
-                    errno_name(*errno).to_string()
-                } else {
-                    message.clone()
-                },
-            });
+        Ok(Ticket {
+            shared: self.shared.clone(),
+            cookie,
+            command: req.command,
+            offset: req.offset,
+            rx,
+        })
+    }
+
+    /// Submit a write without waiting for its reply (see [`Ticket`]).
+    pub async fn submit_write(
+        &self,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<Ticket, NbdError> {
+        self.check(offset, data.len() as u64)?;
+        let len = u32::try_from(data.len())
+            .map_err(|_| NbdError::Invalid("write larger than 4 GiB".into()))?;
+        let flags = if fua { self.fua_flag()? } else { 0 };
+        self.submit(Self::req(CMD_WRITE, flags, offset, len), Some(data), None)
+            .await
+    }
+
+    /// Submit a trim without waiting for its reply.
+    pub async fn submit_trim(&self, offset: u64, len: u32, fua: bool) -> Result<Ticket, NbdError> {
+        self.check(offset, u64::from(len))?;
+        self.need(FLAG_SEND_TRIM, "trim")?;
+        let flags = if fua { self.fua_flag()? } else { 0 };
+        self.submit(Self::req(CMD_TRIM, flags, offset, len), None, None)
+            .await
+    }
+
+    /// Submit a write-zeroes without waiting for its reply.
+    pub async fn submit_write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        may_unmap: bool,
+        fua: bool,
+    ) -> Result<Ticket, NbdError> {
+        self.check(offset, u64::from(len))?;
+        self.need(FLAG_SEND_WRITE_ZEROES, "write-zeroes")?;
+        let mut flags = if may_unmap { 0 } else { CMD_FLAG_NO_HOLE };
+        if fua {
+            flags |= self.fua_flag()?;
         }
-        Ok(p)
+        self.submit(Self::req(CMD_WRITE_ZEROES, flags, offset, len), None, None)
+            .await
+    }
+
+    /// Submit a flush without waiting for its reply.
+    pub async fn submit_flush(&self) -> Result<Ticket, NbdError> {
+        self.need(FLAG_SEND_FLUSH, "flush")?;
+        self.submit(Self::req(CMD_FLUSH, 0, 0, 0), None, None).await
+    }
+
+    /// Submit lockstep's epoch mark (a lockstep extension, see `docs/protocol.md`): every
+    /// request sent before it belongs to the epoch before `epoch`. Its reply arrives once
+    /// the server has finished every earlier request of this connection.
+    pub async fn submit_epoch_mark(&self, epoch: u64) -> Result<Ticket, NbdError> {
+        self.submit(Self::req(CMD_LOCKSTEP_EPOCH, 0, epoch, 0), None, None)
+            .await
+    }
+
+    fn fua_flag(&self) -> Result<u16, NbdError> {
+        self.need(FLAG_SEND_FUA, "FUA").map(|()| CMD_FLAG_FUA)
+    }
+
+    fn need(&self, flag: u16, what: &str) -> Result<(), NbdError> {
+        if self.has(flag) {
+            Ok(())
+        } else {
+            Err(NbdError::Invalid(format!(
+                "{} does not support {what}",
+                self.shared.peer
+            )))
+        }
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), NbdError> {
@@ -905,4 +1022,35 @@ impl Backend for NbdClient {
                 .collect())
         })
     }
+}
+
+/// Open a connection to a lockstep secondary and switch it to the replication control
+/// protocol (`NBD_OPT_LOCKSTEP_CONTROL`). Returns the two halves, ready for control frames.
+pub async fn connect_control(
+    ep: &Endpoint,
+    timeout: Duration,
+) -> Result<(BufReader<ReadHalf>, BufWriter<WriteHalf>), NbdError> {
+    let peer = ep.to_string();
+    let fut = async {
+        let (rd, wr) = transport::connect(ep).await?;
+        let mut rd = BufReader::new(rd);
+        let mut wr = BufWriter::new(wr);
+        greet(&mut rd, &mut wr, &peer).await?;
+        send_option(&mut wr, OPT_LOCKSTEP_CONTROL, &[]).await?;
+        let (kind, data) = read_option_reply(&mut rd, OPT_LOCKSTEP_CONTROL, &peer).await?;
+        if kind != REP_ACK {
+            let mut e = negotiation_refused(&peer, "lockstep control", kind, &data);
+            if kind == REP_ERR_UNSUP {
+                e = NbdError::Negotiation {
+                    peer: peer.clone(),
+                    reason: "not a lockstep secondary (the control option is unsupported)".into(),
+                };
+            }
+            return Err(e);
+        }
+        Ok((rd, wr))
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| NbdError::Timeout(format!("connecting to {peer}")))?
 }

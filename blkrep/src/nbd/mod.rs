@@ -13,7 +13,7 @@ pub mod client;
 pub mod codec;
 pub mod proto;
 pub mod server;
-mod transport;
+pub mod transport;
 
 pub use client::{ClientOptions, NbdClient};
 pub use server::{Export, NbdServer, ServerOptions};

@@ -85,6 +85,14 @@ pub const CMD_TRIM: u16 = 4;
 pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
+/// lockstep extension: epoch mark on a replication connection (offset = the new epoch).
+/// Accepted only on exports that carry an epoch sink; see `docs/protocol.md`.
+pub const CMD_LOCKSTEP_EPOCH: u16 = 0x4c45;
+
+/// lockstep extension: switch this connection to the replication control protocol
+/// (option data: empty). Answered with `NBD_REP_ACK` by a secondary, `NBD_REP_ERR_UNSUP`
+/// elsewhere; after the ACK both sides speak `replica::wire` frames.
+pub const OPT_LOCKSTEP_CONTROL: u32 = 0x4c53_4350;
 
 /// Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;

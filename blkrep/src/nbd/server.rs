@@ -50,6 +50,49 @@ pub struct Export {
     pub backend: Arc<dyn Backend>,
     /// Refuse writes even if the backend allows them.
     pub read_only: bool,
+    /// Where lockstep's epoch marks go (`NBD_CMD_LOCKSTEP_EPOCH`); `None` refuses them.
+    pub epochs: Option<Arc<dyn EpochSink>>,
+}
+
+impl Export {
+    /// A plain export of `backend` under `name`.
+    pub fn new(name: impl Into<String>, backend: Arc<dyn Backend>) -> Self {
+        Self {
+            name: name.into(),
+            description: String::new(),
+            backend,
+            read_only: false,
+            epochs: None,
+        }
+    }
+}
+
+/// Receives lockstep's epoch marks from a replication connection.
+///
+/// The server calls [`EpochSink::begin_epoch`] only after every earlier request of the same
+/// connection has finished, and reads no later request until it returns: the mark is a
+/// barrier that cuts the connection's request stream into epochs.
+pub trait EpochSink: Send + Sync + std::fmt::Debug {
+    /// Requests read from now on belong to `epoch`.
+    fn begin_epoch(&self, epoch: u64) -> Result<(), String>;
+}
+
+/// Takes over a connection that asked for lockstep's control protocol
+/// (`NBD_OPT_LOCKSTEP_CONTROL`) once the server has acknowledged the option.
+pub trait ControlHandler: Send + Sync + std::fmt::Debug {
+    /// Run the control protocol on this connection until it ends.
+    fn take_over(
+        &self,
+        rd: BufReader<ReadHalf>,
+        wr: BufWriter<WriteHalf>,
+        peer: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+}
+
+/// How negotiation ended.
+enum Negotiated {
+    Transmission(Session),
+    Control,
 }
 
 /// Server tuning knobs.
@@ -90,6 +133,7 @@ pub struct ServerStats {
 #[derive(Debug)]
 pub struct NbdServer {
     exports: Vec<Export>,
+    control: Option<Arc<dyn ControlHandler>>,
     opts: ServerOptions,
     stats: ServerStats,
     slots: Arc<Semaphore>,
@@ -146,10 +190,17 @@ impl NbdServer {
         let slots = Arc::new(Semaphore::new(opts.max_connections));
         Ok(Self {
             exports,
+            control: None,
             opts,
             stats: ServerStats::default(),
             slots,
         })
+    }
+
+    /// Accept `NBD_OPT_LOCKSTEP_CONTROL` and hand such connections to `handler`.
+    pub fn with_control(mut self, handler: Arc<dyn ControlHandler>) -> Self {
+        self.control = Some(handler);
+        self
     }
 
     /// What the server has done so far.
@@ -216,7 +267,16 @@ impl NbdServer {
         )
         .await
         {
-            Ok(Ok(Some(s))) => s,
+            Ok(Ok(Some(Negotiated::Transmission(s)))) => s,
+            Ok(Ok(Some(Negotiated::Control))) => {
+                let handler = self
+                    .control
+                    .clone()
+                    .expect("control negotiated only with a handler");
+                tracing::debug!(%peer, "connection switched to the control protocol");
+                handler.take_over(rd, wr, peer).await;
+                return;
+            }
             Ok(Ok(None)) => {
                 tracing::debug!(%peer, "client ended negotiation");
                 return;
@@ -250,7 +310,7 @@ impl NbdServer {
         rd: &mut R,
         wr: &mut W,
         peer: &str,
-    ) -> Result<Option<Session>, NbdError>
+    ) -> Result<Option<Negotiated>, NbdError>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -327,12 +387,12 @@ impl NbdServer {
                     .await
                     .map_err(io("reply"))?;
                     wr.flush().await.map_err(io("reply"))?;
-                    return Ok(Some(Session {
+                    return Ok(Some(Negotiated::Transmission(Session {
                         export,
                         structured,
                         base_allocation,
                         flags,
-                    }));
+                    })));
                 }
                 OPT_ABORT => {
                     out.extend(codec::encode_option_reply(opt, REP_ACK, &[]));
@@ -405,12 +465,12 @@ impl NbdServer {
                     if opt == OPT_GO {
                         wr.write_all(&out).await.map_err(io("reply"))?;
                         wr.flush().await.map_err(io("reply"))?;
-                        return Ok(Some(Session {
+                        return Ok(Some(Negotiated::Transmission(Session {
                             export,
                             structured,
                             base_allocation,
                             flags,
-                        }));
+                        })));
                     }
                 }
                 OPT_STRUCTURED_REPLY => {
@@ -475,6 +535,24 @@ impl NbdServer {
                         out.extend(codec::encode_option_reply(opt, REP_META_CONTEXT, &d));
                     }
                     out.extend(codec::encode_option_reply(opt, REP_ACK, &[]));
+                }
+                OPT_LOCKSTEP_CONTROL if self.control.is_some() => {
+                    if !data.is_empty() {
+                        self.reply_err(
+                            wr,
+                            opt,
+                            REP_ERR_INVALID,
+                            "the control option takes no data",
+                        )
+                        .await
+                        .map_err(io("reply"))?;
+                        continue;
+                    }
+                    wr.write_all(&codec::encode_option_reply(opt, REP_ACK, &[]))
+                        .await
+                        .map_err(io("reply"))?;
+                    wr.flush().await.map_err(io("reply"))?;
+                    return Ok(Some(Negotiated::Control));
                 }
                 other => {
                     let what = match other {
@@ -552,6 +630,26 @@ impl NbdServer {
             };
             if req.command == CMD_DISC {
                 break Ok(());
+            }
+            if req.command == CMD_LOCKSTEP_EPOCH {
+                if let Some(sink) = session.export.epochs.as_ref().filter(|_| req.length == 0) {
+                    // A barrier: everything read before the mark finishes first.
+                    while inflight.join_next().await.is_some() {}
+                    let body = match sink.begin_epoch(req.offset) {
+                        Ok(()) => ReplyBody::Ok,
+                        Err(message) => ReplyBody::Error {
+                            errno: EINVAL,
+                            message,
+                        },
+                    };
+                    self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                    let _ = tx.send(Reply {
+                        cookie: req.cookie,
+                        body,
+                        _permit: None,
+                    });
+                    continue;
+                }
             }
             // Reap finished request tasks so the set does not grow without bound.
             while inflight.try_join_next().is_some() {}

@@ -64,6 +64,7 @@ fn export(name: &str, b: Arc<dyn Backend>, read_only: bool) -> Export {
         description: format!("test disk {name}"),
         backend: b,
         read_only,
+        epochs: None,
     }
 }
 

@@ -25,6 +25,7 @@ pub(crate) mod suite;
 
 pub use buf::{IoBuf, IO_ALIGN};
 pub use memory::MemoryBackend;
+pub(crate) use unaligned::BlockRangeLock;
 pub use unaligned::Unaligned;
 pub use uring::{DiskOptions, UringFile};
 
@@ -122,6 +123,10 @@ pub enum StorageError {
     /// Configuration is wrong (missing file without size, bad size, ...).
     #[error("{0}")]
     Config(String),
+    /// The disk does not take this request in its current state (e.g. a secondary that has
+    /// failed over refuses forwarded writes).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl StorageError {
@@ -137,6 +142,7 @@ impl StorageError {
             StorageError::ReadOnly => libc::EPERM,
             StorageError::EngineStopped { .. } => libc::ESHUTDOWN,
             StorageError::Config(_) => libc::EINVAL,
+            StorageError::Unavailable(_) => libc::ESHUTDOWN,
         }
     }
 }

@@ -1,0 +1,694 @@
+//! Checkpoint epochs: the coordinator on the primary and the API its participants implement.
+//!
+//! Epoch `n` is everything written between checkpoint `n-1` and checkpoint `n`. One
+//! checkpoint, as the [`EpochCoordinator`] runs it:
+//!
+//! ```text
+//!  guest.pause() ─▶ cut(n) on every participant ─▶ guest.resume()     (the client-visible pause)
+//!       ─▶ prepare(n) on every participant (drain epoch n to the secondary, concurrently)
+//!       ─▶ link.checkpoint(n, summaries) ─▶ secondary commits all-or-nothing ─▶ COMMITTED(n)
+//!       ─▶ commit(n) on every participant          (or abort(n) everywhere on any failure)
+//! ```
+//!
+//! `cut` must be quick: it only decides which data belongs to epoch `n` (the block layer puts
+//! an epoch mark into its forward stream). Draining happens after the guest runs again, so
+//! writes of epoch `n+1` flow while epoch `n` is still being committed; the secondary keeps
+//! originals per epoch, which makes that safe. A participant that needs the guest stopped for
+//! longer (a memory checkpoint without pre-copy) does its capture in `cut`.
+//!
+//! Triggers: a period, a byte threshold reported by participants
+//! ([`CheckpointTrigger::add_bytes`]), and explicit requests (operator command, or netcmp
+//! seeing diverging output) through [`CheckpointTrigger::request`].
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+/// A checkpoint epoch number. Epoch 0 is the state both sides start from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Epoch(pub u64);
+
+impl Epoch {
+    /// The epoch after this one.
+    pub fn next(self) -> Epoch {
+        Epoch(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "epoch {}", self.0)
+    }
+}
+
+/// Why a checkpoint failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EpochError {
+    /// The link to the secondary is gone or broke during the checkpoint.
+    #[error("{epoch}: the secondary is unreachable: {reason}")]
+    PeerLost {
+        /// The epoch being checkpointed.
+        epoch: Epoch,
+        /// What happened.
+        reason: String,
+    },
+    /// The secondary refused to commit.
+    #[error("{epoch}: the secondary refused to commit: {reason}")]
+    Refused {
+        /// The epoch being checkpointed.
+        epoch: Epoch,
+        /// The secondary's reason.
+        reason: String,
+    },
+    /// A participant failed.
+    #[error("{epoch}: {participant}: {reason}")]
+    Participant {
+        /// The epoch being checkpointed.
+        epoch: Epoch,
+        /// Which participant.
+        participant: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No checkpoints are possible (the node is not replicating).
+    #[error("not replicating: {0}")]
+    NotReplicating(String),
+}
+
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a participant tells the secondary about its share of an epoch; the secondary's half
+/// of the participant checks it before committing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EpochSummary {
+    /// Participant id (see `replica::wire`); 1 = block.
+    pub participant: u16,
+    /// Units sent in the epoch (writes, pages, ...).
+    pub items: u64,
+    /// Bytes sent in the epoch.
+    pub bytes: u64,
+    /// A digest of the participant's state at the end of the epoch (0 if it keeps none).
+    pub digest: u64,
+}
+
+/// Something that joins checkpoint epochs on the primary: the block layer today; memory
+/// (memrep) and packet comparison (netcmp) later.
+pub trait Participant: Send + Sync {
+    /// Short name for logs and status.
+    fn name(&self) -> &str;
+    /// Close epoch `n` while the guest is paused: decide what belongs to it. Must be quick.
+    fn cut(&self, epoch: Epoch) -> BoxFuture<'_, Result<(), EpochError>>;
+    /// Bring epoch `n` completely to the secondary (after the guest has resumed).
+    fn prepare(&self, epoch: Epoch) -> BoxFuture<'_, Result<EpochSummary, EpochError>>;
+    /// The secondary committed epoch `n`.
+    fn commit(&self, epoch: Epoch);
+    /// Checkpoint `n` failed and will not be committed; `reason` says why.
+    fn abort(&self, epoch: Epoch, reason: &EpochError);
+    /// This participant's share of the status report.
+    fn status(&self) -> serde_json::Value;
+}
+
+/// Pauses and resumes whatever produces writes, around `cut`. For a bare block device there
+/// is nothing to pause ([`NoGuest`]); QMP `stop`/`cont` and process signals come later.
+pub trait GuestHook: Send + Sync {
+    /// Stop the guest.
+    fn pause(&self) -> BoxFuture<'_, Result<(), String>>;
+    /// Let it run again.
+    fn resume(&self) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// The guest hook for a bare block device: nothing to pause.
+#[derive(Debug, Default)]
+pub struct NoGuest;
+
+impl GuestHook for NoGuest {
+    fn pause(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn resume(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Carries CHECKPOINT(n) to the secondary and waits for COMMITTED(n).
+pub trait CheckpointLink: Send + Sync {
+    /// Ask the secondary to commit `epoch`, all participants at once.
+    fn checkpoint(
+        &self,
+        epoch: Epoch,
+        summaries: Vec<EpochSummary>,
+    ) -> BoxFuture<'_, Result<(), EpochError>>;
+}
+
+/// Latency samples with percentiles over a sliding window.
+#[derive(Debug)]
+pub struct Latencies {
+    window: Vec<u64>,
+    next: usize,
+    count: u64,
+    max: u64,
+}
+
+const WINDOW: usize = 4096;
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Self {
+            window: Vec::with_capacity(WINDOW),
+            next: 0,
+            count: 0,
+            max: 0,
+        }
+    }
+}
+
+impl Latencies {
+    /// Record one sample, in microseconds.
+    pub fn record(&mut self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        if self.window.len() < WINDOW {
+            self.window.push(us);
+        } else {
+            self.window[self.next] = us;
+        }
+        self.next = (self.next + 1) % WINDOW;
+        self.count += 1;
+        self.max = self.max.max(us);
+    }
+
+    /// The `p`-th percentile (0..=100) of the window, in microseconds.
+    pub fn percentile(&self, p: f64) -> u64 {
+        if self.window.is_empty() {
+            return 0;
+        }
+        let mut v = self.window.clone();
+        v.sort_unstable();
+        let rank = ((p / 100.0) * (v.len() as f64)).ceil() as usize;
+        v[rank.clamp(1, v.len()) - 1]
+    }
+
+    /// p50, p99 and max as JSON, in microseconds.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "p50": self.percentile(50.0),
+            "p99": self.percentile(99.0),
+            "max": self.max,
+            "samples": self.count,
+        })
+    }
+}
+
+/// Why a checkpoint ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The period elapsed.
+    Interval,
+    /// Enough data was written since the last checkpoint.
+    Bytes,
+    /// Someone asked (operator, netcmp).
+    Requested,
+}
+
+/// The result of one checkpoint.
+#[derive(Debug, Clone)]
+pub struct CheckpointReport {
+    /// The epoch that was committed.
+    pub epoch: Epoch,
+    /// How long the guest was paused / the I/O path was cut.
+    pub pause: Duration,
+    /// From pause to COMMITTED.
+    pub total: Duration,
+}
+
+/// Where a requested checkpoint's result goes.
+type ReportSender = oneshot::Sender<Result<CheckpointReport, EpochError>>;
+
+/// Requests checkpoints from anywhere: operator commands, byte thresholds, netcmp.
+#[derive(Debug, Clone)]
+pub struct CheckpointTrigger {
+    requests: mpsc::Sender<ReportSender>,
+    bytes: Arc<AtomicU64>,
+    threshold: Arc<AtomicU64>,
+    kick: Arc<Notify>,
+}
+
+impl CheckpointTrigger {
+    /// Run a checkpoint now (after the one in progress) and wait for its result.
+    pub async fn request(&self) -> Result<CheckpointReport, EpochError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(tx)
+            .await
+            .map_err(|_| EpochError::NotReplicating("the coordinator has stopped".into()))?;
+        rx.await
+            .map_err(|_| EpochError::NotReplicating("the coordinator has stopped".into()))?
+    }
+
+    /// Count `n` bytes written in the current epoch; past the threshold a checkpoint runs.
+    pub fn add_bytes(&self, n: u64) {
+        let total = self.bytes.fetch_add(n, Ordering::Relaxed) + n;
+        let t = self.threshold.load(Ordering::Relaxed);
+        if t > 0 && total >= t && total - n < t {
+            self.kick.notify_one();
+        }
+    }
+}
+
+/// Knobs of the coordinator; changeable at run time through [`EpochCoordinator::set_interval`]
+/// and [`EpochCoordinator::set_bytes`].
+#[derive(Debug, Clone, Copy)]
+pub struct CoordinatorOptions {
+    /// Checkpoint at least this often (None: only on other triggers).
+    pub interval: Option<Duration>,
+    /// Checkpoint once this many bytes were written in the epoch (0: never).
+    pub bytes: u64,
+}
+
+/// Counters and latencies for status.
+#[derive(Debug, Default)]
+pub struct CoordinatorStats {
+    /// Checkpoints committed.
+    pub checkpoints: u64,
+    /// Checkpoints that failed.
+    pub failures: u64,
+    /// Client-visible pause (guest pause + cut).
+    pub pause: Latencies,
+    /// The whole checkpoint, pause to COMMITTED.
+    pub total: Latencies,
+    /// The last failure.
+    pub last_error: Option<String>,
+}
+
+/// Runs checkpoints on the primary.
+pub struct EpochCoordinator {
+    participants: Vec<Arc<dyn Participant>>,
+    guest: Arc<dyn GuestHook>,
+    link: Arc<dyn CheckpointLink>,
+    current: AtomicU64,
+    stats: Mutex<CoordinatorStats>,
+    interval: watch::Sender<Option<Duration>>,
+    trigger: CheckpointTrigger,
+    requests: tokio::sync::Mutex<Option<mpsc::Receiver<ReportSender>>>,
+}
+
+impl fmt::Debug for EpochCoordinator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EpochCoordinator")
+            .field("epoch", &self.current())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EpochCoordinator {
+    /// A coordinator starting in `first` (the epoch being written now).
+    pub fn new(
+        participants: Vec<Arc<dyn Participant>>,
+        guest: Arc<dyn GuestHook>,
+        link: Arc<dyn CheckpointLink>,
+        first: Epoch,
+        opts: CoordinatorOptions,
+    ) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel(64);
+        let trigger = CheckpointTrigger {
+            requests: tx,
+            bytes: Arc::new(AtomicU64::new(0)),
+            threshold: Arc::new(AtomicU64::new(opts.bytes)),
+            kick: Arc::new(Notify::new()),
+        };
+        Arc::new(Self {
+            participants,
+            guest,
+            link,
+            current: AtomicU64::new(first.0),
+            stats: Mutex::new(CoordinatorStats::default()),
+            interval: watch::Sender::new(opts.interval),
+            trigger,
+            requests: tokio::sync::Mutex::new(Some(rx)),
+        })
+    }
+
+    /// A handle that requests checkpoints.
+    pub fn trigger(&self) -> CheckpointTrigger {
+        self.trigger.clone()
+    }
+
+    /// The epoch being written now.
+    pub fn current(&self) -> Epoch {
+        Epoch(self.current.load(Ordering::Acquire))
+    }
+
+    /// Change the period (None: no periodic checkpoints).
+    pub fn set_interval(&self, d: Option<Duration>) {
+        self.interval.send_replace(d);
+    }
+
+    /// Change the byte threshold (0: none).
+    pub fn set_bytes(&self, n: u64) {
+        self.trigger.threshold.store(n, Ordering::Relaxed);
+    }
+
+    /// The period and byte threshold in force.
+    pub fn options(&self) -> CoordinatorOptions {
+        CoordinatorOptions {
+            interval: *self.interval.borrow(),
+            bytes: self.trigger.threshold.load(Ordering::Relaxed),
+        }
+    }
+
+    fn stats(&self) -> std::sync::MutexGuard<'_, CoordinatorStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Status: epoch, counters, pause and total latencies, participants.
+    pub fn status(&self) -> serde_json::Value {
+        let s = self.stats();
+        let opts = self.options();
+        serde_json::json!({
+            "epoch": self.current().0,
+            "committed_epoch": self.current().0.saturating_sub(1),
+            "checkpoints": s.checkpoints,
+            "checkpoint_failures": s.failures,
+            "checkpoint_pause_us": s.pause.to_json(),
+            "checkpoint_total_us": s.total.to_json(),
+            "checkpoint_interval_ms": opts.interval.map(|d| d.as_millis() as u64),
+            "checkpoint_bytes": opts.bytes,
+            "last_checkpoint_error": s.last_error,
+            "participants": self.participants.iter()
+                .map(|p| (p.name().to_string(), p.status()))
+                .collect::<serde_json::Map<_, _>>(),
+        })
+    }
+
+    /// Run one checkpoint of the current epoch now. Checkpoints never overlap: callers other
+    /// than [`EpochCoordinator::run`] should go through [`CheckpointTrigger::request`].
+    pub async fn checkpoint(&self) -> Result<CheckpointReport, EpochError> {
+        let epoch = self.current();
+        let start = Instant::now();
+        let r = self.checkpoint_inner(epoch, start).await;
+        let mut s = self.stats();
+        match &r {
+            Ok(rep) => {
+                s.checkpoints += 1;
+                s.pause.record(rep.pause);
+                s.total.record(rep.total);
+            }
+            Err(e) => {
+                s.failures += 1;
+                s.last_error = Some(e.to_string());
+            }
+        }
+        drop(s);
+        if let Err(e) = &r {
+            for p in &self.participants {
+                p.abort(epoch, e);
+            }
+        }
+        r
+    }
+
+    async fn checkpoint_inner(
+        &self,
+        epoch: Epoch,
+        start: Instant,
+    ) -> Result<CheckpointReport, EpochError> {
+        let guest = |reason: String| EpochError::Participant {
+            epoch,
+            participant: "guest".into(),
+            reason,
+        };
+        self.guest.pause().await.map_err(guest)?;
+        let mut cut = Ok(());
+        for p in &self.participants {
+            if let Err(e) = p.cut(epoch).await {
+                cut = Err(e);
+                break;
+            }
+        }
+        if cut.is_ok() {
+            // Writes from here on belong to the next epoch.
+            self.current.store(epoch.next().0, Ordering::Release);
+            self.trigger.bytes.store(0, Ordering::Relaxed);
+        }
+        let resumed = self.guest.resume().await.map_err(guest);
+        let pause = start.elapsed();
+        cut?;
+        resumed?;
+        let summaries = futures_join_all(self.participants.iter().map(|p| p.prepare(epoch))).await;
+        let summaries = summaries.into_iter().collect::<Result<Vec<_>, _>>()?;
+        self.link.checkpoint(epoch, summaries).await?;
+        for p in &self.participants {
+            p.commit(epoch);
+        }
+        Ok(CheckpointReport {
+            epoch,
+            pause,
+            total: start.elapsed(),
+        })
+    }
+
+    /// Run checkpoints on every trigger until `stop` turns true or a checkpoint fails for
+    /// good (the peer is lost): then returns that error.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> Result<(), EpochError> {
+        let mut requests = self
+            .requests
+            .lock()
+            .await
+            .take()
+            .ok_or_else(|| EpochError::NotReplicating("the coordinator runs already".into()))?;
+        let mut interval_rx = self.interval.subscribe();
+        let mut last = Instant::now();
+        loop {
+            let period = *interval_rx.borrow_and_update();
+            let next = last + period.unwrap_or_default();
+            let sleep = async {
+                match period {
+                    Some(_) => tokio::time::sleep_until(next.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let (reason, reply) = tokio::select! {
+                _ = until_true(&mut stop) => return Ok(()),
+                _ = interval_rx.changed() => continue,
+                _ = sleep => (Reason::Interval, None),
+                _ = self.trigger.kick.notified() => (Reason::Bytes, None),
+                r = requests.recv() => match r {
+                    Some(tx) => (Reason::Requested, Some(tx)),
+                    None => return Ok(()),
+                },
+            };
+            last = Instant::now();
+            let r = self.checkpoint().await;
+            let fatal = matches!(r, Err(EpochError::PeerLost { .. }));
+            if let Err(e) = &r {
+                tracing::warn!("checkpoint failed ({reason:?}): {e}");
+            }
+            let err = r.as_ref().err().cloned();
+            if let Some(tx) = reply {
+                let _ = tx.send(r);
+            }
+            if fatal {
+                // Fail every queued request too: nothing will checkpoint them.
+                while let Ok(tx) = requests.try_recv() {
+                    let _ = tx.send(Err(err.clone().expect("fatal is an error")));
+                }
+                return Err(err.expect("fatal is an error"));
+            }
+        }
+    }
+}
+
+/// Resolves once `rx` holds true (or its sender is gone).
+pub async fn until_true(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Await every future, keeping their order (a tiny join_all without the futures crate).
+async fn futures_join_all<'a, T>(futs: impl Iterator<Item = BoxFuture<'a, T>>) -> Vec<T> {
+    // Participants are few (one to three): poll them all on every wake-up.
+    let mut pending: Vec<Option<BoxFuture<'a, T>>> = futs.map(Some).collect();
+    let mut out = Vec::with_capacity(pending.len());
+    let mut results: Vec<Option<T>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (i, slot) in pending.iter_mut().enumerate() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        results[i] = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    out.extend(
+        results
+            .into_iter()
+            .map(|r| r.expect("every future finished")),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorder {
+        log: Mutex<Vec<String>>,
+    }
+
+    impl Participant for Recorder {
+        fn name(&self) -> &str {
+            "rec"
+        }
+        fn cut(&self, e: Epoch) -> BoxFuture<'_, Result<(), EpochError>> {
+            self.log.lock().unwrap().push(format!("cut {}", e.0));
+            Box::pin(async { Ok(()) })
+        }
+        fn prepare(&self, e: Epoch) -> BoxFuture<'_, Result<EpochSummary, EpochError>> {
+            self.log.lock().unwrap().push(format!("prepare {}", e.0));
+            Box::pin(async move {
+                Ok(EpochSummary {
+                    participant: 1,
+                    items: e.0,
+                    ..Default::default()
+                })
+            })
+        }
+        fn commit(&self, e: Epoch) {
+            self.log.lock().unwrap().push(format!("commit {}", e.0));
+        }
+        fn abort(&self, e: Epoch, _: &EpochError) {
+            self.log.lock().unwrap().push(format!("abort {}", e.0));
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+    }
+
+    struct Link {
+        fail_at: u64,
+    }
+
+    impl CheckpointLink for Link {
+        fn checkpoint(
+            &self,
+            epoch: Epoch,
+            s: Vec<EpochSummary>,
+        ) -> BoxFuture<'_, Result<(), EpochError>> {
+            Box::pin(async move {
+                assert_eq!(s[0].items, epoch.0);
+                if epoch.0 == self.fail_at {
+                    Err(EpochError::PeerLost {
+                        epoch,
+                        reason: "test".into(),
+                    })
+                } else {
+                    Ok(())
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn checkpoints_run_in_order_and_a_lost_peer_aborts() {
+        let rec = Arc::new(Recorder::default());
+        let c = EpochCoordinator::new(
+            vec![rec.clone()],
+            Arc::new(NoGuest),
+            Arc::new(Link { fail_at: 3 }),
+            Epoch(1),
+            CoordinatorOptions {
+                interval: Some(Duration::from_millis(5)),
+                bytes: 0,
+            },
+        );
+        let (_stop_tx, stop) = watch::channel(false);
+        let r = c.clone().run(stop).await;
+        assert!(matches!(
+            r,
+            Err(EpochError::PeerLost {
+                epoch: Epoch(3),
+                ..
+            })
+        ));
+        let log = rec.log.lock().unwrap().clone();
+        assert_eq!(
+            log,
+            [
+                "cut 1",
+                "prepare 1",
+                "commit 1",
+                "cut 2",
+                "prepare 2",
+                "commit 2",
+                "cut 3",
+                "prepare 3",
+                "abort 3"
+            ]
+        );
+        let st = c.status();
+        assert_eq!(st["checkpoints"], 2);
+        assert_eq!(st["checkpoint_failures"], 1);
+        assert_eq!(
+            c.trigger().request().await.unwrap_err().to_string(),
+            "not replicating: the coordinator has stopped"
+        );
+    }
+
+    #[tokio::test]
+    async fn byte_threshold_and_requests_trigger() {
+        let rec = Arc::new(Recorder::default());
+        let c = EpochCoordinator::new(
+            vec![rec.clone()],
+            Arc::new(NoGuest),
+            Arc::new(Link { fail_at: 0 }),
+            Epoch(1),
+            CoordinatorOptions {
+                interval: None,
+                bytes: 1000,
+            },
+        );
+        let (stop_tx, stop) = watch::channel(false);
+        let h = tokio::spawn(c.clone().run(stop));
+        let t = c.trigger();
+        let rep = t.request().await.unwrap();
+        assert_eq!(rep.epoch, Epoch(1));
+        t.add_bytes(600);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(c.current(), Epoch(2));
+        t.add_bytes(600);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while c.current() != Epoch(3) {
+            assert!(Instant::now() < deadline, "byte trigger did not fire");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop_tx.send(true).unwrap();
+        h.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn percentiles() {
+        let mut l = Latencies::default();
+        for i in 1..=100 {
+            l.record(Duration::from_micros(i));
+        }
+        assert_eq!(l.percentile(50.0), 50);
+        assert_eq!(l.percentile(99.0), 99);
+        assert_eq!(l.percentile(100.0), 100);
+    }
+}

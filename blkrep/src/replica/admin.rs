@@ -1,0 +1,160 @@
+//! The operator's control socket: a unix socket speaking JSON lines (QMP-like).
+//!
+//! Each request is one JSON object on one line with a `"cmd"` field; each answer is one line:
+//! `{"ok": true, ...}` or `{"ok": false, "error": "..."}`. Commands: `status`,
+//! `checkpoint`, `failover` (`"to": "checkpoint" | "latest"`, optional `"verify": true`),
+//! `set` (`"key"`, `"value"`). See `docs/operations.md`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::epoch::BoxFuture;
+
+/// Longest request line.
+const MAX_LINE: usize = 64 << 10;
+
+/// Answers control requests.
+pub trait AdminHandler: Send + Sync + 'static {
+    /// Handle one request (a JSON object with "cmd"); return the answer's fields, or an error.
+    fn handle(&self, cmd: &str, req: &Value) -> BoxFuture<'_, Result<Value, String>>;
+}
+
+/// Bind the control socket at `path` (replacing a stale socket file, refusing to replace
+/// anything else) and serve it until `stop`.
+pub async fn serve(
+    path: PathBuf,
+    handler: Arc<dyn AdminHandler>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    if let Ok(meta) = std::fs::symlink_metadata(&path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        if UnixStream::connect(&path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by another daemon", path.display()),
+            ));
+        }
+        std::fs::remove_file(&path)?;
+    }
+    let listener = UnixListener::bind(&path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("binding control socket {}: {e}", path.display()),
+        )
+    })?;
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = crate::epoch::until_true(&mut stop) => break,
+                r = listener.accept() => match r {
+                    Ok((s, _)) => {
+                        let h = handler.clone();
+                        tokio::spawn(async move { connection(s, h).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!("control socket accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }))
+}
+
+async fn connection(s: UnixStream, h: Arc<dyn AdminHandler>) {
+    let (rd, mut wr) = s.into_split();
+    let mut rd = BufReader::new(rd);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut rd)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let answer = if line.len() > MAX_LINE {
+            json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")})
+        } else {
+            answer(&*h, &line).await
+        };
+        let mut out = answer.to_string();
+        out.push('\n');
+        if wr.write_all(out.as_bytes()).await.is_err() || line.len() > MAX_LINE {
+            return;
+        }
+    }
+}
+
+use tokio::io::AsyncReadExt as _;
+
+async fn answer(h: &dyn AdminHandler, line: &[u8]) -> Value {
+    let req: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => return json!({"ok": false, "error": format!("not a JSON request: {e}")}),
+    };
+    let Some(cmd) = req.get("cmd").and_then(Value::as_str) else {
+        return json!({"ok": false, "error": "the request has no \"cmd\" string"});
+    };
+    match h.handle(cmd, &req).await {
+        Ok(Value::Object(mut m)) => {
+            m.insert("ok".into(), Value::Bool(true));
+            Value::Object(m)
+        }
+        Ok(other) => json!({"ok": true, "result": other}),
+        Err(e) => json!({"ok": false, "error": e}),
+    }
+}
+
+/// Send one request to the control socket at `path` and return the answer (an error for
+/// `"ok": false`).
+pub async fn request(path: &Path, req: &Value, timeout: Duration) -> Result<Value, String> {
+    let fut = async {
+        let s = UnixStream::connect(path)
+            .await
+            .map_err(|e| format!("connecting to control socket {}: {e}", path.display()))?;
+        let (rd, mut wr) = s.into_split();
+        let mut line = req.to_string();
+        line.push('\n');
+        wr.write_all(line.as_bytes())
+            .await
+            .map_err(|e| format!("sending to {}: {e}", path.display()))?;
+        let mut rd = BufReader::new(rd);
+        let mut answer = String::new();
+        rd.read_line(&mut answer)
+            .await
+            .map_err(|e| format!("reading from {}: {e}", path.display()))?;
+        if answer.is_empty() {
+            return Err(format!("{} closed without answering", path.display()));
+        }
+        let v: Value = serde_json::from_str(&answer)
+            .map_err(|e| format!("bad answer from {}: {e}", path.display()))?;
+        if v.get("ok").and_then(Value::as_bool) == Some(true) {
+            Ok(v)
+        } else {
+            Err(v
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown error")
+                .to_string())
+        }
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| format!("no answer from {} within {timeout:?}", path.display()))?
+}

@@ -1,0 +1,60 @@
+//! Replication: primary forwarding, the secondary's disk buffer, checkpoints, failover.
+//!
+//! ```text
+//!            primary host                                   secondary host
+//!  clients ─▶ NBD export ─▶ Primary ─▶ local disk
+//!                             │ forward queue (ordered per block, pipelined)
+//!                             └──NBD "replica" + epoch marks──▶ ReplicaSink ─▶ DiskBuffer
+//!  EpochCoordinator ─▶ BlockParticipant                              └──────▶ secondary disk
+//!         └──── PeerLink: HELLO, CHECKPOINT(n) ⇄ COMMITTED(n), heartbeats ──▶ SecondaryControl
+//!  operator ─▶ control socket (JSON lines) on either node: status, checkpoint, failover
+//! ```
+//!
+//! Start reading at [`node`] (how a daemon is put together), then [`primary`] and
+//! [`secondary`]; [`wire`] is the control protocol's codec, [`buffer`] the disk buffer.
+
+pub mod admin;
+pub mod buffer;
+pub mod node;
+pub mod peer;
+pub mod primary;
+pub mod secondary;
+pub mod wire;
+
+/// Participant id of the block layer in checkpoint summaries.
+pub const PARTICIPANT_BLOCK: u16 = 1;
+
+/// Which state a failover leaves on the secondary's disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverTarget {
+    /// The last committed checkpoint (plus the secondary's own writes): COLO's semantic.
+    Checkpoint,
+    /// Every primary write the secondary acknowledged: DRBD's semantic.
+    Latest,
+}
+
+impl FailoverTarget {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            FailoverTarget::Checkpoint => "checkpoint",
+            FailoverTarget::Latest => "latest",
+        }
+    }
+}
+
+impl std::str::FromStr for FailoverTarget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "checkpoint" => Ok(Self::Checkpoint),
+            "latest" => Ok(Self::Latest),
+            _ => Err(format!(
+                "unknown failover target {s:?} (checkpoint or latest)"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,445 @@
+//! Whole daemons: a primary node and a secondary node, from configuration to shutdown.
+//!
+//! The CLI parses flags into [`PrimaryConfig`] / [`SecondaryConfig`] and calls
+//! [`run_primary`] / [`run_secondary`] with a future that resolves on SIGINT/SIGTERM.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use super::admin::{self, AdminHandler};
+use super::peer::{Hello, LinkOptions, PeerLink};
+use super::primary::{BlockParticipant, Primary, PrimaryMode, PrimaryOptions};
+use super::secondary::{PeerLossPolicy, Secondary, SecondaryOptions};
+use super::wire::AckMode;
+use super::FailoverTarget;
+use crate::digest::DigestTable;
+use crate::epoch::{BoxFuture, CoordinatorOptions, Epoch, EpochCoordinator, NoGuest};
+use crate::nbd::client::{ClientOptions, NbdClient};
+use crate::nbd::server::{Export, NbdServer, ServerOptions};
+use crate::nbd::transport::{Endpoint, Listener};
+use crate::storage::{open_disk, Backend, DiskOptions};
+
+/// Export name of the secondary's replication target on its `--listen` port.
+pub const REPLICA_EXPORT: &str = "lockstep-replica";
+
+/// A primary daemon's settings.
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    /// The local disk.
+    pub disk: DiskOptions,
+    /// Where clients connect.
+    pub export: Endpoint,
+    /// Export name.
+    pub export_name: String,
+    /// The secondary's `--listen` address.
+    pub secondary: Endpoint,
+    /// Control socket path.
+    pub control: PathBuf,
+    /// Forwarding and ack settings.
+    pub primary: PrimaryOptions,
+    /// Checkpoint triggers.
+    pub checkpoints: CoordinatorOptions,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// Missed heartbeats before the secondary counts as lost.
+    pub heartbeat_misses: u32,
+    /// How long to keep trying to reach the secondary at start.
+    pub connect_timeout: Duration,
+}
+
+/// A secondary daemon's settings.
+#[derive(Debug, Clone)]
+pub struct SecondaryConfig {
+    /// The secondary disk.
+    pub disk: DiskOptions,
+    /// Where the primary connects (replication data and control).
+    pub listen: Endpoint,
+    /// Control socket path.
+    pub control: PathBuf,
+    /// Where local clients connect (COLO running secondary; after failover, everyone).
+    pub export: Option<Endpoint>,
+    /// Export name for `export`.
+    pub export_name: String,
+    /// Buffer and peer-loss settings.
+    pub secondary: SecondaryOptions,
+}
+
+fn stop_pair() -> (watch::Sender<bool>, watch::Receiver<bool>) {
+    watch::channel(false)
+}
+
+async fn bind(ep: &Endpoint) -> Result<Listener, String> {
+    Listener::bind(ep)
+        .await
+        .map_err(|e| format!("listening on {ep}: {e}"))
+}
+
+/// Run a primary until `shutdown` resolves; then stop serving, run a last checkpoint, say
+/// goodbye to the secondary and flush.
+pub async fn run_primary(
+    cfg: PrimaryConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let local = open_disk(&cfg.disk).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let table = DigestTable::scan(&*local)
+        .await
+        .map_err(|e| format!("reading {} for its digest: {e}", cfg.disk.path.display()))?;
+    tracing::info!(digest = format!("{:016x}", table.sum()), took = ?started.elapsed(), "local disk scanned");
+    let hello = Hello {
+        size: local.size(),
+        digest: table.sum(),
+        committed: 0,
+        ack: cfg.primary.ack,
+        heartbeat: cfg.heartbeat,
+    };
+    let link_opts = LinkOptions {
+        heartbeat: cfg.heartbeat,
+        misses: cfg.heartbeat_misses,
+        commit_timeout: Duration::from_secs(30),
+    };
+    // The secondary may still be starting: retry refused connections until the deadline.
+    let deadline = Instant::now() + cfg.connect_timeout;
+    let (link, link_rd) = loop {
+        match PeerLink::connect(&cfg.secondary, hello, link_opts, Duration::from_secs(10)).await {
+            Ok(v) => break v,
+            Err(e)
+                if Instant::now() < deadline
+                    && !e.contains("refused:")
+                    && !e.contains("answered") =>
+            {
+                tracing::debug!("secondary not reachable yet: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot start replication with {}: {e}",
+                    cfg.secondary
+                ))
+            }
+        }
+    };
+    let client = NbdClient::connect(
+        &cfg.secondary,
+        &ClientOptions {
+            export: REPLICA_EXPORT.into(),
+            structured: true,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Some(Duration::from_secs(30)),
+        },
+    )
+    .await
+    .map_err(|e| {
+        format!(
+            "opening the replication connection to {}: {e}",
+            cfg.secondary
+        )
+    })?;
+    let primary = Primary::new(local.clone(), table, 0, cfg.primary.clone());
+    let (stop_tx, stop_rx) = stop_pair();
+    let forwarder = tokio::spawn(primary.clone().run_forwarder(client));
+    tokio::spawn(link.clone().run(link_rd, primary.clone(), stop_rx.clone()));
+    let coord = EpochCoordinator::new(
+        vec![Arc::new(BlockParticipant(primary.clone()))],
+        Arc::new(NoGuest),
+        link.clone(),
+        Epoch(1),
+        cfg.checkpoints,
+    );
+    primary.set_trigger(coord.trigger());
+    let (coord_stop_tx, coord_stop_rx) = stop_pair();
+    let coord_task = tokio::spawn({
+        let c = coord.clone();
+        async move {
+            if let Err(e) = c.run(coord_stop_rx).await {
+                tracing::warn!("checkpoints stopped: {e}");
+            }
+        }
+    });
+
+    let server = Arc::new(
+        NbdServer::new(
+            vec![Export {
+                name: cfg.export_name.clone(),
+                description: format!("lockstep primary of {}", cfg.disk.path.display()),
+                backend: primary.clone(),
+                read_only: false,
+                epochs: None,
+            }],
+            ServerOptions::default(),
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    let listener = bind(&cfg.export).await?;
+    let (srv_stop_tx, srv_stop_rx) = stop_pair();
+    let srv = tokio::spawn(server.serve(listener, srv_stop_rx));
+    let handler = Arc::new(PrimaryAdmin {
+        primary: primary.clone(),
+        coord: coord.clone(),
+        link: link.clone(),
+        secondary: cfg.secondary.to_string(),
+        started: Instant::now(),
+    });
+    let admin_task = admin::serve(cfg.control.clone(), handler, stop_rx.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(export = %cfg.export, secondary = %cfg.secondary, ack = cfg.primary.ack.name(), "primary replicating");
+
+    shutdown.await;
+    tracing::info!("shutting down: draining clients");
+    srv_stop_tx.send_replace(true);
+    let _ = srv.await;
+    if primary.mode() == PrimaryMode::Replicating {
+        match tokio::time::timeout(Duration::from_secs(30), coord.trigger().request()).await {
+            Ok(Ok(r)) => {
+                tracing::info!(epoch = r.epoch.0, "final checkpoint committed");
+                link.goodbye("primary shutting down").await;
+            }
+            Ok(Err(e)) => tracing::warn!("final checkpoint failed: {e}"),
+            Err(_) => tracing::warn!("final checkpoint timed out"),
+        }
+    }
+    coord_stop_tx.send_replace(true);
+    let _ = coord_task.await;
+    primary.stop_forwarder();
+    let _ = forwarder.await;
+    stop_tx.send_replace(true);
+    let _ = admin_task.await;
+    local
+        .flush()
+        .await
+        .map_err(|e| format!("final flush: {e}"))?;
+    tracing::info!("primary stopped");
+    Ok(())
+}
+
+struct PrimaryAdmin {
+    primary: Arc<Primary>,
+    coord: Arc<EpochCoordinator>,
+    link: Arc<PeerLink>,
+    secondary: String,
+    started: Instant,
+}
+
+impl AdminHandler for PrimaryAdmin {
+    fn handle(&self, cmd: &str, req: &Value) -> BoxFuture<'_, Result<Value, String>> {
+        let cmd = cmd.to_string();
+        let req = req.clone();
+        Box::pin(async move {
+            match cmd.as_str() {
+                "status" => {
+                    let mut v = json!({
+                        "role": "primary",
+                        "peer": self.secondary,
+                        "peer_state": match self.link.dead_reason() {
+                            None if self.primary.mode() == PrimaryMode::Replicating => "connected".to_string(),
+                            None => "lost".to_string(),
+                            Some(r) => format!("lost: {r}"),
+                        },
+                        "uptime_s": self.started.elapsed().as_secs_f64(),
+                    });
+                    merge(&mut v, self.primary.status());
+                    merge(&mut v, self.coord.status());
+                    let last = v
+                        .get("last_checkpoint_error")
+                        .cloned()
+                        .unwrap_or(Value::Null);
+                    let unprot = v.get("unprotected_reason").cloned().unwrap_or(Value::Null);
+                    v["last_error"] = if unprot.is_null() { last } else { unprot };
+                    Ok(v)
+                }
+                "checkpoint" => {
+                    let r = self
+                        .coord
+                        .trigger()
+                        .request()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(json!({
+                        "epoch": r.epoch.0,
+                        "pause_us": r.pause.as_micros() as u64,
+                        "total_us": r.total.as_micros() as u64,
+                    }))
+                }
+                "set" => {
+                    let key = req
+                        .get("key")
+                        .and_then(Value::as_str)
+                        .ok_or("set needs \"key\"")?;
+                    let value = req.get("value").ok_or("set needs \"value\"")?;
+                    match key {
+                        "checkpoint-interval-ms" => {
+                            let ms = value
+                                .as_u64()
+                                .ok_or("checkpoint-interval-ms takes a number (0: off)")?;
+                            self.coord
+                                .set_interval((ms > 0).then(|| Duration::from_millis(ms)));
+                        }
+                        "checkpoint-bytes" => {
+                            let b = value
+                                .as_u64()
+                                .ok_or("checkpoint-bytes takes a number (0: off)")?;
+                            self.coord.set_bytes(b);
+                        }
+                        other => {
+                            return Err(format!(
+                            "unknown setting {other:?} (checkpoint-interval-ms, checkpoint-bytes)"
+                        ))
+                        }
+                    }
+                    Ok(json!({}))
+                }
+                "failover" => {
+                    Err("failover runs on the secondary (this node is the primary)".into())
+                }
+                other => Err(format!(
+                    "unknown command {other:?} (status, checkpoint, set)"
+                )),
+            }
+        })
+    }
+}
+
+fn merge(into: &mut Value, from: Value) {
+    if let (Value::Object(a), Value::Object(b)) = (into, from) {
+        for (k, v) in b {
+            a.entry(k).or_insert(v);
+        }
+    }
+}
+
+/// Run a secondary until `shutdown` resolves.
+pub async fn run_secondary(
+    cfg: SecondaryConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let disk = open_disk(&cfg.disk).map_err(|e| e.to_string())?;
+    let sec = Secondary::new(disk.clone(), cfg.secondary.clone());
+    let sink = sec.replica_sink();
+    let replica = Arc::new(
+        NbdServer::new(
+            vec![Export {
+                name: REPLICA_EXPORT.into(),
+                description: "lockstep replication target (primary only)".into(),
+                backend: sink.clone(),
+                read_only: false,
+                epochs: Some(sink),
+            }],
+            ServerOptions::default(),
+        )
+        .map_err(|e| e.to_string())?
+        .with_control(sec.control()),
+    );
+    let (stop_tx, stop_rx) = stop_pair();
+    let listener = bind(&cfg.listen).await?;
+    let mut tasks = vec![tokio::spawn(replica.serve(listener, stop_rx.clone()))];
+    if let Some(ep) = &cfg.export {
+        let view = Arc::new(
+            NbdServer::new(
+                vec![Export {
+                    name: cfg.export_name.clone(),
+                    description: format!("lockstep secondary of {}", cfg.disk.path.display()),
+                    backend: sec.view(),
+                    read_only: false,
+                    epochs: None,
+                }],
+                ServerOptions::default(),
+            )
+            .map_err(|e| e.to_string())?,
+        );
+        let l = bind(ep).await?;
+        tasks.push(tokio::spawn(view.serve(l, stop_rx.clone())));
+    }
+    let handler = Arc::new(SecondaryAdmin { sec: sec.clone() });
+    let admin_task = admin::serve(cfg.control.clone(), handler, stop_rx.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(listen = %cfg.listen, export = ?cfg.export.as_ref().map(|e| e.to_string()), "secondary waiting for a primary");
+    shutdown.await;
+    tracing::info!("shutting down");
+    stop_tx.send_replace(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = admin_task.await;
+    disk.flush()
+        .await
+        .map_err(|e| format!("final flush: {e}"))?;
+    tracing::info!("secondary stopped");
+    Ok(())
+}
+
+struct SecondaryAdmin {
+    sec: Arc<Secondary>,
+}
+
+impl AdminHandler for SecondaryAdmin {
+    fn handle(&self, cmd: &str, req: &Value) -> BoxFuture<'_, Result<Value, String>> {
+        let cmd = cmd.to_string();
+        let req = req.clone();
+        Box::pin(async move {
+            match cmd.as_str() {
+                "status" => Ok(self.sec.status()),
+                "failover" => {
+                    let to: FailoverTarget = req
+                        .get("to")
+                        .and_then(Value::as_str)
+                        .unwrap_or("checkpoint")
+                        .parse()?;
+                    let report = self.sec.failover(to).await?;
+                    let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+                    if req.get("verify").and_then(Value::as_bool) == Some(true) {
+                        let t = Instant::now();
+                        let (image, checkpoint) = self.sec.verify_checkpoint().await?;
+                        v["image_digest"] = json!(format!("{image:016x}"));
+                        v["verify_us"] = json!(t.elapsed().as_micros() as u64);
+                        v["verified"] = match checkpoint {
+                            Some(c) if report.comparable => json!(c == image),
+                            _ => Value::Null,
+                        };
+                    }
+                    Ok(v)
+                }
+                "verify" => {
+                    let (image, checkpoint) = self.sec.verify_checkpoint().await?;
+                    Ok(json!({
+                        "image_digest": format!("{image:016x}"),
+                        "checkpoint_digest": checkpoint.map(|c| format!("{c:016x}")),
+                    }))
+                }
+                "checkpoint" => Err("checkpoints are run by the primary".into()),
+                other => Err(format!(
+                    "unknown command {other:?} (status, failover, verify)"
+                )),
+            }
+        })
+    }
+}
+
+/// Defaults shared by the CLI and tests.
+pub fn default_secondary_options(disk: &std::path::Path) -> SecondaryOptions {
+    let mut spill = disk.as_os_str().to_owned();
+    spill.push(".lockstep-spill");
+    SecondaryOptions {
+        buffer_memory: 256 << 20,
+        spill_path: spill.into(),
+        on_peer_loss: PeerLossPolicy::Wait,
+        heartbeat_misses: 5,
+        hello_timeout: Duration::from_secs(10),
+    }
+}
+
+/// Ack mode parsing re-exported for the CLI.
+pub fn parse_ack(s: &str) -> Result<AckMode, String> {
+    s.parse()
+}
+
+#[allow(dead_code)]
+fn _assert_backend(p: Arc<Primary>) -> Arc<dyn Backend> {
+    p
+}

@@ -1,0 +1,270 @@
+//! The primary's end of the control channel: HELLO, checkpoints, heartbeats, peer loss.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{BufReader, BufWriter};
+use tokio::sync::{oneshot, watch};
+
+use super::primary::Primary;
+use super::secondary::{read_message, write_message};
+use super::wire::{AckMode, Message};
+use crate::epoch::{BoxFuture, CheckpointLink, Epoch, EpochError, EpochSummary};
+use crate::nbd::client::connect_control;
+use crate::nbd::transport::{Endpoint, ReadHalf, WriteHalf};
+
+/// What the primary says about itself in HELLO.
+#[derive(Debug, Clone, Copy)]
+pub struct Hello {
+    /// Disk size.
+    pub size: u64,
+    /// Disk digest.
+    pub digest: u64,
+    /// Last committed epoch.
+    pub committed: u64,
+    /// Ack mode.
+    pub ack: AckMode,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+}
+
+/// Heartbeat and checkpoint timing.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkOptions {
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// Missed periods before the secondary counts as lost.
+    pub misses: u32,
+    /// Longest wait for COMMITTED.
+    pub commit_timeout: Duration,
+}
+
+type Waiter = oneshot::Sender<Result<(), String>>;
+
+/// The control channel to the secondary.
+pub struct PeerLink {
+    peer: String,
+    wr: tokio::sync::Mutex<BufWriter<WriteHalf>>,
+    waiters: Mutex<HashMap<u64, Waiter>>,
+    dead: watch::Sender<Option<String>>,
+    opts: LinkOptions,
+    last_ack: Mutex<Instant>,
+}
+
+impl std::fmt::Debug for PeerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerLink")
+            .field("peer", &self.peer)
+            .field("dead", &self.dead_reason())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerLink {
+    /// Connect, say HELLO and wait for WELCOME. Errors are the secondary's refusal or why it
+    /// could not be reached.
+    pub async fn connect(
+        ep: &Endpoint,
+        hello: Hello,
+        opts: LinkOptions,
+        timeout: Duration,
+    ) -> Result<(Arc<Self>, BufReader<ReadHalf>), String> {
+        let (mut rd, mut wr) = connect_control(ep, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let session = {
+            let mut b = [0u8; 8];
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            b.copy_from_slice(
+                &(t.as_nanos() as u64 ^ u64::from(std::process::id()) << 40).to_be_bytes(),
+            );
+            u64::from_be_bytes(b)
+        };
+        write_message(
+            &mut wr,
+            &Message::Hello {
+                size: hello.size,
+                digest: hello.digest,
+                committed: hello.committed,
+                session,
+                ack: hello.ack,
+                heartbeat_ms: u32::try_from(hello.heartbeat.as_millis()).unwrap_or(u32::MAX),
+            },
+        )
+        .await?;
+        // The secondary reads its disk to compare digests: allow for that.
+        let reply =
+            tokio::time::timeout(timeout.max(Duration::from_secs(60)), read_message(&mut rd))
+                .await
+                .map_err(|_| format!("{ep}: no answer to HELLO"))??;
+        match reply {
+            Message::Welcome {
+                size, committed, ..
+            } if size == hello.size && committed == hello.committed => {}
+            Message::Welcome {
+                size, committed, ..
+            } => {
+                return Err(format!(
+                    "{ep} answered with size {size} / epoch {committed}, expected {} / {}",
+                    hello.size, hello.committed
+                ))
+            }
+            Message::Refused { reason } => return Err(format!("{ep} refused: {reason}")),
+            other => return Err(format!("{ep} answered HELLO with {}", other.name())),
+        }
+        let link = Arc::new(Self {
+            peer: ep.to_string(),
+            wr: tokio::sync::Mutex::new(wr),
+            waiters: Mutex::new(HashMap::new()),
+            dead: watch::Sender::new(None),
+            opts,
+            last_ack: Mutex::new(Instant::now()),
+        });
+        Ok((link, rd))
+    }
+
+    /// Run the reader and heartbeat loops until the link dies or `stop`; on death the
+    /// primary goes unprotected.
+    pub async fn run(
+        self: Arc<Self>,
+        mut rd: BufReader<ReadHalf>,
+        primary: Arc<Primary>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let me = self.clone();
+        let reader = async move {
+            loop {
+                match read_message(&mut rd).await {
+                    Ok(Message::HeartbeatAck { .. }) => {
+                        *me.last_ack.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                    }
+                    Ok(Message::Committed { epoch }) => me.answer(epoch, Ok(())),
+                    Ok(Message::Aborted { epoch, reason }) => me.answer(epoch, Err(reason)),
+                    Ok(Message::Refused { reason }) => {
+                        return format!("the secondary refused: {reason}")
+                    }
+                    Ok(other) => return format!("unexpected {} from the secondary", other.name()),
+                    Err(e) => return e,
+                }
+                *me.last_ack.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            }
+        };
+        let me = self.clone();
+        let beats = async move {
+            let mut seq = 0u64;
+            let mut tick = tokio::time::interval(me.opts.heartbeat);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let silent = me
+                    .last_ack
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .elapsed();
+                let patience = me.opts.heartbeat * me.opts.misses.max(1);
+                if silent > patience {
+                    return format!(
+                        "no answer for {silent:?} ({} heartbeats missed)",
+                        me.opts.misses
+                    );
+                }
+                seq += 1;
+                if let Err(e) = me.send(&Message::Heartbeat { seq }).await {
+                    return e;
+                }
+            }
+        };
+        let reason = tokio::select! {
+            r = reader => r,
+            r = beats => r,
+            _ = crate::epoch::until_true(&mut stop) => return,
+        };
+        self.kill(&reason);
+        primary
+            .go_unprotected(&format!("control link to {}: {reason}", self.peer))
+            .await;
+    }
+
+    fn answer(&self, epoch: u64, r: Result<(), String>) {
+        if let Some(w) = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&epoch)
+        {
+            let _ = w.send(r);
+        }
+    }
+
+    fn kill(&self, reason: &str) {
+        self.dead.send_replace(Some(reason.to_string()));
+        for (_, w) in self
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+        {
+            let _ = w.send(Err(format!("link lost: {reason}")));
+        }
+    }
+
+    async fn send(&self, m: &Message) -> Result<(), String> {
+        let mut w = self.wr.lock().await;
+        tokio::time::timeout(self.opts.commit_timeout, write_message(&mut *w, m))
+            .await
+            .map_err(|_| format!("sending {} timed out", m.name()))?
+    }
+
+    /// End replication cleanly.
+    pub async fn goodbye(&self, reason: &str) {
+        let _ = self
+            .send(&Message::Goodbye {
+                reason: reason.into(),
+            })
+            .await;
+    }
+
+    /// Whether the link is dead, and why.
+    pub fn dead_reason(&self) -> Option<String> {
+        self.dead.borrow().clone()
+    }
+}
+
+impl CheckpointLink for PeerLink {
+    fn checkpoint(
+        &self,
+        epoch: Epoch,
+        summaries: Vec<EpochSummary>,
+    ) -> BoxFuture<'_, Result<(), EpochError>> {
+        Box::pin(async move {
+            let lost = |reason: String| EpochError::PeerLost { epoch, reason };
+            if let Some(r) = self.dead_reason() {
+                return Err(lost(r));
+            }
+            let (tx, rx) = oneshot::channel();
+            self.waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(epoch.0, tx);
+            self.send(&Message::Checkpoint {
+                epoch: epoch.0,
+                summaries,
+            })
+            .await
+            .map_err(lost)?;
+            match tokio::time::timeout(self.opts.commit_timeout, rx).await {
+                Err(_) => Err(lost(format!(
+                    "no COMMITTED within {:?}",
+                    self.opts.commit_timeout
+                ))),
+                Ok(Err(_)) => Err(lost("link closed".into())),
+                Ok(Ok(Ok(()))) => Ok(()),
+                Ok(Ok(Err(reason))) if reason.starts_with("link lost") => Err(lost(reason)),
+                Ok(Ok(Err(reason))) => Err(EpochError::Refused { epoch, reason }),
+            }
+        })
+    }
+}

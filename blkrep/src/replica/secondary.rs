@@ -1,0 +1,966 @@
+//! The secondary: applies the primary's forwarded writes with copy-before-write, commits
+//! checkpoints all-or-nothing, serves its own (COLO running-secondary) view, fails over.
+//!
+//! ```text
+//!  primary ──NBD "replica" export──▶ ReplicaSink ──CoW originals──▶ DiskBuffer
+//!          (writes + epoch marks)         └──────write-through────▶ secondary disk
+//!  primary ──control frames────────▶ SecondaryControl: HELLO, CHECKPOINT→COMMITTED, heartbeats
+//!  local clients ──NBD --export────▶ SecondaryView: reads via the buffer, writes into it
+//!  operator ──failover──────────────▶ Secondary::failover(checkpoint | latest)
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use roaring::RoaringTreemap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+
+use super::buffer::{BufferStats, DiskBuffer, BUFFER_BLOCK};
+use super::wire::{self, Message, WireError};
+use super::{FailoverTarget, PARTICIPANT_BLOCK};
+use crate::digest;
+use crate::epoch::EpochSummary;
+use crate::nbd::server::{ControlHandler, EpochSink};
+use crate::nbd::transport::{ReadHalf, WriteHalf};
+use crate::storage::{
+    check_range, Backend, BlockRangeLock, Extent, IoBuf, IoFuture, Op, Result, StorageError,
+};
+
+/// What the secondary does when the primary stops sending heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerLossPolicy {
+    /// Fail over to the last checkpoint and serve as primary.
+    Failover,
+    /// Wait for an operator's `failover`.
+    Wait,
+}
+
+impl std::str::FromStr for PeerLossPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "failover" => Ok(Self::Failover),
+            "wait" => Ok(Self::Wait),
+            _ => Err(format!("unknown policy {s:?} (failover or wait)")),
+        }
+    }
+}
+
+/// Secondary settings.
+#[derive(Debug, Clone)]
+pub struct SecondaryOptions {
+    /// Buffer bytes kept in memory before spilling to `spill_path`.
+    pub buffer_memory: u64,
+    /// The spill file.
+    pub spill_path: PathBuf,
+    /// What to do after `heartbeat_misses` missed heartbeats.
+    pub on_peer_loss: PeerLossPolicy,
+    /// Missed heartbeat periods before the primary counts as lost.
+    pub heartbeat_misses: u32,
+    /// Time the primary has to send HELLO after switching to the control protocol.
+    pub hello_timeout: Duration,
+}
+
+/// The secondary's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No primary yet.
+    Waiting,
+    /// Applying a primary's writes.
+    Replicating,
+    /// The primary vanished; waiting for `failover`.
+    PeerLost,
+    /// Failover in progress.
+    FailingOver,
+    /// Failed over: serving the disk as an unprotected primary.
+    Primary,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Waiting => "waiting",
+            Mode::Replicating => "replicating",
+            Mode::PeerLost => "peer-lost",
+            Mode::FailingOver => "failing-over",
+            Mode::Primary => "primary",
+        }
+    }
+}
+
+/// What a failover did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FailoverReport {
+    /// checkpoint or latest.
+    pub target: &'static str,
+    /// The last committed epoch.
+    pub committed_epoch: u64,
+    /// Blocks rewritten from the buffer.
+    pub restored_blocks: u64,
+    /// Time the failover took, in microseconds.
+    pub duration_us: u64,
+    /// The primary's digest of the committed checkpoint, if known.
+    pub checkpoint_digest: Option<String>,
+    /// Whether the image can be compared with that digest (checkpoint target, no local
+    /// writes since the checkpoint).
+    pub comparable: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct EpochCount {
+    items: u64,
+    bytes: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    mode: Mode,
+    buffer: DiskBuffer,
+    /// Epoch that forwarded writes belong to now.
+    current: u64,
+    committed: u64,
+    counts: BTreeMap<u64, EpochCount>,
+    poisoned: BTreeMap<u64, String>,
+    committed_digest: Option<u64>,
+    local_writes: u64,
+    session: Option<u64>,
+    peer: Option<String>,
+    last_error: Option<String>,
+    failover: Option<FailoverReport>,
+    forwarded_writes: u64,
+    forwarded_bytes: u64,
+    checkpoints: u64,
+    aborted: u64,
+    heartbeats: u64,
+}
+
+/// One flush at a time, shared by every FUA write that arrived before it started.
+#[derive(Debug, Default)]
+struct GroupSync {
+    state: Mutex<SyncState>,
+    done: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    started: u64,
+    done: u64,
+    running: bool,
+}
+
+impl GroupSync {
+    /// Return once a flush that started after this call has completed.
+    async fn sync(&self, disk: &dyn Backend) -> Result<()> {
+        let need = self.lock().started + 1;
+        loop {
+            // Either we run the next flush (Ok(gen)) or wait for the running one (Err).
+            let step = {
+                let mut s = self.lock();
+                if s.done >= need {
+                    return Ok(());
+                }
+                if s.running {
+                    Err(self.done.notified())
+                } else {
+                    s.running = true;
+                    s.started += 1;
+                    Ok(s.started)
+                }
+            };
+            match step {
+                Err(notified) => notified.await,
+                Ok(gen) => {
+                    let r = disk.flush().await;
+                    {
+                        let mut s = self.lock();
+                        s.running = false;
+                        if r.is_ok() {
+                            s.done = gen;
+                        }
+                    }
+                    self.done.notify_waiters();
+                    r?;
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The secondary node's replication state around its disk.
+#[derive(Debug)]
+pub struct Secondary {
+    disk: Arc<dyn Backend>,
+    opts: SecondaryOptions,
+    inner: Mutex<Inner>,
+    locks: BlockRangeLock,
+    /// Forwarded and local I/O hold it shared; failover holds it exclusively.
+    barrier: tokio::sync::RwLock<()>,
+    sync: GroupSync,
+    dirty: Mutex<RoaringTreemap>,
+}
+
+fn blocks_of(offset: u64, len: u64) -> (u64, u64) {
+    let first = offset / BUFFER_BLOCK;
+    let last = (offset + len.max(1) - 1) / BUFFER_BLOCK;
+    (first, last)
+}
+
+impl Secondary {
+    /// A secondary over `disk`.
+    pub fn new(disk: Arc<dyn Backend>, opts: SecondaryOptions) -> Arc<Self> {
+        let buffer = DiskBuffer::new(opts.buffer_memory, opts.spill_path.clone());
+        Arc::new(Self {
+            disk,
+            opts,
+            inner: Mutex::new(Inner {
+                mode: Mode::Waiting,
+                buffer,
+                current: 1,
+                committed: 0,
+                counts: BTreeMap::new(),
+                poisoned: BTreeMap::new(),
+                committed_digest: None,
+                local_writes: 0,
+                session: None,
+                peer: None,
+                last_error: None,
+                failover: None,
+                forwarded_writes: 0,
+                forwarded_bytes: 0,
+                checkpoints: 0,
+                aborted: 0,
+                heartbeats: 0,
+            }),
+            locks: BlockRangeLock::default(),
+            barrier: tokio::sync::RwLock::new(()),
+            sync: GroupSync::default(),
+            dirty: Mutex::new(RoaringTreemap::new()),
+        })
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        self.inner().mode
+    }
+
+    /// The disk under the buffer.
+    pub fn disk(&self) -> &Arc<dyn Backend> {
+        &self.disk
+    }
+
+    /// The export that takes the primary's forwarded writes.
+    pub fn replica_sink(self: &Arc<Self>) -> Arc<ReplicaSink> {
+        Arc::new(ReplicaSink(self.clone()))
+    }
+
+    /// The secondary's own view (COLO running secondary; after failover, the disk).
+    pub fn view(self: &Arc<Self>) -> Arc<SecondaryView> {
+        Arc::new(SecondaryView(self.clone()))
+    }
+
+    /// The handler for control connections from the primary.
+    pub fn control(self: &Arc<Self>) -> Arc<SecondaryControl> {
+        Arc::new(SecondaryControl(self.clone()))
+    }
+
+    /// Buffer sizes.
+    pub fn buffer_stats(&self) -> BufferStats {
+        self.inner().buffer.stats()
+    }
+
+    /// Status as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let i = self.inner();
+        serde_json::json!({
+            "role": if i.mode == Mode::Primary { "primary" } else { "secondary" },
+            "mode": i.mode.name(),
+            "epoch": i.current,
+            "committed_epoch": i.committed,
+            "peer": i.peer,
+            "peer_state": match i.mode {
+                Mode::Replicating => "connected",
+                Mode::PeerLost => "lost",
+                Mode::Waiting => "waiting",
+                _ => "none",
+            },
+            "session": i.session.map(|s| format!("{s:016x}")),
+            "buffer": i.buffer.stats(),
+            "forwarded_writes": i.forwarded_writes,
+            "forwarded_bytes": i.forwarded_bytes,
+            "checkpoints": i.checkpoints,
+            "checkpoints_aborted": i.aborted,
+            "heartbeats": i.heartbeats,
+            "checkpoint_digest": i.committed_digest.map(|d| format!("{d:016x}")),
+            "failover": i.failover,
+            "dirty_blocks": self.dirty.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            "last_error": i.last_error,
+        })
+    }
+
+    fn set_error(&self, e: impl Into<String>) {
+        let e = e.into();
+        tracing::warn!("{e}");
+        self.inner().last_error = Some(e);
+    }
+
+    /// Copy the originals of blocks `first..=last` into `epoch` where not yet kept. The
+    /// caller holds the range lock.
+    async fn preserve(&self, epoch: u64, first: u64, last: u64) -> Result<()> {
+        let size = self.disk.size();
+        let mut b = first;
+        while b <= last {
+            // A run of blocks whose original is missing, at most 1 MiB.
+            let start = {
+                let i = self.inner();
+                while b <= last && i.buffer.has_original(epoch, b) {
+                    b += 1;
+                }
+                if b > last {
+                    break;
+                }
+                let start = b;
+                while b <= last && b - start < 256 && !i.buffer.has_original(epoch, b) {
+                    b += 1;
+                }
+                start
+            };
+            let off = start * BUFFER_BLOCK;
+            let end = (b * BUFFER_BLOCK).min(size);
+            let len = end - off;
+            let ext = self.disk.block_status(off, len).await?;
+            let all_zero = ext.first().is_some_and(|e: &Extent| e.zero && e.len >= len);
+            if all_zero {
+                let mut i = self.inner();
+                for k in start..b {
+                    i.buffer
+                        .put_original(epoch, k, None)
+                        .map_err(|e| spill_error(off, len, e))?;
+                }
+                continue;
+            }
+            let data = self.disk.read_at(off, len as usize).await?;
+            let mut i = self.inner();
+            for (k, chunk) in data.chunks(BUFFER_BLOCK as usize).enumerate() {
+                let mut full;
+                let block: &[u8] = if chunk.len() as u64 == BUFFER_BLOCK {
+                    chunk
+                } else {
+                    full = vec![0u8; BUFFER_BLOCK as usize];
+                    full[..chunk.len()].copy_from_slice(chunk);
+                    &full
+                };
+                i.buffer
+                    .put_original(epoch, start + k as u64, Some(block))
+                    .map_err(|e| spill_error(off, len, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One forwarded modification: preserve originals, apply, account.
+    async fn forwarded(
+        &self,
+        op: Op,
+        offset: u64,
+        len: u64,
+        apply: IoFuture<'_, ()>,
+    ) -> Result<()> {
+        check_range(op, offset, len, self.disk.size(), 1)?;
+        let _b = self.barrier.read().await;
+        let epoch = {
+            let i = self.inner();
+            if i.mode != Mode::Replicating {
+                return Err(StorageError::Unavailable(format!(
+                    "this secondary is {}: forwarded writes are refused",
+                    i.mode.name()
+                )));
+            }
+            i.current
+        };
+        let (first, last) = blocks_of(offset, len);
+        let _g = self.locks.lock(first, last).await;
+        let r = async {
+            if len > 0 {
+                self.preserve(epoch, first, last).await?;
+            }
+            apply.await
+        }
+        .await;
+        let mut i = self.inner();
+        match &r {
+            Ok(()) => {
+                let c = i.counts.entry(epoch).or_default();
+                c.items += 1;
+                c.bytes += len;
+                i.forwarded_writes += 1;
+                i.forwarded_bytes += len;
+            }
+            Err(e) => {
+                // The epoch can no longer be committed: its data is incomplete.
+                i.poisoned.entry(epoch).or_insert_with(|| e.to_string());
+            }
+        }
+        r
+    }
+
+    fn begin_epoch(&self, epoch: u64) -> std::result::Result<(), String> {
+        let mut i = self.inner();
+        if i.mode != Mode::Replicating {
+            return Err(format!("epoch mark while {}", i.mode.name()));
+        }
+        if epoch != i.current + 1 {
+            return Err(format!(
+                "epoch mark for {epoch} while receiving epoch {}",
+                i.current
+            ));
+        }
+        i.current = epoch;
+        Ok(())
+    }
+
+    /// Commit `epoch` if everything the primary sent for it is here; all or nothing.
+    fn commit(&self, epoch: u64, summaries: &[EpochSummary]) -> std::result::Result<(), String> {
+        let mut i = self.inner();
+        if i.mode != Mode::Replicating {
+            return Err(format!("not replicating ({})", i.mode.name()));
+        }
+        if epoch != i.committed + 1 {
+            return Err(format!(
+                "expected a checkpoint of epoch {}, got {epoch}",
+                i.committed + 1
+            ));
+        }
+        if i.current <= epoch {
+            return Err(format!(
+                "epoch {epoch} is still open (no epoch mark received)"
+            ));
+        }
+        if let Some(e) = i.poisoned.get(&epoch) {
+            return Err(format!("a write of epoch {epoch} failed here: {e}"));
+        }
+        let mine = i.counts.get(&epoch).copied().unwrap_or_default();
+        let block = summaries
+            .iter()
+            .find(|s| s.participant == PARTICIPANT_BLOCK)
+            .ok_or("no block summary in the checkpoint")?;
+        if let Some(s) = summaries
+            .iter()
+            .find(|s| s.participant != PARTICIPANT_BLOCK)
+        {
+            return Err(format!(
+                "unknown participant {} in the checkpoint",
+                s.participant
+            ));
+        }
+        if block.items != mine.items || block.bytes != mine.bytes {
+            return Err(format!(
+                "epoch {epoch}: the primary sent {} writes / {} bytes, {} writes / {} bytes arrived",
+                block.items, block.bytes, mine.items, mine.bytes
+            ));
+        }
+        i.buffer.commit(epoch);
+        i.counts.remove(&epoch);
+        i.committed = epoch;
+        i.committed_digest = Some(block.digest);
+        i.local_writes = 0;
+        i.checkpoints += 1;
+        Ok(())
+    }
+
+    /// Stop replicating and serve the disk as an unprotected primary, at `target`.
+    pub async fn failover(
+        &self,
+        target: FailoverTarget,
+    ) -> std::result::Result<FailoverReport, String> {
+        let start = Instant::now();
+        {
+            let mut i = self.inner();
+            match i.mode {
+                Mode::Primary | Mode::FailingOver => {
+                    return Err(format!("this node is already {}", i.mode.name()))
+                }
+                _ => i.mode = Mode::FailingOver,
+            }
+        }
+        tracing::info!(?target, "failing over");
+        // Wait for every forwarded and local request in progress.
+        let _x = self.barrier.write().await;
+        let (blocks, committed) = {
+            let i = self.inner();
+            let blocks = match target {
+                FailoverTarget::Checkpoint => i.buffer.blocks(),
+                FailoverTarget::Latest => Vec::new(),
+            };
+            (blocks, i.committed)
+        };
+        let size = self.disk.size();
+        let r = async {
+            for &b in &blocks {
+                let data = {
+                    let i = self.inner();
+                    i.buffer
+                        .view(b)
+                        .map_err(|e| spill_error(b * BUFFER_BLOCK, BUFFER_BLOCK, e))?
+                };
+                let Some(mut data) = data else { continue };
+                let off = b * BUFFER_BLOCK;
+                let len = BUFFER_BLOCK.min(size - off);
+                data.truncate(len as usize);
+                self.disk
+                    .write_at(off, IoBuf::from_slice(&data), false)
+                    .await?;
+            }
+            self.disk.flush().await
+        }
+        .await;
+        let mut i = self.inner();
+        if let Err(e) = r {
+            i.mode = Mode::PeerLost;
+            let msg = format!("failover to {target:?} failed: {e}");
+            i.last_error = Some(msg.clone());
+            return Err(msg);
+        }
+        let comparable = target == FailoverTarget::Checkpoint && i.buffer.stats().local_blocks == 0;
+        i.buffer.clear();
+        i.mode = Mode::Primary;
+        let report = FailoverReport {
+            target: target.name(),
+            committed_epoch: committed,
+            restored_blocks: blocks.len() as u64,
+            duration_us: start.elapsed().as_micros() as u64,
+            checkpoint_digest: i.committed_digest.map(|d| format!("{d:016x}")),
+            comparable,
+        };
+        i.failover = Some(report.clone());
+        tracing::info!(?report, "failed over; serving as an unprotected primary");
+        Ok(report)
+    }
+
+    /// Compare the disk with the committed checkpoint's digest: Ok(true) when equal.
+    pub async fn verify_checkpoint(&self) -> std::result::Result<(u64, Option<u64>), String> {
+        let d = digest::disk_digest(&*self.disk)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((d, self.inner().committed_digest))
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // The secondary's own view.
+
+    async fn view_read(&self, offset: u64, len: usize) -> Result<IoBuf> {
+        check_range(Op::Read, offset, len as u64, self.disk.size(), 1)?;
+        let _b = self.barrier.read().await;
+        if self.mode() == Mode::Primary || len == 0 {
+            return self.disk.read_at(offset, len).await;
+        }
+        let (first, last) = blocks_of(offset, len as u64);
+        let _g = self.locks.lock(first, last).await;
+        let mut buf = self.disk.read_at(offset, len).await?;
+        let i = self.inner();
+        for b in first..=last {
+            if let Some(data) = i
+                .buffer
+                .view(b)
+                .map_err(|e| spill_error(offset, len as u64, e))?
+            {
+                let bstart = b * BUFFER_BLOCK;
+                let from = offset.max(bstart);
+                let to = (offset + len as u64).min(bstart + BUFFER_BLOCK);
+                buf[(from - offset) as usize..(to - offset) as usize]
+                    .copy_from_slice(&data[(from - bstart) as usize..(to - bstart) as usize]);
+            }
+        }
+        Ok(buf)
+    }
+
+    /// A write on the secondary itself: into the buffer while replicating, to the disk (and
+    /// the dirty bitmap) after failover. `data` None writes zeroes.
+    async fn view_write(
+        &self,
+        op: Op,
+        offset: u64,
+        len: u64,
+        data: Option<IoBuf>,
+        fua: bool,
+    ) -> Result<()> {
+        check_range(op, offset, len, self.disk.size(), 1)?;
+        let _b = self.barrier.read().await;
+        let (first, last) = blocks_of(offset, len);
+        if self.mode() == Mode::Primary {
+            let r = match (op, data) {
+                (Op::Write, Some(d)) => self.disk.write_at(offset, d, fua).await,
+                (Op::Discard, _) => self.disk.discard(offset, len).await,
+                _ => self.disk.write_zeroes(offset, len, true).await,
+            };
+            if r.is_ok() && len > 0 {
+                self.dirty
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert_range(first..=last);
+            }
+            return r;
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let _g = self.locks.lock(first, last).await;
+        let size = self.disk.size();
+        for b in first..=last {
+            let bstart = b * BUFFER_BLOCK;
+            let blen = BUFFER_BLOCK.min(size - bstart);
+            let view = self
+                .inner()
+                .buffer
+                .view(b)
+                .map_err(|e| spill_error(bstart, blen, e))?;
+            let mut block = match view {
+                Some(v) => v,
+                None => {
+                    let mut v = self.disk.read_at(bstart, blen as usize).await?.to_vec();
+                    v.resize(BUFFER_BLOCK as usize, 0);
+                    v
+                }
+            };
+            let from = offset.max(bstart);
+            let to = (offset + len).min(bstart + BUFFER_BLOCK);
+            let dst = &mut block[(from - bstart) as usize..(to - bstart) as usize];
+            match &data {
+                Some(d) => {
+                    dst.copy_from_slice(&d[(from - offset) as usize..(to - offset) as usize])
+                }
+                None => dst.fill(0),
+            }
+            let mut i = self.inner();
+            i.buffer
+                .put_local(b, &block)
+                .map_err(|e| spill_error(bstart, blen, e))?;
+            i.local_writes += 1;
+        }
+        Ok(())
+    }
+}
+
+fn spill_error(offset: u64, len: u64, e: std::io::Error) -> StorageError {
+    StorageError::Io {
+        op: Op::Write,
+        path: "disk buffer spill file".into(),
+        offset,
+        len,
+        source: e,
+    }
+}
+
+/// The export the primary forwards to: copy-before-write, then write-through.
+#[derive(Debug)]
+pub struct ReplicaSink(Arc<Secondary>);
+
+impl EpochSink for ReplicaSink {
+    fn begin_epoch(&self, epoch: u64) -> std::result::Result<(), String> {
+        self.0.begin_epoch(epoch)
+    }
+}
+
+impl Backend for ReplicaSink {
+    fn size(&self) -> u64 {
+        self.0.disk.size()
+    }
+    fn alignment(&self) -> u32 {
+        1
+    }
+    fn read_at(&self, offset: u64, len: usize) -> IoFuture<'_, IoBuf> {
+        self.0.disk.read_at(offset, len)
+    }
+    fn write_at(&self, offset: u64, data: IoBuf, fua: bool) -> IoFuture<'_, ()> {
+        let s = &self.0;
+        let len = data.len() as u64;
+        Box::pin(async move {
+            let apply = Box::pin(async move {
+                s.disk.write_at(offset, data, false).await?;
+                if fua {
+                    s.sync.sync(&*s.disk).await?;
+                }
+                Ok(())
+            });
+            s.forwarded(Op::Write, offset, len, apply).await
+        })
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(self.0.sync.sync(&*self.0.disk))
+    }
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        let s = &self.0;
+        Box::pin(s.forwarded(Op::Discard, offset, len, s.disk.discard(offset, len)))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()> {
+        let s = &self.0;
+        Box::pin(s.forwarded(
+            Op::WriteZeroes,
+            offset,
+            len,
+            s.disk.write_zeroes(offset, len, may_unmap),
+        ))
+    }
+}
+
+/// What clients of the secondary's `--export` see.
+#[derive(Debug)]
+pub struct SecondaryView(Arc<Secondary>);
+
+impl Backend for SecondaryView {
+    fn size(&self) -> u64 {
+        self.0.disk.size()
+    }
+    fn alignment(&self) -> u32 {
+        1
+    }
+    fn read_at(&self, offset: u64, len: usize) -> IoFuture<'_, IoBuf> {
+        Box::pin(self.0.view_read(offset, len))
+    }
+    fn write_at(&self, offset: u64, data: IoBuf, fua: bool) -> IoFuture<'_, ()> {
+        let len = data.len() as u64;
+        Box::pin(self.0.view_write(Op::Write, offset, len, Some(data), fua))
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        self.0.disk.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        Box::pin(self.0.view_write(Op::Discard, offset, len, None, false))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> IoFuture<'_, ()> {
+        Box::pin(self.0.view_write(Op::WriteZeroes, offset, len, None, false))
+    }
+}
+
+/// Serves control connections from the primary (one session at a time).
+#[derive(Debug)]
+pub struct SecondaryControl(Arc<Secondary>);
+
+impl ControlHandler for SecondaryControl {
+    fn take_over(
+        &self,
+        rd: BufReader<ReadHalf>,
+        wr: BufWriter<WriteHalf>,
+        peer: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let s = self.0.clone();
+        Box::pin(async move { run_control(s, rd, wr, peer).await })
+    }
+}
+
+/// Read one frame; errors say what was wrong.
+pub async fn read_message<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+) -> std::result::Result<Message, String> {
+    let mut h = [0u8; wire::HEADER_LEN];
+    rd.read_exact(&mut h).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => "connection closed".to_string(),
+        _ => format!("reading a frame: {e}"),
+    })?;
+    let (_, len) = wire::decode_header(&h).map_err(|e: WireError| e.to_string())?;
+    let mut payload = vec![0u8; len as usize];
+    rd.read_exact(&mut payload)
+        .await
+        .map_err(|e| format!("truncated frame: {e}"))?;
+    let mut t = [0u8; wire::TRAILER_LEN];
+    rd.read_exact(&mut t)
+        .await
+        .map_err(|e| format!("truncated frame: {e}"))?;
+    wire::decode_body(&h, &payload, &t).map_err(|e| e.to_string())
+}
+
+/// Write one frame.
+pub async fn write_message<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    m: &Message,
+) -> std::result::Result<(), String> {
+    wr.write_all(&m.encode())
+        .await
+        .map_err(|e| format!("sending {}: {e}", m.name()))?;
+    wr.flush()
+        .await
+        .map_err(|e| format!("sending {}: {e}", m.name()))
+}
+
+async fn run_control(
+    s: Arc<Secondary>,
+    mut rd: BufReader<ReadHalf>,
+    mut wr: BufWriter<WriteHalf>,
+    peer: String,
+) {
+    let hello = match tokio::time::timeout(s.opts.hello_timeout, read_message(&mut rd)).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
+            s.set_error(format!("control connection from {peer}: {e}"));
+            return;
+        }
+        Err(_) => {
+            s.set_error(format!(
+                "control connection from {peer}: no HELLO within {:?}",
+                s.opts.hello_timeout
+            ));
+            return;
+        }
+    };
+    let Message::Hello {
+        size,
+        digest: their_digest,
+        committed,
+        session,
+        ack,
+        heartbeat_ms,
+    } = hello
+    else {
+        let _ = write_message(
+            &mut wr,
+            &Message::Refused {
+                reason: format!("expected HELLO, got {}", hello.name()),
+            },
+        )
+        .await;
+        s.set_error(format!(
+            "control connection from {peer}: expected HELLO, got {}",
+            hello.name()
+        ));
+        return;
+    };
+    let refuse = |reason: String| Message::Refused { reason };
+    let mode = s.mode();
+    let verdict = if mode != Mode::Waiting {
+        Err(format!(
+            "this secondary is {} and takes no new primary",
+            mode.name()
+        ))
+    } else if size != s.disk.size() {
+        Err(format!(
+            "disk sizes differ: primary {size} bytes, secondary {} bytes",
+            s.disk.size()
+        ))
+    } else {
+        match digest::disk_digest(&*s.disk).await {
+            Err(e) => Err(format!("reading the secondary disk: {e}")),
+            Ok(d) if d != their_digest => Err(format!(
+                "the disks differ (digest {their_digest:016x} on the primary, {d:016x} here); start from identical images (initial sync is not implemented yet)"
+            )),
+            Ok(d) => Ok(d),
+        }
+    };
+    let ours = match verdict {
+        Ok(d) => d,
+        Err(reason) => {
+            s.set_error(format!("refusing primary {peer}: {reason}"));
+            let _ = write_message(&mut wr, &refuse(reason)).await;
+            return;
+        }
+    };
+    let taken = {
+        let mut i = s.inner();
+        let free = i.mode == Mode::Waiting;
+        if free {
+            i.mode = Mode::Replicating;
+            i.committed = committed;
+            i.current = committed + 1;
+            i.counts.clear();
+            i.poisoned.clear();
+            i.session = Some(session);
+            i.peer = Some(peer.clone());
+            i.committed_digest = Some(ours);
+            i.buffer.clear();
+        }
+        !free
+    };
+    if taken {
+        let _ = write_message(&mut wr, &refuse("another primary connected first".into())).await;
+        return;
+    }
+    if let Err(e) = write_message(
+        &mut wr,
+        &Message::Welcome {
+            size,
+            digest: ours,
+            committed,
+        },
+    )
+    .await
+    {
+        s.set_error(format!("primary {peer}: {e}"));
+        s.inner().mode = Mode::Waiting;
+        return;
+    }
+    tracing::info!(%peer, ack = ack.name(), session = format!("{session:016x}"), "replicating for a primary");
+    let patience = Duration::from_millis(
+        u64::from(heartbeat_ms.max(1)) * u64::from(s.opts.heartbeat_misses.max(1)),
+    );
+    let end = loop {
+        let m = match tokio::time::timeout(patience, read_message(&mut rd)).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => break Err(e),
+            Err(_) => {
+                break Err(format!(
+                    "no message for {patience:?} ({} missed heartbeats)",
+                    s.opts.heartbeat_misses
+                ))
+            }
+        };
+        let reply = match m {
+            Message::Heartbeat { seq } => {
+                s.inner().heartbeats += 1;
+                Message::HeartbeatAck { seq }
+            }
+            Message::Checkpoint { epoch, summaries } => match s.commit(epoch, &summaries) {
+                Ok(()) => Message::Committed { epoch },
+                Err(reason) => {
+                    s.inner().aborted += 1;
+                    s.set_error(format!("checkpoint of epoch {epoch} aborted: {reason}"));
+                    Message::Aborted { epoch, reason }
+                }
+            },
+            Message::Goodbye { reason } => break Ok(reason),
+            other => {
+                let reason = format!("unexpected {} from the primary", other.name());
+                let _ = write_message(&mut wr, &refuse(reason.clone())).await;
+                break Err(reason);
+            }
+        };
+        if let Err(e) = write_message(&mut wr, &reply).await {
+            break Err(e);
+        }
+    };
+    match end {
+        Ok(reason) => {
+            tracing::info!(%peer, %reason, "the primary ended replication");
+            let mut i = s.inner();
+            if i.mode == Mode::Replicating {
+                // A clean end comes right after a final checkpoint: nothing is open.
+                i.mode = Mode::Waiting;
+                i.peer = None;
+            }
+        }
+        Err(e) => {
+            s.set_error(format!("lost the primary {peer}: {e}"));
+            let policy = {
+                let mut i = s.inner();
+                if i.mode != Mode::Replicating {
+                    return;
+                }
+                i.mode = Mode::PeerLost;
+                s.opts.on_peer_loss
+            };
+            if policy == PeerLossPolicy::Failover {
+                match s.failover(FailoverTarget::Checkpoint).await {
+                    Ok(r) => tracing::info!(?r, "automatic failover done"),
+                    Err(e) => s.set_error(format!("automatic failover failed: {e}")),
+                }
+            }
+        }
+    }
+}

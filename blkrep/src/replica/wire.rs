@@ -1,0 +1,583 @@
+//! The replication control protocol between primary and secondary: a pure codec.
+//!
+//! A connection to the secondary's `--listen` port starts as NBD; the primary asks for the
+//! lockstep option `NBD_OPT_LOCKSTEP_CONTROL`, and after the ACK both sides exchange frames:
+//!
+//! ```text
+//!  0      4        6      8        12               12+len     20+len
+//!  magic  version  kind   length   payload ...      crc64
+//!  "LSTP" u16 = 1  u16    u32      (length bytes)   u64 over everything before it
+//! ```
+//!
+//! All integers are big-endian (as in NBD). The crc64 (ECMA-182, as crc64fast computes it)
+//! covers header and payload. A frame with a wrong magic, an unknown version, a payload over
+//! [`MAX_PAYLOAD`] or a bad checksum is an error that ends the connection; an unknown kind
+//! with a good checksum is reported as such. See `docs/protocol.md` for the message list.
+
+use crate::epoch::EpochSummary;
+
+/// "LSTP".
+pub const MAGIC: u32 = 0x4c53_5450;
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// Header bytes before the payload.
+pub const HEADER_LEN: usize = 12;
+/// Trailer bytes after the payload.
+pub const TRAILER_LEN: usize = 8;
+/// Largest payload accepted.
+pub const MAX_PAYLOAD: u32 = 64 << 10;
+/// Longest reason string.
+const MAX_REASON: usize = 4096;
+
+/// What the primary waits for before it acknowledges a write to its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// The local disk has it; forwarding is queued.
+    Local,
+    /// The secondary has received and applied it (page cache).
+    Received,
+    /// The secondary has it on stable storage.
+    Durable,
+}
+
+impl AckMode {
+    fn to_u8(self) -> u8 {
+        match self {
+            AckMode::Local => 0,
+            AckMode::Received => 1,
+            AckMode::Durable => 2,
+        }
+    }
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => AckMode::Local,
+            1 => AckMode::Received,
+            2 => AckMode::Durable,
+            _ => return None,
+        })
+    }
+    /// The name used on the command line and in status.
+    pub fn name(self) -> &'static str {
+        match self {
+            AckMode::Local => "local",
+            AckMode::Received => "received",
+            AckMode::Durable => "durable",
+        }
+    }
+}
+
+impl std::str::FromStr for AckMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "local" => Ok(AckMode::Local),
+            "received" => Ok(AckMode::Received),
+            "durable" => Ok(AckMode::Durable),
+            _ => Err(format!(
+                "unknown ack mode {s:?} (local, received or durable)"
+            )),
+        }
+    }
+}
+
+/// One control message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Primary → secondary, first message: who I am and what my disk is.
+    Hello {
+        /// Disk size in bytes.
+        size: u64,
+        /// Digest of the primary's disk (see [`crate::digest`]).
+        digest: u64,
+        /// The primary's last committed epoch.
+        committed: u64,
+        /// Random id of this replication session.
+        session: u64,
+        /// The primary's ack mode.
+        ack: AckMode,
+        /// Heartbeat period in milliseconds.
+        heartbeat_ms: u32,
+    },
+    /// Secondary → primary: accepted; here is my side.
+    Welcome {
+        /// Disk size in bytes.
+        size: u64,
+        /// Digest of the secondary's disk.
+        digest: u64,
+        /// The secondary's last committed epoch.
+        committed: u64,
+    },
+    /// Either side: I refuse (and close).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// Primary → secondary: commit `epoch`; these are the participants' summaries.
+    Checkpoint {
+        /// The epoch to commit.
+        epoch: u64,
+        /// One per participant.
+        summaries: Vec<EpochSummary>,
+    },
+    /// Secondary → primary: `epoch` is committed.
+    Committed {
+        /// The committed epoch.
+        epoch: u64,
+    },
+    /// Secondary → primary: `epoch` was not committed (the state stays at the previous one).
+    Aborted {
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Either side: I am alive.
+    Heartbeat {
+        /// Sequence number.
+        seq: u64,
+    },
+    /// Answer to a heartbeat.
+    HeartbeatAck {
+        /// The heartbeat's sequence number.
+        seq: u64,
+    },
+    /// Primary → secondary: orderly end of replication (primary shutting down).
+    Goodbye {
+        /// Why.
+        reason: String,
+    },
+}
+
+mod kind {
+    pub const HELLO: u16 = 1;
+    pub const WELCOME: u16 = 2;
+    pub const REFUSED: u16 = 3;
+    pub const CHECKPOINT: u16 = 4;
+    pub const COMMITTED: u16 = 5;
+    pub const ABORTED: u16 = 6;
+    pub const HEARTBEAT: u16 = 7;
+    pub const HEARTBEAT_ACK: u16 = 8;
+    pub const GOODBYE: u16 = 9;
+}
+
+/// Why bytes are not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Not our protocol.
+    #[error("bad frame magic {0:#010x} (not a lockstep control frame)")]
+    BadMagic(u32),
+    /// A version this build does not speak.
+    #[error("control protocol version {0} is not supported (this build speaks {VERSION})")]
+    Version(u16),
+    /// Payload length over the limit.
+    #[error("frame payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(u32),
+    /// Checksum mismatch: the frame was damaged.
+    #[error("frame checksum mismatch (kind {kind}, {len} bytes): damaged in transit")]
+    Checksum {
+        /// Frame kind.
+        kind: u16,
+        /// Payload length.
+        len: u32,
+    },
+    /// A well-formed frame of a kind we do not know.
+    #[error("unknown control message kind {0}")]
+    UnknownKind(u16),
+    /// The payload does not match its kind.
+    #[error("malformed {kind} message: {reason}")]
+    Malformed {
+        /// Message name.
+        kind: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn crc64(parts: &[&[u8]]) -> u64 {
+    let mut d = crc64fast::Digest::new();
+    for p in parts {
+        d.write(p);
+    }
+    d.sum64()
+}
+
+fn put_reason(out: &mut Vec<u8>, s: &str) {
+    let mut s = s;
+    if s.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s = &s[..end];
+    }
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+impl Message {
+    fn kind(&self) -> u16 {
+        match self {
+            Message::Hello { .. } => kind::HELLO,
+            Message::Welcome { .. } => kind::WELCOME,
+            Message::Refused { .. } => kind::REFUSED,
+            Message::Checkpoint { .. } => kind::CHECKPOINT,
+            Message::Committed { .. } => kind::COMMITTED,
+            Message::Aborted { .. } => kind::ABORTED,
+            Message::Heartbeat { .. } => kind::HEARTBEAT,
+            Message::HeartbeatAck { .. } => kind::HEARTBEAT_ACK,
+            Message::Goodbye { .. } => kind::GOODBYE,
+        }
+    }
+
+    /// The message's name, for logs.
+    pub fn name(&self) -> &'static str {
+        kind_name(self.kind())
+    }
+
+    /// Encode as one frame.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut p = Vec::new();
+        match self {
+            Message::Hello {
+                size,
+                digest,
+                committed,
+                session,
+                ack,
+                heartbeat_ms,
+            } => {
+                p.extend_from_slice(&size.to_be_bytes());
+                p.extend_from_slice(&digest.to_be_bytes());
+                p.extend_from_slice(&committed.to_be_bytes());
+                p.extend_from_slice(&session.to_be_bytes());
+                p.push(ack.to_u8());
+                p.extend_from_slice(&heartbeat_ms.to_be_bytes());
+            }
+            Message::Welcome {
+                size,
+                digest,
+                committed,
+            } => {
+                p.extend_from_slice(&size.to_be_bytes());
+                p.extend_from_slice(&digest.to_be_bytes());
+                p.extend_from_slice(&committed.to_be_bytes());
+            }
+            Message::Refused { reason } | Message::Goodbye { reason } => put_reason(&mut p, reason),
+            Message::Checkpoint { epoch, summaries } => {
+                p.extend_from_slice(&epoch.to_be_bytes());
+                p.extend_from_slice(&(summaries.len() as u16).to_be_bytes());
+                for s in summaries {
+                    p.extend_from_slice(&s.participant.to_be_bytes());
+                    p.extend_from_slice(&s.items.to_be_bytes());
+                    p.extend_from_slice(&s.bytes.to_be_bytes());
+                    p.extend_from_slice(&s.digest.to_be_bytes());
+                }
+            }
+            Message::Committed { epoch } => p.extend_from_slice(&epoch.to_be_bytes()),
+            Message::Aborted { epoch, reason } => {
+                p.extend_from_slice(&epoch.to_be_bytes());
+                put_reason(&mut p, reason);
+            }
+            Message::Heartbeat { seq } | Message::HeartbeatAck { seq } => {
+                p.extend_from_slice(&seq.to_be_bytes())
+            }
+        }
+        let mut out = Vec::with_capacity(HEADER_LEN + p.len() + TRAILER_LEN);
+        out.extend_from_slice(&MAGIC.to_be_bytes());
+        out.extend_from_slice(&VERSION.to_be_bytes());
+        out.extend_from_slice(&self.kind().to_be_bytes());
+        out.extend_from_slice(&(p.len() as u32).to_be_bytes());
+        out.extend_from_slice(&p);
+        let crc = crc64(&[&out]);
+        out.extend_from_slice(&crc.to_be_bytes());
+        out
+    }
+}
+
+fn kind_name(k: u16) -> &'static str {
+    match k {
+        kind::HELLO => "HELLO",
+        kind::WELCOME => "WELCOME",
+        kind::REFUSED => "REFUSED",
+        kind::CHECKPOINT => "CHECKPOINT",
+        kind::COMMITTED => "COMMITTED",
+        kind::ABORTED => "ABORTED",
+        kind::HEARTBEAT => "HEARTBEAT",
+        kind::HEARTBEAT_ACK => "HEARTBEAT_ACK",
+        kind::GOODBYE => "GOODBYE",
+        _ => "unknown",
+    }
+}
+
+/// Check a frame header; returns (kind, payload length).
+pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(u16, u32), WireError> {
+    let magic = u32::from_be_bytes(h[0..4].try_into().expect("4"));
+    if magic != MAGIC {
+        return Err(WireError::BadMagic(magic));
+    }
+    let version = u16::from_be_bytes(h[4..6].try_into().expect("2"));
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    let kind = u16::from_be_bytes(h[6..8].try_into().expect("2"));
+    let len = u32::from_be_bytes(h[8..12].try_into().expect("4"));
+    if len > MAX_PAYLOAD {
+        return Err(WireError::TooLarge(len));
+    }
+    Ok((kind, len))
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    kind: &'static str,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.b.len() < n {
+            return Err(WireError::Malformed {
+                kind: self.kind,
+                reason: format!("truncated: {} bytes left, {n} needed", self.b.len()),
+            });
+        }
+        let (a, rest) = self.b.split_at(n);
+        self.b = rest;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().expect("2")))
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn reason(&mut self) -> Result<String, WireError> {
+        let n = self.u32()? as usize;
+        if n > MAX_REASON {
+            return Err(WireError::Malformed {
+                kind: self.kind,
+                reason: format!("reason of {n} bytes"),
+            });
+        }
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| WireError::Malformed {
+            kind: self.kind,
+            reason: "reason is not UTF-8".into(),
+        })
+    }
+    fn end(self) -> Result<(), WireError> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Malformed {
+                kind: self.kind,
+                reason: format!("{} trailing bytes", self.b.len()),
+            })
+        }
+    }
+}
+
+/// Decode a frame's payload given its header fields and trailer.
+pub fn decode_body(
+    header: &[u8; HEADER_LEN],
+    payload: &[u8],
+    trailer: &[u8; TRAILER_LEN],
+) -> Result<Message, WireError> {
+    let (k, len) = decode_header(header)?;
+    if payload.len() != len as usize {
+        return Err(WireError::Malformed {
+            kind: kind_name(k),
+            reason: format!("payload of {} bytes, header says {len}", payload.len()),
+        });
+    }
+    if crc64(&[header, payload]) != u64::from_be_bytes(*trailer) {
+        return Err(WireError::Checksum { kind: k, len });
+    }
+    let mut c = Cursor {
+        b: payload,
+        kind: kind_name(k),
+    };
+    let m = match k {
+        kind::HELLO => Message::Hello {
+            size: c.u64()?,
+            digest: c.u64()?,
+            committed: c.u64()?,
+            session: c.u64()?,
+            ack: {
+                let v = c.u8()?;
+                AckMode::from_u8(v).ok_or_else(|| WireError::Malformed {
+                    kind: "HELLO",
+                    reason: format!("unknown ack mode {v}"),
+                })?
+            },
+            heartbeat_ms: c.u32()?,
+        },
+        kind::WELCOME => Message::Welcome {
+            size: c.u64()?,
+            digest: c.u64()?,
+            committed: c.u64()?,
+        },
+        kind::REFUSED => Message::Refused {
+            reason: c.reason()?,
+        },
+        kind::GOODBYE => Message::Goodbye {
+            reason: c.reason()?,
+        },
+        kind::CHECKPOINT => {
+            let epoch = c.u64()?;
+            let n = c.u16()?;
+            let mut summaries = Vec::with_capacity(usize::from(n).min(64));
+            for _ in 0..n {
+                summaries.push(EpochSummary {
+                    participant: c.u16()?,
+                    items: c.u64()?,
+                    bytes: c.u64()?,
+                    digest: c.u64()?,
+                });
+            }
+            Message::Checkpoint { epoch, summaries }
+        }
+        kind::COMMITTED => Message::Committed { epoch: c.u64()? },
+        kind::ABORTED => Message::Aborted {
+            epoch: c.u64()?,
+            reason: c.reason()?,
+        },
+        kind::HEARTBEAT => Message::Heartbeat { seq: c.u64()? },
+        kind::HEARTBEAT_ACK => Message::HeartbeatAck { seq: c.u64()? },
+        other => return Err(WireError::UnknownKind(other)),
+    };
+    c.end()?;
+    Ok(m)
+}
+
+/// Decode one frame from the front of `b`: `Ok(None)` if more bytes are needed, else the
+/// message and the bytes it took.
+pub fn decode_frame(b: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
+    if b.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let header: &[u8; HEADER_LEN] = b[..HEADER_LEN].try_into().expect("header");
+    let (_, len) = decode_header(header)?;
+    let total = HEADER_LEN + len as usize + TRAILER_LEN;
+    if b.len() < total {
+        return Ok(None);
+    }
+    let payload = &b[HEADER_LEN..HEADER_LEN + len as usize];
+    let trailer: &[u8; TRAILER_LEN] = b[total - TRAILER_LEN..total].try_into().expect("trailer");
+    decode_body(header, payload, trailer).map(|m| Some((m, total)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn summary() -> impl Strategy<Value = EpochSummary> {
+        (any::<u16>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(p, i, b, d)| {
+            EpochSummary {
+                participant: p,
+                items: i,
+                bytes: b,
+                digest: d,
+            }
+        })
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        let ack = prop_oneof![
+            Just(AckMode::Local),
+            Just(AckMode::Received),
+            Just(AckMode::Durable)
+        ];
+        prop_oneof![
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                ack,
+                any::<u32>()
+            )
+                .prop_map(|(size, digest, committed, session, ack, heartbeat_ms)| {
+                    Message::Hello {
+                        size,
+                        digest,
+                        committed,
+                        session,
+                        ack,
+                        heartbeat_ms,
+                    }
+                }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(size, digest, committed)| {
+                Message::Welcome {
+                    size,
+                    digest,
+                    committed,
+                }
+            }),
+            ".{0,40}".prop_map(|reason| Message::Refused { reason }),
+            ".{0,40}".prop_map(|reason| Message::Goodbye { reason }),
+            (any::<u64>(), proptest::collection::vec(summary(), 0..4))
+                .prop_map(|(epoch, summaries)| Message::Checkpoint { epoch, summaries }),
+            any::<u64>().prop_map(|epoch| Message::Committed { epoch }),
+            (any::<u64>(), ".{0,40}")
+                .prop_map(|(epoch, reason)| Message::Aborted { epoch, reason }),
+            any::<u64>().prop_map(|seq| Message::Heartbeat { seq }),
+            any::<u64>().prop_map(|seq| Message::HeartbeatAck { seq }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(m in message()) {
+            let b = m.encode();
+            let (d, n) = decode_frame(&b).unwrap().unwrap();
+            prop_assert_eq!(n, b.len());
+            prop_assert_eq!(d, m);
+            // Every strict prefix asks for more bytes.
+            for cut in 0..b.len() {
+                prop_assert_eq!(decode_frame(&b[..cut]).unwrap(), None);
+            }
+        }
+
+        #[test]
+        fn any_flipped_bit_is_caught(m in message(), bit in any::<usize>()) {
+            let mut b = m.encode();
+            let bit = bit % (b.len() * 8);
+            b[bit / 8] ^= 1 << (bit % 8);
+            // Either an error, a request for more bytes (the length grew), but never a
+            // different message accepted as valid.
+            if let Ok(Some((d, _))) = decode_frame(&b) {
+                prop_assert_eq!(d, m);
+                prop_assert!(false, "a damaged frame was accepted");
+            }
+        }
+
+        #[test]
+        fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_frame(&b);
+        }
+    }
+
+    #[test]
+    fn clear_errors() {
+        let mut b = Message::Heartbeat { seq: 1 }.encode();
+        b[5] = 9;
+        assert_eq!(
+            decode_frame(&b).unwrap_err().to_string(),
+            "control protocol version 9 is not supported (this build speaks 1)"
+        );
+        assert!(matches!(
+            decode_frame(b"GET / HTTP/1.1\r\n\r\n"),
+            Err(WireError::BadMagic(_))
+        ));
+        let mut big = Message::Heartbeat { seq: 1 }.encode();
+        big[8..12].copy_from_slice(&(1u32 << 30).to_be_bytes());
+        assert_eq!(decode_frame(&big), Err(WireError::TooLarge(1 << 30)));
+    }
+}

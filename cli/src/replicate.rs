@@ -1,0 +1,421 @@
+//! `lockstep primary | secondary | status | checkpoint | failover`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use blkrep::epoch::CoordinatorOptions;
+use blkrep::nbd::Endpoint;
+use blkrep::replica::admin;
+use blkrep::replica::node::{self, PrimaryConfig, SecondaryConfig};
+use blkrep::replica::primary::PrimaryOptions;
+use blkrep::replica::secondary::PeerLossPolicy;
+use blkrep::replica::wire::AckMode;
+use blkrep::replica::FailoverTarget;
+use blkrep::storage::DiskOptions;
+use clap::Args;
+use serde_json::{json, Value};
+
+use crate::export::wait_for_signal;
+use crate::units::{parse_duration, parse_size};
+
+/// Flags both daemons share.
+#[derive(Debug, Args)]
+pub struct DiskArgs {
+    /// The disk: a regular file or a block device.
+    #[arg(long)]
+    disk: PathBuf,
+    /// Create the file, or grow it, to this size (e.g. 10G).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Bypass the host page cache (O_DIRECT).
+    #[arg(long)]
+    direct: bool,
+    /// Unix control socket (JSON lines) for `lockstep status|checkpoint|failover`.
+    #[arg(long)]
+    control: PathBuf,
+}
+
+impl DiskArgs {
+    fn options(&self) -> DiskOptions {
+        let mut o = DiskOptions::new(&self.disk);
+        o.size = self.size;
+        o.direct = self.direct;
+        o
+    }
+}
+
+fn endpoint(s: &str) -> Endpoint {
+    match s.strip_prefix("unix:") {
+        Some(p) => Endpoint::Unix(p.into()),
+        None => Endpoint::Tcp(s.to_string()),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PrimaryArgs {
+    #[command(flatten)]
+    disk: DiskArgs,
+    /// Where clients connect (ADDR:PORT, or unix:PATH).
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    export: String,
+    /// Export name (the export also answers to the empty name).
+    #[arg(long, default_value = "lockstep")]
+    name: String,
+    /// The secondary's --listen address.
+    #[arg(long)]
+    secondary: String,
+    /// What a client's write waits for: local (local disk), received (the secondary
+    /// applied it), durable (the secondary has it on stable storage).
+    #[arg(long, default_value = "received", value_parser = |s: &str| s.parse::<AckMode>())]
+    ack: AckMode,
+    /// Checkpoint period (e.g. 100ms, 2s; 0 for none).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    checkpoint_interval: Duration,
+    /// Also checkpoint once this much data was written in an epoch (0 for none).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    checkpoint_bytes: u64,
+    /// Bytes the forward queue holds before client writes wait.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    forward_queue: u64,
+    /// Heartbeat period on the control channel.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    heartbeat: Duration,
+    /// Missed heartbeats before the secondary counts as lost.
+    #[arg(long, default_value = "5")]
+    heartbeat_misses: u32,
+    /// How long to keep trying to reach the secondary at start.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct SecondaryArgs {
+    #[command(flatten)]
+    disk: DiskArgs,
+    /// Where the primary connects (replication data and control channel).
+    #[arg(long)]
+    listen: String,
+    /// Serve the secondary's own view here (COLO running secondary; after failover, the
+    /// disk as an unprotected primary).
+    #[arg(long)]
+    export: Option<String>,
+    /// Export name for --export.
+    #[arg(long, default_value = "lockstep")]
+    name: String,
+    /// Disk buffer bytes kept in memory before spilling to a file next to the disk.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    buffer_memory: u64,
+    /// After the primary misses --heartbeat-misses heartbeats: fail over to the last
+    /// checkpoint, or wait for an operator.
+    #[arg(long, default_value = "wait", value_parser = |s: &str| s.parse::<PeerLossPolicy>())]
+    on_peer_loss: PeerLossPolicy,
+    /// Missed heartbeat periods (the primary's period) before the primary counts as lost.
+    #[arg(long, default_value = "5")]
+    heartbeat_misses: u32,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
+async fn signal() {
+    match wait_for_signal().await {
+        Ok(s) => tracing::info!("{s} received"),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
+    let cfg = PrimaryConfig {
+        disk: a.disk.options(),
+        export: endpoint(&a.export),
+        export_name: a.name,
+        secondary: endpoint(&a.secondary),
+        control: a.disk.control,
+        primary: PrimaryOptions {
+            ack: a.ack,
+            queue_bytes: a.forward_queue,
+            ..PrimaryOptions::default()
+        },
+        checkpoints: CoordinatorOptions {
+            interval: (!a.checkpoint_interval.is_zero()).then_some(a.checkpoint_interval),
+            bytes: a.checkpoint_bytes,
+        },
+        heartbeat: a.heartbeat,
+        heartbeat_misses: a.heartbeat_misses,
+        connect_timeout: a.connect_timeout,
+    };
+    runtime()?
+        .block_on(node::run_primary(cfg, signal()))
+        .map_err(|e| anyhow!(e))
+}
+
+pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
+    let mut opts = node::default_secondary_options(&a.disk.disk);
+    opts.buffer_memory = a.buffer_memory;
+    opts.on_peer_loss = a.on_peer_loss;
+    opts.heartbeat_misses = a.heartbeat_misses;
+    let cfg = SecondaryConfig {
+        disk: a.disk.options(),
+        listen: endpoint(&a.listen),
+        control: a.disk.control,
+        export: a.export.as_deref().map(endpoint),
+        export_name: a.name,
+        secondary: opts,
+    };
+    runtime()?
+        .block_on(node::run_secondary(cfg, signal()))
+        .map_err(|e| anyhow!(e))
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The daemon's control socket.
+    #[arg(long)]
+    control: PathBuf,
+    /// Print the raw JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckpointArgs {
+    /// The primary's control socket.
+    #[arg(long)]
+    control: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct FailoverArgs {
+    /// The secondary's control socket.
+    #[arg(long)]
+    control: PathBuf,
+    /// checkpoint: the last committed checkpoint (COLO); latest: every write the secondary
+    /// acknowledged (DRBD).
+    #[arg(long, value_parser = |s: &str| s.parse::<FailoverTarget>())]
+    to: FailoverTarget,
+    /// Afterwards, compare the disk with the checkpoint's digest sent by the primary.
+    #[arg(long)]
+    verify: bool,
+    /// Print the raw JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn call(control: &std::path::Path, req: Value, timeout: Duration) -> anyhow::Result<Value> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(admin::request(control, &req, timeout))
+        .map_err(|e| anyhow!(e))
+}
+
+fn us(v: &Value) -> String {
+    match v.as_u64() {
+        Some(n) if n >= 10_000 => format!("{:.1} ms", n as f64 / 1000.0),
+        Some(n) => format!("{n} µs"),
+        None => "-".into(),
+    }
+}
+
+fn bytes(v: &Value) -> String {
+    let Some(n) = v.as_u64() else {
+        return "-".into();
+    };
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < units.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.1} {}", units[u])
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let v = call(
+        &a.control,
+        json!({"cmd": "status"}),
+        Duration::from_secs(10),
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let row = |k: &str, val: String| println!("{k:<22} {val}");
+    row("role", text(&v["role"]));
+    row("mode", text(&v["mode"]));
+    row(
+        "epoch",
+        format!(
+            "{} (committed {})",
+            text(&v["epoch"]),
+            text(&v["committed_epoch"])
+        ),
+    );
+    row(
+        "peer",
+        format!("{} ({})", text(&v["peer"]), text(&v["peer_state"])),
+    );
+    if v["role"] == "primary" && v.get("forward_queue").is_some() {
+        row("ack", text(&v["ack"]));
+        row(
+            "forward queue",
+            format!(
+                "{} requests, {}",
+                text(&v["forward_queue"]["depth"]),
+                bytes(&v["forward_queue"]["bytes"])
+            ),
+        );
+        row(
+            "forwarded",
+            format!(
+                "{} writes, {}",
+                text(&v["forwarded_writes"]),
+                bytes(&v["forwarded_bytes"])
+            ),
+        );
+        row(
+            "checkpoints",
+            format!(
+                "{} ({} failed)",
+                text(&v["checkpoints"]),
+                text(&v["checkpoint_failures"])
+            ),
+        );
+        row(
+            "checkpoint pause",
+            format!(
+                "p50 {}  p99 {}",
+                us(&v["checkpoint_pause_us"]["p50"]),
+                us(&v["checkpoint_pause_us"]["p99"])
+            ),
+        );
+        row(
+            "checkpoint total",
+            format!(
+                "p50 {}  p99 {}",
+                us(&v["checkpoint_total_us"]["p50"]),
+                us(&v["checkpoint_total_us"]["p99"])
+            ),
+        );
+        row("dirty blocks", text(&v["dirty_blocks"]));
+    } else {
+        row(
+            "buffer",
+            format!(
+                "{} blocks: {} in memory, {} spilled, {} open epochs",
+                text(&v["buffer"]["blocks"]),
+                bytes(&v["buffer"]["memory_bytes"]),
+                bytes(&v["buffer"]["spill_bytes"]),
+                text(&v["buffer"]["epochs"])
+            ),
+        );
+        row(
+            "forwarded",
+            format!(
+                "{} writes, {}",
+                text(&v["forwarded_writes"]),
+                bytes(&v["forwarded_bytes"])
+            ),
+        );
+        row(
+            "checkpoints",
+            format!(
+                "{} ({} aborted)",
+                text(&v["checkpoints"]),
+                text(&v["checkpoints_aborted"])
+            ),
+        );
+        if !v["failover"].is_null() {
+            row(
+                "failover",
+                format!(
+                    "to {} at epoch {}, {} blocks restored in {}",
+                    text(&v["failover"]["target"]),
+                    text(&v["failover"]["committed_epoch"]),
+                    text(&v["failover"]["restored_blocks"]),
+                    us(&v["failover"]["duration_us"])
+                ),
+            );
+            row("dirty blocks", text(&v["dirty_blocks"]));
+        }
+    }
+    row("last error", text(&v["last_error"]));
+    Ok(())
+}
+
+pub fn checkpoint(a: CheckpointArgs) -> anyhow::Result<()> {
+    let v = call(
+        &a.control,
+        json!({"cmd": "checkpoint"}),
+        Duration::from_secs(60),
+    )?;
+    println!(
+        "checkpoint of epoch {} committed: pause {}, total {}",
+        text(&v["epoch"]),
+        us(&v["pause_us"]),
+        us(&v["total_us"])
+    );
+    Ok(())
+}
+
+pub fn failover(a: FailoverArgs) -> anyhow::Result<()> {
+    let v = call(
+        &a.control,
+        json!({"cmd": "failover", "to": a.to.name(), "verify": a.verify}),
+        Duration::from_secs(600),
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "failed over to {} (epoch {}): {} blocks restored in {}",
+            text(&v["target"]),
+            text(&v["committed_epoch"]),
+            text(&v["restored_blocks"]),
+            us(&v["duration_us"])
+        );
+        if a.verify {
+            match v["verified"].as_bool() {
+                Some(true) => println!(
+                    "verified: the disk equals checkpoint {} (digest {})",
+                    text(&v["committed_epoch"]),
+                    text(&v["image_digest"])
+                ),
+                Some(false) => println!(
+                    "VERIFY FAILED: disk digest {} differs from the checkpoint's {}",
+                    text(&v["image_digest"]),
+                    text(&v["checkpoint_digest"])
+                ),
+                None => println!(
+                    "not verifiable (failover to latest, or the secondary wrote to its disk)"
+                ),
+            }
+        }
+    }
+    if v["verified"] == json!(false) {
+        return Err(anyhow!("the disk does not match the checkpoint"));
+    }
+    Ok(())
+}
