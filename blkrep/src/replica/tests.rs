@@ -1,1 +1,641 @@
+//! A primary and a secondary in one process, over real loopback sockets: a model-based
+//! property test of the replication semantics, and the secondary against hostile peers.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+
+use super::node::REPLICA_EXPORT;
+use super::peer::{Hello, LinkOptions, PeerLink};
+use super::primary::{wait_idle, BlockParticipant, Primary, PrimaryOptions};
+use super::secondary::{
+    read_message, write_message, Mode, PeerLossPolicy, Secondary, SecondaryOptions,
+};
+use super::wire::{AckMode, Message};
+use super::{FailoverTarget, PARTICIPANT_BLOCK};
+use crate::digest::{self, DigestTable};
+use crate::epoch::{CoordinatorOptions, Epoch, EpochCoordinator, EpochSummary, NoGuest};
+use crate::nbd::client::{connect_control, ClientOptions, NbdClient};
+use crate::nbd::server::{Export, NbdServer, ServerOptions};
+use crate::nbd::{Endpoint, Listener};
+use crate::storage::{Backend, IoBuf, MemoryBackend};
+
+const SIZE: u64 = 64 * 4096 + 1000;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+struct SecondarySide {
+    sec: Arc<Secondary>,
+    disk: MemoryBackend,
+    ep: Endpoint,
+    _stop: watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_secondary(policy: PeerLossPolicy, buffer_memory: u64) -> SecondarySide {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = MemoryBackend::new(SIZE);
+    let sec = Secondary::new(
+        Arc::new(disk.clone()),
+        SecondaryOptions {
+            buffer_memory,
+            spill_path: dir.path().join("spill"),
+            on_peer_loss: policy,
+            heartbeat_misses: 3,
+            hello_timeout: Duration::from_millis(300),
+        },
+    );
+    let sink = sec.replica_sink();
+    let srv = Arc::new(
+        NbdServer::new(
+            vec![Export {
+                name: REPLICA_EXPORT.into(),
+                description: String::new(),
+                backend: sink.clone(),
+                read_only: false,
+                epochs: Some(sink),
+            }],
+            ServerOptions::default(),
+        )
+        .unwrap()
+        .with_control(sec.control()),
+    );
+    let l = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".into()))
+        .await
+        .unwrap();
+    let ep = l.local_endpoint();
+    let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(srv.serve(l, stop_rx));
+    SecondarySide {
+        sec,
+        disk,
+        ep,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+struct PrimarySide {
+    primary: Arc<Primary>,
+    disk: MemoryBackend,
+    coord: Arc<EpochCoordinator>,
+    link: Arc<PeerLink>,
+    _stop: watch::Sender<bool>,
+}
+
+async fn start_primary(ep: &Endpoint, ack: AckMode) -> PrimarySide {
+    let disk = MemoryBackend::new(SIZE);
+    let table = DigestTable::scan(&disk).await.unwrap();
+    let hello = Hello {
+        size: SIZE,
+        digest: table.sum(),
+        committed: 0,
+        ack,
+        heartbeat: Duration::from_millis(100),
+    };
+    let opts = LinkOptions {
+        heartbeat: Duration::from_millis(100),
+        misses: 20,
+        commit_timeout: Duration::from_secs(10),
+    };
+    let (link, rd) = PeerLink::connect(ep, hello, opts, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let client = NbdClient::connect(
+        ep,
+        &ClientOptions {
+            export: REPLICA_EXPORT.into(),
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let primary = Primary::new(
+        Arc::new(disk.clone()),
+        table,
+        0,
+        PrimaryOptions {
+            ack,
+            queue_bytes: 1 << 20,
+            max_inflight: 8,
+        },
+    );
+    let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(primary.clone().run_forwarder(client));
+    tokio::spawn(link.clone().run(rd, primary.clone(), stop_rx));
+    let coord = EpochCoordinator::new(
+        vec![Arc::new(BlockParticipant(primary.clone()))],
+        Arc::new(NoGuest),
+        link.clone(),
+        Epoch(1),
+        CoordinatorOptions {
+            interval: None,
+            bytes: 0,
+        },
+    );
+    PrimarySide {
+        primary,
+        disk,
+        coord,
+        link,
+        _stop: stop,
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// A primary write of `len` bytes of `fill` (varied per byte) at `off`.
+    Write {
+        off: u64,
+        len: u64,
+        fill: u8,
+    },
+    Trim {
+        off: u64,
+        len: u64,
+    },
+    Zero {
+        off: u64,
+        len: u64,
+    },
+    /// A write by the secondary itself (COLO running secondary).
+    Local {
+        off: u64,
+        len: u64,
+        fill: u8,
+    },
+    /// Close the current epoch and drain it to the secondary, without committing yet:
+    /// later writes belong to the next epoch while this one waits (pipelined checkpoints).
+    Cut,
+    /// Commit the oldest cut epoch.
+    Commit,
+    /// Cut and commit everything.
+    Checkpoint,
+}
+
+fn range(aligned: bool) -> impl Strategy<Value = (u64, u64)> {
+    if aligned {
+        (0..64u64, 1..6u64)
+            .prop_map(|(b, n)| (b * 4096, (n * 4096).min(SIZE - b * 4096)))
+            .boxed()
+    } else {
+        (0..SIZE - 1)
+            .prop_flat_map(|off| (Just(off), 1..(SIZE - off).min(20_000)))
+            .boxed()
+    }
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (any::<bool>(), any::<u8>()).prop_flat_map(|(a, fill)| range(a).prop_map(move |(off, len)| Step::Write { off, len, fill })),
+        1 => range(false).prop_map(|(off, len)| Step::Trim { off, len }),
+        1 => range(true).prop_map(|(off, len)| Step::Zero { off, len }),
+        2 => (any::<bool>(), any::<u8>()).prop_flat_map(|(a, fill)| range(a).prop_map(move |(off, len)| Step::Local { off, len, fill })),
+        1 => Just(Step::Cut),
+        1 => Just(Step::Commit),
+        1 => Just(Step::Checkpoint),
+    ]
+}
+
+fn pattern(off: u64, len: u64, fill: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| fill ^ ((off + i) as u8).wrapping_mul(31))
+        .collect()
+}
+
+/// The model: the primary's disk, the last committed image, and the secondary's view.
+struct Model {
+    primary: Vec<u8>,
+    committed: Vec<u8>,
+    view: Vec<u8>,
+    local_writes: bool,
+}
+
+async fn read_all(b: &dyn Backend) -> Vec<u8> {
+    b.read_at(0, SIZE as usize).await.unwrap().to_vec()
+}
+
+async fn run_case(steps: Vec<Step>, end: FailoverTarget, ack: AckMode, spill: bool) {
+    use crate::epoch::{CheckpointLink, Participant};
+    let s = start_secondary(PeerLossPolicy::Wait, if spill { 8 * 4096 } else { 1 << 20 }).await;
+    let p = start_primary(&s.ep, ack).await;
+    let block = BlockParticipant(p.primary.clone());
+    let view = s.sec.view();
+    let mut m = Model {
+        primary: vec![0; SIZE as usize],
+        committed: vec![0; SIZE as usize],
+        view: vec![0; SIZE as usize],
+        local_writes: false,
+    };
+    let mut next = 1u64;
+    let mut pending: std::collections::VecDeque<(u64, EpochSummary, Vec<u8>)> = Default::default();
+    let mut steps = steps;
+    steps.push(Step::Commit); // sometimes leaves a cut epoch open before the failover
+    for (i, st) in steps.iter().enumerate() {
+        let mut commits = 0;
+        match st {
+            Step::Write { off, len, fill } => {
+                let data = pattern(*off, *len, *fill);
+                p.primary
+                    .write_at(*off, IoBuf::from_slice(&data), false)
+                    .await
+                    .unwrap();
+                m.primary[*off as usize..(*off + *len) as usize].copy_from_slice(&data);
+            }
+            Step::Trim { off, len } => {
+                p.primary.discard(*off, *len).await.unwrap();
+                m.primary[*off as usize..(*off + *len) as usize].fill(0);
+            }
+            Step::Zero { off, len } => {
+                p.primary.write_zeroes(*off, *len, false).await.unwrap();
+                m.primary[*off as usize..(*off + *len) as usize].fill(0);
+            }
+            Step::Local { off, len, fill } => {
+                let data = pattern(*off, *len, *fill);
+                view.write_at(*off, IoBuf::from_slice(&data), false)
+                    .await
+                    .unwrap();
+                m.view[*off as usize..(*off + *len) as usize].copy_from_slice(&data);
+                m.local_writes = true;
+            }
+            Step::Cut | Step::Checkpoint if pending.len() < 3 => {
+                block.cut(Epoch(next)).await.unwrap();
+                let summary = block.prepare(Epoch(next)).await.unwrap();
+                assert_eq!(
+                    summary.digest,
+                    {
+                        let t = DigestTable::scan(&p.disk).await.unwrap();
+                        t.sum()
+                    },
+                    "step {i}: the cut's digest is the primary disk's"
+                );
+                pending.push_back((next, summary, m.primary.clone()));
+                next += 1;
+                if matches!(st, Step::Checkpoint) {
+                    commits = pending.len();
+                }
+            }
+            Step::Commit => commits = 1.min(pending.len()),
+            Step::Cut | Step::Checkpoint => {}
+        }
+        for _ in 0..commits {
+            let (e, summary, image) = pending.pop_front().unwrap();
+            p.link.checkpoint(Epoch(e), vec![summary]).await.unwrap();
+            block.commit(Epoch(e));
+            m.committed = image.clone();
+            m.view = image;
+            m.local_writes = false;
+            if pending.is_empty() && m.committed == m.primary {
+                // Nothing written since the cut: the secondary disk equals the primary's.
+                assert!(
+                    s.disk.snapshot() == m.primary,
+                    "step {i}: disk != primary after checkpoint"
+                );
+                let (img, cp) = s.sec.verify_checkpoint().await.unwrap();
+                assert_eq!(Some(img), cp, "step {i}: digest of the checkpoint");
+            }
+            assert_eq!(s.sec.status()["committed_epoch"], e);
+        }
+        assert!(
+            p.disk.snapshot() == m.primary,
+            "step {i} {st:?}: primary disk != model"
+        );
+        assert!(
+            read_all(&*view).await == m.view,
+            "step {i} {st:?}: secondary view != model"
+        );
+        let _ = &p.coord;
+    }
+    if end == FailoverTarget::Latest && ack == AckMode::Local {
+        assert!(wait_idle(&p.primary, Duration::from_secs(10)).await);
+    }
+    let rep = s.sec.failover(end).await.unwrap();
+    let expect = match end {
+        FailoverTarget::Checkpoint => &m.view,
+        FailoverTarget::Latest => &m.primary,
+    };
+    assert!(
+        s.disk.snapshot() == *expect,
+        "after failover to {end:?}: disk != model"
+    );
+    assert_eq!(s.sec.mode(), Mode::Primary);
+    if end == FailoverTarget::Checkpoint {
+        assert_eq!(rep.comparable, !m.local_writes);
+        if !m.local_writes {
+            let (img, cp) = s.sec.verify_checkpoint().await.unwrap();
+            assert_eq!(Some(img), cp, "failover to the checkpoint: digest");
+        }
+    }
+    // After failover the view is the disk.
+    assert!(read_all(&*view).await == *expect);
+    drop(p);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #[test]
+    fn replication_matches_the_model(
+        steps in proptest::collection::vec(step(), 1..40),
+        latest in any::<bool>(),
+        ack in prop_oneof![Just(AckMode::Local), Just(AckMode::Received), Just(AckMode::Durable)],
+        spill in any::<bool>(),
+    ) {
+        let end = if latest { FailoverTarget::Latest } else { FailoverTarget::Checkpoint };
+        rt().block_on(run_case(steps, end, ack, spill));
+    }
+}
+
+/// Concurrent writers to overlapping blocks: both disks must end up identical (the forwarder
+/// keeps the local order per block).
+#[test]
+fn concurrent_overlapping_writes_stay_in_order() {
+    rt().block_on(async {
+        let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
+        let p = start_primary(&s.ep, AckMode::Local).await;
+        let mut tasks = Vec::new();
+        for k in 0..8u64 {
+            let pr = p.primary.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..200u64 {
+                    let off = ((k * 7 + i * 13) % 60) * 4096 + (i % 3) * 1000;
+                    let data = pattern(off, 5000, (k * 31 + i) as u8);
+                    pr.write_at(off, IoBuf::from_slice(&data), false)
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        p.coord.checkpoint().await.unwrap();
+        assert!(s.disk.snapshot() == p.disk.snapshot());
+        let (img, cp) = s.sec.verify_checkpoint().await.unwrap();
+        assert_eq!(Some(img), cp);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The secondary against hostile or broken peers.
+
+async fn control_conn(
+    ep: &Endpoint,
+) -> (
+    tokio::io::BufReader<crate::nbd::transport::ReadHalf>,
+    tokio::io::BufWriter<crate::nbd::transport::WriteHalf>,
+) {
+    connect_control(ep, Duration::from_secs(5)).await.unwrap()
+}
+
+async fn wait_for(what: &str, f: impl Fn() -> bool) {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn last_error(s: &Secondary) -> String {
+    s.status()["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn hello(digest: u64) -> Message {
+    Message::Hello {
+        size: SIZE,
+        digest,
+        committed: 0,
+        session: 7,
+        ack: AckMode::Received,
+        heartbeat_ms: 50,
+    }
+}
+
+#[test]
+fn garbage_bad_versions_and_stalls_get_clear_errors_and_no_session() {
+    rt().block_on(async {
+        let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
+        // Garbage.
+        let (_rd, mut wr) = control_conn(&s.ep).await;
+        wr.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        wr.flush().await.unwrap();
+        wait_for("garbage error", || {
+            last_error(&s.sec).contains("bad frame magic")
+        })
+        .await;
+        // A frame of a future version.
+        let (_rd, mut wr) = control_conn(&s.ep).await;
+        let mut f = hello(0).encode();
+        f[5] = 9;
+        wr.write_all(&f).await.unwrap();
+        wr.flush().await.unwrap();
+        wait_for("version error", || {
+            last_error(&s.sec).contains("version 9 is not supported")
+        })
+        .await;
+        // A damaged frame.
+        let (_rd, mut wr) = control_conn(&s.ep).await;
+        let mut f = hello(0).encode();
+        f[14] ^= 0x40;
+        wr.write_all(&f).await.unwrap();
+        wr.flush().await.unwrap();
+        wait_for("checksum error", || {
+            last_error(&s.sec).contains("checksum mismatch")
+        })
+        .await;
+        // Half a frame, then silence.
+        let (_rd, mut wr) = control_conn(&s.ep).await;
+        let f = hello(0).encode();
+        wr.write_all(&f[..10]).await.unwrap();
+        wr.flush().await.unwrap();
+        wait_for("stall error", || {
+            last_error(&s.sec).contains("no HELLO within")
+        })
+        .await;
+        // A HELLO for a different disk.
+        let (mut rd, mut wr) = control_conn(&s.ep).await;
+        write_message(&mut wr, &hello(12345)).await.unwrap();
+        let m = read_message(&mut rd).await.unwrap();
+        assert!(
+            matches!(&m, Message::Refused { reason } if reason.contains("the disks differ")),
+            "{m:?}"
+        );
+        assert_eq!(s.sec.mode(), Mode::Waiting);
+        // After all that, a real primary still replicates.
+        let p = start_primary(&s.ep, AckMode::Received).await;
+        p.primary
+            .write_at(4096, IoBuf::from_slice(&[7; 4096]), false)
+            .await
+            .unwrap();
+        p.coord.checkpoint().await.unwrap();
+        assert_eq!(s.sec.status()["committed_epoch"], 1);
+    });
+}
+
+#[test]
+fn lying_checkpoints_are_aborted_never_committed() {
+    rt().block_on(async {
+        let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
+        let zero = digest::disk_digest(&s.disk).await.unwrap();
+        let (mut rd, mut wr) = control_conn(&s.ep).await;
+        write_message(&mut wr, &hello(zero)).await.unwrap();
+        assert!(matches!(read_message(&mut rd).await.unwrap(), Message::Welcome { .. }));
+        // One real forwarded write in epoch 1.
+        let c = NbdClient::connect(&s.ep, &ClientOptions { export: REPLICA_EXPORT.into(), ..ClientOptions::default() })
+            .await
+            .unwrap();
+        c.write(0, &[1; 4096], false).await.unwrap();
+        let summary = |items, bytes| vec![EpochSummary { participant: PARTICIPANT_BLOCK, items, bytes, digest: 0 }];
+        let mut ask = async |epoch, s: Vec<EpochSummary>| {
+            write_message(&mut wr, &Message::Checkpoint { epoch, summaries: s }).await.unwrap();
+            read_message(&mut rd).await.unwrap()
+        };
+        // Epoch 1 is still open (no epoch mark yet).
+        let m = ask(1, summary(1, 4096)).await;
+        assert!(matches!(&m, Message::Aborted { reason, .. } if reason.contains("still open")), "{m:?}");
+        c.submit_epoch_mark(2).await.unwrap().wait().await.unwrap();
+        // Wrong epoch.
+        let m = ask(5, summary(1, 4096)).await;
+        assert!(matches!(&m, Message::Aborted { reason, .. } if reason.contains("expected a checkpoint of epoch 1")), "{m:?}");
+        // Counts that do not match what arrived.
+        let m = ask(1, summary(2, 8192)).await;
+        assert!(matches!(&m, Message::Aborted { reason, .. } if reason.contains("2 writes")), "{m:?}");
+        // Unknown participant.
+        let mut bad = summary(1, 4096);
+        bad.push(EpochSummary { participant: 99, ..Default::default() });
+        let m = ask(1, bad).await;
+        assert!(matches!(&m, Message::Aborted { reason, .. } if reason.contains("unknown participant")), "{m:?}");
+        assert_eq!(s.sec.status()["committed_epoch"], 0);
+        assert_eq!(s.sec.status()["checkpoints_aborted"], 4);
+        // Failover to the checkpoint undoes the uncommitted write.
+        s.sec.failover(FailoverTarget::Checkpoint).await.unwrap();
+        assert!(s.disk.snapshot().iter().all(|&b| b == 0));
+        // The truthful checkpoint would have committed (on a fresh pair).
+    });
+}
+
+#[test]
+fn a_silent_primary_is_lost_and_the_policy_fails_over() {
+    rt().block_on(async {
+        let s = start_secondary(PeerLossPolicy::Failover, 1 << 20).await;
+        let zero = digest::disk_digest(&s.disk).await.unwrap();
+        let (mut rd, mut wr) = control_conn(&s.ep).await;
+        write_message(&mut wr, &hello(zero)).await.unwrap();
+        assert!(matches!(
+            read_message(&mut rd).await.unwrap(),
+            Message::Welcome { .. }
+        ));
+        let c = NbdClient::connect(
+            &s.ep,
+            &ClientOptions {
+                export: REPLICA_EXPORT.into(),
+                ..ClientOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        c.write(8192, &[3; 4096], false).await.unwrap();
+        // No heartbeats: 3 misses of 50 ms.
+        wait_for("failover", || s.sec.mode() == Mode::Primary).await;
+        assert!(
+            last_error(&s.sec).contains("missed heartbeats"),
+            "{}",
+            last_error(&s.sec)
+        );
+        // Rolled back to epoch 0 (all zero); forwarded writes are refused now.
+        assert!(s.disk.snapshot().iter().all(|&b| b == 0));
+        let e = c.write(0, &[1; 512], false).await.unwrap_err();
+        assert!(
+            e.to_string().contains("forwarded writes are refused"),
+            "{e}"
+        );
+    });
+}
+
+#[test]
+fn the_primary_survives_a_vanished_secondary() {
+    rt().block_on(async {
+        let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
+        let p = start_primary(&s.ep, AckMode::Durable).await;
+        p.primary
+            .write_at(0, IoBuf::from_slice(&[1; 4096]), false)
+            .await
+            .unwrap();
+        p.coord.checkpoint().await.unwrap();
+        p.primary
+            .write_at(4096, IoBuf::from_slice(&[2; 4096]), false)
+            .await
+            .unwrap();
+        drop(s); // the secondary's server stops: its connections close
+                 // Writes keep succeeding; the primary goes unprotected and records dirty blocks.
+        for i in 0..20u64 {
+            p.primary
+                .write_at(i * 4096 + 8192, IoBuf::from_slice(&[3; 4096]), false)
+                .await
+                .unwrap();
+        }
+        wait_for("unprotected", || {
+            p.primary.mode() == super::primary::PrimaryMode::Unprotected
+        })
+        .await;
+        p.primary
+            .write_at(40 * 4096, IoBuf::from_slice(&[4; 100]), false)
+            .await
+            .unwrap();
+        let dirty = p.primary.dirty_blocks();
+        assert!(dirty.contains(1) && dirty.contains(40), "{dirty:?}");
+        assert!(!dirty.contains(0), "block 0 was committed before the loss");
+        assert!(p.coord.checkpoint().await.is_err());
+    });
+}
+
+#[test]
+fn not_a_secondary_is_a_clear_error() {
+    rt().block_on(async {
+        let srv = Arc::new(
+            NbdServer::new(
+                vec![Export::new("x", Arc::new(MemoryBackend::new(4096)))],
+                ServerOptions::default(),
+            )
+            .unwrap(),
+        );
+        let l = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".into()))
+            .await
+            .unwrap();
+        let ep = l.local_endpoint();
+        let (_stop, rx) = watch::channel(false);
+        tokio::spawn(srv.serve(l, rx));
+        let hello = Hello {
+            size: 4096,
+            digest: 0,
+            committed: 0,
+            ack: AckMode::Local,
+            heartbeat: Duration::from_millis(100),
+        };
+        let opts = LinkOptions {
+            heartbeat: Duration::from_millis(100),
+            misses: 3,
+            commit_timeout: Duration::from_secs(1),
+        };
+        let Err(e) = PeerLink::connect(&ep, hello, opts, Duration::from_secs(5)).await else {
+            panic!("a plain NBD server accepted the control protocol");
+        };
+        assert!(e.contains("not a lockstep secondary"), "{e}");
+    });
+}
