@@ -1,14 +1,17 @@
 //! # blkrep — lockstep's block layer
 //!
-//! blkrep serves a disk and (in later milestones) replicates it. Today it holds:
+//! blkrep serves a disk and replicates it to a secondary host at checkpoint epochs.
 //!
 //! ```text
 //!    NBD clients (qemu, nbd-client, libnbd, fio)
 //!            │  TCP / unix socket
-//!     ┌──────▼───────┐          ┌──────────────┐
-//!     │  nbd::server │          │  nbd::client │──▶ any NBD server
-//!     └──────┬───────┘          └──────────────┘    (our own, qemu-nbd, nbdkit)
-//!            │ storage::Backend
+//!     ┌──────▼───────┐                         ┌──────────────┐
+//!     │  nbd::server │                         │  nbd::client │──▶ any NBD server
+//!     └──────┬───────┘                         └──────▲───────┘
+//!            │ storage::Backend                       │ forwarded writes + epoch marks
+//!     ┌──────▼───────────────┐   epoch::EpochCoordinator   │
+//!     │ replica::Primary     │── cut / prepare / commit ───┘──▶ secondary: replica::Secondary
+//!     └──────┬───────────────┘                                  (DiskBuffer, failover)
 //!     ┌──────▼───────────────────────────┐
 //!     │ storage: UringFile (io_uring),   │
 //!     │ Unaligned (read-modify-write),   │
@@ -17,7 +20,9 @@
 //! ```
 //!
 //! Where to start reading: [`storage::Backend`] (the I/O seam every other part uses), then
-//! [`nbd::codec`] (the pure protocol codec), [`nbd::server`] and [`nbd::client`].
+//! [`nbd::codec`] (the pure protocol codec), [`nbd::server`] and [`nbd::client`]; for
+//! replication [`replica`] (start at [`replica::node`]), [`epoch`] (the participant API that
+//! memrep and netcmp implement) and [`digest`].
 
 pub mod digest;
 pub mod epoch;

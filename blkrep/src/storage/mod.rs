@@ -168,6 +168,9 @@ pub struct Extent {
 ///
 /// Offsets and lengths must be multiples of [`Backend::alignment`] and lie within
 /// [`Backend::size`]; backends check both and return [`StorageError`] otherwise.
+///
+/// Returned futures do nothing until polled: the replication layer creates a write's future
+/// first and polls it only after it has preserved the blocks the write will change.
 pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Size in bytes.
     fn size(&self) -> u64;
