@@ -111,13 +111,17 @@ QEMU_START = [
     ("primary", "xen-set-replication", {"enable": True, "primary": True}),
 ]
 QEMU_CHECKPOINT_DOC = [
-    "primary: qom-set /objects/gate0 limits {bps-total: 1}   (close the gate: new requests queue)",
-    "side NBD connection: READ 4k at 0   (primes the throttle bucket so no write slips past the gate)",
-    "primary: transaction {actions: []}   (drain: every admitted write done on both disks)"
-    "   [--qemu-pause stop: stop instead, which also flushes both disks, and cont at the end]",
-    "side NBD connection: wait for the READ reply (if it has not come, drain once more)",
+    "pause starts",
+    "primary: qom-set /objects/gate0 limits {bps-total: 1}   (close the gate: new requests queue in it)",
+    "side NBD connection: READ 4k at 0   (primes the throttle bucket so that no write slips past the gate)",
+    "primary: transaction {actions: []}   (drain: every admitted write is done on both disks)"
+    "   [--qemu-pause stop: 'stop' instead, which also flushes both disks, like COLO's vm_stop]",
+    "side NBD connection: wait for the READ reply (if it has not come within 20 ms, drain once more)",
     "primary: xen-colo-do-checkpoint; secondary: xen-colo-do-checkpoint   (drop the disk buffer)",
-    "primary: qom-set /objects/gate0 limits {bps-total: 0}; transaction {actions: []}   (reopen)",
+    "[--qemu-pause stop: primary: cont]",
+    "primary: qom-set /objects/gate0 limits {bps-total: 0}   (open the gate)",
+    "pause ends",
+    "primary: transaction {actions: []}   (releases the writes held at the gate; total ends)",
 ]
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -129,6 +133,13 @@ class RunError(Exception):
 
 def die(msg):
     sys.exit(f"replication: error: {msg}")
+
+
+def rel(path):
+    try:
+        return Path(path).relative_to(REPO)
+    except ValueError:
+        return path
 
 
 def label(cfg):
@@ -433,7 +444,7 @@ def run_qemu(cfg, rw, bs, args, tmp, files):
         p.unlink(missing_ok=True)
     s_proc = p_proc = fio = side = None
     s_qmp = p_qmp = None
-    pauses, rounds, phases, extra_drains = [], [], [], 0
+    pauses, totals, rounds, phases, extra_drains = [], [], [], [], 0
     try:
         s_proc = spawn(qemu_cmd("lockstep-bench-secondary", s_sock), s_log)
         p_proc = spawn(qemu_cmd("lockstep-bench-primary", p_sock), p_log)
@@ -482,14 +493,20 @@ def run_qemu(cfg, rw, bs, args, tmp, files):
             p_qmp.cmd("xen-colo-do-checkpoint")
             s_qmp.cmd("xen-colo-do-checkpoint")
             t3 = time.monotonic()
-            p_qmp.cmd("qom-set", {"path": "/objects/gate0", "property": "limits", "value": {"bps-total": 0}})
-            p_qmp.cmd("transaction", {"actions": []})
             if args.qemu_pause == "stop":
                 p_qmp.cmd("cont")
+            # Reopen: unlimited again, and a drain to restart the writes held at the gate
+            # (a throttle group releases its queue only on a drain). The client waits for
+            # nothing after the qom-set; the drain that follows is the harness's cost:
+            # the NBD server reads no new request until the released ones are done.
+            p_qmp.cmd("qom-set", {"path": "/objects/gate0", "property": "limits", "value": {"bps-total": 0}})
             t4 = time.monotonic()
+            p_qmp.cmd("transaction", {"actions": []})
+            t5 = time.monotonic()
             pauses.append((t4 - t0) * 1e6)
+            totals.append((t5 - t0) * 1e6)
             rounds.append((t3 - t2) * 1e6)
-            phases.append([(t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6, (t4 - t3) * 1e6])
+            phases.append([(t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6, (t4 - t3) * 1e6, (t5 - t4) * 1e6])
             next_at = max(t0 + interval, time.monotonic())
         fio.wait()
         res = fio_result(fio, cmd, out, f_log)
@@ -502,10 +519,11 @@ def run_qemu(cfg, rw, bs, args, tmp, files):
             "checkpoints": len(pauses),
             "pause_us": {"p50": percentile(pauses, 50), "p99": percentile(pauses, 99),
                          "max": max(pauses, default=None)},
-            "total_us": {"p50": percentile(pauses, 50), "p99": percentile(pauses, 99)},
+            "total_us": {"p50": percentile(totals, 50), "p99": percentile(totals, 99)},
             "qmp_checkpoint_round_us": {"p50": percentile(rounds, 50), "p99": percentile(rounds, 99)},
             "phase_p50_us": {k: percentile([p[i] for p in phases], 50) for i, k in
-                             enumerate(["gate_and_drain", "prime_wait", "checkpoint_both", "reopen"])},
+                             enumerate(["close_and_drain", "prime_wait", "checkpoint_both", "reopen",
+                                        "reopen_drain"])},
             "extra_drains": extra_drains,
             "replication_status": status,
             "link": "tcp" if link_tcp else "unix",
@@ -536,7 +554,7 @@ def run_qemu(cfg, rw, bs, args, tmp, files):
 def lockstep_support():
     """(export_reason, replication_reason): None where available, else why not."""
     if not os.access(LOCKSTEP, os.X_OK):
-        why = f"{LOCKSTEP.relative_to(REPO)} missing: cargo build --release -p lockstep-cli"
+        why = f"{rel(LOCKSTEP)} missing: cargo build --release -p lockstep-cli"
         return why, why
     missing = []
     for sub in ("primary", "secondary", "status"):
@@ -544,7 +562,7 @@ def lockstep_support():
         if r.returncode != 0:
             missing.append(sub)
     if missing:
-        return None, (f"{LOCKSTEP.relative_to(REPO)} has no {'/'.join(repr(m) for m in missing)} "
+        return None, (f"{rel(LOCKSTEP)} has no {'/'.join(repr(m) for m in missing)} "
                       f"subcommand yet")
     return None, None
 
@@ -652,7 +670,7 @@ def table(results, configs, unavailable):
     for name, _rw, _bs in WORKLOADS:
         res = results[name]
         base = res.get("export")
-        qemu = res.get("qemu") or res.get("qemu-tcp")
+        qemu = next((res[c] for c in ("qemu", "qemu-tcp") if res.get(c, {}).get("iops")), None)
         for cfg in configs:
             r = res.get(cfg)
             if r is None or "iops" not in r:
@@ -778,7 +796,9 @@ def main():
                             r = run_qemu(cfg, rw, bs, args, tmp, files)
                         else:
                             r = run_lockstep(cfg, rw, bs, args, tmp, files)
-                    except RunError as e:
+                    except (RunError, OSError, ValueError, KeyError) as e:
+                        if not isinstance(e, RunError):
+                            e = RunError(f"{type(e).__name__}: {e}")
                         print("FAILED")
                         print("    " + str(e).replace("\n", "\n    "), flush=True)
                         results[name][cfg] = {"error": str(e)}
@@ -836,7 +856,7 @@ def main():
         "failures": failures,
         "results": results,
     }, indent=2) + "\n")
-    print(f"\nraw numbers: {out.relative_to(REPO)}")
+    print(f"\nraw numbers: {rel(out)}")
     if unavailable or failures:
         for f in failures:
             print(f"failed: {f}", file=sys.stderr)

@@ -291,6 +291,7 @@ pub struct EpochCoordinator {
     guest: Arc<dyn GuestHook>,
     link: Arc<dyn CheckpointLink>,
     current: AtomicU64,
+    committed: AtomicU64,
     stats: Mutex<CoordinatorStats>,
     interval: watch::Sender<Option<Duration>>,
     trigger: CheckpointTrigger,
@@ -326,6 +327,7 @@ impl EpochCoordinator {
             guest,
             link,
             current: AtomicU64::new(first.0),
+            committed: AtomicU64::new(first.0.saturating_sub(1)),
             stats: Mutex::new(CoordinatorStats::default()),
             interval: watch::Sender::new(opts.interval),
             trigger,
@@ -371,7 +373,7 @@ impl EpochCoordinator {
         let opts = self.options();
         serde_json::json!({
             "epoch": self.current().0,
-            "committed_epoch": self.current().0.saturating_sub(1),
+            "committed_epoch": self.committed.load(Ordering::Acquire),
             "checkpoints": s.checkpoints,
             "checkpoint_failures": s.failures,
             "checkpoint_pause_us": s.pause.to_json(),
@@ -442,6 +444,7 @@ impl EpochCoordinator {
         let summaries = futures_join_all(self.participants.iter().map(|p| p.prepare(epoch))).await;
         let summaries = summaries.into_iter().collect::<Result<Vec<_>, _>>()?;
         self.link.checkpoint(epoch, summaries).await?;
+        self.committed.store(epoch.0, Ordering::Release);
         for p in &self.participants {
             p.commit(epoch);
         }

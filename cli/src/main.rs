@@ -48,6 +48,7 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    blkrep::storage::keep_large_buffers_in_heap();
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Export(a) => export::run(a),

@@ -233,16 +233,18 @@ impl NbdClient {
         payload: Option<&[u8]>,
         data: Option<IoBuf>,
     ) -> Result<Outcome, NbdError> {
-        self.submit(req, payload, data).await?.outcome().await
+        self.submit(req, payload, data, true).await?.outcome().await
     }
 
-    /// Put a request on the wire and return without waiting for its reply. Requests
-    /// submitted one after another by the same task reach the server in that order.
+    /// Put a request on the wire (or, without `flush`, into the send buffer) and return
+    /// without waiting for its reply. Requests submitted one after another by the same task
+    /// reach the server in that order.
     async fn submit(
         &self,
         mut req: Request,
         payload: Option<&[u8]>,
         data: Option<IoBuf>,
+        flush: bool,
     ) -> Result<Ticket, NbdError> {
         let cookie = self.shared.next_cookie.fetch_add(1, Ordering::Relaxed);
         req.cookie = cookie;
@@ -274,7 +276,10 @@ impl NbdClient {
             if let Some(p) = payload {
                 w.write_all(p).await?;
             }
-            w.flush().await
+            if flush {
+                w.flush().await?;
+            }
+            Ok::<_, std::io::Error>(())
         }
         .await;
         if let Err(e) = sent {
@@ -297,7 +302,9 @@ impl NbdClient {
         })
     }
 
-    /// Submit a write without waiting for its reply (see [`Ticket`]).
+    /// Submit a write without waiting for its reply (see [`Ticket`]). Like every `submit_*`
+    /// call it only buffers the request: [`NbdClient::send_submitted`] puts the batch on the
+    /// wire, and a ticket waited on before that waits forever.
     pub async fn submit_write(
         &self,
         offset: u64,
@@ -308,8 +315,13 @@ impl NbdClient {
         let len = u32::try_from(data.len())
             .map_err(|_| NbdError::Invalid("write larger than 4 GiB".into()))?;
         let flags = if fua { self.fua_flag()? } else { 0 };
-        self.submit(Self::req(CMD_WRITE, flags, offset, len), Some(data), None)
-            .await
+        self.submit(
+            Self::req(CMD_WRITE, flags, offset, len),
+            Some(data),
+            None,
+            false,
+        )
+        .await
     }
 
     /// Submit a trim without waiting for its reply.
@@ -317,7 +329,7 @@ impl NbdClient {
         self.check(offset, u64::from(len))?;
         self.need(FLAG_SEND_TRIM, "trim")?;
         let flags = if fua { self.fua_flag()? } else { 0 };
-        self.submit(Self::req(CMD_TRIM, flags, offset, len), None, None)
+        self.submit(Self::req(CMD_TRIM, flags, offset, len), None, None, false)
             .await
     }
 
@@ -335,22 +347,43 @@ impl NbdClient {
         if fua {
             flags |= self.fua_flag()?;
         }
-        self.submit(Self::req(CMD_WRITE_ZEROES, flags, offset, len), None, None)
-            .await
+        self.submit(
+            Self::req(CMD_WRITE_ZEROES, flags, offset, len),
+            None,
+            None,
+            false,
+        )
+        .await
     }
 
     /// Submit a flush without waiting for its reply.
     pub async fn submit_flush(&self) -> Result<Ticket, NbdError> {
         self.need(FLAG_SEND_FLUSH, "flush")?;
-        self.submit(Self::req(CMD_FLUSH, 0, 0, 0), None, None).await
+        self.submit(Self::req(CMD_FLUSH, 0, 0, 0), None, None, false)
+            .await
     }
 
     /// Submit lockstep's epoch mark (a lockstep extension, see `docs/protocol.md`): every
     /// request sent before it belongs to the epoch before `epoch`. Its reply arrives once
     /// the server has finished every earlier request of this connection.
     pub async fn submit_epoch_mark(&self, epoch: u64) -> Result<Ticket, NbdError> {
-        self.submit(Self::req(CMD_LOCKSTEP_EPOCH, 0, epoch, 0), None, None)
-            .await
+        self.submit(
+            Self::req(CMD_LOCKSTEP_EPOCH, 0, epoch, 0),
+            None,
+            None,
+            false,
+        )
+        .await
+    }
+
+    /// Push requests submitted with the `submit_*` calls onto the wire. Those calls only
+    /// buffer (so that a batch of requests costs one system call): call this after a batch.
+    pub async fn send_submitted(&self) -> Result<(), NbdError> {
+        let mut w = self.shared.writer.lock().await;
+        w.flush().await.map_err(|e| NbdError::Io {
+            context: format!("sending requests to {}", self.shared.peer),
+            source: e,
+        })
     }
 
     fn fua_flag(&self) -> Result<u16, NbdError> {

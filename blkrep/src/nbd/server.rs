@@ -73,8 +73,9 @@ impl Export {
 /// connection has finished, and reads no later request until it returns: the mark is a
 /// barrier that cuts the connection's request stream into epochs.
 pub trait EpochSink: Send + Sync + std::fmt::Debug {
-    /// Requests read from now on belong to `epoch`.
-    fn begin_epoch(&self, epoch: u64) -> Result<(), String>;
+    /// Requests read from now on belong to `epoch`; `drain` is how long the server waited
+    /// for the earlier requests to finish (the stall the mark put on this connection).
+    fn begin_epoch(&self, epoch: u64, drain: Duration) -> Result<(), String>;
 }
 
 /// Takes over a connection that asked for lockstep's control protocol
@@ -634,8 +635,9 @@ impl NbdServer {
             if req.command == CMD_LOCKSTEP_EPOCH {
                 if let Some(sink) = session.export.epochs.as_ref().filter(|_| req.length == 0) {
                     // A barrier: everything read before the mark finishes first.
+                    let t = std::time::Instant::now();
                     while inflight.join_next().await.is_some() {}
-                    let body = match sink.begin_epoch(req.offset) {
+                    let body = match sink.begin_epoch(req.offset, t.elapsed()) {
                         Ok(()) => ReplyBody::Ok,
                         Err(message) => ReplyBody::Error {
                             errno: EINVAL,

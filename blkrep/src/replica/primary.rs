@@ -378,7 +378,8 @@ impl Primary {
         let mut held: Option<FwdOp> = None;
         let fwd_durable = self.opts.ack == AckMode::Durable;
         let failure: String = 'run: loop {
-            // Submit as much as order and the in-flight limit allow.
+            // Submit as much as order and the in-flight limit allow, then send the batch.
+            let mut submitted = 0usize;
             loop {
                 if held.is_none() && inflight.len() < self.opts.max_inflight {
                     match rx.try_recv() {
@@ -427,6 +428,12 @@ impl Primary {
                 next_id += 1;
                 tasks.spawn(async move { (id, ticket.wait().await.map_err(|e| e.to_string())) });
                 inflight.insert(id, (range, op));
+                submitted += 1;
+            }
+            if submitted > 0 {
+                if let Err(e) = client.send_submitted().await {
+                    break 'run format!("forwarding to the secondary: {e}");
+                }
             }
             tokio::select! {
                 Some(r) = tasks.join_next(), if !tasks.is_empty() => {

@@ -21,7 +21,7 @@ use super::buffer::{BufferStats, DiskBuffer, BUFFER_BLOCK};
 use super::wire::{self, Message, WireError};
 use super::{FailoverTarget, PARTICIPANT_BLOCK};
 use crate::digest;
-use crate::epoch::EpochSummary;
+use crate::epoch::{EpochSummary, Latencies};
 use crate::nbd::server::{ControlHandler, EpochSink};
 use crate::nbd::transport::{ReadHalf, WriteHalf};
 use crate::storage::{
@@ -134,6 +134,8 @@ struct Inner {
     checkpoints: u64,
     aborted: u64,
     heartbeats: u64,
+    /// How long each epoch mark held the replication connection (the forwarding stall).
+    mark_drain: Latencies,
 }
 
 /// One flush at a time, shared by every FUA write that arrived before it started.
@@ -236,6 +238,7 @@ impl Secondary {
                 checkpoints: 0,
                 aborted: 0,
                 heartbeats: 0,
+                mark_drain: Latencies::default(),
             }),
             locks: BlockRangeLock::default(),
             barrier: tokio::sync::RwLock::new(()),
@@ -300,6 +303,7 @@ impl Secondary {
             "checkpoints": i.checkpoints,
             "checkpoints_aborted": i.aborted,
             "heartbeats": i.heartbeats,
+            "mark_drain_us": i.mark_drain.to_json(),
             "checkpoint_digest": i.committed_digest.map(|d| format!("{d:016x}")),
             "failover": i.failover,
             "dirty_blocks": self.dirty.lock().unwrap_or_else(|e| e.into_inner()).len(),
@@ -315,7 +319,7 @@ impl Secondary {
 
     /// Copy the originals of blocks `first..=last` into `epoch` where not yet kept. The
     /// caller holds the range lock.
-    async fn preserve(&self, epoch: u64, first: u64, last: u64) -> Result<()> {
+    async fn preserve(&self, epoch: u64, first: u64, last: u64, probe_holes: bool) -> Result<()> {
         let size = self.disk.size();
         let mut b = first;
         while b <= last {
@@ -337,8 +341,13 @@ impl Secondary {
             let off = start * BUFFER_BLOCK;
             let end = (b * BUFFER_BLOCK).min(size);
             let len = end - off;
-            let ext = self.disk.block_status(off, len).await?;
-            let all_zero = ext.first().is_some_and(|e: &Extent| e.zero && e.len >= len);
+            // Large ranges (trims and zeroing above all) often cover unallocated space: keep
+            // "zero" markers for those instead of reading zeroes. Small runs are just read,
+            // which is cheaper than asking.
+            let all_zero = (probe_holes || b - start >= 16) && {
+                let ext = self.disk.block_status(off, len).await?;
+                ext.first().is_some_and(|e: &Extent| e.zero && e.len >= len)
+            };
             if all_zero {
                 let mut i = self.inner();
                 for k in start..b {
@@ -391,7 +400,7 @@ impl Secondary {
         let _g = self.locks.lock(first, last).await;
         let r = async {
             if len > 0 {
-                self.preserve(epoch, first, last).await?;
+                self.preserve(epoch, first, last, op != Op::Write).await?;
             }
             apply.await
         }
@@ -665,7 +674,8 @@ fn spill_error(offset: u64, len: u64, e: std::io::Error) -> StorageError {
 pub struct ReplicaSink(Arc<Secondary>);
 
 impl EpochSink for ReplicaSink {
-    fn begin_epoch(&self, epoch: u64) -> std::result::Result<(), String> {
+    fn begin_epoch(&self, epoch: u64, drain: Duration) -> std::result::Result<(), String> {
+        self.0.inner().mark_drain.record(drain);
         self.0.begin_epoch(epoch)
     }
 }

@@ -509,7 +509,9 @@ fn lying_checkpoints_are_aborted_never_committed() {
         // Epoch 1 is still open (no epoch mark yet).
         let m = ask(1, summary(1, 4096)).await;
         assert!(matches!(&m, Message::Aborted { reason, .. } if reason.contains("still open")), "{m:?}");
-        c.submit_epoch_mark(2).await.unwrap().wait().await.unwrap();
+        let mark = c.submit_epoch_mark(2).await.unwrap();
+        c.send_submitted().await.unwrap();
+        mark.wait().await.unwrap();
         // Wrong epoch.
         let m = ask(5, summary(1, 4096)).await;
         assert!(matches!(&m, Message::Aborted { reason, .. } if reason.contains("expected a checkpoint of epoch 1")), "{m:?}");

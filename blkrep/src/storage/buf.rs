@@ -143,6 +143,18 @@ impl PartialEq for IoBuf {
     }
 }
 
+/// Keep large I/O buffers (up to 64 MiB) in the heap instead of a fresh mapping per
+/// allocation: glibc would otherwise map, fault in, zero and unmap every 1 MiB payload
+/// buffer. Call once at daemon start.
+pub fn keep_large_buffers_in_heap() {
+    // SAFETY: mallopt only changes allocator thresholds; it takes plain integers and is safe
+    // to call at any time (glibc serialises it with the arena locks).
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

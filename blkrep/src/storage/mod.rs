@@ -23,7 +23,7 @@ mod uring;
 #[cfg(test)]
 pub(crate) mod suite;
 
-pub use buf::{IoBuf, IO_ALIGN};
+pub use buf::{keep_large_buffers_in_heap, IoBuf, IO_ALIGN};
 pub use memory::MemoryBackend;
 pub(crate) use unaligned::BlockRangeLock;
 pub use unaligned::Unaligned;
