@@ -29,3 +29,4 @@ pub mod epoch;
 pub mod nbd;
 pub mod replica;
 pub mod storage;
+pub mod ublk;

@@ -35,9 +35,15 @@ pub struct ExportArgs {
     /// Bypass the host page cache (O_DIRECT); odd-sized requests use read-modify-write.
     #[arg(long)]
     direct: bool,
+    #[command(flatten)]
+    ublk: crate::replicate::UblkArgs,
 }
 
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
+    let ublk = a.ublk.options();
+    if ublk.is_some() && a.disk.len() != 1 {
+        bail!("--ublk serves one disk: give exactly one --disk");
+    }
     if !a.name.is_empty() && a.name.len() != a.disk.len() {
         bail!(
             "give one --name per --disk ({} names for {} disks)",
@@ -88,8 +94,11 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         }
         let (stop_tx, stop_rx) = watch::channel(false);
         let serving = tokio::spawn(server.clone().serve(listener, stop_rx));
+        let device = blkrep::replica::node::start_ublk(&ublk, exports[0].backend.clone())
+            .map_err(|e| anyhow::anyhow!(e))?;
         let signal = wait_for_signal().await?;
         tracing::info!("{signal}: finishing requests in flight, flushing, exiting");
+        blkrep::replica::node::stop_ublk(device).await;
         let _ = stop_tx.send(true);
         serving.await.context("server task")?;
         for e in &exports {

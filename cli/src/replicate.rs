@@ -19,6 +19,35 @@ use serde_json::{json, Value};
 use crate::export::wait_for_signal;
 use crate::units::{parse_duration, parse_size};
 
+/// Block-device flags (ublk) shared by the daemons.
+#[derive(Debug, Args)]
+pub struct UblkArgs {
+    /// Also serve the disk as a block device, /dev/ublkbN (needs the ublk_drv module).
+    #[arg(long)]
+    ublk: bool,
+    /// ublk device id N (/dev/ublkbN). If a device with this id was left by a killed daemon,
+    /// it is recovered: I/O waiting on it continues.
+    #[arg(long, requires = "ublk")]
+    ublk_id: Option<u32>,
+    /// ublk hardware queues (one thread each).
+    #[arg(long, default_value = "1", requires = "ublk")]
+    queues: u16,
+    /// ublk requests in flight per queue.
+    #[arg(long, default_value = "128", requires = "ublk")]
+    depth: u16,
+}
+
+impl UblkArgs {
+    pub fn options(&self) -> Option<blkrep::ublk::UblkOptions> {
+        self.ublk.then(|| blkrep::ublk::UblkOptions {
+            id: self.ublk_id,
+            queues: self.queues,
+            depth: self.depth,
+            ..Default::default()
+        })
+    }
+}
+
 /// Flags both daemons share.
 #[derive(Debug, Args)]
 pub struct DiskArgs {
@@ -56,6 +85,8 @@ fn endpoint(s: &str) -> Endpoint {
 pub struct PrimaryArgs {
     #[command(flatten)]
     disk: DiskArgs,
+    #[command(flatten)]
+    ublk: UblkArgs,
     /// Where clients connect (ADDR:PORT, or unix:PATH).
     #[arg(long, default_value = "127.0.0.1:10809")]
     export: String,
@@ -93,6 +124,8 @@ pub struct PrimaryArgs {
 pub struct SecondaryArgs {
     #[command(flatten)]
     disk: DiskArgs,
+    #[command(flatten)]
+    ublk: UblkArgs,
     /// Where the primary connects (replication data and control channel).
     #[arg(long)]
     listen: String,
@@ -151,6 +184,7 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
         heartbeat: a.heartbeat,
         heartbeat_misses: a.heartbeat_misses,
         connect_timeout: a.connect_timeout,
+        ublk: a.ublk.options(),
     };
     runtime()?
         .block_on(node::run_primary(cfg, signal()))
@@ -169,6 +203,7 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
         export: a.export.as_deref().map(endpoint),
         export_name: a.name,
         secondary: opts,
+        ublk: a.ublk.options(),
     };
     runtime()?
         .block_on(node::run_secondary(cfg, signal()))

@@ -23,6 +23,7 @@ use crate::nbd::client::{ClientOptions, NbdClient};
 use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::nbd::transport::{Endpoint, Listener};
 use crate::storage::{open_disk, Backend, DiskOptions};
+use crate::ublk::{self, UblkDevice, UblkOptions};
 
 /// Export name of the secondary's replication target on its `--listen` port.
 pub const REPLICA_EXPORT: &str = "lockstep-replica";
@@ -50,6 +51,8 @@ pub struct PrimaryConfig {
     pub heartbeat_misses: u32,
     /// How long to keep trying to reach the secondary at start.
     pub connect_timeout: Duration,
+    /// Also serve the disk as /dev/ublkbN.
+    pub ublk: Option<UblkOptions>,
 }
 
 /// A secondary daemon's settings.
@@ -67,6 +70,8 @@ pub struct SecondaryConfig {
     pub export_name: String,
     /// Buffer and peer-loss settings.
     pub secondary: SecondaryOptions,
+    /// Also serve the secondary's view as /dev/ublkbN.
+    pub ublk: Option<UblkOptions>,
 }
 
 fn stop_pair() -> (watch::Sender<bool>, watch::Receiver<bool>) {
@@ -188,10 +193,12 @@ pub async fn run_primary(
     let admin_task = admin::serve(cfg.control.clone(), handler, stop_rx.clone())
         .await
         .map_err(|e| e.to_string())?;
+    let device = start_ublk(&cfg.ublk, primary.clone())?;
     tracing::info!(export = %cfg.export, secondary = %cfg.secondary, ack = cfg.primary.ack.name(), "primary replicating");
 
     shutdown.await;
     tracing::info!("shutting down: draining clients");
+    stop_ublk(device).await;
     srv_stop_tx.send_replace(true);
     let _ = srv.await;
     if primary.mode() == PrimaryMode::Replicating {
@@ -359,9 +366,11 @@ pub async fn run_secondary(
     let admin_task = admin::serve(cfg.control.clone(), handler, stop_rx.clone())
         .await
         .map_err(|e| e.to_string())?;
+    let device = start_ublk(&cfg.ublk, sec.view())?;
     tracing::info!(listen = %cfg.listen, export = ?cfg.export.as_ref().map(|e| e.to_string()), "secondary waiting for a primary");
     shutdown.await;
     tracing::info!("shutting down");
+    stop_ublk(device).await;
     stop_tx.send_replace(true);
     for t in tasks {
         let _ = t.await;
@@ -418,6 +427,33 @@ impl AdminHandler for SecondaryAdmin {
                 )),
             }
         })
+    }
+}
+
+/// Start a ublk device over `backend` if asked to.
+pub fn start_ublk(
+    opts: &Option<UblkOptions>,
+    backend: Arc<dyn Backend>,
+) -> Result<Option<UblkDevice>, String> {
+    let Some(o) = opts else { return Ok(None) };
+    // Starting the device issues I/O (partition scan) that runs on this runtime: wait for it
+    // without holding up a worker.
+    let handle = tokio::runtime::Handle::current();
+    let dev = tokio::task::block_in_place(|| ublk::start(backend, handle, o))
+        .map_err(|e| e.to_string())?;
+    tracing::info!(device = %dev.path(), "block device ready");
+    Ok(Some(dev))
+}
+
+/// Stop and delete a ublk device (its requests in flight finish first).
+pub async fn stop_ublk(dev: Option<UblkDevice>) {
+    if let Some(d) = dev {
+        let path = d.path();
+        match tokio::task::spawn_blocking(move || d.stop()).await {
+            Ok(Ok(())) => tracing::info!(device = %path, "block device removed"),
+            Ok(Err(e)) => tracing::warn!(device = %path, "removing the block device: {e}"),
+            Err(e) => tracing::warn!(device = %path, "removing the block device: {e}"),
+        }
     }
 }
 
