@@ -364,6 +364,7 @@ fn fio_nbd_engine_verifies_while_hostile_clients_come_and_go() {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--group_reporting",
     ];
     let mut a: Vec<String> = common.iter().map(|s| s.to_string()).collect();
