@@ -556,6 +556,26 @@ fn fio_errors(text: &str) -> usize {
         .count()
 }
 
+/// A time-based random-write load on `uri` with the mixed block sizes of `BSSPLIT`.
+fn load_job(uri: &str, seed: Option<u64>, depth: u32, size: &str, runtime_s: u32) -> Vec<String> {
+    let mut a = vec![
+        "--name=load".to_string(),
+        "--ioengine=nbd".into(),
+        format!("--uri={uri}"),
+        "--rw=randwrite".into(),
+        BSSPLIT.into(),
+        "--norandommap".into(),
+        format!("--iodepth={depth}"),
+        format!("--size={size}"),
+        "--time_based".into(),
+        format!("--runtime={runtime_s}"),
+    ];
+    if let Some(seed) = seed {
+        a.push(format!("--randseed={seed}"));
+    }
+    a
+}
+
 fn start_fio(dir: &Path, name: &str, args: &[String]) -> Daemon {
     require("fio", "fio");
     Daemon::start(name, Path::new("fio"), &refs(args), dir)
@@ -641,19 +661,7 @@ fn kill_primary_trial(rng: &mut Rng) -> String {
     let mut fio = start_fio(
         dir.path(),
         "fio-load",
-        &[
-            "--name=load".into(),
-            "--ioengine=nbd".into(),
-            format!("--uri={}", pair.uri()),
-            "--rw=randwrite".into(),
-            BSSPLIT.into(),
-            "--norandommap".into(),
-            format!("--randseed={fio_seed}"),
-            format!("--iodepth={depth}"),
-            "--size=32M".into(),
-            "--time_based".into(),
-            "--runtime=5".into(),
-        ],
+        &load_job(&pair.uri(), Some(fio_seed), depth, "32M", 5),
     );
     sleep_ms(kill_ms);
     if let Ok(Some(st)) = fio.child.try_wait() {
@@ -1096,19 +1104,7 @@ fn kill_secondary_trial(rng: &mut Rng, ack: &str) -> String {
     let mut fio = start_fio(
         dir.path(),
         "fio-load",
-        &[
-            "--name=load".into(),
-            "--ioengine=nbd".into(),
-            format!("--uri={}", pair.uri()),
-            "--rw=randwrite".into(),
-            BSSPLIT.into(),
-            "--norandommap".into(),
-            format!("--randseed={fio_seed}"),
-            format!("--iodepth={depth}"),
-            "--size=64M".into(),
-            "--time_based".into(),
-            "--runtime=2".into(),
-        ],
+        &load_job(&pair.uri(), Some(fio_seed), depth, "64M", 2),
     );
     sleep_ms(kill_ms);
     pair.secondary.signal(libc::SIGKILL);
@@ -1317,18 +1313,7 @@ fn primary_status_committed_epoch_is_committed_on_the_secondary() {
     let mut fio = start_fio(
         dir.path(),
         "fio-load",
-        &[
-            "--name=load".into(),
-            "--ioengine=nbd".into(),
-            format!("--uri={}", pair.uri()),
-            "--rw=randwrite".into(),
-            BSSPLIT.into(),
-            "--norandommap".into(),
-            "--iodepth=32".into(),
-            "--size=64M".into(),
-            "--time_based".into(),
-            "--runtime=3".into(),
-        ],
+        &load_job(&pair.uri(), None, 32, "64M", 3),
     );
     let req = r#"{"cmd":"status"}"#;
     let start = Instant::now();

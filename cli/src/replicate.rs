@@ -312,76 +312,51 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         "peer",
         format!("{} ({})", text(&v["peer"]), text(&v["peer_state"])),
     );
+    let forwarded = format!(
+        "{} writes, {}",
+        text(&v["forwarded_writes"]),
+        bytes(&v["forwarded_bytes"])
+    );
+    let percentiles = |key: &str| format!("p50 {}  p99 {}", us(&v[key]["p50"]), us(&v[key]["p99"]));
     if v["role"] == "primary" && v.get("forward_queue").is_some() {
         row("ack", text(&v["ack"]));
+        let queue = &v["forward_queue"];
         row(
             "forward queue",
             format!(
                 "{} requests, {}",
-                text(&v["forward_queue"]["depth"]),
-                bytes(&v["forward_queue"]["bytes"])
+                text(&queue["depth"]),
+                bytes(&queue["bytes"])
             ),
         );
-        row(
-            "forwarded",
-            format!(
-                "{} writes, {}",
-                text(&v["forwarded_writes"]),
-                bytes(&v["forwarded_bytes"])
-            ),
-        );
+        row("forwarded", forwarded);
+        let failed = text(&v["checkpoint_failures"]);
         row(
             "checkpoints",
-            format!(
-                "{} ({} failed)",
-                text(&v["checkpoints"]),
-                text(&v["checkpoint_failures"])
-            ),
+            format!("{} ({failed} failed)", text(&v["checkpoints"])),
         );
-        row(
-            "checkpoint pause",
-            format!(
-                "p50 {}  p99 {}",
-                us(&v["checkpoint_pause_us"]["p50"]),
-                us(&v["checkpoint_pause_us"]["p99"])
-            ),
-        );
-        row(
-            "checkpoint total",
-            format!(
-                "p50 {}  p99 {}",
-                us(&v["checkpoint_total_us"]["p50"]),
-                us(&v["checkpoint_total_us"]["p99"])
-            ),
-        );
+        row("checkpoint pause", percentiles("checkpoint_pause_us"));
+        row("checkpoint total", percentiles("checkpoint_total_us"));
         row("dirty blocks", text(&v["dirty_blocks"]));
     } else {
+        let b = &v["buffer"];
         row(
             "buffer",
             format!(
                 "{} blocks: {} in memory, {} spilled, {} open epochs",
-                text(&v["buffer"]["blocks"]),
-                bytes(&v["buffer"]["memory_bytes"]),
-                bytes(&v["buffer"]["spill_bytes"]),
-                text(&v["buffer"]["epochs"])
+                text(&b["blocks"]),
+                bytes(&b["memory_bytes"]),
+                bytes(&b["spill_bytes"]),
+                text(&b["epochs"])
             ),
         );
-        row(
-            "forwarded",
-            format!(
-                "{} writes, {}",
-                text(&v["forwarded_writes"]),
-                bytes(&v["forwarded_bytes"])
-            ),
-        );
+        row("forwarded", forwarded);
+        let aborted = text(&v["checkpoints_aborted"]);
         row(
             "checkpoints",
-            format!(
-                "{} ({} aborted)",
-                text(&v["checkpoints"]),
-                text(&v["checkpoints_aborted"])
-            ),
+            format!("{} ({aborted} aborted)", text(&v["checkpoints"])),
         );
+        row("epoch-mark stall", percentiles("mark_drain_us"));
         if !v["failover"].is_null() {
             row(
                 "failover",
