@@ -171,6 +171,18 @@ impl UblkDevice {
     }
 }
 
+/// Delete device `id` whatever its state (e.g. left by a killed daemon that will not come
+/// back): requests waiting on it fail with an I/O error.
+pub fn delete(id: u32) -> Result<(), UblkFrontendError> {
+    if !Path::new(UBLK_CONTROL).exists() {
+        return Err(UblkFrontendError::NoDriver);
+    }
+    let ctrl = UblkCtrl::new_simple(id as i32).map_err(ublk_err("opening the device"))?;
+    let _ = ctrl.kill_dev();
+    ctrl.del_dev().map_err(ublk_err("deleting the device"))?;
+    Ok(())
+}
+
 /// Serve `backend` as a ublk device, its I/O run on `rt`. Returns once the device is live.
 pub fn start(
     backend: Arc<dyn Backend>,

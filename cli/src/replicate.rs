@@ -429,3 +429,16 @@ pub fn failover(a: FailoverArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Debug, Args)]
+pub struct UblkDeleteArgs {
+    /// The device id (N in /dev/ublkbN).
+    #[arg(long)]
+    id: u32,
+}
+
+pub fn ublk_delete(a: UblkDeleteArgs) -> anyhow::Result<()> {
+    blkrep::ublk::delete(a.id)?;
+    println!("deleted /dev/ublkb{}", a.id);
+    Ok(())
+}
