@@ -9,7 +9,7 @@ lockstep primary --disk /tmp/p.img --size 128M --export 127.0.0.1:10809 --second
     --control /tmp/p.sock --ack received --checkpoint-interval 100ms --ublk --ublk-id 0 > /tmp/primary.log 2>&1 &
 PRI=$!
 wait_for "[ -b /dev/ublkb0 ]" 60 || fail "/dev/ublkb0 did not appear"
-fio --name=load --filename=/dev/ublkb0 --rw=randwrite --bs=4k --size=64M --ioengine=io_uring \
+fio --eta=never --name=load --filename=/dev/ublkb0 --rw=randwrite --bs=4k --size=64M --ioengine=io_uring \
     --iodepth=16 --direct=1 --time_based --runtime=30 --verify_state_save=0 --output=/tmp/fio-load.log &
 FIO=$!
 sleep 4
