@@ -4,6 +4,8 @@
 //! `target/release/lockstep` and `target/debug/lockstep`. `tests/run-all` builds it first.
 //! A missing tool or binary fails the test loudly: nothing here skips.
 
+pub mod guest;
+
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
