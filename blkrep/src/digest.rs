@@ -102,6 +102,22 @@ impl DigestTable {
         }
     }
 
+    /// Block `index`'s hash (the zero hash past the end).
+    pub fn get(&self, index: u64) -> u64 {
+        self.hashes
+            .get(index as usize)
+            .map(|h| h.load(Ordering::Acquire))
+            .unwrap_or_else(|| zero_block_hash(index))
+    }
+
+    /// The digest of unit `unit` (blocks `unit * unit_blocks ..`, clipped to the disk): the
+    /// wrapping sum of its blocks' hashes, as [`unit_sums`] computes it from a disk.
+    pub fn unit_sum(&self, unit: u64, unit_blocks: u64) -> u64 {
+        let first = unit * unit_blocks;
+        let end = (first + unit_blocks).min(self.len());
+        (first..end).fold(0u64, |s, b| s.wrapping_add(self.get(b)))
+    }
+
     /// The digest of the whole disk.
     pub fn sum(&self) -> u64 {
         self.sum.load(Ordering::Acquire)
@@ -160,6 +176,77 @@ async fn for_each_block(disk: &dyn Backend, mut f: impl FnMut(u64, u64)) -> Resu
     Ok(())
 }
 
+/// The digest of each unit in `units` (unit `u` = blocks `u * unit_blocks ..`, clipped to the
+/// disk), in the bitmap's order, read from `disk`; holes are not read. What the secondary
+/// answers to a SUMS request, and what [`DigestTable::unit_sum`] computes from memory.
+pub async fn unit_sums(
+    disk: &dyn Backend,
+    units: &roaring::RoaringTreemap,
+    unit_blocks: u64,
+) -> Result<Vec<u64>> {
+    const RUN: u64 = 4 << 20;
+    let size = disk.size();
+    let nblocks = blocks(size);
+    let mut out = Vec::with_capacity(units.len() as usize);
+    let mut it = units.iter().peekable();
+    while let Some(u) = it.next() {
+        // A run of consecutive units, at most RUN bytes.
+        let mut last = u;
+        while let Some(&n) = it.peek() {
+            if n != last + 1 || (n + 1 - u) * unit_blocks * DIGEST_BLOCK > RUN {
+                break;
+            }
+            last = n;
+            it.next();
+        }
+        let first_block = (u * unit_blocks).min(nblocks);
+        let end_block = ((last + 1) * unit_blocks).min(nblocks);
+        let mut hashes: Vec<u64> = (first_block..end_block).map(zero_block_hash).collect();
+        if end_block > first_block {
+            let off = first_block * DIGEST_BLOCK;
+            let len = (end_block * DIGEST_BLOCK).min(size) - off;
+            let ext = disk.block_status(off, len).await?;
+            let mut pos = off;
+            let mut covered = 0;
+            for e in ext {
+                let e_len = e.len.min(off + len - pos);
+                if e_len == 0 {
+                    break;
+                }
+                if !(e.hole && e.zero) {
+                    let b0 = pos / DIGEST_BLOCK;
+                    let b1 = (pos + e_len).div_ceil(DIGEST_BLOCK);
+                    let start = b0 * DIGEST_BLOCK;
+                    let end = (b1 * DIGEST_BLOCK).min(size);
+                    let buf = disk.read_at(start, (end - start) as usize).await?;
+                    for (k, chunk) in buf.chunks(DIGEST_BLOCK as usize).enumerate() {
+                        let b = b0 + k as u64;
+                        hashes[(b - first_block) as usize] = block_hash(b, chunk);
+                    }
+                }
+                pos += e_len;
+                covered += e_len;
+            }
+            if covered == 0 {
+                let buf = disk.read_at(off, len as usize).await?;
+                for (k, chunk) in buf.chunks(DIGEST_BLOCK as usize).enumerate() {
+                    let b = first_block + k as u64;
+                    hashes[k] = block_hash(b, chunk);
+                }
+            }
+        }
+        for unit in u..=last {
+            let a = (unit * unit_blocks).min(nblocks);
+            let b = ((unit + 1) * unit_blocks).min(nblocks);
+            let sum = hashes[(a - first_block) as usize..(b - first_block) as usize]
+                .iter()
+                .fold(0u64, |s, h| s.wrapping_add(*h));
+            out.push(sum);
+        }
+    }
+    Ok(out)
+}
+
 /// The digest of a whole disk.
 pub async fn disk_digest(disk: &dyn Backend) -> Result<u64> {
     let mut sum = (0..blocks(disk.size())).fold(0u64, |s, i| s.wrapping_add(zero_block_hash(i)));
@@ -200,6 +287,32 @@ mod tests {
             }
             assert_eq!(t.sum(), disk_digest(&disk).await.unwrap());
             assert_eq!(t.sum(), DigestTable::scan(&disk).await.unwrap().sum());
+        });
+    }
+
+    #[test]
+    fn unit_sums_match_the_table() {
+        rt().block_on(async {
+            let size = 100 * 4096 + 512;
+            let disk = MemoryBackend::new(size);
+            let t = DigestTable::zeroed(size);
+            for b in [0u64, 3, 17, 18, 64, 100] {
+                let off = b * 4096;
+                let len = 4096u64.min(size - off) as usize;
+                let data = vec![b as u8 + 1; len];
+                disk.write_at(off, IoBuf::from_slice(&data), false)
+                    .await
+                    .unwrap();
+                t.set(b, block_hash(b, &data));
+            }
+            for unit_blocks in [1u64, 3, 16] {
+                let units: roaring::RoaringTreemap = (0..blocks(size).div_ceil(unit_blocks))
+                    .filter(|u| u % 3 != 1)
+                    .collect();
+                let sums = unit_sums(&disk, &units, unit_blocks).await.unwrap();
+                let want: Vec<u64> = units.iter().map(|u| t.unit_sum(u, unit_blocks)).collect();
+                assert_eq!(sums, want, "unit of {unit_blocks} blocks");
+            }
         });
     }
 

@@ -38,6 +38,8 @@ enum Command {
     Checkpoint(replicate::CheckpointArgs),
     /// Fail the secondary over and serve its disk as an unprotected primary.
     Failover(replicate::FailoverArgs),
+    /// Compare the primary's and the secondary's disks online, chunk by chunk, by crc64.
+    Verify(replicate::VerifyArgs),
     /// Delete a ublk device left by a daemon that will not come back (waiting I/O fails).
     UblkDelete(replicate::UblkDeleteArgs),
 }
@@ -59,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Status(a) => replicate::status(a),
         Command::Checkpoint(a) => replicate::checkpoint(a),
         Command::Failover(a) => replicate::failover(a),
+        Command::Verify(a) => replicate::verify(a),
         Command::UblkDelete(a) => replicate::ublk_delete(a),
     };
     match result {

@@ -118,6 +118,11 @@ pub struct PrimaryArgs {
     /// How long to keep trying to reach the secondary at start.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     connect_timeout: Duration,
+    /// After losing the secondary, how long to stay `paused` (expecting it back) before
+    /// calling this node unprotected; reconnection attempts go on either way, and what is
+    /// written meanwhile is resynced incrementally when the secondary returns.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    reconnect_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -146,6 +151,11 @@ pub struct SecondaryArgs {
     /// Missed heartbeat periods (the primary's period) before the primary counts as lost.
     #[arg(long, default_value = "5")]
     heartbeat_misses: u32,
+    /// Let a primary overwrite data this disk has and the primary does not (after a
+    /// split-brain, or when this disk was written as a primary later): DRBD's option of the
+    /// same name. Without it such a primary is refused.
+    #[arg(long)]
+    discard_my_data: bool,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -184,6 +194,7 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
         heartbeat: a.heartbeat,
         heartbeat_misses: a.heartbeat_misses,
         connect_timeout: a.connect_timeout,
+        reconnect_timeout: a.reconnect_timeout,
         ublk: a.ublk.options(),
     };
     runtime()?
@@ -196,6 +207,7 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
     opts.buffer_memory = a.buffer_memory;
     opts.on_peer_loss = a.on_peer_loss;
     opts.heartbeat_misses = a.heartbeat_misses;
+    opts.discard_my_data = a.discard_my_data;
     let cfg = SecondaryConfig {
         disk: a.disk.options(),
         listen: endpoint(&a.listen),
@@ -213,6 +225,16 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The daemon's control socket.
+    #[arg(long)]
+    control: PathBuf,
+    /// Print the raw JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The primary's control socket.
     #[arg(long)]
     control: PathBuf,
     /// Print the raw JSON.
@@ -338,6 +360,24 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         row("checkpoint pause", percentiles("checkpoint_pause_us"));
         row("checkpoint total", percentiles("checkpoint_total_us"));
         row("dirty blocks", text(&v["dirty_blocks"]));
+        let r = &v["resync"];
+        if !r["kind"].is_null() {
+            row(
+                "resync",
+                format!(
+                    "{} {}: {} of {} units equal, {} of {} blocks sent ({}), {:.1} MB/s",
+                    text(&r["kind"]),
+                    text(&r["state"]),
+                    text(&r["equal_units"]),
+                    text(&r["compared_units"]),
+                    text(&r["sent_blocks"]),
+                    text(&r["to_send_blocks"]),
+                    bytes(&r["sent_bytes"]),
+                    r["throughput_mb_s"].as_f64().unwrap_or(0.0)
+                ),
+            );
+        }
+        row("generation", text(&v["generation"]));
     } else {
         let b = &v["buffer"];
         row(
@@ -357,6 +397,18 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
             format!("{} ({aborted} aborted)", text(&v["checkpoints"])),
         );
         row("epoch-mark stall", percentiles("mark_drain_us"));
+        row(
+            "consistent",
+            format!(
+                "{}{}",
+                text(&v["consistent"]),
+                match &v["resyncing"] {
+                    Value::String(k) => format!(" (resyncing: {k})"),
+                    _ => String::new(),
+                }
+            ),
+        );
+        row("generation", text(&v["generation"]));
         if !v["failover"].is_null() {
             row(
                 "failover",
@@ -387,6 +439,38 @@ pub fn checkpoint(a: CheckpointArgs) -> anyhow::Result<()> {
         us(&v["pause_us"]),
         us(&v["total_us"])
     );
+    Ok(())
+}
+
+pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
+    let v = call(
+        &a.control,
+        json!({"cmd": "verify"}),
+        Duration::from_secs(3600),
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "compared {} in {} chunks of {} in {:.2} s ({:.0} MB/s): {} differ",
+            bytes(&v["bytes_compared"]),
+            text(&v["total_chunks"]),
+            bytes(&v["chunk_bytes"]),
+            v["duration_s"].as_f64().unwrap_or(0.0),
+            v["mb_per_s"].as_f64().unwrap_or(0.0),
+            text(&v["differing_chunks"])
+        );
+        for d in v["differing"].as_array().into_iter().flatten() {
+            println!(
+                "  differs: offset {} length {}",
+                text(&d["offset"]),
+                text(&d["len"])
+            );
+        }
+    }
+    if v["differing_chunks"].as_u64() != Some(0) {
+        return Err(anyhow!("the primary's and the secondary's disks differ"));
+    }
     Ok(())
 }
 

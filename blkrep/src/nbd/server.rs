@@ -76,6 +76,13 @@ pub trait EpochSink: Send + Sync + std::fmt::Debug {
     /// Requests read from now on belong to `epoch`; `drain` is how long the server waited
     /// for the earlier requests to finish (the stall the mark put on this connection).
     fn begin_epoch(&self, epoch: u64, drain: Duration) -> Result<(), String>;
+
+    /// A backend and epoch sink for one new connection in transmission (None: use the
+    /// export's own). The secondary binds each replication connection to the session it
+    /// was opened in this way, so that nothing from an interrupted session lands later.
+    fn connect(&self) -> Option<(Arc<dyn Backend>, Arc<dyn EpochSink>)> {
+        None
+    }
 }
 
 /// Takes over a connection that asked for lockstep's control protocol
@@ -268,7 +275,15 @@ impl NbdServer {
         )
         .await
         {
-            Ok(Ok(Some(Negotiated::Transmission(s)))) => s,
+            Ok(Ok(Some(Negotiated::Transmission(mut s)))) => {
+                // A replication export may bind each connection to its own session.
+                if let Some((backend, epochs)) = s.export.epochs.as_ref().and_then(|e| e.connect())
+                {
+                    s.export.backend = backend;
+                    s.export.epochs = Some(epochs);
+                }
+                s
+            }
             Ok(Ok(Some(Negotiated::Control))) => {
                 let handler = self
                     .control

@@ -209,6 +209,31 @@ impl DiskBuffer {
         self.shrink_spill();
     }
 
+    /// Merge the originals of every open epoch into one set (the oldest original of each
+    /// block wins) that the next commit drops, whatever epoch it names: replication resumes
+    /// after an interruption and those epochs will never be committed one by one.
+    pub fn collapse_open(&mut self) {
+        let all = std::mem::take(&mut self.originals);
+        let mut merged: HashMap<u64, Slot> = HashMap::new();
+        let mut extra = Vec::new();
+        for (_, m) in all {
+            for (b, slot) in m {
+                match merged.entry(b) {
+                    std::collections::hash_map::Entry::Occupied(_) => extra.push(slot),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(slot);
+                    }
+                }
+            }
+        }
+        for slot in extra {
+            self.release(slot);
+        }
+        if !merged.is_empty() {
+            self.originals.insert(0, merged);
+        }
+    }
+
     /// Forget the secondary's own writes.
     pub fn drop_local(&mut self) {
         for (_, s) in std::mem::take(&mut self.local) {
@@ -304,6 +329,27 @@ mod tests {
         }
         drop(b);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn collapsed_epochs_keep_the_oldest_original() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = DiskBuffer::new(1 << 20, dir.path().join("spill"));
+        b.put_original(5, 1, Some(&blk(5))).unwrap();
+        b.put_original(6, 1, Some(&blk(6))).unwrap();
+        b.put_original(6, 2, Some(&blk(7))).unwrap();
+        b.collapse_open();
+        assert_eq!(b.stats().epochs, 1);
+        assert_eq!(b.stats().blocks, 2);
+        assert_eq!(b.view(1).unwrap(), Some(blk(5)));
+        b.put_original(9, 1, Some(&blk(9))).unwrap();
+        assert_eq!(
+            b.view(1).unwrap(),
+            Some(blk(5)),
+            "collapsed originals are the oldest"
+        );
+        b.commit(9);
+        assert_eq!(b.stats(), BufferStats::default());
     }
 
     #[test]

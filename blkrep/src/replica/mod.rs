@@ -15,10 +15,12 @@
 
 pub mod admin;
 pub mod buffer;
+pub mod meta;
 pub mod node;
 pub mod peer;
 pub mod primary;
 pub mod secondary;
+pub mod session;
 pub mod wire;
 
 /// Participant id of the block layer in checkpoint summaries.

@@ -12,14 +12,15 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use super::admin::{self, AdminHandler};
-use super::peer::{Hello, LinkOptions, PeerLink};
+use super::meta::{meta_path, MetaStore};
+use super::peer::LinkOptions;
 use super::primary::{BlockParticipant, Primary, PrimaryMode, PrimaryOptions};
 use super::secondary::{PeerLossPolicy, Secondary, SecondaryOptions};
+use super::session::{AttemptError, Replicator, ReplicatorOptions};
 use super::wire::AckMode;
 use super::FailoverTarget;
 use crate::digest::DigestTable;
 use crate::epoch::{BoxFuture, CoordinatorOptions, Epoch, EpochCoordinator, NoGuest};
-use crate::nbd::client::{ClientOptions, NbdClient};
 use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::nbd::transport::{Endpoint, Listener};
 use crate::storage::{open_disk, Backend, DiskOptions};
@@ -51,6 +52,9 @@ pub struct PrimaryConfig {
     pub heartbeat_misses: u32,
     /// How long to keep trying to reach the secondary at start.
     pub connect_timeout: Duration,
+    /// How long the primary stays `paused` after losing the secondary before it calls
+    /// itself unprotected (it keeps trying to reconnect either way).
+    pub reconnect_timeout: Duration,
     /// Also serve the disk as /dev/ublkbN.
     pub ublk: Option<UblkOptions>,
 }
@@ -91,33 +95,37 @@ pub async fn run_primary(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     let local = open_disk(&cfg.disk).map_err(|e| e.to_string())?;
+    let (meta, _) = MetaStore::open(meta_path(&cfg.disk.path)).map_err(|e| e.to_string())?;
     let started = Instant::now();
     let table = DigestTable::scan(&*local)
         .await
         .map_err(|e| format!("reading {} for its digest: {e}", cfg.disk.path.display()))?;
-    tracing::info!(digest = format!("{:016x}", table.sum()), took = ?started.elapsed(), "local disk scanned");
-    let hello = Hello {
-        size: local.size(),
-        digest: table.sum(),
-        committed: 0,
-        ack: cfg.primary.ack,
-        heartbeat: cfg.heartbeat,
-    };
+    tracing::info!(digest = format!("{:016x}", table.sum()), generation = format!("{:016x}", meta.get().generation), took = ?started.elapsed(), "local disk scanned");
+    let primary = Primary::new(local.clone(), table, 0, cfg.primary.clone(), Arc::new(meta));
     let link_opts = LinkOptions {
         heartbeat: cfg.heartbeat,
         misses: cfg.heartbeat_misses,
         commit_timeout: Duration::from_secs(30),
     };
-    // The secondary may still be starting: retry refused connections until the deadline.
+    let (stop_tx, stop_rx) = stop_pair();
+    let repl = Replicator::new(
+        primary.clone(),
+        ReplicatorOptions {
+            secondary: cfg.secondary.clone(),
+            link: link_opts,
+            ack: cfg.primary.ack,
+            connect_timeout: Duration::from_secs(10),
+            reconnect_timeout: cfg.reconnect_timeout,
+            retry: Duration::from_millis(250),
+        },
+        stop_rx.clone(),
+    );
+    // The secondary may still be starting: retry until the deadline; a refusal is final.
     let deadline = Instant::now() + cfg.connect_timeout;
-    let (link, link_rd) = loop {
-        match PeerLink::connect(&cfg.secondary, hello, link_opts, Duration::from_secs(10)).await {
-            Ok(v) => break v,
-            Err(e)
-                if Instant::now() < deadline
-                    && !e.contains("refused:")
-                    && !e.contains("answered") =>
-            {
+    loop {
+        match repl.attempt().await {
+            Ok(_) => break,
+            Err(AttemptError::Unreachable(e)) if Instant::now() < deadline => {
                 tracing::debug!("secondary not reachable yet: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -128,35 +136,17 @@ pub async fn run_primary(
                 ))
             }
         }
-    };
-    let client = NbdClient::connect(
-        &cfg.secondary,
-        &ClientOptions {
-            export: REPLICA_EXPORT.into(),
-            structured: true,
-            connect_timeout: Duration::from_secs(10),
-            request_timeout: Some(Duration::from_secs(30)),
-        },
-    )
-    .await
-    .map_err(|e| {
-        format!(
-            "opening the replication connection to {}: {e}",
-            cfg.secondary
-        )
-    })?;
-    let primary = Primary::new(local.clone(), table, 0, cfg.primary.clone());
-    let (stop_tx, stop_rx) = stop_pair();
-    let forwarder = tokio::spawn(primary.clone().run_forwarder(client));
-    tokio::spawn(link.clone().run(link_rd, primary.clone(), stop_rx.clone()));
+    }
     let coord = EpochCoordinator::new(
         vec![Arc::new(BlockParticipant(primary.clone()))],
         Arc::new(NoGuest),
-        link.clone(),
-        Epoch(1),
+        repl.clone(),
+        Epoch(primary.resume_epoch()),
         cfg.checkpoints,
     );
     primary.set_trigger(coord.trigger());
+    repl.set_trigger(coord.trigger());
+    let repl_task = tokio::spawn(repl.clone().run());
     let (coord_stop_tx, coord_stop_rx) = stop_pair();
     let coord_task = tokio::spawn({
         let c = coord.clone();
@@ -186,7 +176,7 @@ pub async fn run_primary(
     let handler = Arc::new(PrimaryAdmin {
         primary: primary.clone(),
         coord: coord.clone(),
-        link: link.clone(),
+        repl: repl.clone(),
         secondary: cfg.secondary.to_string(),
         started: Instant::now(),
     });
@@ -201,11 +191,16 @@ pub async fn run_primary(
     stop_ublk(device).await;
     srv_stop_tx.send_replace(true);
     let _ = srv.await;
+    // A resync in progress cannot end in a checkpoint: give it a moment to finish.
+    let until = Instant::now() + Duration::from_secs(30);
+    while primary.status()["resyncing"] == Value::Bool(true) && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     if primary.mode() == PrimaryMode::Replicating {
         match tokio::time::timeout(Duration::from_secs(30), coord.trigger().request()).await {
             Ok(Ok(r)) => {
                 tracing::info!(epoch = r.epoch.0, "final checkpoint committed");
-                link.goodbye("primary shutting down").await;
+                repl.goodbye("primary shutting down").await;
             }
             Ok(Err(e)) => tracing::warn!("final checkpoint failed: {e}"),
             Err(_) => tracing::warn!("final checkpoint timed out"),
@@ -213,9 +208,9 @@ pub async fn run_primary(
     }
     coord_stop_tx.send_replace(true);
     let _ = coord_task.await;
-    primary.stop_forwarder();
-    let _ = forwarder.await;
     stop_tx.send_replace(true);
+    let _ = repl_task.await;
+    repl.shutdown().await;
     let _ = admin_task.await;
     local
         .flush()
@@ -228,7 +223,7 @@ pub async fn run_primary(
 struct PrimaryAdmin {
     primary: Arc<Primary>,
     coord: Arc<EpochCoordinator>,
-    link: Arc<PeerLink>,
+    repl: Arc<Replicator>,
     secondary: String,
     started: Instant,
 }
@@ -243,13 +238,9 @@ impl AdminHandler for PrimaryAdmin {
                     let mut v = json!({
                         "role": "primary",
                         "peer": self.secondary,
-                        "peer_state": match self.link.dead_reason() {
-                            None if self.primary.mode() == PrimaryMode::Replicating => "connected".to_string(),
-                            None => "lost".to_string(),
-                            Some(r) => format!("lost: {r}"),
-                        },
                         "uptime_s": self.started.elapsed().as_secs_f64(),
                     });
+                    merge(&mut v, self.repl.status());
                     merge(&mut v, self.primary.status());
                     merge(&mut v, self.coord.status());
                     let last = v
@@ -304,8 +295,9 @@ impl AdminHandler for PrimaryAdmin {
                 "failover" => {
                     Err("failover runs on the secondary (this node is the primary)".into())
                 }
+                "verify" => self.repl.verify().await,
                 other => Err(format!(
-                    "unknown command {other:?} (status, checkpoint, set)"
+                    "unknown command {other:?} (status, checkpoint, verify, set)"
                 )),
             }
         })
@@ -326,7 +318,8 @@ pub async fn run_secondary(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     let disk = open_disk(&cfg.disk).map_err(|e| e.to_string())?;
-    let sec = Secondary::new(disk.clone(), cfg.secondary.clone());
+    let (meta, known) = MetaStore::open(meta_path(&cfg.disk.path)).map_err(|e| e.to_string())?;
+    let sec = Secondary::with_meta(disk.clone(), cfg.secondary.clone(), meta, known);
     let sink = sec.replica_sink();
     let replica = Arc::new(
         NbdServer::new(
@@ -415,6 +408,11 @@ impl AdminHandler for SecondaryAdmin {
                     Ok(v)
                 }
                 "verify" => {
+                    if req.get("online").and_then(Value::as_bool) != Some(false)
+                        && self.sec.mode() != super::secondary::Mode::Primary
+                    {
+                        return Err("online verify runs on the primary (lockstep verify --control PRIMARY.sock); on a secondary, verify compares a failed-over disk with its checkpoint digest".into());
+                    }
                     let (image, checkpoint) = self.sec.verify_checkpoint().await?;
                     Ok(json!({
                         "image_digest": format!("{image:016x}"),
@@ -467,6 +465,7 @@ pub fn default_secondary_options(disk: &std::path::Path) -> SecondaryOptions {
         on_peer_loss: PeerLossPolicy::Wait,
         heartbeat_misses: 5,
         hello_timeout: Duration::from_secs(10),
+        discard_my_data: false,
     }
 }
 

@@ -9,18 +9,22 @@ use tokio::sync::{oneshot, watch};
 
 use super::primary::Primary;
 use super::secondary::{read_message, write_message};
-use super::wire::{AckMode, Message};
+use super::wire::{AckMode, Message, SyncKind};
 use crate::epoch::{BoxFuture, CheckpointLink, Epoch, EpochError, EpochSummary};
 use crate::nbd::client::connect_control;
 use crate::nbd::transport::{Endpoint, ReadHalf, WriteHalf};
 
 /// What the primary says about itself in HELLO.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Hello {
     /// Disk size.
     pub size: u64,
-    /// Disk digest.
-    pub digest: u64,
+    /// Data generation.
+    pub generation: u64,
+    /// Generations the data descends from, newest first.
+    pub history: Vec<u64>,
+    /// The secondary generation the dirty bitmap is relative to (0: none).
+    pub tracked: u64,
     /// Last committed epoch.
     pub committed: u64,
     /// Ack mode.
@@ -41,13 +45,31 @@ pub struct LinkOptions {
 }
 
 type Waiter = oneshot::Sender<Result<(), String>>;
+type SumsWaiter = oneshot::Sender<Result<Vec<u64>, String>>;
+
+/// What the secondary said in WELCOME.
+#[derive(Debug, Clone, Copy)]
+pub struct Welcome {
+    /// How to bring it up to date.
+    pub sync: SyncKind,
+    /// Its data generation.
+    pub generation: u64,
+    /// Its last committed epoch.
+    pub committed: u64,
+    /// Whether it holds a checkpoint it could fail over to.
+    pub consistent: bool,
+}
 
 /// The control channel to the secondary.
 pub struct PeerLink {
     peer: String,
     wr: tokio::sync::Mutex<BufWriter<WriteHalf>>,
     waiters: Mutex<HashMap<u64, Waiter>>,
+    sums: Mutex<HashMap<u64, SumsWaiter>>,
+    resume: Mutex<Option<(u64, Waiter)>>,
+    next_id: std::sync::atomic::AtomicU64,
     dead: watch::Sender<Option<String>>,
+    closing: watch::Sender<bool>,
     opts: LinkOptions,
     last_ack: Mutex<Instant>,
 }
@@ -69,7 +91,7 @@ impl PeerLink {
         hello: Hello,
         opts: LinkOptions,
         timeout: Duration,
-    ) -> Result<(Arc<Self>, BufReader<ReadHalf>), String> {
+    ) -> Result<(Arc<Self>, BufReader<ReadHalf>, Welcome), String> {
         let (mut rd, mut wr) = connect_control(ep, timeout)
             .await
             .map_err(|e| e.to_string())?;
@@ -87,7 +109,9 @@ impl PeerLink {
             &mut wr,
             &Message::Hello {
                 size: hello.size,
-                digest: hello.digest,
+                generation: hello.generation,
+                history: hello.history.clone(),
+                tracked: hello.tracked,
                 committed: hello.committed,
                 session,
                 ack: hello.ack,
@@ -95,35 +119,103 @@ impl PeerLink {
             },
         )
         .await?;
-        // The secondary reads its disk to compare digests: allow for that.
+        // The secondary may look at its disk before it answers: allow for that.
         let reply =
             tokio::time::timeout(timeout.max(Duration::from_secs(60)), read_message(&mut rd))
                 .await
                 .map_err(|_| format!("{ep}: no answer to HELLO"))??;
-        match reply {
+        let welcome = match reply {
             Message::Welcome {
-                size, committed, ..
-            } if size == hello.size && committed == hello.committed => {}
-            Message::Welcome {
-                size, committed, ..
-            } => {
+                size,
+                generation,
+                committed,
+                sync,
+                consistent,
+            } if size == hello.size => Welcome {
+                sync,
+                generation,
+                committed,
+                consistent,
+            },
+            Message::Welcome { size, .. } => {
                 return Err(format!(
-                    "{ep} answered with size {size} / epoch {committed}, expected {} / {}",
-                    hello.size, hello.committed
+                    "{ep} answered with a disk of {size} bytes, expected {}",
+                    hello.size
                 ))
             }
             Message::Refused { reason } => return Err(format!("{ep} refused: {reason}")),
             other => return Err(format!("{ep} answered HELLO with {}", other.name())),
-        }
+        };
         let link = Arc::new(Self {
             peer: ep.to_string(),
             wr: tokio::sync::Mutex::new(wr),
             waiters: Mutex::new(HashMap::new()),
+            sums: Mutex::new(HashMap::new()),
+            resume: Mutex::new(None),
+            next_id: std::sync::atomic::AtomicU64::new(1),
             dead: watch::Sender::new(None),
+            closing: watch::Sender::new(false),
             opts,
             last_ack: Mutex::new(Instant::now()),
         });
-        Ok((link, rd))
+        Ok((link, rd, welcome))
+    }
+
+    /// The digests of `units` (of `unit_blocks` blocks each) on the secondary's disk.
+    pub async fn sums(
+        &self,
+        unit_blocks: u32,
+        units: roaring::RoaringTreemap,
+    ) -> Result<Vec<u64>, String> {
+        let n = units.len() as usize;
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.sums
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        if let Some(r) = self.dead_reason() {
+            return Err(format!("link lost: {r}"));
+        }
+        self.send(&Message::SumsRequest {
+            id,
+            unit_blocks,
+            units,
+        })
+        .await?;
+        let sums = tokio::time::timeout(self.opts.commit_timeout, rx)
+            .await
+            .map_err(|_| format!("no SUMS within {:?}", self.opts.commit_timeout))?
+            .map_err(|_| "link closed".to_string())??;
+        if sums.len() != n {
+            return Err(format!(
+                "the secondary sent {} digests for {n} units",
+                sums.len()
+            ));
+        }
+        Ok(sums)
+    }
+
+    /// RESUME(epoch) and wait for RESUME_ACK.
+    pub async fn resume(&self, epoch: u64) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        *self.resume.lock().unwrap_or_else(|e| e.into_inner()) = Some((epoch, tx));
+        if let Some(r) = self.dead_reason() {
+            return Err(format!("link lost: {r}"));
+        }
+        self.send(&Message::Resume { epoch }).await?;
+        tokio::time::timeout(self.opts.commit_timeout, rx)
+            .await
+            .map_err(|_| format!("no RESUME_ACK within {:?}", self.opts.commit_timeout))?
+            .map_err(|_| "link closed".to_string())?
+    }
+
+    /// End the link (the reader and heartbeat loops stop; the connection closes).
+    pub fn close(&self, reason: &str) {
+        self.kill(reason);
+        self.closing.send_replace(true);
     }
 
     /// Run the reader and heartbeat loops until the link dies or `stop`; on death the
@@ -143,6 +235,28 @@ impl PeerLink {
                     }
                     Ok(Message::Committed { epoch }) => me.answer(epoch, Ok(())),
                     Ok(Message::Aborted { epoch, reason }) => me.answer(epoch, Err(reason)),
+                    Ok(Message::Sums { id, sums }) => {
+                        let w = me
+                            .sums
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&id);
+                        match w {
+                            Some(w) => {
+                                let _ = w.send(Ok(sums));
+                            }
+                            None => return format!("SUMS {id} that nobody asked for"),
+                        }
+                    }
+                    Ok(Message::ResumeAck { epoch }) => {
+                        let w = me.resume.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        match w {
+                            Some((e, w)) if e == epoch => {
+                                let _ = w.send(Ok(()));
+                            }
+                            _ => return format!("RESUME_ACK {epoch} that nobody asked for"),
+                        }
+                    }
                     Ok(Message::Refused { reason }) => {
                         return format!("the secondary refused: {reason}")
                     }
@@ -177,14 +291,24 @@ impl PeerLink {
                 }
             }
         };
+        let mut closing = self.closing.subscribe();
         let reason = tokio::select! {
             r = reader => r,
             r = beats => r,
             _ = crate::epoch::until_true(&mut stop) => return,
+            _ = crate::epoch::until_true(&mut closing) => {
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut *self.wr.lock().await).await;
+                return;
+            }
         };
         self.kill(&reason);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::io::AsyncWriteExt::shutdown(&mut *self.wr.lock().await),
+        )
+        .await;
         primary
-            .go_unprotected(&format!("control link to {}: {reason}", self.peer))
+            .link_lost(&format!("control link to {}: {reason}", self.peer))
             .await;
     }
 
@@ -200,15 +324,32 @@ impl PeerLink {
     }
 
     fn kill(&self, reason: &str) {
-        self.dead.send_replace(Some(reason.to_string()));
+        if self.dead.borrow().is_none() {
+            self.dead.send_replace(Some(reason.to_string()));
+        }
+        let err = format!("link lost: {reason}");
         for (_, w) in self
             .waiters
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .drain()
         {
-            let _ = w.send(Err(format!("link lost: {reason}")));
+            let _ = w.send(Err(err.clone()));
         }
+        for (_, w) in self.sums.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            let _ = w.send(Err(err.clone()));
+        }
+        if let Some((_, w)) = self.resume.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = w.send(Err(err));
+        }
+    }
+
+    /// Resolves when the link dies (or is closed).
+    pub async fn died(&self) -> String {
+        let mut rx = self.dead.subscribe();
+        let _ = rx.wait_for(|d| d.is_some()).await;
+        let r = rx.borrow().clone();
+        r.unwrap_or_default()
     }
 
     async fn send(&self, m: &Message) -> Result<(), String> {

@@ -22,6 +22,7 @@ use roaring::RoaringTreemap;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+use super::meta::MetaStore;
 use super::wire::AckMode;
 use super::PARTICIPANT_BLOCK;
 use crate::digest::{self, DigestTable, DIGEST_BLOCK};
@@ -55,17 +56,73 @@ impl Default for PrimaryOptions {
 pub enum PrimaryMode {
     /// Forwarding every write.
     Replicating,
-    /// The secondary is gone: writing locally, recording dirty blocks.
+    /// The link to the secondary is down (or not up yet): writing locally, recording dirty
+    /// blocks, trying to reconnect.
+    Paused,
+    /// Paused for longer than the reconnect timeout, or the secondary refused us: still
+    /// recording dirty blocks (and still trying), but no longer expecting the secondary back.
     Unprotected,
+}
+
+impl PrimaryMode {
+    /// The name in status.
+    pub fn name(self) -> &'static str {
+        match self {
+            PrimaryMode::Replicating => "replicating",
+            PrimaryMode::Paused => "paused",
+            PrimaryMode::Unprotected => "unprotected",
+        }
+    }
+}
+
+/// Progress of the current (or last) resync, for status.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ResyncStats {
+    /// incremental, checksum or full.
+    pub kind: Option<&'static str>,
+    /// comparing, sending, checkpointing, done, interrupted.
+    pub state: &'static str,
+    /// Units compared by digest, and how many of them were equal (not sent).
+    pub compared_units: u64,
+    /// Of those, equal on both sides.
+    pub equal_units: u64,
+    /// Blocks per compared unit.
+    pub unit_blocks: u64,
+    /// Blocks to send after the comparison.
+    pub to_send_blocks: u64,
+    /// Blocks sent so far.
+    pub sent_blocks: u64,
+    /// Bytes sent so far.
+    pub sent_bytes: u64,
+    /// Seconds since the resync started.
+    pub elapsed_s: f64,
+    /// Seconds the comparison took.
+    pub compare_s: f64,
+    /// Seconds from the start until the resync's checkpoint committed.
+    pub total_s: Option<f64>,
+    /// Sent bytes per second, while sending.
+    pub throughput_mb_s: f64,
+    /// Resyncs completed since start.
+    pub completed: u64,
 }
 
 #[derive(Debug)]
 enum FwdKind {
-    Write { data: IoBuf, fua: bool },
+    Write {
+        data: IoBuf,
+        fua: bool,
+    },
     Trim,
-    Zeroes { may_unmap: bool },
+    Zeroes {
+        may_unmap: bool,
+    },
     Flush,
-    Mark { epoch: u64 },
+    Mark {
+        epoch: u64,
+    },
+    /// Completes once everything queued before it has been answered by the secondary; not
+    /// sent (online verify uses it).
+    Barrier,
 }
 
 #[derive(Debug)]
@@ -115,6 +172,15 @@ struct State {
     >,
     unprotected_reason: Option<String>,
     unprotected_since: Option<Instant>,
+    /// A resync is under way: no checkpoint may commit before every dirty block is sent.
+    resyncing: bool,
+    /// The next commit completes a sync: the secondary then holds our generation.
+    sync_commit_pending: bool,
+    /// Whether a write since the link was lost started a new generation.
+    bumped: bool,
+    resync: ResyncStats,
+    resync_started: Option<Instant>,
+    sending_started: Option<Instant>,
 }
 
 /// The primary's replicated disk; implements [`Backend`] for the NBD export (and ublk).
@@ -136,6 +202,9 @@ pub struct Primary {
     trigger: OnceLock<CheckpointTrigger>,
     lost: watch::Sender<Option<String>>,
     stop: watch::Sender<bool>,
+    meta: Arc<MetaStore>,
+    /// The secondary generation our dirty bitmap is relative to (0: none).
+    tracked: AtomicU64,
 }
 
 /// Budget units are KiB so that u32 permits cover large queues.
@@ -145,12 +214,13 @@ fn cost(len: u64) -> u32 {
 
 impl Primary {
     /// A primary over `local`, whose digest table is `digest`, starting in epoch
-    /// `committed + 1` and replicating.
+    /// `committed + 1`, paused until a secondary is synced ([`Primary::resumed`]).
     pub fn new(
         local: Arc<dyn Backend>,
         digest: DigestTable,
         committed: u64,
         opts: PrimaryOptions,
+        meta: Arc<MetaStore>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let units = cost(opts.queue_bytes).min(Semaphore::MAX_PERMITS as u32) as usize;
@@ -160,15 +230,21 @@ impl Primary {
             locks: BlockRangeLock::default(),
             gate: tokio::sync::RwLock::new(()),
             st: Mutex::new(State {
-                mode: PrimaryMode::Replicating,
+                mode: PrimaryMode::Paused,
                 epoch: committed + 1,
                 committed,
                 counts: BTreeMap::new(),
                 written: BTreeMap::new(),
                 dirty: RoaringTreemap::new(),
                 marks: HashMap::new(),
-                unprotected_reason: None,
-                unprotected_since: None,
+                unprotected_reason: Some("no secondary connected yet".into()),
+                unprotected_since: Some(Instant::now()),
+                resyncing: false,
+                sync_commit_pending: false,
+                bumped: false,
+                resync: ResyncStats::default(),
+                resync_started: None,
+                sending_started: None,
             }),
             queue: tx,
             queue_rx: Mutex::new(Some(rx)),
@@ -178,10 +254,55 @@ impl Primary {
             forwarded_ops: AtomicU64::new(0),
             forwarded_bytes: AtomicU64::new(0),
             trigger: OnceLock::new(),
-            lost: watch::Sender::new(None),
+            lost: watch::Sender::new(Some("no secondary connected yet".into())),
             stop: watch::Sender::new(false),
+            meta,
+            tracked: AtomicU64::new(0),
             opts,
         })
+    }
+
+    /// The disk's size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.local.size()
+    }
+
+    /// The node's metadata (generation, history).
+    pub fn meta(&self) -> &MetaStore {
+        &self.meta
+    }
+
+    /// The secondary generation since which every written block is in the dirty bitmap.
+    pub fn tracked(&self) -> u64 {
+        self.tracked.load(Ordering::Acquire)
+    }
+
+    /// The per-block digests of the local disk.
+    pub fn digest_table(&self) -> &DigestTable {
+        &self.digest
+    }
+
+    /// The last committed epoch.
+    pub fn committed(&self) -> u64 {
+        self.st().committed
+    }
+
+    /// Progress of the current or last resync.
+    pub fn resync_stats(&self) -> ResyncStats {
+        let st = self.st();
+        let mut r = st.resync.clone();
+        if let Some(t) = st.resync_started {
+            if r.total_s.is_none() {
+                r.elapsed_s = t.elapsed().as_secs_f64();
+            }
+        }
+        if let Some(t) = st.sending_started {
+            let secs = t.elapsed().as_secs_f64();
+            if secs > 0.0 && r.total_s.is_none() {
+                r.throughput_mb_s = r.sent_bytes as f64 / secs / 1e6;
+            }
+        }
+        r
     }
 
     fn st(&self) -> std::sync::MutexGuard<'_, State> {
@@ -216,8 +337,17 @@ impl Primary {
     /// Status as JSON.
     pub fn status(&self) -> serde_json::Value {
         let st = self.st();
+        let resyncing = st.resyncing;
+        drop(st);
+        let resync = self.resync_stats();
+        let st = self.st();
+        let m = self.meta.get();
         serde_json::json!({
-            "mode": match st.mode { PrimaryMode::Replicating => "replicating", PrimaryMode::Unprotected => "unprotected" },
+            "mode": st.mode.name(),
+            "resyncing": resyncing,
+            "resync": resync,
+            "generation": format!("{:016x}", m.generation),
+            "tracked_generation": format!("{:016x}", self.tracked()),
             "ack": self.opts.ack.name(),
             "forward_queue": {
                 "depth": self.queued_ops.load(Ordering::Relaxed),
@@ -233,15 +363,16 @@ impl Primary {
         })
     }
 
-    /// Stop replicating: from now on writes stay local and are recorded as dirty, together
-    /// with everything written in epochs the secondary has not committed. Idempotent.
-    pub async fn go_unprotected(&self, reason: &str) {
+    /// Stop replicating (the link broke, a checkpoint failed): from now on writes stay
+    /// local and are recorded as dirty, together with everything written in epochs the
+    /// secondary has not committed; the primary is `paused` until a resync. Idempotent.
+    pub async fn link_lost(&self, reason: &str) {
         let _g = self.gate.write().await;
         let mut st = self.st();
-        if st.mode == PrimaryMode::Unprotected {
+        if st.mode != PrimaryMode::Replicating {
             return;
         }
-        st.mode = PrimaryMode::Unprotected;
+        st.mode = PrimaryMode::Paused;
         st.unprotected_reason = Some(reason.to_string());
         st.unprotected_since = Some(Instant::now());
         let written = std::mem::take(&mut st.written);
@@ -249,9 +380,299 @@ impl Primary {
             st.dirty |= w;
         }
         st.marks.clear();
+        st.counts.clear();
+        if st.resyncing {
+            st.resync.state = "interrupted";
+        }
+        st.resyncing = false;
+        st.sync_commit_pending = false;
+        st.bumped = false;
+        let dirty = st.dirty.len();
         drop(st);
-        tracing::warn!(%reason, "the secondary is lost: running unprotected, recording dirty blocks");
+        tracing::warn!(%reason, dirty_blocks = dirty, "the link to the secondary is lost: paused, recording dirty blocks");
         self.lost.send_replace(Some(reason.to_string()));
+    }
+
+    /// The secondary is not coming back soon (reconnect timeout, or it refused us): say so
+    /// in status. Writes go on being recorded for a later resync.
+    pub fn give_up(&self, reason: &str) {
+        let mut st = self.st();
+        if st.mode == PrimaryMode::Paused {
+            st.mode = PrimaryMode::Unprotected;
+            st.unprotected_reason = Some(reason.to_string());
+            tracing::warn!(%reason, "running unprotected");
+        }
+    }
+
+    /// A write while disconnected makes this disk's data differ from every secondary's:
+    /// start a new generation (once per disconnection), so that a secondary that went its
+    /// own way meanwhile is recognised as split-brain.
+    fn note_disconnected_write(&self) {
+        let need = {
+            let mut st = self.st();
+            !std::mem::replace(&mut st.bumped, true)
+        };
+        if need {
+            match self.meta.update(|m| {
+                m.bump();
+                m.clean = false;
+            }) {
+                Ok(m) => {
+                    tracing::info!(
+                        generation = format!("{:016x}", m.generation),
+                        "writing without the secondary: new data generation"
+                    )
+                }
+                Err(e) => tracing::warn!("storing the new data generation: {e}"),
+            }
+        }
+    }
+
+    /// Every block of the disk becomes dirty (a checksum sync starts; the comparison then
+    /// removes the units both sides hold alike).
+    pub async fn mark_all_dirty(&self) {
+        let _g = self.gate.write().await;
+        let n = digest::blocks(self.local.size());
+        if n > 0 {
+            self.st().dirty.insert_range(0..n);
+        }
+    }
+
+    /// Every block that is not a hole on the local disk becomes dirty (a full sync to an
+    /// empty secondary).
+    pub async fn mark_allocated_dirty(&self) -> Result<()> {
+        let size = self.local.size();
+        let mut set = RoaringTreemap::new();
+        let mut off = 0;
+        while off < size {
+            let len = (size - off).min(1 << 30);
+            let ext = self.local.block_status(off, len).await?;
+            let mut pos = off;
+            for e in &ext {
+                let l = e.len.min(off + len - pos);
+                if l == 0 {
+                    break;
+                }
+                if !(e.hole && e.zero) {
+                    set.insert_range(pos / DIGEST_BLOCK..(pos + l).div_ceil(DIGEST_BLOCK));
+                }
+                pos += l;
+            }
+            if pos == off {
+                set.insert_range(off / DIGEST_BLOCK..(off + len).div_ceil(DIGEST_BLOCK));
+                pos = off + len;
+            }
+            off = pos;
+        }
+        let _g = self.gate.write().await;
+        self.st().dirty |= set;
+        Ok(())
+    }
+
+    /// A sync begins: record its kind for status.
+    pub fn begin_sync(&self, kind: &'static str, unit_blocks: u64) {
+        let mut st = self.st();
+        st.resync = ResyncStats {
+            kind: Some(kind),
+            state: "comparing",
+            unit_blocks,
+            completed: st.resync.completed,
+            ..Default::default()
+        };
+        st.resync_started = Some(Instant::now());
+        st.sending_started = None;
+    }
+
+    /// Units (of `unit_blocks` blocks) that may differ from the secondary: those holding a
+    /// dirty block.
+    pub fn dirty_units(&self, unit_blocks: u64) -> RoaringTreemap {
+        let st = self.st();
+        if unit_blocks == 1 {
+            return st.dirty.clone();
+        }
+        let mut units = RoaringTreemap::new();
+        let mut last = u64::MAX;
+        for b in st.dirty.iter() {
+            let u = b / unit_blocks;
+            if u != last {
+                units.insert(u);
+                last = u;
+            }
+        }
+        units
+    }
+
+    /// The secondary's digests of `units`: forget the dirty blocks of every unit whose digest
+    /// equals ours now (the secondary holds exactly our data there). Under the gate, so no
+    /// write slips between the comparison and the removal. Returns how many were equal.
+    pub async fn forget_equal(
+        &self,
+        unit_blocks: u64,
+        units: &RoaringTreemap,
+        sums: &[u64],
+    ) -> u64 {
+        let _g = self.gate.write().await;
+        let mut st = self.st();
+        let n = self.digest.len();
+        let mut equal = 0;
+        for (u, theirs) in units.iter().zip(sums) {
+            if self.digest.unit_sum(u, unit_blocks) == *theirs {
+                let a = (u * unit_blocks).min(n);
+                let b = ((u + 1) * unit_blocks).min(n);
+                if b > a {
+                    st.dirty.remove_range(a..b);
+                }
+                equal += 1;
+            }
+        }
+        st.resync.compared_units += units.len();
+        st.resync.equal_units += equal;
+        equal
+    }
+
+    /// The epoch replication resumes in.
+    pub fn resume_epoch(&self) -> u64 {
+        self.st().epoch
+    }
+
+    /// The secondary acknowledged RESUME: forward again, and send every dirty block
+    /// ([`Primary::resync`]) before the next checkpoint may commit.
+    pub async fn resumed(&self) {
+        let _g = self.gate.write().await;
+        let mut st = self.st();
+        st.mode = PrimaryMode::Replicating;
+        st.unprotected_reason = None;
+        st.unprotected_since = None;
+        st.counts.clear();
+        st.written.clear();
+        st.marks.clear();
+        st.resyncing = true;
+        st.sync_commit_pending = true;
+        st.bumped = false;
+        st.resync.state = "sending";
+        st.resync.to_send_blocks = st.dirty.len();
+        if let Some(t) = st.resync_started {
+            st.resync.compare_s = t.elapsed().as_secs_f64();
+        }
+        st.sending_started = Some(Instant::now());
+        drop(st);
+        self.lost.send_replace(None);
+    }
+
+    /// Send every dirty block to the secondary through the forward queue (in the current
+    /// epoch, ordered with client writes by the block locks). Returns the bytes sent; an
+    /// error when replication stopped meanwhile.
+    pub async fn resync(&self) -> std::result::Result<u64, String> {
+        let size = self.local.size();
+        let mut sent = 0u64;
+        loop {
+            let run = {
+                let st = self.st();
+                if st.mode != PrimaryMode::Replicating {
+                    return Err("replication stopped during the resync".into());
+                }
+                let mut it = st.dirty.iter();
+                match it.next() {
+                    None => None,
+                    Some(first) => {
+                        let mut last = first;
+                        for b in it.take(255) {
+                            if b != last + 1 {
+                                break;
+                            }
+                            last = b;
+                        }
+                        Some((first, last))
+                    }
+                }
+            };
+            let Some((first, last)) = run else { break };
+            let off = first * DIGEST_BLOCK;
+            let end = ((last + 1) * DIGEST_BLOCK).min(size);
+            if end <= off {
+                self.st().dirty.remove_range(first..=last);
+                continue;
+            }
+            let len = end - off;
+            let _l = self.locks.lock(first, last).await;
+            let data = self
+                .local
+                .read_at(off, len as usize)
+                .await
+                .map_err(|e| format!("reading the local disk for the resync: {e}"))?;
+            let permit = self.space.clone().acquire_many_owned(cost(len)).await.ok();
+            let _gate = self.gate.read().await;
+            let mut st = self.st();
+            if st.mode != PrimaryMode::Replicating {
+                return Err("replication stopped during the resync".into());
+            }
+            st.dirty.remove_range(first..=last);
+            let epoch = st.epoch;
+            let c = st.counts.entry(epoch).or_default();
+            c.items += 1;
+            c.bytes += len;
+            st.written
+                .entry(epoch)
+                .or_default()
+                .insert_range(first..=last);
+            st.resync.sent_blocks += last - first + 1;
+            st.resync.sent_bytes += len;
+            drop(st);
+            let kind = if data.iter().all(|&b| b == 0) {
+                FwdKind::Zeroes { may_unmap: true }
+            } else {
+                FwdKind::Write { data, fua: false }
+            };
+            self.queued_ops.fetch_add(1, Ordering::Relaxed);
+            self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+            let _ = self.queue.send(FwdOp {
+                kind,
+                offset: off,
+                len,
+                done: None,
+                _permit: permit,
+            });
+            sent += len;
+        }
+        let mut st = self.st();
+        if st.mode == PrimaryMode::Replicating {
+            st.resyncing = false;
+            st.resync.state = "checkpointing";
+            if let Some(t) = st.sending_started {
+                let secs = t.elapsed().as_secs_f64();
+                if secs > 0.0 {
+                    st.resync.throughput_mb_s = st.resync.sent_bytes as f64 / secs / 1e6;
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Wait until everything queued for the secondary so far has been answered by it.
+    pub async fn barrier(&self) -> std::result::Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let _gate = self.gate.read().await;
+            if self.mode() != PrimaryMode::Replicating {
+                return Err("not replicating".into());
+            }
+            let _ = self.queue.send(FwdOp {
+                kind: FwdKind::Barrier,
+                offset: 0,
+                len: 0,
+                done: Some(tx),
+                _permit: None,
+            });
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err("replication stopped".into()),
+        }
+    }
+
+    /// Lock blocks `first..=last` against client writes (online verify).
+    pub async fn lock_blocks(&self, first: u64, last: u64) -> BlockLock<'_> {
+        BlockLock(self.locks.lock(first, last).await)
     }
 
     /// Local modification + hashing + forwarding; the shared path of write/trim/zeroes.
@@ -309,6 +730,7 @@ impl Primary {
             None
         };
         let (tx, rx) = oneshot::channel();
+        let mut disconnected = false;
         let waits = {
             let _gate = self.gate.read().await;
             for (b, h) in hashes {
@@ -316,8 +738,9 @@ impl Primary {
             }
             let mut st = self.st();
             match st.mode {
-                PrimaryMode::Unprotected => {
+                PrimaryMode::Paused | PrimaryMode::Unprotected => {
                     st.dirty.insert_range(first..=last);
+                    disconnected = !st.bumped;
                     false
                 }
                 PrimaryMode::Replicating => {
@@ -347,6 +770,9 @@ impl Primary {
             }
         };
         drop(_g);
+        if disconnected {
+            self.note_disconnected_write();
+        }
         if waits {
             // The local write is done; if the secondary is lost meanwhile, the block is
             // recorded as dirty and the client still succeeds.
@@ -362,6 +788,10 @@ impl Primary {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
+    }
+
+    fn put_receiver(&self, rx: mpsc::UnboundedReceiver<FwdOp>) {
+        *self.queue_rx.lock().unwrap_or_else(|e| e.into_inner()) = Some(rx);
     }
 
     /// Forward queued operations to the secondary over `client` until the queue closes or
@@ -391,7 +821,7 @@ impl Primary {
                 let Some(op) = held.take() else { break };
                 let range = op.blocks();
                 let blocked = match (&op.kind, range) {
-                    (FwdKind::Flush, _) => !inflight.is_empty(),
+                    (FwdKind::Flush | FwdKind::Barrier, _) => !inflight.is_empty(),
                     (_, Some((a, b))) => inflight
                         .values()
                         .any(|(r, _)| r.is_some_and(|(x, y)| x <= b && a <= y)),
@@ -400,6 +830,14 @@ impl Primary {
                 if blocked || inflight.len() >= self.opts.max_inflight {
                     held = Some(op);
                     break;
+                }
+                if matches!(op.kind, FwdKind::Barrier) {
+                    // Everything queued before it has been answered.
+                    let mut op = op;
+                    if let Some(d) = op.done.take() {
+                        let _ = d.send(Ok(()));
+                    }
+                    continue;
                 }
                 let ticket = match &op.kind {
                     FwdKind::Write { data, fua } => {
@@ -419,6 +857,7 @@ impl Primary {
                     }
                     FwdKind::Flush => client.submit_flush().await,
                     FwdKind::Mark { epoch } => client.submit_epoch_mark(*epoch).await,
+                    FwdKind::Barrier => unreachable!("barriers complete before submission"),
                 };
                 let ticket = match ticket {
                     Ok(t) => t,
@@ -479,19 +918,22 @@ impl Primary {
                     }
                 }
             }
+            self.put_receiver(rx);
             return;
         }
-        self.go_unprotected(&failure).await;
-        // Release every waiter: their data is local and their blocks are dirty.
+        self.link_lost(&failure).await;
+        // Release every waiter: their data is local and their blocks are dirty. Nothing is
+        // queued any more once the primary is paused (sends happen under the gate while
+        // replicating), so emptying the queue now leaves it empty for the next session.
         tasks.abort_all();
         inflight.clear();
         drop(held);
-        rx.close();
-        while let Some(op) = rx.recv().await {
+        while let Ok(op) = rx.try_recv() {
             drop(op);
         }
         self.queued_ops.store(0, Ordering::Relaxed);
         self.queued_bytes.store(0, Ordering::Relaxed);
+        self.put_receiver(rx);
     }
 
     /// Stop the forwarder once what it has in flight is answered (at shutdown, after the
@@ -504,10 +946,17 @@ impl Primary {
         let _g = self.gate.write().await;
         let mut st = self.st();
         if st.mode != PrimaryMode::Replicating {
-            return Err(EpochError::PeerLost {
-                epoch,
-                reason: st.unprotected_reason.clone().unwrap_or_default(),
-            });
+            return Err(EpochError::NotReplicating(format!(
+                "the primary is {}: {}",
+                st.mode.name(),
+                st.unprotected_reason.clone().unwrap_or_default()
+            )));
+        }
+        if st.resyncing {
+            return Err(EpochError::NotReplicating(format!(
+                "a resync is in progress ({} blocks left to send); the secondary keeps the last checkpoint until it is done",
+                st.dirty.len()
+            )));
         }
         if st.epoch != epoch.0 {
             return Err(EpochError::Participant {
@@ -537,6 +986,10 @@ impl Primary {
         Ok(())
     }
 }
+
+/// Client writes to a range of blocks wait while this is held.
+#[derive(Debug)]
+pub struct BlockLock<'a>(#[allow(dead_code)] crate::storage::RangeGuard<'a>);
 
 /// The block layer's part in checkpoints.
 #[derive(Debug)]
@@ -583,14 +1036,37 @@ impl Participant for BlockParticipant {
         let mut st = self.0.st();
         st.committed = epoch.0;
         st.written = st.written.split_off(&(epoch.0 + 1));
+        if std::mem::take(&mut st.sync_commit_pending) {
+            // The secondary took our generation with this commit: from now on our dirty
+            // bitmap is exact relative to it.
+            self.0
+                .tracked
+                .store(self.0.meta.get().generation, Ordering::Release);
+            st.resync.state = "done";
+            st.resync.completed += 1;
+            if let Some(t) = st.resync_started {
+                st.resync.total_s = Some(t.elapsed().as_secs_f64());
+                st.resync.elapsed_s = t.elapsed().as_secs_f64();
+            }
+            let r = st.resync.clone();
+            drop(st);
+            tracing::info!(
+                kind = r.kind,
+                sent_bytes = r.sent_bytes,
+                equal_units = r.equal_units,
+                compared_units = r.compared_units,
+                total_s = r.total_s,
+                "resync complete: the secondary is consistent"
+            );
+        }
     }
 
     fn abort(&self, epoch: Epoch, reason: &EpochError) {
-        // A checkpoint that cannot commit leaves the secondary behind for good (no resync
-        // yet): stop replicating; the blocks of every open epoch become dirty.
+        // A checkpoint that cannot commit leaves the secondary behind: pause (the blocks of
+        // every open epoch become dirty); the link supervisor reconnects and resyncs.
         let p = self.0.clone();
         let reason = format!("checkpoint of {epoch} failed: {reason}");
-        tokio::spawn(async move { p.go_unprotected(&reason).await });
+        tokio::spawn(async move { p.link_lost(&reason).await });
     }
 
     fn status(&self) -> serde_json::Value {

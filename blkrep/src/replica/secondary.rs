@@ -18,7 +18,8 @@ use roaring::RoaringTreemap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 
 use super::buffer::{BufferStats, DiskBuffer, BUFFER_BLOCK};
-use super::wire::{self, Message, WireError};
+use super::meta::{MetaStore, NodeMeta};
+use super::wire::{self, Message, SyncKind, WireError};
 use super::{FailoverTarget, PARTICIPANT_BLOCK};
 use crate::digest;
 use crate::epoch::{EpochSummary, Latencies};
@@ -61,6 +62,10 @@ pub struct SecondaryOptions {
     pub heartbeat_misses: u32,
     /// Time the primary has to send HELLO after switching to the control protocol.
     pub hello_timeout: Duration,
+    /// Accept a sync that overwrites data this disk has and the primary does not know of
+    /// (split-brain victim, or a disk that was written as a primary later): DRBD's
+    /// `--discard-my-data`.
+    pub discard_my_data: bool,
 }
 
 /// The secondary's state.
@@ -68,10 +73,12 @@ pub struct SecondaryOptions {
 pub enum Mode {
     /// No primary yet.
     Waiting,
+    /// A primary connected and compares the disks; forwarded writes are refused.
+    Syncing,
     /// Applying a primary's writes.
     Replicating,
-    /// The primary vanished; waiting for `failover`.
-    PeerLost,
+    /// The link to the primary broke: waiting for it to reconnect (or for `failover`).
+    Paused,
     /// Failover in progress.
     FailingOver,
     /// Failed over: serving the disk as an unprotected primary.
@@ -82,8 +89,9 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Waiting => "waiting",
+            Mode::Syncing => "syncing",
             Mode::Replicating => "replicating",
-            Mode::PeerLost => "peer-lost",
+            Mode::Paused => "paused",
             Mode::FailingOver => "failing-over",
             Mode::Primary => "primary",
         }
@@ -106,6 +114,8 @@ pub struct FailoverReport {
     /// Whether the image can be compared with that digest (checkpoint target, no local
     /// writes since the checkpoint).
     pub comparable: bool,
+    /// The generation this node starts as a primary.
+    pub generation: String,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -121,6 +131,19 @@ struct Inner {
     /// Epoch that forwarded writes belong to now.
     current: u64,
     committed: u64,
+    /// The epoch the next CHECKPOINT must name (after a RESUME, the resumed epoch).
+    next_commit: u64,
+    /// Data connections opened under another token are fenced off (a RESUME or a lost
+    /// link changes it): nothing from an interrupted session is applied later.
+    token: u64,
+    /// The disk (with the buffer) holds a checkpoint it can fail over to.
+    consistent: bool,
+    /// This disk has never been in sync with a primary (no metadata when it started).
+    fresh: bool,
+    /// The session's sync, until its first commit; then the primary's lineage is adopted.
+    sync: Option<(SyncKind, u64, Vec<u64>)>,
+    /// Last completed sync: kind, and how many units the primary compared / resent.
+    last_sync: Option<String>,
     counts: BTreeMap<u64, EpochCount>,
     poisoned: BTreeMap<u64, String>,
     committed_digest: Option<u64>,
@@ -205,6 +228,7 @@ pub struct Secondary {
     barrier: tokio::sync::RwLock<()>,
     sync: GroupSync,
     dirty: Mutex<RoaringTreemap>,
+    meta: MetaStore,
 }
 
 fn blocks_of(offset: u64, len: u64) -> (u64, u64) {
@@ -214,17 +238,40 @@ fn blocks_of(offset: u64, len: u64) -> (u64, u64) {
 }
 
 impl Secondary {
-    /// A secondary over `disk`.
+    /// A secondary over `disk` with metadata kept in memory only (tests): a fresh disk.
     pub fn new(disk: Arc<dyn Backend>, opts: SecondaryOptions) -> Arc<Self> {
+        Self::with_meta(disk, opts, MetaStore::in_memory(NodeMeta::fresh()), false)
+    }
+
+    /// A secondary over `disk` whose metadata is `meta`; `known` tells whether the metadata
+    /// existed before (else the disk has never been in sync with any primary).
+    pub fn with_meta(
+        disk: Arc<dyn Backend>,
+        opts: SecondaryOptions,
+        meta: MetaStore,
+        known: bool,
+    ) -> Arc<Self> {
         let buffer = DiskBuffer::new(opts.buffer_memory, opts.spill_path.clone());
+        let m = meta.get();
+        if known && !m.clean {
+            tracing::warn!(
+                "the disk was replicating when this secondary stopped: it holds writes of uncommitted epochs, and only a resync from the primary makes it consistent again"
+            );
+        }
         Arc::new(Self {
             disk,
             opts,
             inner: Mutex::new(Inner {
                 mode: Mode::Waiting,
                 buffer,
-                current: 1,
-                committed: 0,
+                current: m.committed + 1,
+                committed: m.committed,
+                next_commit: m.committed + 1,
+                token: 1,
+                consistent: !known || m.clean,
+                fresh: !known,
+                sync: None,
+                last_sync: None,
                 counts: BTreeMap::new(),
                 poisoned: BTreeMap::new(),
                 committed_digest: None,
@@ -244,7 +291,19 @@ impl Secondary {
             barrier: tokio::sync::RwLock::new(()),
             sync: GroupSync::default(),
             dirty: Mutex::new(RoaringTreemap::new()),
+            meta,
         })
+    }
+
+    /// This node's persistent metadata.
+    pub fn meta(&self) -> NodeMeta {
+        self.meta.get()
+    }
+
+    fn store_meta(&self, f: impl FnOnce(&mut NodeMeta)) {
+        if let Err(e) = self.meta.update(f) {
+            self.set_error(format!("storing replication metadata: {e}"));
+        }
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -291,11 +350,15 @@ impl Secondary {
             "committed_epoch": i.committed,
             "peer": i.peer,
             "peer_state": match i.mode {
-                Mode::Replicating => "connected",
-                Mode::PeerLost => "lost",
+                Mode::Replicating | Mode::Syncing => "connected",
+                Mode::Paused => "lost",
                 Mode::Waiting => "waiting",
                 _ => "none",
             },
+            "consistent": i.consistent,
+            "resyncing": i.sync.as_ref().map(|(k, _, _)| k.name()),
+            "last_sync": i.last_sync,
+            "generation": format!("{:016x}", self.meta.get().generation),
             "session": i.session.map(|s| format!("{s:016x}")),
             "buffer": i.buffer.stats(),
             "forwarded_writes": i.forwarded_writes,
@@ -379,6 +442,7 @@ impl Secondary {
     /// One forwarded modification: preserve originals, apply, account.
     async fn forwarded(
         &self,
+        token: u64,
         op: Op,
         offset: u64,
         len: u64,
@@ -388,6 +452,11 @@ impl Secondary {
         let _b = self.barrier.read().await;
         let epoch = {
             let i = self.inner();
+            if i.token != token {
+                return Err(StorageError::Unavailable(
+                    "this replication connection belongs to an interrupted session".into(),
+                ));
+            }
             if i.mode != Mode::Replicating {
                 return Err(StorageError::Unavailable(format!(
                     "this secondary is {}: forwarded writes are refused",
@@ -422,8 +491,11 @@ impl Secondary {
         r
     }
 
-    fn begin_epoch(&self, epoch: u64) -> std::result::Result<(), String> {
+    fn begin_epoch(&self, token: u64, epoch: u64) -> std::result::Result<(), String> {
         let mut i = self.inner();
+        if i.token != token {
+            return Err("this replication connection belongs to an interrupted session".into());
+        }
         if i.mode != Mode::Replicating {
             return Err(format!("epoch mark while {}", i.mode.name()));
         }
@@ -443,10 +515,10 @@ impl Secondary {
         if i.mode != Mode::Replicating {
             return Err(format!("not replicating ({})", i.mode.name()));
         }
-        if epoch != i.committed + 1 {
+        if epoch != i.next_commit {
             return Err(format!(
                 "expected a checkpoint of epoch {}, got {epoch}",
-                i.committed + 1
+                i.next_commit
             ));
         }
         if i.current <= epoch {
@@ -480,9 +552,26 @@ impl Secondary {
         i.buffer.commit(epoch);
         i.counts.remove(&epoch);
         i.committed = epoch;
+        i.next_commit = epoch + 1;
         i.committed_digest = Some(block.digest);
         i.local_writes = 0;
         i.checkpoints += 1;
+        i.consistent = true;
+        if let Some((kind, generation, history)) = i.sync.take() {
+            // The first commit after a sync: the disk now is the primary's data at the
+            // checkpoint, so this node joins the primary's lineage.
+            i.fresh = false;
+            drop(i);
+            tracing::info!(
+                sync = kind.name(),
+                epoch,
+                "sync complete: the secondary is consistent with the primary"
+            );
+            self.store_meta(|m| {
+                m.adopt(generation, &history);
+                m.committed = epoch;
+            });
+        }
         Ok(())
     }
 
@@ -498,7 +587,17 @@ impl Secondary {
                 Mode::Primary | Mode::FailingOver => {
                     return Err(format!("this node is already {}", i.mode.name()))
                 }
-                _ => i.mode = Mode::FailingOver,
+                _ if target == FailoverTarget::Checkpoint && !i.consistent => {
+                    return Err("this secondary restarted while it was replicating: its disk holds writes of uncommitted epochs whose originals were lost, so it has no checkpoint to go back to. Let the primary reconnect and resync it, or fail over --to latest to take the disk as it is".into())
+                }
+                _ if target == FailoverTarget::Latest && i.sync.is_some() && i.mode != Mode::Waiting => {
+                    return Err("a resync is in progress: the disk is a mix of old and new data; fail over --to checkpoint (the last checkpoint is intact)".into())
+                }
+                _ => {
+                    i.mode = Mode::FailingOver;
+                    // Nothing of the interrupted session may land after this.
+                    i.token += 1;
+                }
             }
         }
         tracing::info!(?target, "failing over");
@@ -534,7 +633,7 @@ impl Secondary {
         .await;
         let mut i = self.inner();
         if let Err(e) = r {
-            i.mode = Mode::PeerLost;
+            i.mode = Mode::Paused;
             let msg = format!("failover to {target:?} failed: {e}");
             i.last_error = Some(msg.clone());
             return Err(msg);
@@ -542,6 +641,17 @@ impl Secondary {
         let comparable = target == FailoverTarget::Checkpoint && i.buffer.stats().local_blocks == 0;
         i.buffer.clear();
         i.mode = Mode::Primary;
+        i.sync = None;
+        // Writes from now on are this node's own: a new generation, so that the old primary
+        // (if it also wrote) is recognised as split-brain when it comes back.
+        drop(i);
+        self.store_meta(|m| {
+            m.bump();
+            m.clean = true;
+            m.committed = committed;
+        });
+        let generation = self.meta.get().generation;
+        let mut i = self.inner();
         let report = FailoverReport {
             target: target.name(),
             committed_epoch: committed,
@@ -549,6 +659,7 @@ impl Secondary {
             duration_us: start.elapsed().as_micros() as u64,
             checkpoint_digest: i.committed_digest.map(|d| format!("{d:016x}")),
             comparable,
+            generation: format!("{generation:016x}"),
         };
         i.failover = Some(report.clone());
         tracing::info!(?report, "failed over; serving as an unprotected primary");
@@ -669,14 +780,42 @@ fn spill_error(offset: u64, len: u64, e: std::io::Error) -> StorageError {
     }
 }
 
-/// The export the primary forwards to: copy-before-write, then write-through.
+/// The export the primary forwards to: copy-before-write, then write-through. Each NBD
+/// connection gets its own [`ReplicaConn`], bound to the session it was opened in.
 #[derive(Debug)]
 pub struct ReplicaSink(Arc<Secondary>);
 
+impl ReplicaSink {
+    fn conn(&self) -> ReplicaConn {
+        ReplicaConn {
+            sec: self.0.clone(),
+            token: self.0.inner().token,
+        }
+    }
+}
+
 impl EpochSink for ReplicaSink {
     fn begin_epoch(&self, epoch: u64, drain: Duration) -> std::result::Result<(), String> {
-        self.0.inner().mark_drain.record(drain);
-        self.0.begin_epoch(epoch)
+        self.conn().begin_epoch(epoch, drain)
+    }
+    fn connect(&self) -> Option<(Arc<dyn Backend>, Arc<dyn EpochSink>)> {
+        let c = Arc::new(self.conn());
+        Some((c.clone(), c))
+    }
+}
+
+/// One replication connection: requests count only while the session it was opened in
+/// lasts.
+#[derive(Debug)]
+pub struct ReplicaConn {
+    sec: Arc<Secondary>,
+    token: u64,
+}
+
+impl EpochSink for ReplicaConn {
+    fn begin_epoch(&self, epoch: u64, drain: Duration) -> std::result::Result<(), String> {
+        self.sec.inner().mark_drain.record(drain);
+        self.sec.begin_epoch(self.token, epoch)
     }
 }
 
@@ -691,7 +830,32 @@ impl Backend for ReplicaSink {
         self.0.disk.read_at(offset, len)
     }
     fn write_at(&self, offset: u64, data: IoBuf, fua: bool) -> IoFuture<'_, ()> {
-        let s = &self.0;
+        Box::pin(async move { self.conn().write_at(offset, data, fua).await })
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(self.0.sync.sync(&*self.0.disk))
+    }
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move { self.conn().discard(offset, len).await })
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()> {
+        Box::pin(async move { self.conn().write_zeroes(offset, len, may_unmap).await })
+    }
+}
+
+impl Backend for ReplicaConn {
+    fn size(&self) -> u64 {
+        self.sec.disk.size()
+    }
+    fn alignment(&self) -> u32 {
+        1
+    }
+    fn read_at(&self, offset: u64, len: usize) -> IoFuture<'_, IoBuf> {
+        self.sec.disk.read_at(offset, len)
+    }
+    fn write_at(&self, offset: u64, data: IoBuf, fua: bool) -> IoFuture<'_, ()> {
+        let s = &self.sec;
+        let token = self.token;
         let len = data.len() as u64;
         Box::pin(async move {
             let apply = Box::pin(async move {
@@ -701,19 +865,26 @@ impl Backend for ReplicaSink {
                 }
                 Ok(())
             });
-            s.forwarded(Op::Write, offset, len, apply).await
+            s.forwarded(token, Op::Write, offset, len, apply).await
         })
     }
     fn flush(&self) -> IoFuture<'_, ()> {
-        Box::pin(self.0.sync.sync(&*self.0.disk))
+        Box::pin(self.sec.sync.sync(&*self.sec.disk))
     }
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        let s = &self.0;
-        Box::pin(s.forwarded(Op::Discard, offset, len, s.disk.discard(offset, len)))
+        let s = &self.sec;
+        Box::pin(s.forwarded(
+            self.token,
+            Op::Discard,
+            offset,
+            len,
+            s.disk.discard(offset, len),
+        ))
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()> {
-        let s = &self.0;
+        let s = &self.sec;
         Box::pin(s.forwarded(
+            self.token,
             Op::WriteZeroes,
             offset,
             len,
@@ -801,12 +972,152 @@ pub async fn write_message<W: tokio::io::AsyncWrite + Unpin>(
         .map_err(|e| format!("sending {}: {e}", m.name()))
 }
 
+type SharedWriter = Arc<tokio::sync::Mutex<BufWriter<WriteHalf>>>;
+
+async fn send(wr: &SharedWriter, m: &Message) -> std::result::Result<(), String> {
+    let mut w = wr.lock().await;
+    write_message(&mut *w, m).await
+}
+
+impl Secondary {
+    /// Whether the disk holds no data at all (every byte in a hole).
+    async fn disk_is_empty(&self) -> Result<bool> {
+        let size = self.disk.size();
+        let mut off = 0;
+        while off < size {
+            let len = (size - off).min(1 << 30);
+            let ext = self.disk.block_status(off, len).await?;
+            let mut covered = 0;
+            for e in &ext {
+                if !(e.hole && e.zero) {
+                    return Ok(false);
+                }
+                covered += e.len;
+            }
+            if covered == 0 {
+                return Ok(false);
+            }
+            off += covered.min(len);
+        }
+        Ok(true)
+    }
+
+    /// How a primary that says HELLO with these fields must bring this disk up to date, or
+    /// why it may not replicate here (split-brain, a newer disk, a busy node).
+    async fn admit(
+        &self,
+        size: u64,
+        generation: u64,
+        history: &[u64],
+        tracked: u64,
+    ) -> std::result::Result<SyncKind, String> {
+        let m = self.meta.get();
+        let (mode, fresh) = {
+            let i = self.inner();
+            (i.mode, i.fresh)
+        };
+        match mode {
+            Mode::Waiting | Mode::Paused => {}
+            Mode::Primary => {
+                return Err(if m.history.contains(&generation) {
+                    format!(
+                        "this node failed over and serves as the primary now (generation {:016x}, which descends from the connecting primary's {generation:016x}); to re-protect it, restart the old primary's node as a secondary of this one",
+                        m.generation
+                    )
+                } else {
+                    format!(
+                        "split-brain: this node failed over (generation {:016x}) and the connecting primary has written data of its own since (generation {generation:016x}); neither disk is a copy of the other. Choose the survivor and restart the other node as its secondary with --discard-my-data",
+                        m.generation
+                    )
+                });
+            }
+            other => {
+                return Err(format!(
+                    "this secondary is {} and takes no new primary",
+                    other.name()
+                ))
+            }
+        }
+        if size != self.disk.size() {
+            return Err(format!(
+                "disk sizes differ: primary {size} bytes, secondary {} bytes",
+                self.disk.size()
+            ));
+        }
+        if fresh {
+            let empty = self
+                .disk_is_empty()
+                .await
+                .map_err(|e| format!("reading the secondary disk: {e}"))?;
+            return Ok(if empty {
+                SyncKind::Full
+            } else {
+                SyncKind::Checksum
+            });
+        }
+        if m.generation == generation || history.contains(&m.generation) {
+            // Same lineage, or this disk is behind the primary's: nothing of ours is lost.
+            return Ok(if tracked != 0 && tracked == m.generation {
+                SyncKind::Incremental
+            } else {
+                SyncKind::Checksum
+            });
+        }
+        let why = if m.history.contains(&generation) {
+            format!(
+                "this disk holds newer data than the primary's: it was written as a primary (generation {:016x}) after the primary's generation {generation:016x}",
+                m.generation
+            )
+        } else {
+            format!(
+                "split-brain: the primary's data (generation {generation:016x}) and this disk's (generation {:016x}) have both been written since they were last in sync",
+                m.generation
+            )
+        };
+        if self.opts.discard_my_data {
+            tracing::warn!("{why}; discarding this disk's data as asked (--discard-my-data)");
+            return Ok(SyncKind::Checksum);
+        }
+        Err(format!(
+            "{why}. Refusing to replicate: restart this secondary with --discard-my-data to take the primary's data, or make this node the primary"
+        ))
+    }
+
+    /// RESUME: the sync's comparison is done; take forwarded writes again from `epoch` on.
+    async fn resume(&self, epoch: u64) -> std::result::Result<(), String> {
+        // No forwarded request of an earlier connection is in progress after this.
+        let _x = self.barrier.write().await;
+        {
+            let mut i = self.inner();
+            if i.mode != Mode::Syncing {
+                return Err(format!("RESUME while {}", i.mode.name()));
+            }
+            if epoch == 0 {
+                return Err("RESUME to epoch 0".into());
+            }
+            // The interrupted epochs are never committed on their own: their originals
+            // together are the last checkpoint's state of those blocks.
+            i.buffer.collapse_open();
+            i.token += 1;
+            i.current = epoch;
+            i.next_commit = epoch;
+            i.counts.clear();
+            i.poisoned.clear();
+            i.mode = Mode::Replicating;
+        }
+        // From the first forwarded write on, the disk is no checkpoint at rest.
+        self.store_meta(|m| m.clean = false);
+        Ok(())
+    }
+}
+
 async fn run_control(
     s: Arc<Secondary>,
     mut rd: BufReader<ReadHalf>,
-    mut wr: BufWriter<WriteHalf>,
+    wr: BufWriter<WriteHalf>,
     peer: String,
 ) {
+    let wr: SharedWriter = Arc::new(tokio::sync::Mutex::new(wr));
     let hello = match tokio::time::timeout(s.opts.hello_timeout, read_message(&mut rd)).await {
         Ok(Ok(m)) => m,
         Ok(Err(e)) => {
@@ -823,15 +1134,17 @@ async fn run_control(
     };
     let Message::Hello {
         size,
-        digest: their_digest,
-        committed,
+        generation,
+        history,
+        tracked,
+        committed: _,
         session,
         ack,
         heartbeat_ms,
     } = hello
     else {
-        let _ = write_message(
-            &mut wr,
+        let _ = send(
+            &wr,
             &Message::Refused {
                 reason: format!("expected HELLO, got {}", hello.name()),
             },
@@ -844,69 +1157,57 @@ async fn run_control(
         return;
     };
     let refuse = |reason: String| Message::Refused { reason };
-    let mode = s.mode();
-    let verdict = if mode != Mode::Waiting {
-        Err(format!(
-            "this secondary is {} and takes no new primary",
-            mode.name()
-        ))
-    } else if size != s.disk.size() {
-        Err(format!(
-            "disk sizes differ: primary {size} bytes, secondary {} bytes",
-            s.disk.size()
-        ))
-    } else {
-        match digest::disk_digest(&*s.disk).await {
-            Err(e) => Err(format!("reading the secondary disk: {e}")),
-            Ok(d) if d != their_digest => Err(format!(
-                "the disks differ (digest {their_digest:016x} on the primary, {d:016x} here); start from identical images (initial sync is not implemented yet)"
-            )),
-            Ok(d) => Ok(d),
-        }
-    };
-    let ours = match verdict {
-        Ok(d) => d,
+    let kind = match s.admit(size, generation, &history, tracked).await {
+        Ok(k) => k,
         Err(reason) => {
             s.set_error(format!("refusing primary {peer}: {reason}"));
-            let _ = write_message(&mut wr, &refuse(reason)).await;
+            let _ = send(&wr, &refuse(reason)).await;
             return;
         }
     };
     let taken = {
         let mut i = s.inner();
-        let free = i.mode == Mode::Waiting;
+        let free = matches!(i.mode, Mode::Waiting | Mode::Paused);
         if free {
-            i.mode = Mode::Replicating;
-            i.committed = committed;
-            i.current = committed + 1;
-            i.counts.clear();
-            i.poisoned.clear();
+            i.mode = Mode::Syncing;
+            i.token += 1;
             i.session = Some(session);
             i.peer = Some(peer.clone());
-            i.committed_digest = Some(ours);
-            i.buffer.clear();
+            i.sync = Some((kind, generation, history.clone()));
         }
-        !free
+        (!free).then(|| i.mode.name())
     };
-    if taken {
-        let _ = write_message(&mut wr, &refuse("another primary connected first".into())).await;
+    if let Some(mode) = taken {
+        let _ = send(
+            &wr,
+            &refuse(format!(
+                "this secondary is {mode}: another primary came first"
+            )),
+        )
+        .await;
         return;
     }
-    if let Err(e) = write_message(
-        &mut wr,
-        &Message::Welcome {
-            size,
-            digest: ours,
-            committed,
-        },
-    )
-    .await
-    {
+    let (committed, consistent) = {
+        let i = s.inner();
+        (i.committed, i.consistent)
+    };
+    let welcome = Message::Welcome {
+        size,
+        generation: s.meta.get().generation,
+        committed,
+        sync: kind,
+        consistent,
+    };
+    if let Err(e) = send(&wr, &welcome).await {
         s.set_error(format!("primary {peer}: {e}"));
-        s.inner().mode = Mode::Waiting;
+        let mut i = s.inner();
+        if i.mode == Mode::Syncing {
+            i.mode = Mode::Paused;
+            i.token += 1;
+        }
         return;
     }
-    tracing::info!(%peer, ack = ack.name(), session = format!("{session:016x}"), "replicating for a primary");
+    tracing::info!(%peer, ack = ack.name(), sync = kind.name(), session = format!("{session:016x}"), "a primary connected");
     let patience = Duration::from_millis(
         u64::from(heartbeat_ms.max(1)) * u64::from(s.opts.heartbeat_misses.max(1)),
     );
@@ -934,35 +1235,76 @@ async fn run_control(
                     Message::Aborted { epoch, reason }
                 }
             },
+            Message::SumsRequest {
+                id,
+                unit_blocks,
+                units,
+            } => {
+                // Reading may take a while: answer in the background, heartbeats go on.
+                let (s2, wr2) = (s.clone(), wr.clone());
+                tokio::spawn(async move {
+                    let m = match digest::unit_sums(&*s2.disk, &units, u64::from(unit_blocks)).await
+                    {
+                        Ok(sums) => Message::Sums { id, sums },
+                        Err(e) => Message::Refused {
+                            reason: format!("reading the secondary disk for digests: {e}"),
+                        },
+                    };
+                    let _ = send(&wr2, &m).await;
+                });
+                continue;
+            }
+            Message::Resume { epoch } => match s.resume(epoch).await {
+                Ok(()) => {
+                    tracing::info!(%peer, epoch, "replication resumed");
+                    Message::ResumeAck { epoch }
+                }
+                Err(reason) => {
+                    let _ = send(&wr, &refuse(reason.clone())).await;
+                    break Err(reason);
+                }
+            },
             Message::Goodbye { reason } => break Ok(reason),
             other => {
                 let reason = format!("unexpected {} from the primary", other.name());
-                let _ = write_message(&mut wr, &refuse(reason.clone())).await;
+                let _ = send(&wr, &refuse(reason.clone())).await;
                 break Err(reason);
             }
         };
-        if let Err(e) = write_message(&mut wr, &reply).await {
+        if let Err(e) = send(&wr, &reply).await {
             break Err(e);
         }
     };
     match end {
         Ok(reason) => {
             tracing::info!(%peer, %reason, "the primary ended replication");
-            let mut i = s.inner();
-            if i.mode == Mode::Replicating {
+            let clean = {
+                let mut i = s.inner();
+                if !matches!(i.mode, Mode::Replicating | Mode::Syncing) {
+                    return;
+                }
                 // A clean end comes right after a final checkpoint: nothing is open.
                 i.mode = Mode::Waiting;
                 i.peer = None;
+                i.token += 1;
+                (i.buffer.stats().blocks == 0 && i.sync.is_none()).then_some(i.committed)
+            };
+            if let Some(c) = clean {
+                s.store_meta(|m| {
+                    m.clean = true;
+                    m.committed = c;
+                });
             }
         }
         Err(e) => {
             s.set_error(format!("lost the primary {peer}: {e}"));
             let policy = {
                 let mut i = s.inner();
-                if i.mode != Mode::Replicating {
+                if !matches!(i.mode, Mode::Replicating | Mode::Syncing) {
                     return;
                 }
-                i.mode = Mode::PeerLost;
+                i.mode = Mode::Paused;
+                i.token += 1;
                 s.opts.on_peer_loss
             };
             if policy == PeerLossPolicy::Failover {
@@ -970,6 +1312,10 @@ async fn run_control(
                     Ok(r) => tracing::info!(?r, "automatic failover done"),
                     Err(e) => s.set_error(format!("automatic failover failed: {e}")),
                 }
+            } else {
+                tracing::info!(
+                    "paused: waiting for the primary to reconnect (or for `lockstep failover`)"
+                );
             }
         }
     }

@@ -8,15 +8,17 @@ use proptest::prelude::*;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
+use super::meta::{MetaStore, NodeMeta};
 use super::node::REPLICA_EXPORT;
 use super::peer::{Hello, LinkOptions, PeerLink};
-use super::primary::{wait_idle, BlockParticipant, Primary, PrimaryOptions};
+use super::primary::{wait_idle, BlockParticipant, Primary, PrimaryMode, PrimaryOptions};
 use super::secondary::{
     read_message, write_message, Mode, PeerLossPolicy, Secondary, SecondaryOptions,
 };
-use super::wire::{AckMode, Message};
+use super::session::{Replicator, ReplicatorOptions};
+use super::wire::{AckMode, Message, SyncKind};
 use super::{FailoverTarget, PARTICIPANT_BLOCK};
-use crate::digest::{self, DigestTable};
+use crate::digest::DigestTable;
 use crate::epoch::{CoordinatorOptions, Epoch, EpochCoordinator, EpochSummary, NoGuest};
 use crate::nbd::client::{connect_control, ClientOptions, NbdClient};
 use crate::nbd::server::{Export, NbdServer, ServerOptions};
@@ -42,9 +44,20 @@ struct SecondarySide {
 }
 
 async fn start_secondary(policy: PeerLossPolicy, buffer_memory: u64) -> SecondarySide {
+    start_secondary_with(policy, buffer_memory, None, false).await
+}
+
+/// A secondary; `meta` Some: a disk that was in sync with generation `meta.generation`.
+async fn start_secondary_with(
+    policy: PeerLossPolicy,
+    buffer_memory: u64,
+    meta: Option<NodeMeta>,
+    discard_my_data: bool,
+) -> SecondarySide {
     let dir = tempfile::tempdir().unwrap();
     let disk = MemoryBackend::new(SIZE);
-    let sec = Secondary::new(
+    let known = meta.is_some();
+    let sec = Secondary::with_meta(
         Arc::new(disk.clone()),
         SecondaryOptions {
             buffer_memory,
@@ -52,7 +65,10 @@ async fn start_secondary(policy: PeerLossPolicy, buffer_memory: u64) -> Secondar
             on_peer_loss: policy,
             heartbeat_misses: 3,
             hello_timeout: Duration::from_millis(300),
+            discard_my_data,
         },
+        MetaStore::in_memory(meta.unwrap_or_else(NodeMeta::fresh)),
+        known,
     );
     let sink = sec.replica_sink();
     let srv = Arc::new(
@@ -88,37 +104,35 @@ struct PrimarySide {
     primary: Arc<Primary>,
     disk: MemoryBackend,
     coord: Arc<EpochCoordinator>,
-    link: Arc<PeerLink>,
+    repl: Arc<Replicator>,
     _stop: watch::Sender<bool>,
 }
 
-async fn start_primary(ep: &Endpoint, ack: AckMode) -> PrimarySide {
-    let disk = MemoryBackend::new(SIZE);
-    let table = DigestTable::scan(&disk).await.unwrap();
-    let hello = Hello {
-        size: SIZE,
-        digest: table.sum(),
-        committed: 0,
-        ack,
-        heartbeat: Duration::from_millis(100),
-    };
-    let opts = LinkOptions {
+impl PrimarySide {
+    fn link(&self) -> Arc<PeerLink> {
+        self.repl.current_link().expect("a session is up")
+    }
+}
+
+fn link_options() -> LinkOptions {
+    LinkOptions {
         heartbeat: Duration::from_millis(100),
         misses: 20,
         commit_timeout: Duration::from_secs(10),
-    };
-    let (link, rd) = PeerLink::connect(ep, hello, opts, Duration::from_secs(5))
-        .await
-        .unwrap();
-    let client = NbdClient::connect(
-        ep,
-        &ClientOptions {
-            export: REPLICA_EXPORT.into(),
-            ..ClientOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    }
+}
+
+async fn start_primary(ep: &Endpoint, ack: AckMode) -> PrimarySide {
+    start_primary_on(ep, ack, MemoryBackend::new(SIZE), NodeMeta::fresh()).await
+}
+
+async fn start_primary_on(
+    ep: &Endpoint,
+    ack: AckMode,
+    disk: MemoryBackend,
+    meta: NodeMeta,
+) -> PrimarySide {
+    let table = DigestTable::scan(&disk).await.unwrap();
     let primary = Primary::new(
         Arc::new(disk.clone()),
         table,
@@ -128,25 +142,43 @@ async fn start_primary(ep: &Endpoint, ack: AckMode) -> PrimarySide {
             queue_bytes: 1 << 20,
             max_inflight: 8,
         },
+        Arc::new(MetaStore::in_memory(meta)),
     );
     let (stop, stop_rx) = watch::channel(false);
-    tokio::spawn(primary.clone().run_forwarder(client));
-    tokio::spawn(link.clone().run(rd, primary.clone(), stop_rx));
+    let repl = Replicator::new(
+        primary.clone(),
+        ReplicatorOptions {
+            secondary: ep.clone(),
+            link: link_options(),
+            ack,
+            connect_timeout: Duration::from_secs(5),
+            reconnect_timeout: Duration::from_secs(5),
+            retry: Duration::from_millis(50),
+        },
+        stop_rx,
+    );
+    repl.attempt().await.unwrap();
     let coord = EpochCoordinator::new(
         vec![Arc::new(BlockParticipant(primary.clone()))],
         Arc::new(NoGuest),
-        link.clone(),
-        Epoch(1),
+        repl.clone(),
+        Epoch(primary.resume_epoch()),
         CoordinatorOptions {
             interval: None,
             bytes: 0,
         },
     );
+    wait_for("the initial sync", || {
+        primary.status()["resyncing"] == serde_json::Value::Bool(false)
+    })
+    .await;
+    // The checkpoint that completes the initial sync (the daemon requests it by itself).
+    coord.checkpoint().await.unwrap();
     PrimarySide {
         primary,
         disk,
         coord,
-        link,
+        repl,
         _stop: stop,
     }
 }
@@ -236,7 +268,7 @@ async fn run_case(steps: Vec<Step>, end: FailoverTarget, ack: AckMode, spill: bo
         view: vec![0; SIZE as usize],
         local_writes: false,
     };
-    let mut next = 1u64;
+    let mut next = p.coord.current().0;
     let mut pending: std::collections::VecDeque<(u64, EpochSummary, Vec<u8>)> = Default::default();
     let mut steps = steps;
     steps.push(Step::Commit); // sometimes leaves a cut epoch open before the failover
@@ -289,7 +321,7 @@ async fn run_case(steps: Vec<Step>, end: FailoverTarget, ack: AckMode, spill: bo
         }
         for _ in 0..commits {
             let (e, summary, image) = pending.pop_front().unwrap();
-            p.link.checkpoint(Epoch(e), vec![summary]).await.unwrap();
+            p.link().checkpoint(Epoch(e), vec![summary]).await.unwrap();
             block.commit(Epoch(e));
             m.committed = image.clone();
             m.view = image;
@@ -414,15 +446,40 @@ fn last_error(s: &Secondary) -> String {
         .to_string()
 }
 
-fn hello(digest: u64) -> Message {
+fn hello_of(size: u64, generation: u64) -> Message {
     Message::Hello {
-        size: SIZE,
-        digest,
+        size,
+        generation,
+        history: vec![],
+        tracked: 0,
         committed: 0,
         session: 7,
         ack: AckMode::Received,
         heartbeat_ms: 50,
     }
+}
+
+fn hello(_: u64) -> Message {
+    hello_of(SIZE, 42)
+}
+
+/// Say HELLO, expect WELCOME, RESUME in epoch 1: forwarded writes are taken from now on.
+async fn raw_session(
+    rd: &mut tokio::io::BufReader<crate::nbd::transport::ReadHalf>,
+    wr: &mut tokio::io::BufWriter<crate::nbd::transport::WriteHalf>,
+) -> SyncKind {
+    write_message(wr, &hello(0)).await.unwrap();
+    let Message::Welcome { sync, .. } = read_message(rd).await.unwrap() else {
+        panic!("no WELCOME")
+    };
+    write_message(wr, &Message::Resume { epoch: 1 })
+        .await
+        .unwrap();
+    assert_eq!(
+        read_message(rd).await.unwrap(),
+        Message::ResumeAck { epoch: 1 }
+    );
+    sync
 }
 
 #[test]
@@ -468,12 +525,14 @@ fn garbage_bad_versions_and_stalls_get_clear_errors_and_no_session() {
             last_error(&s.sec).contains("no HELLO within")
         })
         .await;
-        // A HELLO for a different disk.
+        // A HELLO for a disk of another size.
         let (mut rd, mut wr) = control_conn(&s.ep).await;
-        write_message(&mut wr, &hello(12345)).await.unwrap();
+        write_message(&mut wr, &hello_of(SIZE + 4096, 1))
+            .await
+            .unwrap();
         let m = read_message(&mut rd).await.unwrap();
         assert!(
-            matches!(&m, Message::Refused { reason } if reason.contains("the disks differ")),
+            matches!(&m, Message::Refused { reason } if reason.contains("disk sizes differ")),
             "{m:?}"
         );
         assert_eq!(s.sec.mode(), Mode::Waiting);
@@ -484,7 +543,7 @@ fn garbage_bad_versions_and_stalls_get_clear_errors_and_no_session() {
             .await
             .unwrap();
         p.coord.checkpoint().await.unwrap();
-        assert_eq!(s.sec.status()["committed_epoch"], 1);
+        assert_eq!(s.sec.status()["committed_epoch"], 2);
     });
 }
 
@@ -492,10 +551,9 @@ fn garbage_bad_versions_and_stalls_get_clear_errors_and_no_session() {
 fn lying_checkpoints_are_aborted_never_committed() {
     rt().block_on(async {
         let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
-        let zero = digest::disk_digest(&s.disk).await.unwrap();
         let (mut rd, mut wr) = control_conn(&s.ep).await;
-        write_message(&mut wr, &hello(zero)).await.unwrap();
-        assert!(matches!(read_message(&mut rd).await.unwrap(), Message::Welcome { .. }));
+        let sync = raw_session(&mut rd, &mut wr).await;
+        assert!(matches!(sync, SyncKind::Full | SyncKind::Checksum), "a fresh disk: {sync:?}");
         // One real forwarded write in epoch 1.
         let c = NbdClient::connect(&s.ep, &ClientOptions { export: REPLICA_EXPORT.into(), ..ClientOptions::default() })
             .await
@@ -536,13 +594,8 @@ fn lying_checkpoints_are_aborted_never_committed() {
 fn a_silent_primary_is_lost_and_the_policy_fails_over() {
     rt().block_on(async {
         let s = start_secondary(PeerLossPolicy::Failover, 1 << 20).await;
-        let zero = digest::disk_digest(&s.disk).await.unwrap();
         let (mut rd, mut wr) = control_conn(&s.ep).await;
-        write_message(&mut wr, &hello(zero)).await.unwrap();
-        assert!(matches!(
-            read_message(&mut rd).await.unwrap(),
-            Message::Welcome { .. }
-        ));
+        raw_session(&mut rd, &mut wr).await;
         let c = NbdClient::connect(
             &s.ep,
             &ClientOptions {
@@ -564,7 +617,8 @@ fn a_silent_primary_is_lost_and_the_policy_fails_over() {
         assert!(s.disk.snapshot().iter().all(|&b| b == 0));
         let e = c.write(0, &[1; 512], false).await.unwrap_err();
         assert!(
-            e.to_string().contains("forwarded writes are refused"),
+            e.to_string().contains("interrupted session")
+                || e.to_string().contains("forwarded writes are refused"),
             "{e}"
         );
     });
@@ -592,10 +646,7 @@ fn the_primary_survives_a_vanished_secondary() {
                 .await
                 .unwrap();
         }
-        wait_for("unprotected", || {
-            p.primary.mode() == super::primary::PrimaryMode::Unprotected
-        })
-        .await;
+        wait_for("paused", || p.primary.mode() == PrimaryMode::Paused).await;
         p.primary
             .write_at(40 * 4096, IoBuf::from_slice(&[4; 100]), false)
             .await
@@ -625,7 +676,9 @@ fn not_a_secondary_is_a_clear_error() {
         tokio::spawn(srv.serve(l, rx));
         let hello = Hello {
             size: 4096,
-            digest: 0,
+            generation: 1,
+            history: vec![],
+            tracked: 0,
             committed: 0,
             ack: AckMode::Local,
             heartbeat: Duration::from_millis(100),

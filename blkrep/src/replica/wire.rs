@@ -19,7 +19,7 @@ use crate::epoch::EpochSummary;
 /// "LSTP".
 pub const MAGIC: u32 = 0x4c53_5450;
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Header bytes before the payload.
 pub const HEADER_LEN: usize = 12;
 /// Trailer bytes after the payload.
@@ -28,6 +28,48 @@ pub const TRAILER_LEN: usize = 8;
 pub const MAX_PAYLOAD: u32 = 64 << 10;
 /// Longest reason string.
 const MAX_REASON: usize = 4096;
+/// Most generations in a HELLO's history.
+pub const MAX_HISTORY: usize = 64;
+/// Most units one SUMS request may ask for (its answer stays far below [`MAX_PAYLOAD`]).
+pub const MAX_SUM_UNITS: u64 = 4096;
+
+/// How the primary brings the secondary's disk up to date before replication (re)starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncKind {
+    /// Compare the blocks the primary recorded as possibly different, resend those that are.
+    Incremental,
+    /// Compare every chunk of the disk by digest, send the chunks that differ.
+    Checksum,
+    /// The secondary is empty: send every allocated block of the primary.
+    Full,
+}
+
+impl SyncKind {
+    fn to_u8(self) -> u8 {
+        match self {
+            SyncKind::Incremental => 1,
+            SyncKind::Checksum => 2,
+            SyncKind::Full => 3,
+        }
+    }
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => SyncKind::Incremental,
+            2 => SyncKind::Checksum,
+            3 => SyncKind::Full,
+            _ => return None,
+        })
+    }
+    /// The name used in logs and status.
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncKind::Incremental => "incremental",
+            SyncKind::Checksum => "checksum",
+            SyncKind::Full => "full",
+        }
+    }
+}
 
 /// What the primary waits for before it acknowledges a write to its client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,14 +123,19 @@ impl std::str::FromStr for AckMode {
 }
 
 /// One control message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Message {
     /// Primary → secondary, first message: who I am and what my disk is.
     Hello {
         /// Disk size in bytes.
         size: u64,
-        /// Digest of the primary's disk (see [`crate::digest`]).
-        digest: u64,
+        /// The primary's data generation (see [`super::meta`]).
+        generation: u64,
+        /// Generations the primary's data descends from, newest first.
+        history: Vec<u64>,
+        /// The secondary generation since which the primary has recorded every block it
+        /// wrote (its dirty bitmap is valid relative to it); 0: none.
+        tracked: u64,
         /// The primary's last committed epoch.
         committed: u64,
         /// Random id of this replication session.
@@ -102,10 +149,41 @@ pub enum Message {
     Welcome {
         /// Disk size in bytes.
         size: u64,
-        /// Digest of the secondary's disk.
-        digest: u64,
+        /// The secondary's data generation.
+        generation: u64,
         /// The secondary's last committed epoch.
         committed: u64,
+        /// How the primary must bring the secondary up to date.
+        sync: SyncKind,
+        /// Whether the secondary's disk holds a checkpoint it can fail over to.
+        consistent: bool,
+    },
+    /// Primary → secondary: the digest of each `unit_blocks`-block unit in `units`.
+    SumsRequest {
+        /// Matches the answer.
+        id: u64,
+        /// Blocks (4 KiB) per unit.
+        unit_blocks: u32,
+        /// Unit indexes (unit `u` covers blocks `u * unit_blocks ..`).
+        units: roaring::RoaringTreemap,
+    },
+    /// Secondary → primary: digests in the order of the request's units.
+    Sums {
+        /// The request's id.
+        id: u64,
+        /// One digest per unit.
+        sums: Vec<u64>,
+    },
+    /// Primary → secondary: the sync's comparison is done; accept forwarded writes again,
+    /// starting in `epoch`. Nothing before it in the interrupted epochs will be committed.
+    Resume {
+        /// The epoch replication continues in.
+        epoch: u64,
+    },
+    /// Secondary → primary: ready for `epoch`.
+    ResumeAck {
+        /// The epoch of the RESUME.
+        epoch: u64,
     },
     /// Either side: I refuse (and close).
     Refused {
@@ -158,6 +236,10 @@ mod kind {
     pub const HEARTBEAT: u16 = 7;
     pub const HEARTBEAT_ACK: u16 = 8;
     pub const GOODBYE: u16 = 9;
+    pub const SUMS_REQUEST: u16 = 10;
+    pub const SUMS: u16 = 11;
+    pub const RESUME: u16 = 12;
+    pub const RESUME_ACK: u16 = 13;
 }
 
 /// Why bytes are not a valid frame.
@@ -226,6 +308,10 @@ impl Message {
             Message::Heartbeat { .. } => kind::HEARTBEAT,
             Message::HeartbeatAck { .. } => kind::HEARTBEAT_ACK,
             Message::Goodbye { .. } => kind::GOODBYE,
+            Message::SumsRequest { .. } => kind::SUMS_REQUEST,
+            Message::Sums { .. } => kind::SUMS,
+            Message::Resume { .. } => kind::RESUME,
+            Message::ResumeAck { .. } => kind::RESUME_ACK,
         }
     }
 
@@ -240,14 +326,22 @@ impl Message {
         match self {
             Message::Hello {
                 size,
-                digest,
+                generation,
+                history,
+                tracked,
                 committed,
                 session,
                 ack,
                 heartbeat_ms,
             } => {
                 p.extend_from_slice(&size.to_be_bytes());
-                p.extend_from_slice(&digest.to_be_bytes());
+                p.extend_from_slice(&generation.to_be_bytes());
+                let h = &history[..history.len().min(MAX_HISTORY)];
+                p.extend_from_slice(&(h.len() as u16).to_be_bytes());
+                for g in h {
+                    p.extend_from_slice(&g.to_be_bytes());
+                }
+                p.extend_from_slice(&tracked.to_be_bytes());
                 p.extend_from_slice(&committed.to_be_bytes());
                 p.extend_from_slice(&session.to_be_bytes());
                 p.push(ack.to_u8());
@@ -255,12 +349,37 @@ impl Message {
             }
             Message::Welcome {
                 size,
-                digest,
+                generation,
                 committed,
+                sync,
+                consistent,
             } => {
                 p.extend_from_slice(&size.to_be_bytes());
-                p.extend_from_slice(&digest.to_be_bytes());
+                p.extend_from_slice(&generation.to_be_bytes());
                 p.extend_from_slice(&committed.to_be_bytes());
+                p.push(sync.to_u8());
+                p.push(u8::from(*consistent));
+            }
+            Message::SumsRequest {
+                id,
+                unit_blocks,
+                units,
+            } => {
+                p.extend_from_slice(&id.to_be_bytes());
+                p.extend_from_slice(&unit_blocks.to_be_bytes());
+                units
+                    .serialize_into(&mut p)
+                    .expect("serialising into a Vec cannot fail");
+            }
+            Message::Sums { id, sums } => {
+                p.extend_from_slice(&id.to_be_bytes());
+                p.extend_from_slice(&(sums.len() as u32).to_be_bytes());
+                for s in sums {
+                    p.extend_from_slice(&s.to_be_bytes());
+                }
+            }
+            Message::Resume { epoch } | Message::ResumeAck { epoch } => {
+                p.extend_from_slice(&epoch.to_be_bytes())
             }
             Message::Refused { reason } | Message::Goodbye { reason } => put_reason(&mut p, reason),
             Message::Checkpoint { epoch, summaries } => {
@@ -305,6 +424,10 @@ fn kind_name(k: u16) -> &'static str {
         kind::HEARTBEAT => "HEARTBEAT",
         kind::HEARTBEAT_ACK => "HEARTBEAT_ACK",
         kind::GOODBYE => "GOODBYE",
+        kind::SUMS_REQUEST => "SUMS_REQUEST",
+        kind::SUMS => "SUMS",
+        kind::RESUME => "RESUME",
+        kind::RESUME_ACK => "RESUME_ACK",
         _ => "unknown",
     }
 }
@@ -370,6 +493,15 @@ impl<'a> Cursor<'a> {
             reason: "reason is not UTF-8".into(),
         })
     }
+    fn malformed(&self, reason: String) -> WireError {
+        WireError::Malformed {
+            kind: self.kind,
+            reason,
+        }
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.b)
+    }
     fn end(self) -> Result<(), WireError> {
         if self.b.is_empty() {
             Ok(())
@@ -405,7 +537,19 @@ pub fn decode_body(
     let m = match k {
         kind::HELLO => Message::Hello {
             size: c.u64()?,
-            digest: c.u64()?,
+            generation: c.u64()?,
+            history: {
+                let n = usize::from(c.u16()?);
+                if n > MAX_HISTORY {
+                    return Err(c.malformed(format!("history of {n} generations")));
+                }
+                let mut h = Vec::with_capacity(n);
+                for _ in 0..n {
+                    h.push(c.u64()?);
+                }
+                h
+            },
+            tracked: c.u64()?,
             committed: c.u64()?,
             session: c.u64()?,
             ack: {
@@ -419,9 +563,66 @@ pub fn decode_body(
         },
         kind::WELCOME => Message::Welcome {
             size: c.u64()?,
-            digest: c.u64()?,
+            generation: c.u64()?,
             committed: c.u64()?,
+            sync: {
+                let v = c.u8()?;
+                SyncKind::from_u8(v).ok_or_else(|| c.malformed(format!("unknown sync kind {v}")))?
+            },
+            consistent: match c.u8()? {
+                0 => false,
+                1 => true,
+                v => return Err(c.malformed(format!("consistent flag {v}"))),
+            },
         },
+        kind::SUMS_REQUEST => {
+            let id = c.u64()?;
+            let unit_blocks = c.u32()?;
+            if unit_blocks == 0 || unit_blocks > 1 << 16 {
+                return Err(c.malformed(format!("{unit_blocks} blocks per unit")));
+            }
+            let raw = c.rest();
+            let units = roaring::RoaringTreemap::deserialize_from(raw).map_err(|e| {
+                WireError::Malformed {
+                    kind: "SUMS_REQUEST",
+                    reason: format!("unit bitmap: {e}"),
+                }
+            })?;
+            if units.len() > MAX_SUM_UNITS {
+                return Err(WireError::Malformed {
+                    kind: "SUMS_REQUEST",
+                    reason: format!("{} units (at most {MAX_SUM_UNITS})", units.len()),
+                });
+            }
+            // The bitmap must use every byte: a second encoding hidden behind it is damage.
+            let mut again = Vec::new();
+            units.serialize_into(&mut again).expect("into a Vec");
+            if again.len() != raw.len() {
+                return Err(WireError::Malformed {
+                    kind: "SUMS_REQUEST",
+                    reason: "trailing bytes after the unit bitmap".into(),
+                });
+            }
+            Message::SumsRequest {
+                id,
+                unit_blocks,
+                units,
+            }
+        }
+        kind::SUMS => {
+            let id = c.u64()?;
+            let n = c.u32()? as u64;
+            if n > MAX_SUM_UNITS {
+                return Err(c.malformed(format!("{n} sums (at most {MAX_SUM_UNITS})")));
+            }
+            let mut sums = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                sums.push(c.u64()?);
+            }
+            Message::Sums { id, sums }
+        }
+        kind::RESUME => Message::Resume { epoch: c.u64()? },
+        kind::RESUME_ACK => Message::ResumeAck { epoch: c.u64()? },
         kind::REFUSED => Message::Refused {
             reason: c.reason()?,
         },
@@ -496,30 +697,68 @@ mod tests {
         ];
         prop_oneof![
             (
-                any::<u64>(),
+                (
+                    any::<u64>(),
+                    any::<u64>(),
+                    proptest::collection::vec(any::<u64>(), 0..5)
+                ),
                 any::<u64>(),
                 any::<u64>(),
                 any::<u64>(),
                 ack,
                 any::<u32>()
             )
-                .prop_map(|(size, digest, committed, session, ack, heartbeat_ms)| {
-                    Message::Hello {
-                        size,
-                        digest,
+                .prop_map(
+                    |(
+                        (size, generation, history),
+                        tracked,
                         committed,
                         session,
                         ack,
                         heartbeat_ms,
+                    )| {
+                        Message::Hello {
+                            size,
+                            generation,
+                            history,
+                            tracked,
+                            committed,
+                            session,
+                            ack,
+                            heartbeat_ms,
+                        }
+                    }
+                ),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                1u8..=3,
+                any::<bool>()
+            )
+                .prop_map(|(size, generation, committed, sync, consistent)| {
+                    Message::Welcome {
+                        size,
+                        generation,
+                        committed,
+                        sync: SyncKind::from_u8(sync).unwrap(),
+                        consistent,
                     }
                 }),
-            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(size, digest, committed)| {
-                Message::Welcome {
-                    size,
-                    digest,
-                    committed,
-                }
-            }),
+            (
+                any::<u64>(),
+                1u32..64,
+                proptest::collection::vec(0u64..1 << 40, 0..50)
+            )
+                .prop_map(|(id, unit_blocks, v)| Message::SumsRequest {
+                    id,
+                    unit_blocks,
+                    units: v.into_iter().collect(),
+                }),
+            (any::<u64>(), proptest::collection::vec(any::<u64>(), 0..50))
+                .prop_map(|(id, sums)| Message::Sums { id, sums }),
+            any::<u64>().prop_map(|epoch| Message::Resume { epoch }),
+            any::<u64>().prop_map(|epoch| Message::ResumeAck { epoch }),
             ".{0,40}".prop_map(|reason| Message::Refused { reason }),
             ".{0,40}".prop_map(|reason| Message::Goodbye { reason }),
             (any::<u64>(), proptest::collection::vec(summary(), 0..4))
@@ -570,7 +809,7 @@ mod tests {
         b[5] = 9;
         assert_eq!(
             decode_frame(&b).unwrap_err().to_string(),
-            "control protocol version 9 is not supported (this build speaks 1)"
+            "control protocol version 9 is not supported (this build speaks 2)"
         );
         assert!(matches!(
             decode_frame(b"GET / HTTP/1.1\r\n\r\n"),

@@ -25,8 +25,8 @@ pub(crate) mod suite;
 
 pub use buf::{keep_large_buffers_in_heap, IoBuf, IO_ALIGN};
 pub use memory::MemoryBackend;
-pub(crate) use unaligned::BlockRangeLock;
 pub use unaligned::Unaligned;
+pub(crate) use unaligned::{BlockRangeLock, RangeGuard};
 pub use uring::{DiskOptions, UringFile};
 
 use std::fmt;
