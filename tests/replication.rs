@@ -445,6 +445,18 @@ struct Pair {
 
 impl Pair {
     fn start(dir: &Path, size: &str, primary_flags: &[String]) -> Pair {
+        Self::start_full(dir, size, primary_flags, &[], false).0
+    }
+
+    /// Like `start`, with extra secondary flags, and optionally the primary reaching the
+    /// secondary through a [`CutProxy`].
+    fn start_full(
+        dir: &Path,
+        size: &str,
+        primary_flags: &[String],
+        secondary_flags: &[String],
+        via_proxy: bool,
+    ) -> (Pair, Option<CutProxy>) {
         let bin = lockstep_bin();
         let (p_img, s_img) = (dir.join("primary.img"), dir.join("secondary.img"));
         let (p_sock, s_sock) = (dir.join("primary.sock"), dir.join("secondary.sock"));
@@ -464,6 +476,8 @@ impl Pair {
             "--export",
             &s_export,
         ]);
+        let mut sargs = sargs;
+        sargs.extend(secondary_flags.iter().cloned());
         let mut secondary = Daemon::start("secondary", &bin, &refs(&sargs), dir);
         wait_status(
             &mut secondary,
@@ -472,6 +486,8 @@ impl Pair {
             "secondary",
             |v| v["mode"].str() == Some("waiting"),
         );
+        let proxy = via_proxy.then(|| CutProxy::start(&listen));
+        let target = proxy.as_ref().map_or(listen.clone(), |p| p.addr.clone());
         let mut pargs = s(&[
             "primary",
             "--disk",
@@ -481,7 +497,7 @@ impl Pair {
             "--export",
             &export,
             "--secondary",
-            &listen,
+            &target,
             "--control",
             p_sock.to_str().unwrap(),
         ]);
@@ -501,17 +517,20 @@ impl Pair {
             tail(&primary, 40),
             tail(&secondary, 40)
         );
-        Pair {
-            p_img,
-            s_img,
-            p_sock,
-            s_sock,
-            export,
-            listen,
-            s_export,
-            primary,
-            secondary,
-        }
+        (
+            Pair {
+                p_img,
+                s_img,
+                p_sock,
+                s_sock,
+                export,
+                listen,
+                s_export,
+                primary,
+                secondary,
+            },
+            proxy,
+        )
     }
 
     fn uri(&self) -> String {
@@ -1366,5 +1385,505 @@ fn primary_status_committed_epoch_is_committed_on_the_secondary() {
          `current` advances at the cut, before the epoch is drained and COMMITTED)",
         top_ahead.len(),
         top_ahead[..top_ahead.len().min(5)].join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Surviving link loss and restarts: pause, reconnect, resync (incremental, checksum),
+//    re-protect after failover, split-brain.
+
+fn jbool(v: &Json) -> Option<bool> {
+    match v {
+        Json::Bool(b) => Some(*b),
+        _ => None,
+    }
+}
+
+fn jf64(v: &Json) -> f64 {
+    match v {
+        Json::Num(n) => *n,
+        _ => 0.0,
+    }
+}
+
+/// Wait until the primary replicates with its resync complete (the resync's checkpoint
+/// committed, or nothing was left to send and a later checkpoint ran).
+fn wait_synced(d: &mut Daemon, sock: &Path, deadline: Duration, min_sessions: u64) -> Json {
+    wait_status(d, sock, deadline, "primary (resynced)", |v| {
+        v["mode"].str() == Some("replicating")
+            && jbool(&v["resyncing"]) == Some(false)
+            && v["resync"]["state"].str() == Some("done")
+            && v["sessions"].u64().unwrap_or(0) >= min_sessions
+    })
+}
+
+fn assert_images_equal(a: &Path, b: &Path, what: &str, logs: &str) {
+    let p = std::fs::read(a).expect("image");
+    let q = std::fs::read(b).expect("image");
+    if let Some(at) = first_difference(&p, &q) {
+        panic!(
+            "{what}: the images differ at byte {at} (block {})\n{logs}",
+            at / 4096
+        );
+    }
+}
+
+fn fio_ok(fio: &mut Daemon, what: &str, logs: &str) {
+    let st = fio.wait(Duration::from_secs(90));
+    let out = fio.log_text();
+    assert!(
+        st.success() && fio_errors(&out) == 0,
+        "{what}: fio failed ({st}):\n{}\n{logs}",
+        out.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+    );
+}
+
+#[derive(Default)]
+struct ResyncTotals {
+    cuts: u64,
+    sent_bytes: u64,
+    dirty_bytes: u64,
+    resume_s: Vec<f64>,
+}
+
+fn link_cut_trial(rng: &mut Rng, totals: &mut ResyncTotals) -> String {
+    require("fio", "fio");
+    let dir = scratch();
+    let ack = rng.pick(&["local", "received", "durable"]);
+    let (mut pair, proxy) = Pair::start_full(
+        dir.path(),
+        "64M",
+        &s(&[
+            "--ack",
+            ack,
+            "--checkpoint-interval",
+            "100ms",
+            "--heartbeat",
+            "100ms",
+        ]),
+        &[],
+        true,
+    );
+    let proxy = proxy.expect("proxy");
+    let seed = rng.next() % 100_000;
+    let mut fio = start_fio(
+        dir.path(),
+        "fio-load",
+        &load_job(&pair.uri(), Some(seed), 16, "64M", 12),
+    );
+    let mut report = Vec::new();
+    let mut sessions = 1;
+    for k in 0..3 {
+        sleep_ms(rng.range(200, 1000));
+        proxy.cut();
+        let down = rng.range(50, 1200);
+        sleep_ms(down);
+        proxy.heal();
+        let double = rng.range(0, 2) == 0;
+        if double {
+            // Break it again while the two sides are comparing or resuming.
+            sleep_ms(rng.range(5, 60));
+            proxy.cut();
+            sleep_ms(rng.range(50, 300));
+            let sv = status(&pair.s_sock).unwrap_or(Json::Null);
+            let smode = sv["mode"].str().unwrap_or("?").to_string();
+            assert!(
+                matches!(smode.as_str(), "paused" | "syncing" | "replicating"),
+                "cut {k}: after a failed recovery the secondary is {smode}: {sv}"
+            );
+            assert!(
+                sv["failover"] == Json::Null,
+                "the secondary must not have failed over: {sv}"
+            );
+            proxy.heal();
+        }
+        sessions += 1;
+        let v = wait_synced(
+            &mut pair.primary,
+            &pair.p_sock,
+            Duration::from_secs(60),
+            sessions,
+        );
+        sessions = v["sessions"].u64().unwrap_or(sessions);
+        let r = &v["resync"];
+        let sent = r["sent_bytes"].u64().unwrap_or(0);
+        let dirty = r["dirty_at_start"].u64().unwrap_or(0) * 4096;
+        assert_eq!(r["kind"].str(), Some("incremental"), "cut {k}: {v}");
+        assert!(
+            sent <= dirty + 4096,
+            "cut {k}: resent {sent} bytes, more than the {dirty} bytes that may have differed: {v}"
+        );
+        assert!(
+            sent < 32 << 20,
+            "cut {k}: a full resend ({sent} bytes): {v}"
+        );
+        totals.cuts += 1 + u64::from(double);
+        totals.sent_bytes += sent;
+        totals.dirty_bytes += dirty;
+        totals.resume_s.push(jf64(&v["last_resume_s"]));
+        report.push(format!(
+            "cut {down} ms{}: {} KiB resent of {} KiB dirty",
+            if double {
+                " (+ a cut during recovery)"
+            } else {
+                ""
+            },
+            sent / 1024,
+            dirty / 1024
+        ));
+    }
+    fio_ok(&mut fio, "fio through the cuts", &pair.logs());
+    control(&pair.p_sock, r#"{"cmd":"checkpoint"}"#, T)
+        .unwrap_or_else(|e| panic!("checkpoint after the cuts: {e}\n{}", pair.logs()));
+    let v = status(&pair.p_sock).expect("status");
+    assert_eq!(v["mode"].str(), Some("replicating"), "{v}");
+    // An online verify agrees, then the files themselves.
+    let (ok, out, err) = lockstep(&["verify", "--control", pair.p_sock.to_str().unwrap()], T);
+    assert!(ok, "lockstep verify: {out}{err}\n{}", pair.logs());
+    assert!(out.contains(": 0 differ"), "{out}");
+    drop(fio);
+    let logs = pair.logs();
+    let (p_img, s_img) = (pair.p_img.clone(), pair.s_img.clone());
+    pair.primary.signal(libc::SIGTERM);
+    pair.primary.wait(Duration::from_secs(60));
+    assert_images_equal(&p_img, &s_img, "after the cuts and a clean shutdown", &logs);
+    format!("ack {ack}, {}", report.join("; "))
+}
+
+#[test]
+fn link_cuts_under_fio_pause_and_resync_incrementally() {
+    let _g = heavy();
+    let mut totals = ResyncTotals::default();
+    trials(
+        "link_cuts_under_fio_pause_and_resync_incrementally",
+        7,
+        |_, rng| link_cut_trial(rng, &mut totals),
+    );
+    let mut r = totals.resume_s.clone();
+    r.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    eprintln!(
+        "link cuts: {} cuts, resent {:.1} MiB of {:.1} MiB that may have differed (ratio {:.2}); time to resume after the link came back: median {:.2} s, max {:.2} s",
+        totals.cuts,
+        totals.sent_bytes as f64 / (1 << 20) as f64,
+        totals.dirty_bytes as f64 / (1 << 20) as f64,
+        totals.sent_bytes as f64 / totals.dirty_bytes.max(1) as f64,
+        r.get(r.len() / 2).copied().unwrap_or(0.0),
+        r.last().copied().unwrap_or(0.0),
+    );
+    assert!(totals.cuts >= 20, "only {} cuts", totals.cuts);
+}
+
+fn secondary_args(pair: &Pair, size: &str, extra: &[&str]) -> Vec<String> {
+    let mut a = s(&[
+        "secondary",
+        "--disk",
+        pair.s_img.to_str().unwrap(),
+        "--size",
+        size,
+        "--listen",
+        &pair.listen,
+        "--control",
+        pair.s_sock.to_str().unwrap(),
+        "--export",
+        &pair.s_export,
+    ]);
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
+
+#[test]
+fn restarted_secondary_under_fio_resyncs_incrementally() {
+    require("fio", "fio");
+    let _g = heavy();
+    trials(
+        "restarted_secondary_under_fio_resyncs_incrementally",
+        3,
+        |_, rng| {
+            let dir = scratch();
+            let ack = rng.pick(&["received", "durable"]);
+            let mut pair = Pair::start(
+                dir.path(),
+                "64M",
+                &s(&["--ack", ack, "--checkpoint-interval", "100ms"]),
+            );
+            let mut fio = start_fio(
+                dir.path(),
+                "fio-load",
+                &load_job(&pair.uri(), Some(rng.next() % 1000), 16, "64M", 8),
+            );
+            sleep_ms(rng.range(1000, 2500));
+            pair.secondary.signal(libc::SIGKILL);
+            pair.secondary.wait(Duration::from_secs(10));
+            sleep_ms(rng.range(200, 1500));
+            let args = secondary_args(&pair, "64M", &[]);
+            pair.secondary = Daemon::start("secondary2", &lockstep_bin(), &refs(&args), dir.path());
+            let v = wait_synced(&mut pair.primary, &pair.p_sock, Duration::from_secs(60), 2);
+            let r = &v["resync"];
+            assert_eq!(r["kind"].str(), Some("incremental"), "{v}");
+            let sent = r["sent_bytes"].u64().unwrap_or(0);
+            assert!(sent < 32 << 20, "not a full resend: {v}");
+            fio_ok(&mut fio, "fio across the restart", &pair.logs());
+            control(&pair.p_sock, r#"{"cmd":"checkpoint"}"#, T).expect("checkpoint");
+            let logs = pair.logs();
+            pair.primary.signal(libc::SIGTERM);
+            pair.primary.wait(Duration::from_secs(60));
+            assert_images_equal(
+                &pair.p_img,
+                &pair.s_img,
+                "after the secondary's restart",
+                &logs,
+            );
+            format!(
+                "ack {ack}: resent {} KiB of {} KiB dirty",
+                sent / 1024,
+                r["dirty_at_start"].u64().unwrap_or(0) * 4
+            )
+        },
+    );
+}
+
+#[test]
+fn a_secondary_with_other_data_gets_a_checksum_sync_of_the_differing_chunks() {
+    let _g = heavy();
+    let dir = scratch();
+    let size = 32usize << 20;
+    let (p_img, s_img) = (
+        dir.path().join("primary.img"),
+        dir.path().join("secondary.img"),
+    );
+    random_file(&p_img, size, 7);
+    let mut other = std::fs::read(&p_img).unwrap();
+    let chunks = [3usize, 100, 101, 400, 511];
+    for c in chunks {
+        other[c * 65536 + 1000] ^= 0xff;
+    }
+    std::fs::write(&s_img, &other).unwrap();
+    let pair = Pair::start(dir.path(), "32M", &s(&["--checkpoint-interval", "200ms"]));
+    let mut primary = pair.primary;
+    let v = wait_synced(&mut primary, &pair.p_sock, Duration::from_secs(60), 1);
+    let r = &v["resync"];
+    assert_eq!(r["kind"].str(), Some("checksum"), "{v}");
+    assert_eq!(r["compared_units"].u64(), Some(512), "{v}");
+    assert_eq!(
+        r["sent_bytes"].u64(),
+        Some(chunks.len() as u64 * 65536),
+        "only the differing chunks travel: {v}"
+    );
+    primary.signal(libc::SIGTERM);
+    primary.wait(Duration::from_secs(60));
+    assert_images_equal(&pair.p_img, &pair.s_img, "after the checksum sync", "");
+}
+
+/// Start `lockstep secondary` on `disk`, wait until it waits for a primary.
+fn start_secondary_on(
+    dir: &Path,
+    name: &str,
+    disk: &Path,
+    listen: &str,
+    sock: &Path,
+    extra: &[&str],
+) -> Daemon {
+    let mut a = s(&[
+        "secondary",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--listen",
+        listen,
+        "--control",
+        sock.to_str().unwrap(),
+    ]);
+    a.extend(extra.iter().map(|x| x.to_string()));
+    let mut d = Daemon::start(name, &lockstep_bin(), &refs(&a), dir);
+    wait_status(&mut d, sock, Duration::from_secs(20), name, |v| {
+        v["mode"].str() == Some("waiting")
+    });
+    d
+}
+
+fn primary_args(disk: &Path, export: &str, secondary: &str, sock: &Path) -> Vec<String> {
+    s(&[
+        "primary",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--export",
+        export,
+        "--secondary",
+        secondary,
+        "--control",
+        sock.to_str().unwrap(),
+        "--checkpoint-interval",
+        "100ms",
+        "--connect-timeout",
+        "10s",
+    ])
+}
+
+#[test]
+fn failover_then_reprotect_with_the_old_primary_as_secondary() {
+    require("fio", "fio");
+    let _g = heavy();
+    trials(
+        "failover_then_reprotect_with_the_old_primary_as_secondary",
+        2,
+        |_, rng| {
+            let dir = scratch();
+            let mut pair = Pair::start(
+                dir.path(),
+                "64M",
+                &s(&["--ack", "received", "--checkpoint-interval", "100ms"]),
+            );
+            let mut fio = start_fio(
+                dir.path(),
+                "fio-load",
+                &load_job(&pair.uri(), Some(rng.next() % 1000), 16, "64M", 10),
+            );
+            sleep_ms(rng.range(1000, 3000));
+            pair.primary.signal(libc::SIGKILL);
+            pair.primary.wait(Duration::from_secs(10));
+            let _ = fio.wait(Duration::from_secs(60));
+            let (ok, out, err) = lockstep(
+                &[
+                    "failover",
+                    "--control",
+                    pair.s_sock.to_str().unwrap(),
+                    "--to",
+                    "checkpoint",
+                    "--verify",
+                ],
+                T,
+            );
+            assert!(ok, "failover: {out}{err}");
+            // The failed-over node becomes a replicating primary; the old primary's disk, with
+            // its own unreplicated writes, becomes its secondary.
+            pair.secondary.signal(libc::SIGTERM);
+            pair.secondary.wait(Duration::from_secs(30));
+            let listen2 = format!("127.0.0.1:{}", free_port());
+            let export2 = format!("127.0.0.1:{}", free_port());
+            let (sock_p2, sock_s2) = (dir.path().join("p2.sock"), dir.path().join("s2.sock"));
+            let _sec2 = start_secondary_on(
+                dir.path(),
+                "secondary2",
+                &pair.p_img,
+                &listen2,
+                &sock_s2,
+                &[],
+            );
+            let pargs = primary_args(&pair.s_img, &export2, &listen2, &sock_p2);
+            let mut p2 = Daemon::start("primary2", &lockstep_bin(), &refs(&pargs), dir.path());
+            let v = wait_synced(&mut p2, &sock_p2, Duration::from_secs(60), 1);
+            let r = &v["resync"];
+            let sent = r["sent_bytes"].u64().unwrap_or(0);
+            assert_eq!(r["kind"].str(), Some("checksum"), "{v}");
+            let mut fio2 = start_fio(
+                dir.path(),
+                "fio-load2",
+                &load_job(&format!("nbd://{export2}/lockstep"), Some(5), 8, "64M", 2),
+            );
+            fio_ok(&mut fio2, "fio on the new primary", &tail(&p2, 30));
+            control(&sock_p2, r#"{"cmd":"checkpoint"}"#, T).expect("checkpoint");
+            p2.signal(libc::SIGTERM);
+            p2.wait(Duration::from_secs(60));
+            assert_images_equal(
+                &pair.s_img,
+                &pair.p_img,
+                "after re-protecting",
+                &tail(&p2, 40),
+            );
+            format!(
+                "re-protected: {} KiB sent ({} of {} chunks differed)",
+                sent / 1024,
+                r["compared_units"].u64().unwrap_or(0) - r["equal_units"].u64().unwrap_or(0),
+                r["compared_units"].u64().unwrap_or(0)
+            )
+        },
+    );
+}
+
+#[test]
+fn split_brain_is_refused_until_discard_my_data() {
+    require("fio", "fio");
+    let _g = heavy();
+    let dir = scratch();
+    let (mut pair, proxy) = Pair::start_full(
+        dir.path(),
+        "64M",
+        &s(&["--checkpoint-interval", "100ms", "--heartbeat", "100ms"]),
+        &s(&["--on-peer-loss", "failover", "--heartbeat-misses", "3"]),
+        true,
+    );
+    let proxy = proxy.expect("proxy");
+    let mut fio = start_fio(
+        dir.path(),
+        "fio-load",
+        &load_job(&pair.uri(), Some(3), 16, "64M", 4),
+    );
+    sleep_ms(1000);
+    proxy.cut();
+    // The secondary fails over by itself; the primary keeps writing: both wrote as primary.
+    wait_status(
+        &mut pair.secondary,
+        &pair.s_sock,
+        Duration::from_secs(20),
+        "secondary",
+        |v| v["mode"].str() == Some("primary"),
+    );
+    sleep_ms(500);
+    proxy.heal();
+    let v = wait_status(
+        &mut pair.primary,
+        &pair.p_sock,
+        Duration::from_secs(30),
+        "primary",
+        |v| {
+            v["last_attempt_error"]
+                .str()
+                .is_some_and(|e| e.contains("split-brain"))
+        },
+    );
+    assert_eq!(v["mode"].str(), Some("unprotected"), "{v}");
+    fio_ok(&mut fio, "fio across the split", &pair.logs());
+    pair.primary.signal(libc::SIGTERM);
+    pair.primary.wait(Duration::from_secs(30));
+    pair.secondary.signal(libc::SIGTERM);
+    pair.secondary.wait(Duration::from_secs(30));
+    // The operator keeps the failed-over node's data: without --discard-my-data the old
+    // primary's disk refuses to become its secondary.
+    let listen2 = format!("127.0.0.1:{}", free_port());
+    let export2 = format!("127.0.0.1:{}", free_port());
+    let (sock_p2, sock_s2) = (dir.path().join("p2.sock"), dir.path().join("s2.sock"));
+    let sec2 = start_secondary_on(
+        dir.path(),
+        "old-primary-as-secondary",
+        &pair.p_img,
+        &listen2,
+        &sock_s2,
+        &[],
+    );
+    let pargs = primary_args(&pair.s_img, &export2, &listen2, &sock_p2);
+    let (ok, out, err) = lockstep(&refs(&pargs), Duration::from_secs(60));
+    assert!(!ok, "a primary started on a split-brain pair: {out}");
+    assert!(
+        err.contains("split-brain") && err.contains("--discard-my-data"),
+        "{err}"
+    );
+    drop(sec2);
+    let _sec2 = start_secondary_on(
+        dir.path(),
+        "old-primary-discarding",
+        &pair.p_img,
+        &listen2,
+        &sock_s2,
+        &["--discard-my-data"],
+    );
+    let mut p2 = Daemon::start("primary2", &lockstep_bin(), &refs(&pargs), dir.path());
+    let v = wait_synced(&mut p2, &sock_p2, Duration::from_secs(60), 1);
+    assert_eq!(v["resync"]["kind"].str(), Some("checksum"), "{v}");
+    p2.signal(libc::SIGTERM);
+    p2.wait(Duration::from_secs(60));
+    assert_images_equal(
+        &pair.s_img,
+        &pair.p_img,
+        "after --discard-my-data",
+        &tail(&p2, 40),
     );
 }

@@ -88,6 +88,9 @@ pub struct ResyncStats {
     pub equal_units: u64,
     /// Blocks per compared unit.
     pub unit_blocks: u64,
+    /// Dirty blocks when the sync began (written since the last commit, plus every block
+    /// for a checksum sync, every allocated one for a full sync).
+    pub dirty_at_start: u64,
     /// Blocks to send after the comparison.
     pub to_send_blocks: u64,
     /// Blocks sent so far.
@@ -476,6 +479,7 @@ impl Primary {
             kind: Some(kind),
             state: "comparing",
             unit_blocks,
+            dirty_at_start: st.dirty.len(),
             completed: st.resync.completed,
             ..Default::default()
         };

@@ -694,3 +694,202 @@ fn not_a_secondary_is_a_clear_error() {
         assert!(e.contains("not a lockstep secondary"), "{e}");
     });
 }
+
+/// A TCP proxy between the primary and the secondary that can cut every connection.
+struct CutProxy {
+    ep: Endpoint,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    generation: Arc<watch::Sender<u64>>,
+}
+
+impl CutProxy {
+    async fn start(target: &Endpoint) -> CutProxy {
+        let Endpoint::Tcp(target) = target.clone() else {
+            panic!("tcp only")
+        };
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ep = Endpoint::Tcp(l.local_addr().unwrap().to_string());
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let generation = Arc::new(watch::Sender::new(0u64));
+        let (u, g) = (up.clone(), generation.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((c, _)) = l.accept().await else { return };
+                if !u.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: connection refused in effect
+                }
+                let target = target.clone();
+                let mut cut = g.subscribe();
+                let mine = *cut.borrow();
+                tokio::spawn(async move {
+                    let Ok(s) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let (mut a, mut b) = (c, s);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                        _ = cut.wait_for(|g| *g != mine) => {}
+                    }
+                });
+            }
+        });
+        CutProxy { ep, up, generation }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn heal(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn fill_blocks(p: &Primary, blocks: impl Iterator<Item = u64>, fill: u8) {
+    for b in blocks {
+        let data = pattern(b * 4096, 4096, fill ^ b as u8);
+        p.write_at(b * 4096, IoBuf::from_slice(&data), false)
+            .await
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_cut_link_pauses_both_sides_and_an_incremental_resync_restores_them() {
+    rt().block_on(async {
+        let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
+        let proxy = CutProxy::start(&s.ep).await;
+        let p = start_primary(&proxy.ep, AckMode::Received).await;
+        tokio::spawn(p.repl.clone().run());
+        fill_blocks(&p.primary, 0..8, 1).await;
+        p.coord.checkpoint().await.unwrap();
+        let committed = s.disk.snapshot();
+        // Writes of an epoch that will never commit, then the cut.
+        fill_blocks(&p.primary, 4..12, 2).await;
+        proxy.cut();
+        fill_blocks(&p.primary, 20..30, 3).await; // while the link is down
+        wait_for("both paused", || {
+            p.primary.mode() == PrimaryMode::Paused && s.sec.mode() == Mode::Paused
+        })
+        .await;
+        assert!(
+            p.coord.checkpoint().await.is_err(),
+            "no checkpoint while paused"
+        );
+        // The secondary still holds the last checkpoint in its view.
+        assert_eq!(read_all(&*s.sec.view()).await, committed);
+        let dirty = p.primary.dirty_blocks();
+        assert!(
+            dirty.contains(4) && dirty.contains(11) && dirty.contains(29),
+            "{dirty:?}"
+        );
+        assert!(!dirty.contains(0), "committed blocks are not dirty");
+        proxy.heal();
+        wait_for("resumed and resynced", || {
+            p.primary.mode() == PrimaryMode::Replicating
+                && p.primary.status()["resyncing"] == serde_json::Value::Bool(false)
+        })
+        .await;
+        let r = p.primary.resync_stats();
+        assert_eq!(r.kind, Some("incremental"));
+        assert!(
+            r.sent_bytes <= 18 * 4096,
+            "resent more than what was dirty: {r:?}"
+        );
+        p.coord.checkpoint().await.unwrap();
+        assert_eq!(
+            s.disk.snapshot(),
+            p.disk.snapshot(),
+            "images equal after the resync"
+        );
+        assert_eq!(read_all(&*s.sec.view()).await, p.disk.snapshot());
+        assert_eq!(s.sec.status()["consistent"], true);
+        assert!(s.sec.status()["resyncing"].is_null());
+    });
+}
+
+#[test]
+fn split_brain_is_refused_and_discard_my_data_converges_by_checksum() {
+    rt().block_on(async {
+        // The secondary was in sync with generation 111; the primary's data is generation
+        // 222, unrelated: both wrote on their own.
+        let theirs = NodeMeta {
+            generation: 111,
+            history: vec![],
+            clean: true,
+            committed: 5,
+        };
+        let s =
+            start_secondary_with(PeerLossPolicy::Wait, 1 << 20, Some(theirs.clone()), false).await;
+        s.disk
+            .write_at(0, IoBuf::from_slice(&[9; 8192]), false)
+            .await
+            .unwrap();
+        let pdisk = MemoryBackend::new(SIZE);
+        pdisk
+            .write_at(40 * 4096, IoBuf::from_slice(&[5; 4096]), false)
+            .await
+            .unwrap();
+        let mine = NodeMeta {
+            generation: 222,
+            history: vec![100],
+            clean: true,
+            committed: 0,
+        };
+        let table = DigestTable::scan(&pdisk).await.unwrap();
+        let primary = Primary::new(
+            Arc::new(pdisk.clone()),
+            table,
+            0,
+            PrimaryOptions::default(),
+            Arc::new(MetaStore::in_memory(mine.clone())),
+        );
+        let (_stop, stop_rx) = watch::channel(false);
+        let repl = Replicator::new(
+            primary,
+            ReplicatorOptions {
+                secondary: s.ep.clone(),
+                link: link_options(),
+                ack: AckMode::Received,
+                connect_timeout: Duration::from_secs(5),
+                reconnect_timeout: Duration::from_secs(5),
+                retry: Duration::from_millis(50),
+            },
+            stop_rx,
+        );
+        let e = repl.attempt().await.unwrap_err().to_string();
+        assert!(
+            e.contains("split-brain") && e.contains("--discard-my-data"),
+            "{e}"
+        );
+        assert_eq!(s.sec.mode(), Mode::Waiting);
+        assert_eq!(
+            s.sec.meta().generation,
+            111,
+            "nothing changed on the secondary"
+        );
+        drop(s);
+        // The same secondary disk, told to discard its data.
+        let s = start_secondary_with(PeerLossPolicy::Wait, 1 << 20, Some(theirs), true).await;
+        s.disk
+            .write_at(0, IoBuf::from_slice(&[9; 8192]), false)
+            .await
+            .unwrap();
+        let p = start_primary_on(&s.ep, AckMode::Received, pdisk.clone(), mine).await;
+        let r = p.primary.resync_stats();
+        assert_eq!(r.kind, Some("checksum"));
+        let chunk = 16 * 4096;
+        assert_eq!(
+            r.sent_bytes,
+            2 * chunk,
+            "only the two differing 64 KiB chunks travel: {r:?}"
+        );
+        assert_eq!(s.disk.snapshot(), pdisk.snapshot());
+        assert_eq!(
+            s.sec.meta().generation,
+            222,
+            "the secondary joined the primary's lineage"
+        );
+    });
+}
