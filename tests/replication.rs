@@ -1392,6 +1392,13 @@ fn primary_status_committed_epoch_is_committed_on_the_secondary() {
 // 6. Surviving link loss and restarts: pause, reconnect, resync (incremental, checksum),
 //    re-protect after failover, split-brain.
 
+/// The load at a bounded rate (16 MB/s), so that an outage of a second or so dirties a
+/// part of the disk, not all of it.
+fn rated(mut job: Vec<String>) -> Vec<String> {
+    job.push("--rate=16m".into());
+    job
+}
+
 fn jbool(v: &Json) -> Option<bool> {
     match v {
         Json::Bool(b) => Some(*b),
@@ -1452,7 +1459,7 @@ fn link_cut_trial(rng: &mut Rng, totals: &mut ResyncTotals) -> String {
     let ack = rng.pick(&["local", "received", "durable"]);
     let (mut pair, proxy) = Pair::start_full(
         dir.path(),
-        "64M",
+        "256M",
         &s(&[
             "--ack",
             ack,
@@ -1469,7 +1476,7 @@ fn link_cut_trial(rng: &mut Rng, totals: &mut ResyncTotals) -> String {
     let mut fio = start_fio(
         dir.path(),
         "fio-load",
-        &load_job(&pair.uri(), Some(seed), 16, "64M", 12),
+        &rated(load_job(&pair.uri(), Some(seed), 16, "256M", 12)),
     );
     let mut report = Vec::new();
     let mut sessions = 1;
@@ -1509,9 +1516,10 @@ fn link_cut_trial(rng: &mut Rng, totals: &mut ResyncTotals) -> String {
         let sent = r["sent_bytes"].u64().unwrap_or(0);
         let dirty = r["dirty_at_start"].u64().unwrap_or(0) * 4096;
         assert_eq!(r["kind"].str(), Some("incremental"), "cut {k}: {v}");
+        // What was dirty when the sync began, plus what fio wrote during the comparison.
         assert!(
-            sent <= dirty + 4096,
-            "cut {k}: resent {sent} bytes, more than the {dirty} bytes that may have differed: {v}"
+            sent <= dirty + dirty / 4 + (1 << 20),
+            "cut {k}: resent {sent} bytes, far more than the {dirty} bytes that may have differed: {v}"
         );
         assert!(
             sent < 32 << 20,
@@ -1562,7 +1570,7 @@ fn link_cuts_under_fio_pause_and_resync_incrementally() {
     let mut r = totals.resume_s.clone();
     r.sort_by(|a, b| a.partial_cmp(b).unwrap());
     eprintln!(
-        "link cuts: {} cuts, resent {:.1} MiB of {:.1} MiB that may have differed (ratio {:.2}); time to resume after the link came back: median {:.2} s, max {:.2} s",
+        "link cuts: {} cuts, resent {:.1} MiB of {:.1} MiB that may have differed (ratio {:.2}); time from the loss to resumed replication (cut + reconnect + compare): median {:.2} s, max {:.2} s",
         totals.cuts,
         totals.sent_bytes as f64 / (1 << 20) as f64,
         totals.dirty_bytes as f64 / (1 << 20) as f64,
@@ -1603,25 +1611,31 @@ fn restarted_secondary_under_fio_resyncs_incrementally() {
             let ack = rng.pick(&["received", "durable"]);
             let mut pair = Pair::start(
                 dir.path(),
-                "64M",
+                "256M",
                 &s(&["--ack", ack, "--checkpoint-interval", "100ms"]),
             );
             let mut fio = start_fio(
                 dir.path(),
                 "fio-load",
-                &load_job(&pair.uri(), Some(rng.next() % 1000), 16, "64M", 8),
+                &rated(load_job(
+                    &pair.uri(),
+                    Some(rng.next() % 1000),
+                    16,
+                    "256M",
+                    8,
+                )),
             );
             sleep_ms(rng.range(1000, 2500));
             pair.secondary.signal(libc::SIGKILL);
             pair.secondary.wait(Duration::from_secs(10));
             sleep_ms(rng.range(200, 1500));
-            let args = secondary_args(&pair, "64M", &[]);
+            let args = secondary_args(&pair, "256M", &[]);
             pair.secondary = Daemon::start("secondary2", &lockstep_bin(), &refs(&args), dir.path());
             let v = wait_synced(&mut pair.primary, &pair.p_sock, Duration::from_secs(60), 2);
             let r = &v["resync"];
             assert_eq!(r["kind"].str(), Some("incremental"), "{v}");
             let sent = r["sent_bytes"].u64().unwrap_or(0);
-            assert!(sent < 32 << 20, "not a full resend: {v}");
+            assert!(sent < 128 << 20, "not a full resend: {v}");
             fio_ok(&mut fio, "fio across the restart", &pair.logs());
             control(&pair.p_sock, r#"{"cmd":"checkpoint"}"#, T).expect("checkpoint");
             let logs = pair.logs();
