@@ -1714,6 +1714,25 @@ fn start_secondary_on(
     d
 }
 
+/// Addresses for a pair whose roles are swapped (the old secondary's disk as the primary).
+struct Swapped {
+    listen2: String,
+    export2: String,
+    sock_p2: PathBuf,
+    sock_s2: PathBuf,
+}
+
+impl Swapped {
+    fn new(dir: &Path) -> Swapped {
+        Swapped {
+            listen2: format!("127.0.0.1:{}", free_port()),
+            export2: format!("127.0.0.1:{}", free_port()),
+            sock_p2: dir.join("p2.sock"),
+            sock_s2: dir.join("s2.sock"),
+        }
+    }
+}
+
 fn primary_args(disk: &Path, export: &str, secondary: &str, sock: &Path) -> Vec<String> {
     s(&[
         "primary",
@@ -1771,9 +1790,12 @@ fn failover_then_reprotect_with_the_old_primary_as_secondary() {
             // its own unreplicated writes, becomes its secondary.
             pair.secondary.signal(libc::SIGTERM);
             pair.secondary.wait(Duration::from_secs(30));
-            let listen2 = format!("127.0.0.1:{}", free_port());
-            let export2 = format!("127.0.0.1:{}", free_port());
-            let (sock_p2, sock_s2) = (dir.path().join("p2.sock"), dir.path().join("s2.sock"));
+            let Swapped {
+                listen2,
+                export2,
+                sock_p2,
+                sock_s2,
+            } = Swapped::new(dir.path());
             let _sec2 = start_secondary_on(
                 dir.path(),
                 "secondary2",
@@ -1862,9 +1884,12 @@ fn split_brain_is_refused_until_discard_my_data() {
     pair.secondary.wait(Duration::from_secs(30));
     // The operator keeps the failed-over node's data: without --discard-my-data the old
     // primary's disk refuses to become its secondary.
-    let listen2 = format!("127.0.0.1:{}", free_port());
-    let export2 = format!("127.0.0.1:{}", free_port());
-    let (sock_p2, sock_s2) = (dir.path().join("p2.sock"), dir.path().join("s2.sock"));
+    let Swapped {
+        listen2,
+        export2,
+        sock_p2,
+        sock_s2,
+    } = Swapped::new(dir.path());
     let sec2 = start_secondary_on(
         dir.path(),
         "old-primary-as-secondary",
