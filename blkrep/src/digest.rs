@@ -136,42 +136,37 @@ impl DigestTable {
 
 /// Call `f(index, hash)` for every block of `disk` that is not a known hole, reading in large
 /// chunks. Blocks in holes keep their zero hash and are skipped.
-async fn for_each_block(disk: &dyn Backend, mut f: impl FnMut(u64, u64)) -> Result<()> {
+async fn for_each_block(disk: &dyn Backend, f: impl FnMut(u64, u64)) -> Result<()> {
+    hash_blocks(disk, 0, blocks(disk.size()), f).await
+}
+
+/// Call `f(index, hash)` once for every block in `first..end` that may hold data (holes are
+/// neither read nor reported), reading at most 4 MiB at a time.
+async fn hash_blocks(
+    disk: &dyn Backend,
+    first: u64,
+    end: u64,
+    mut f: impl FnMut(u64, u64),
+) -> Result<()> {
     const CHUNK: u64 = 4 << 20;
     let size = disk.size();
-    let mut off = 0;
-    while off < size {
-        let len = CHUNK.min(size - off);
-        let ext = disk.block_status(off, len).await?;
-        let mut pos = off;
-        for e in ext {
-            let e_len = e.len.min(off + len - pos);
-            if e_len == 0 {
-                break;
-            }
-            if !(e.hole && e.zero) {
-                // Read whole blocks covering the extent.
-                let first = pos / DIGEST_BLOCK;
-                let last = (pos + e_len).div_ceil(DIGEST_BLOCK);
-                let start = first * DIGEST_BLOCK;
-                let end = (last * DIGEST_BLOCK).min(size);
-                let buf = disk.read_at(start, (end - start) as usize).await?;
-                for (k, chunk) in buf.chunks(DIGEST_BLOCK as usize).enumerate() {
-                    f(first + k as u64, block_hash(first + k as u64, chunk));
-                }
-            }
-            pos += e_len;
-        }
-        if pos == off {
-            // A backend that reports nothing: read everything.
-            pos = off + len;
-            let buf = disk.read_at(off, len as usize).await?;
-            let first = off / DIGEST_BLOCK;
+    let off = first * DIGEST_BLOCK;
+    let len = (end * DIGEST_BLOCK).min(size).saturating_sub(off);
+    // A block shared by two data ranges is hashed once.
+    let mut next = first;
+    for (o, l) in crate::storage::data_ranges(disk, off, len).await? {
+        let mut b = (o / DIGEST_BLOCK).max(next);
+        let stop = (o + l).div_ceil(DIGEST_BLOCK);
+        while b < stop {
+            let start = b * DIGEST_BLOCK;
+            let piece_end = (start + CHUNK).min(stop * DIGEST_BLOCK).min(size);
+            let buf = disk.read_at(start, (piece_end - start) as usize).await?;
             for (k, chunk) in buf.chunks(DIGEST_BLOCK as usize).enumerate() {
-                f(first + k as u64, block_hash(first + k as u64, chunk));
+                f(b + k as u64, block_hash(b + k as u64, chunk));
             }
+            b += (piece_end - start).div_ceil(DIGEST_BLOCK);
         }
-        off = pos;
+        next = stop;
     }
     Ok(())
 }
@@ -185,8 +180,7 @@ pub async fn unit_sums(
     unit_blocks: u64,
 ) -> Result<Vec<u64>> {
     const RUN: u64 = 4 << 20;
-    let size = disk.size();
-    let nblocks = blocks(size);
+    let nblocks = blocks(disk.size());
     let mut out = Vec::with_capacity(units.len() as usize);
     let mut it = units.iter().peekable();
     while let Some(u) = it.next() {
@@ -202,39 +196,10 @@ pub async fn unit_sums(
         let first_block = (u * unit_blocks).min(nblocks);
         let end_block = ((last + 1) * unit_blocks).min(nblocks);
         let mut hashes: Vec<u64> = (first_block..end_block).map(zero_block_hash).collect();
-        if end_block > first_block {
-            let off = first_block * DIGEST_BLOCK;
-            let len = (end_block * DIGEST_BLOCK).min(size) - off;
-            let ext = disk.block_status(off, len).await?;
-            let mut pos = off;
-            let mut covered = 0;
-            for e in ext {
-                let e_len = e.len.min(off + len - pos);
-                if e_len == 0 {
-                    break;
-                }
-                if !(e.hole && e.zero) {
-                    let b0 = pos / DIGEST_BLOCK;
-                    let b1 = (pos + e_len).div_ceil(DIGEST_BLOCK);
-                    let start = b0 * DIGEST_BLOCK;
-                    let end = (b1 * DIGEST_BLOCK).min(size);
-                    let buf = disk.read_at(start, (end - start) as usize).await?;
-                    for (k, chunk) in buf.chunks(DIGEST_BLOCK as usize).enumerate() {
-                        let b = b0 + k as u64;
-                        hashes[(b - first_block) as usize] = block_hash(b, chunk);
-                    }
-                }
-                pos += e_len;
-                covered += e_len;
-            }
-            if covered == 0 {
-                let buf = disk.read_at(off, len as usize).await?;
-                for (k, chunk) in buf.chunks(DIGEST_BLOCK as usize).enumerate() {
-                    let b = first_block + k as u64;
-                    hashes[k] = block_hash(b, chunk);
-                }
-            }
-        }
+        hash_blocks(disk, first_block, end_block, |b, h| {
+            hashes[(b - first_block) as usize] = h
+        })
+        .await?;
         for unit in u..=last {
             let a = (unit * unit_blocks).min(nblocks);
             let b = ((unit + 1) * unit_blocks).min(nblocks);

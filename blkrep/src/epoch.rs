@@ -459,8 +459,9 @@ impl EpochCoordinator {
         })
     }
 
-    /// Run checkpoints on every trigger until `stop` turns true or a checkpoint fails for
-    /// good (the peer is lost): then returns that error.
+    /// Run checkpoints on every trigger until `stop` turns true. A failed checkpoint does not
+    /// end the loop (its participants were aborted; the link is re-established elsewhere);
+    /// the only error is a second `run` of the same coordinator.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> Result<(), EpochError> {
         let mut requests = self
             .requests

@@ -193,7 +193,7 @@ pub async fn run_primary(
     let _ = srv.await;
     // A resync in progress cannot end in a checkpoint: give it a moment to finish.
     let until = Instant::now() + Duration::from_secs(30);
-    while primary.status()["resyncing"] == Value::Bool(true) && Instant::now() < until {
+    while primary.is_resyncing() && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if primary.mode() == PrimaryMode::Replicating {
@@ -408,9 +408,7 @@ impl AdminHandler for SecondaryAdmin {
                     Ok(v)
                 }
                 "verify" => {
-                    if req.get("online").and_then(Value::as_bool) != Some(false)
-                        && self.sec.mode() != super::secondary::Mode::Primary
-                    {
+                    if self.sec.mode() != super::secondary::Mode::Primary {
                         return Err("online verify runs on the primary (lockstep verify --control PRIMARY.sock); on a secondary, verify compares a failed-over disk with its checkpoint digest".into());
                     }
                     let (image, checkpoint) = self.sec.verify_checkpoint().await?;

@@ -177,6 +177,10 @@ impl PeerLink {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, tx);
         if let Some(r) = self.dead_reason() {
+            self.sums
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
             return Err(format!("link lost: {r}"));
         }
         self.send(&Message::SumsRequest {

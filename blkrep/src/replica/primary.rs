@@ -184,6 +184,40 @@ struct State {
     resync: ResyncStats,
     resync_started: Option<Instant>,
     sending_started: Option<Instant>,
+    sending_ended: Option<Instant>,
+}
+
+impl State {
+    /// A modification of blocks `first..=last` (`len` bytes) is forwarded in the current
+    /// epoch: count it for the checkpoint summary and remember its blocks until the commit.
+    fn account(&mut self, first: u64, last: u64, len: u64) {
+        let epoch = self.epoch;
+        let c = self.counts.entry(epoch).or_default();
+        c.items += 1;
+        c.bytes += len;
+        self.written
+            .entry(epoch)
+            .or_default()
+            .insert_range(first..=last);
+    }
+
+    /// The resync's progress with its running times filled in.
+    fn resync_view(&self) -> ResyncStats {
+        let mut r = self.resync.clone();
+        if r.total_s.is_none() {
+            if let Some(t) = self.resync_started {
+                r.elapsed_s = t.elapsed().as_secs_f64();
+            }
+        }
+        if let Some(t) = self.sending_started {
+            let until = self.sending_ended.unwrap_or_else(Instant::now);
+            let secs = until.duration_since(t).as_secs_f64();
+            if secs > 0.0 {
+                r.throughput_mb_s = r.sent_bytes as f64 / secs / 1e6;
+            }
+        }
+        r
+    }
 }
 
 /// The primary's replicated disk; implements [`Backend`] for the NBD export (and ublk).
@@ -248,6 +282,7 @@ impl Primary {
                 resync: ResyncStats::default(),
                 resync_started: None,
                 sending_started: None,
+                sending_ended: None,
             }),
             queue: tx,
             queue_rx: Mutex::new(Some(rx)),
@@ -292,20 +327,7 @@ impl Primary {
 
     /// Progress of the current or last resync.
     pub fn resync_stats(&self) -> ResyncStats {
-        let st = self.st();
-        let mut r = st.resync.clone();
-        if let Some(t) = st.resync_started {
-            if r.total_s.is_none() {
-                r.elapsed_s = t.elapsed().as_secs_f64();
-            }
-        }
-        if let Some(t) = st.sending_started {
-            let secs = t.elapsed().as_secs_f64();
-            if secs > 0.0 && r.total_s.is_none() {
-                r.throughput_mb_s = r.sent_bytes as f64 / secs / 1e6;
-            }
-        }
-        r
+        self.st().resync_view()
     }
 
     fn st(&self) -> std::sync::MutexGuard<'_, State> {
@@ -340,15 +362,11 @@ impl Primary {
     /// Status as JSON.
     pub fn status(&self) -> serde_json::Value {
         let st = self.st();
-        let resyncing = st.resyncing;
-        drop(st);
-        let resync = self.resync_stats();
-        let st = self.st();
         let m = self.meta.get();
         serde_json::json!({
             "mode": st.mode.name(),
-            "resyncing": resyncing,
-            "resync": resync,
+            "resyncing": st.resyncing,
+            "resync": st.resync_view(),
             "generation": format!("{:016x}", m.generation),
             "tracked_generation": format!("{:016x}", self.tracked()),
             "ack": self.opts.ack.name(),
@@ -410,22 +428,27 @@ impl Primary {
     /// A write while disconnected makes this disk's data differ from every secondary's:
     /// start a new generation (once per disconnection), so that a secondary that went its
     /// own way meanwhile is recognised as split-brain.
-    fn note_disconnected_write(&self) {
+    async fn note_disconnected_write(&self) {
         let need = {
             let mut st = self.st();
             !std::mem::replace(&mut st.bumped, true)
         };
         if need {
-            match self.meta.update(|m| {
-                m.bump();
-                m.clean = false;
-            }) {
-                Ok(m) => {
-                    tracing::info!(
-                        generation = format!("{:016x}", m.generation),
-                        "writing without the secondary: new data generation"
-                    )
-                }
+            // An fsync'd file replacement: off the async workers.
+            let meta = self.meta.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                meta.update(|m| {
+                    m.bump();
+                    m.clean = false;
+                })
+            })
+            .await;
+            match r {
+                Ok(Ok(m)) => tracing::info!(
+                    generation = format!("{:016x}", m.generation),
+                    "writing without the secondary: new data generation"
+                ),
+                Ok(Err(e)) => tracing::warn!("storing the new data generation: {e}"),
                 Err(e) => tracing::warn!("storing the new data generation: {e}"),
             }
         }
@@ -444,28 +467,9 @@ impl Primary {
     /// Every block that is not a hole on the local disk becomes dirty (a full sync to an
     /// empty secondary).
     pub async fn mark_allocated_dirty(&self) -> Result<()> {
-        let size = self.local.size();
         let mut set = RoaringTreemap::new();
-        let mut off = 0;
-        while off < size {
-            let len = (size - off).min(1 << 30);
-            let ext = self.local.block_status(off, len).await?;
-            let mut pos = off;
-            for e in &ext {
-                let l = e.len.min(off + len - pos);
-                if l == 0 {
-                    break;
-                }
-                if !(e.hole && e.zero) {
-                    set.insert_range(pos / DIGEST_BLOCK..(pos + l).div_ceil(DIGEST_BLOCK));
-                }
-                pos += l;
-            }
-            if pos == off {
-                set.insert_range(off / DIGEST_BLOCK..(off + len).div_ceil(DIGEST_BLOCK));
-                pos = off + len;
-            }
-            off = pos;
+        for (o, l) in crate::storage::data_ranges(&*self.local, 0, self.local.size()).await? {
+            set.insert_range(o / DIGEST_BLOCK..(o + l).div_ceil(DIGEST_BLOCK));
         }
         let _g = self.gate.write().await;
         self.st().dirty |= set;
@@ -485,6 +489,7 @@ impl Primary {
         };
         st.resync_started = Some(Instant::now());
         st.sending_started = None;
+        st.sending_ended = None;
     }
 
     /// Units (of `unit_blocks` blocks) that may differ from the secondary: those holding a
@@ -611,14 +616,7 @@ impl Primary {
                 return Err("replication stopped during the resync".into());
             }
             st.dirty.remove_range(first..=last);
-            let epoch = st.epoch;
-            let c = st.counts.entry(epoch).or_default();
-            c.items += 1;
-            c.bytes += len;
-            st.written
-                .entry(epoch)
-                .or_default()
-                .insert_range(first..=last);
+            st.account(first, last, len);
             st.resync.sent_blocks += last - first + 1;
             st.resync.sent_bytes += len;
             drop(st);
@@ -627,29 +625,41 @@ impl Primary {
             } else {
                 FwdKind::Write { data, fua: false }
             };
-            self.queued_ops.fetch_add(1, Ordering::Relaxed);
-            self.queued_bytes.fetch_add(len, Ordering::Relaxed);
-            let _ = self.queue.send(FwdOp {
-                kind,
-                offset: off,
-                len,
-                done: None,
-                _permit: permit,
-            });
+            self.enqueue(kind, off, len, None, permit);
             sent += len;
         }
         let mut st = self.st();
         if st.mode == PrimaryMode::Replicating {
             st.resyncing = false;
             st.resync.state = "checkpointing";
-            if let Some(t) = st.sending_started {
-                let secs = t.elapsed().as_secs_f64();
-                if secs > 0.0 {
-                    st.resync.throughput_mb_s = st.resync.sent_bytes as f64 / secs / 1e6;
-                }
-            }
+            st.sending_ended = Some(Instant::now());
         }
         Ok(sent)
+    }
+
+    /// Queue a modification for the forwarder (the caller accounted it in the epoch).
+    fn enqueue(
+        &self,
+        kind: FwdKind,
+        offset: u64,
+        len: u64,
+        done: Option<oneshot::Sender<std::result::Result<(), String>>>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        self.queued_ops.fetch_add(1, Ordering::Relaxed);
+        self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        let _ = self.queue.send(FwdOp {
+            kind,
+            offset,
+            len,
+            done,
+            _permit: permit,
+        });
+    }
+
+    /// Whether a resync is sending dirty blocks (checkpoints wait for it).
+    pub fn is_resyncing(&self) -> bool {
+        self.st().resyncing
     }
 
     /// Wait until everything queued for the secondary so far has been answered by it.
@@ -748,24 +758,9 @@ impl Primary {
                     false
                 }
                 PrimaryMode::Replicating => {
-                    let epoch = st.epoch;
-                    let c = st.counts.entry(epoch).or_default();
-                    c.items += 1;
-                    c.bytes += len;
-                    st.written
-                        .entry(epoch)
-                        .or_default()
-                        .insert_range(first..=last);
+                    st.account(first, last, len);
                     drop(st);
-                    self.queued_ops.fetch_add(1, Ordering::Relaxed);
-                    self.queued_bytes.fetch_add(len, Ordering::Relaxed);
-                    let _ = self.queue.send(FwdOp {
-                        kind,
-                        offset,
-                        len,
-                        done: Some(tx),
-                        _permit: permit,
-                    });
+                    self.enqueue(kind, offset, len, Some(tx), permit);
                     if let Some(t) = self.trigger.get() {
                         t.add_bytes(len);
                     }
@@ -775,7 +770,7 @@ impl Primary {
         };
         drop(_g);
         if disconnected {
-            self.note_disconnected_write();
+            self.note_disconnected_write().await;
         }
         if waits {
             // The local write is done; if the secondary is lost meanwhile, the block is

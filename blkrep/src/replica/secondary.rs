@@ -795,8 +795,8 @@ impl ReplicaSink {
 }
 
 impl EpochSink for ReplicaSink {
-    fn begin_epoch(&self, epoch: u64, drain: Duration) -> std::result::Result<(), String> {
-        self.conn().begin_epoch(epoch, drain)
+    fn begin_epoch(&self, _epoch: u64, _drain: Duration) -> std::result::Result<(), String> {
+        Err(no_session().to_string())
     }
     fn connect(&self) -> Option<(Arc<dyn Backend>, Arc<dyn EpochSink>)> {
         let c = Arc::new(self.conn());
@@ -819,6 +819,9 @@ impl EpochSink for ReplicaConn {
     }
 }
 
+/// The export's own backend only describes the disk: replication requests go through the
+/// [`ReplicaConn`] the server opens for each connection ([`EpochSink::connect`]), so a write
+/// without one is refused rather than applied outside any session.
 impl Backend for ReplicaSink {
     fn size(&self) -> u64 {
         self.0.disk.size()
@@ -829,18 +832,22 @@ impl Backend for ReplicaSink {
     fn read_at(&self, offset: u64, len: usize) -> IoFuture<'_, IoBuf> {
         self.0.disk.read_at(offset, len)
     }
-    fn write_at(&self, offset: u64, data: IoBuf, fua: bool) -> IoFuture<'_, ()> {
-        Box::pin(async move { self.conn().write_at(offset, data, fua).await })
+    fn write_at(&self, _offset: u64, _data: IoBuf, _fua: bool) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(no_session()) })
     }
     fn flush(&self) -> IoFuture<'_, ()> {
         Box::pin(self.0.sync.sync(&*self.0.disk))
     }
-    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        Box::pin(async move { self.conn().discard(offset, len).await })
+    fn discard(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(no_session()) })
     }
-    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()> {
-        Box::pin(async move { self.conn().write_zeroes(offset, len, may_unmap).await })
+    fn write_zeroes(&self, _offset: u64, _len: u64, _may_unmap: bool) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(no_session()) })
     }
+}
+
+fn no_session() -> StorageError {
+    StorageError::Unavailable("a replication write outside any connection's session".into())
 }
 
 impl Backend for ReplicaConn {
@@ -982,24 +989,8 @@ async fn send(wr: &SharedWriter, m: &Message) -> std::result::Result<(), String>
 impl Secondary {
     /// Whether the disk holds no data at all (every byte in a hole).
     async fn disk_is_empty(&self) -> Result<bool> {
-        let size = self.disk.size();
-        let mut off = 0;
-        while off < size {
-            let len = (size - off).min(1 << 30);
-            let ext = self.disk.block_status(off, len).await?;
-            let mut covered = 0;
-            for e in &ext {
-                if !(e.hole && e.zero) {
-                    return Ok(false);
-                }
-                covered += e.len;
-            }
-            if covered == 0 {
-                return Ok(false);
-            }
-            off += covered.min(len);
-        }
-        Ok(true)
+        let data = crate::storage::data_ranges(&*self.disk, 0, self.disk.size()).await?;
+        Ok(data.is_empty())
     }
 
     /// How a primary that says HELLO with these fields must bring this disk up to date, or

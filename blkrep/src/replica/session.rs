@@ -234,14 +234,13 @@ impl Replicator {
         )
         .await
         .map_err(|e| format!("opening the replication connection: {e}"))?;
-        if let Some(f) = self
+        // The previous session's forwarder has ended (run() waits for it); it hands the
+        // queue back when it ends, so it must never be aborted.
+        debug_assert!(self
             .forwarder
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            f.abort();
-        }
+            .is_none());
         p.resumed().await;
         *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(link.clone());
         let fwd = tokio::spawn(p.clone().run_forwarder(client));
@@ -289,17 +288,7 @@ impl Replicator {
             let reason = lost.borrow().clone().unwrap_or_default();
             let since = Instant::now();
             self.st().lost_at = Some(since);
-            if let Some(l) = self.link.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                l.close(&reason);
-            }
-            let fwd = self
-                .forwarder
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
-            if let Some(f) = fwd {
-                let _ = f.await;
-            }
+            self.end_session(&reason, None).await;
             let mut gave_up = false;
             loop {
                 if *stop.borrow() {
@@ -361,16 +350,29 @@ impl Replicator {
     /// Stop forwarding (after what is in flight is answered) and close the link.
     pub async fn shutdown(&self) {
         self.primary.stop_forwarder();
+        self.end_session("primary shutting down", Some(Duration::from_secs(30)))
+            .await;
+    }
+
+    /// Close the session's link and wait (at most `patience`) for its forwarder to end.
+    async fn end_session(&self, reason: &str, patience: Option<Duration>) {
+        if let Some(l) = self.link.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            l.close(reason);
+        }
         let fwd = self
             .forwarder
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(f) = fwd {
-            let _ = tokio::time::timeout(Duration::from_secs(30), f).await;
-        }
-        if let Some(l) = self.link.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            l.close("primary shutting down");
+            match patience {
+                Some(d) => {
+                    let _ = tokio::time::timeout(d, f).await;
+                }
+                None => {
+                    let _ = f.await;
+                }
+            }
         }
     }
 
@@ -405,7 +407,7 @@ impl Replicator {
             .current_link()
             .filter(|_| p.mode() == PrimaryMode::Replicating)
             .ok_or("not replicating: nothing to verify against")?;
-        if p.status()["resyncing"] == Value::Bool(true) {
+        if p.is_resyncing() {
             return Err("a resync is in progress: verify after it completes".into());
         }
         let start = Instant::now();

@@ -459,7 +459,7 @@ fn hello_of(size: u64, generation: u64) -> Message {
     }
 }
 
-fn hello(_: u64) -> Message {
+fn hello() -> Message {
     hello_of(SIZE, 42)
 }
 
@@ -468,7 +468,7 @@ async fn raw_session(
     rd: &mut tokio::io::BufReader<crate::nbd::transport::ReadHalf>,
     wr: &mut tokio::io::BufWriter<crate::nbd::transport::WriteHalf>,
 ) -> SyncKind {
-    write_message(wr, &hello(0)).await.unwrap();
+    write_message(wr, &hello()).await.unwrap();
     let Message::Welcome { sync, .. } = read_message(rd).await.unwrap() else {
         panic!("no WELCOME")
     };
@@ -498,7 +498,7 @@ fn garbage_bad_versions_and_stalls_get_clear_errors_and_no_session() {
         .await;
         // A frame of a future version.
         let (_rd, mut wr) = control_conn(&s.ep).await;
-        let mut f = hello(0).encode();
+        let mut f = hello().encode();
         f[5] = 9;
         wr.write_all(&f).await.unwrap();
         wr.flush().await.unwrap();
@@ -508,7 +508,7 @@ fn garbage_bad_versions_and_stalls_get_clear_errors_and_no_session() {
         .await;
         // A damaged frame.
         let (_rd, mut wr) = control_conn(&s.ep).await;
-        let mut f = hello(0).encode();
+        let mut f = hello().encode();
         f[14] ^= 0x40;
         wr.write_all(&f).await.unwrap();
         wr.flush().await.unwrap();
@@ -518,7 +518,7 @@ fn garbage_bad_versions_and_stalls_get_clear_errors_and_no_session() {
         .await;
         // Half a frame, then silence.
         let (_rd, mut wr) = control_conn(&s.ep).await;
-        let f = hello(0).encode();
+        let f = hello().encode();
         wr.write_all(&f[..10]).await.unwrap();
         wr.flush().await.unwrap();
         wait_for("stall error", || {
@@ -891,5 +891,66 @@ fn split_brain_is_refused_and_discard_my_data_converges_by_checksum() {
             222,
             "the secondary joined the primary's lineage"
         );
+    });
+}
+
+#[test]
+fn connections_of_an_interrupted_session_are_fenced_off() {
+    rt().block_on(async {
+        let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
+        let (mut rd, mut wr) = control_conn(&s.ep).await;
+        write_message(&mut wr, &hello()).await.unwrap();
+        assert!(matches!(
+            read_message(&mut rd).await.unwrap(),
+            Message::Welcome { .. }
+        ));
+        // A data connection opened before RESUME (think: left over from the last session).
+        let opts = ClientOptions {
+            export: REPLICA_EXPORT.into(),
+            ..ClientOptions::default()
+        };
+        let old = NbdClient::connect(&s.ep, &opts).await.unwrap();
+        write_message(&mut wr, &Message::Resume { epoch: 1 })
+            .await
+            .unwrap();
+        assert_eq!(
+            read_message(&mut rd).await.unwrap(),
+            Message::ResumeAck { epoch: 1 }
+        );
+        let e = old.write(0, &[1; 4096], false).await.unwrap_err();
+        assert!(e.to_string().contains("interrupted session"), "{e}");
+        let new = NbdClient::connect(&s.ep, &opts).await.unwrap();
+        new.write(4096, &[2; 4096], false).await.unwrap();
+        let disk = s.disk.snapshot();
+        assert!(
+            disk[..4096].iter().all(|&b| b == 0),
+            "the fenced write landed"
+        );
+        assert!(
+            disk[4096..8192].iter().all(|&b| b == 2),
+            "the session's write is missing"
+        );
+    });
+}
+
+#[test]
+fn online_verify_finds_a_block_that_differs_and_only_that() {
+    rt().block_on(async {
+        let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
+        let p = start_primary(&s.ep, AckMode::Received).await;
+        fill_blocks(&p.primary, 0..40, 7).await;
+        p.coord.checkpoint().await.unwrap();
+        let v = p.repl.verify().await.unwrap();
+        assert_eq!(v["differing_chunks"], 0, "{v}");
+        assert_eq!(v["total_chunks"], 5, "{v}");
+        // Damage the secondary's disk behind replication's back: chunk 2 (blocks 32..48).
+        s.disk
+            .write_at(33 * 4096 + 17, IoBuf::from_slice(&[0xee; 3]), false)
+            .await
+            .unwrap();
+        let v = p.repl.verify().await.unwrap();
+        assert_eq!(v["differing_chunks"], 1, "{v}");
+        assert_eq!(v["differing"][0]["offset"], 32 * 4096, "{v}");
+        assert_eq!(v["differing"][0]["len"], 16 * 4096, "{v}");
     });
 }

@@ -581,8 +581,8 @@ pub fn decode_body(
             if unit_blocks == 0 || unit_blocks > 1 << 16 {
                 return Err(c.malformed(format!("{unit_blocks} blocks per unit")));
             }
-            let raw = c.rest();
-            let units = roaring::RoaringTreemap::deserialize_from(raw).map_err(|e| {
+            let mut raw = c.rest();
+            let units = roaring::RoaringTreemap::deserialize_from(&mut raw).map_err(|e| {
                 WireError::Malformed {
                     kind: "SUMS_REQUEST",
                     reason: format!("unit bitmap: {e}"),
@@ -594,13 +594,11 @@ pub fn decode_body(
                     reason: format!("{} units (at most {MAX_SUM_UNITS})", units.len()),
                 });
             }
-            // The bitmap must use every byte: a second encoding hidden behind it is damage.
-            let mut again = Vec::new();
-            units.serialize_into(&mut again).expect("into a Vec");
-            if again.len() != raw.len() {
+            // The bitmap must use every byte: anything hidden behind it is damage.
+            if !raw.is_empty() {
                 return Err(WireError::Malformed {
                     kind: "SUMS_REQUEST",
-                    reason: "trailing bytes after the unit bitmap".into(),
+                    reason: format!("{} bytes after the unit bitmap", raw.len()),
                 });
             }
             Message::SumsRequest {

@@ -164,6 +164,39 @@ pub struct Extent {
     pub zero: bool,
 }
 
+/// The byte ranges of `offset .. offset + len` that may hold data (not known holes), in
+/// order, as `(offset, len)`. A backend whose block status covers nothing is taken to hold
+/// data everywhere. Large ranges are asked about 1 GiB at a time.
+pub async fn data_ranges(disk: &dyn Backend, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+    let end = offset + len;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut push = |o: u64, l: u64| match out.last_mut() {
+        Some((po, pl)) if *po + *pl == o => *pl += l,
+        _ => out.push((o, l)),
+    };
+    let mut off = offset;
+    while off < end {
+        let step = (end - off).min(1 << 30);
+        let mut pos = off;
+        for e in disk.block_status(off, step).await? {
+            let l = e.len.min(off + step - pos);
+            if l == 0 {
+                break;
+            }
+            if !(e.hole && e.zero) {
+                push(pos, l);
+            }
+            pos += l;
+        }
+        if pos == off {
+            push(off, step);
+            pos = off + step;
+        }
+        off = pos;
+    }
+    Ok(out)
+}
+
 /// A disk: a fixed-size array of bytes with asynchronous I/O.
 ///
 /// Offsets and lengths must be multiples of [`Backend::alignment`] and lie within
