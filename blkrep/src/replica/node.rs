@@ -120,6 +120,16 @@ pub async fn run_primary(
         },
         stop_rx.clone(),
     );
+    // Before the first session: its resync asks for the checkpoint that completes it.
+    let coord = EpochCoordinator::new(
+        vec![Arc::new(BlockParticipant(primary.clone()))],
+        Arc::new(NoGuest),
+        repl.clone(),
+        Epoch(primary.resume_epoch()),
+        cfg.checkpoints,
+    );
+    primary.set_trigger(coord.trigger());
+    repl.set_trigger(coord.trigger());
     // The secondary may still be starting: retry until the deadline; a refusal is final.
     let deadline = Instant::now() + cfg.connect_timeout;
     loop {
@@ -137,15 +147,6 @@ pub async fn run_primary(
             }
         }
     }
-    let coord = EpochCoordinator::new(
-        vec![Arc::new(BlockParticipant(primary.clone()))],
-        Arc::new(NoGuest),
-        repl.clone(),
-        Epoch(primary.resume_epoch()),
-        cfg.checkpoints,
-    );
-    primary.set_trigger(coord.trigger());
-    repl.set_trigger(coord.trigger());
     let repl_task = tokio::spawn(repl.clone().run());
     let (coord_stop_tx, coord_stop_rx) = stop_pair();
     let coord_task = tokio::spawn({

@@ -142,8 +142,8 @@ struct Inner {
     fresh: bool,
     /// The session's sync, until its first commit; then the primary's lineage is adopted.
     sync: Option<(SyncKind, u64, Vec<u64>)>,
-    /// Last completed sync: kind, and how many units the primary compared / resent.
-    last_sync: Option<String>,
+    /// The kind of the last sync that completed.
+    last_sync: Option<&'static str>,
     counts: BTreeMap<u64, EpochCount>,
     poisoned: BTreeMap<u64, String>,
     committed_digest: Option<u64>,
@@ -453,9 +453,7 @@ impl Secondary {
         let epoch = {
             let i = self.inner();
             if i.token != token {
-                return Err(StorageError::Unavailable(
-                    "this replication connection belongs to an interrupted session".into(),
-                ));
+                return Err(StorageError::Unavailable(FENCED.into()));
             }
             if i.mode != Mode::Replicating {
                 return Err(StorageError::Unavailable(format!(
@@ -494,7 +492,7 @@ impl Secondary {
     fn begin_epoch(&self, token: u64, epoch: u64) -> std::result::Result<(), String> {
         let mut i = self.inner();
         if i.token != token {
-            return Err("this replication connection belongs to an interrupted session".into());
+            return Err(FENCED.into());
         }
         if i.mode != Mode::Replicating {
             return Err(format!("epoch mark while {}", i.mode.name()));
@@ -561,6 +559,7 @@ impl Secondary {
             // The first commit after a sync: the disk now is the primary's data at the
             // checkpoint, so this node joins the primary's lineage.
             i.fresh = false;
+            i.last_sync = Some(kind.name());
             drop(i);
             tracing::info!(
                 sync = kind.name(),
@@ -845,6 +844,9 @@ impl Backend for ReplicaSink {
         Box::pin(async { Err(no_session()) })
     }
 }
+
+/// Why a request of a fenced-off replication connection is refused.
+const FENCED: &str = "this replication connection belongs to an interrupted session";
 
 fn no_session() -> StorageError {
     StorageError::Unavailable("a replication write outside any connection's session".into())
