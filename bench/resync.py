@@ -4,6 +4,7 @@ to resume replication after a 1-second link cut under fio load.
 
 Rows, all in one run on this machine:
   raw link       Python sockets blasting 1 MiB buffers over loopback TCP (the link's limit)
+  local copy     dd of the primary image into a new file (the secondary disk's write limit)
   full sync      an empty secondary gets every block of a primary filled with random data
   checksum sync  a secondary holding the same data except 1% of its 64 KiB chunks
   cut 1 s        fio (randwrite, rated) through the primary; the link (a proxy) is cut for
@@ -230,13 +231,21 @@ def main():
 
         p_img, s_img = os.path.join(d, "p.img"), os.path.join(d, "s.img")
         fill_random(p_img, size)
+        # The other limit: writing the same data into a new file on this filesystem.
+        copy = os.path.join(d, "copy.img")
+        t = time.time()
+        subprocess.run(["dd", f"if={p_img}", f"of={copy}", "bs=1M", "status=none"], check=True)
+        local = size / (time.time() - t) / 1e6
+        os.remove(copy)
+        rows.append(("local file copy (dd bs=1M)", f"{local:.0f} MB/s", ""))
         pri, sec, ps, ss, export, _ = pair(d, a.size, p_img, s_img)
         v = wait(lambda: synced(ps), "the full sync", 600)
         r = v["resync"]
         send_s = r["total_s"] - r["compare_s"]
         full = r["sent_bytes"] / send_s / 1e6
         rows.append(("full sync", f"{full:.0f} MB/s",
-                     f"{full / raw:.2f}x raw; {r['sent_bytes'] >> 20} MiB in {r['total_s']:.2f} s"))
+                     f"{full / raw:.2f}x raw link, {full / local:.2f}x local copy; "
+                     f"{r['sent_bytes'] >> 20} MiB in {r['total_s']:.2f} s"))
         stop(pri)
         stop(sec)
 

@@ -244,6 +244,9 @@ pub struct Primary {
     tracked: AtomicU64,
 }
 
+/// Most blocks one resync request carries (1 MiB; 4 MiB measured no faster).
+const RESYNC_RUN_BLOCKS: u64 = 256;
+
 /// Budget units are KiB so that u32 permits cover large queues.
 fn cost(len: u64) -> u32 {
     u32::try_from(len.div_ceil(1024).max(1)).unwrap_or(u32::MAX)
@@ -585,7 +588,7 @@ impl Primary {
                     None => None,
                     Some(first) => {
                         let mut last = first;
-                        for b in it.take(255) {
+                        for b in it.take(RESYNC_RUN_BLOCKS as usize - 1) {
                             if b != last + 1 {
                                 break;
                             }
