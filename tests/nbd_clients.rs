@@ -471,3 +471,23 @@ fn cli_errors_are_clear() {
         "{err}"
     );
 }
+
+#[test]
+fn logs_in_a_file_are_plain_text() {
+    let dir = scratch();
+    let disk = dir.path().join("disk.img");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut d = Daemon::export(
+        dir.path(),
+        &["--disk", disk.to_str().unwrap(), "--size", "1M"],
+        &addr,
+    );
+    d.signal(libc::SIGTERM);
+    assert!(d.wait(T).success());
+    let log = d.log_text();
+    assert!(
+        log.contains("INFO") && log.contains("serving") && log.contains("bye"),
+        "{log}"
+    );
+    assert!(!log.contains('\x1b'), "colour codes in a log file: {log:?}");
+}

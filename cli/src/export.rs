@@ -40,7 +40,7 @@ pub struct ExportArgs {
 }
 
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
-    let ublk = a.ublk.options();
+    let ublk = a.ublk.options()?;
     if ublk.is_some() && a.disk.len() != 1 {
         bail!("--ublk serves one disk: give exactly one --disk");
     }

@@ -8,6 +8,8 @@ mod export;
 mod replicate;
 mod units;
 
+use std::io::IsTerminal;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -50,6 +52,8 @@ fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal; files, pipes and journals get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     blkrep::storage::keep_large_buffers_in_heap();

@@ -22,7 +22,8 @@ use crate::units::{parse_duration, parse_size};
 /// Block-device flags (ublk) shared by the daemons.
 #[derive(Debug, Args)]
 pub struct UblkArgs {
-    /// Also serve the disk as a block device, /dev/ublkbN (needs the ublk_drv module).
+    /// Also serve the disk as a block device, /dev/ublkbN (needs the ublk_drv module and a
+    /// lockstep built with `--features ublk`).
     #[arg(long)]
     ublk: bool,
     /// ublk device id N (/dev/ublkbN). If a device with this id was left by a killed daemon,
@@ -38,13 +39,19 @@ pub struct UblkArgs {
 }
 
 impl UblkArgs {
-    pub fn options(&self) -> Option<blkrep::ublk::UblkOptions> {
-        self.ublk.then(|| blkrep::ublk::UblkOptions {
+    /// The device options if `--ublk` was given; an error before anything starts if this
+    /// build cannot serve ublk.
+    pub fn options(&self) -> anyhow::Result<Option<blkrep::ublk::UblkOptions>> {
+        if !self.ublk {
+            return Ok(None);
+        }
+        blkrep::ublk::built_in()?;
+        Ok(Some(blkrep::ublk::UblkOptions {
             id: self.ublk_id,
             queues: self.queues,
             depth: self.depth,
             ..Default::default()
-        })
+        }))
     }
 }
 
@@ -195,7 +202,7 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
         heartbeat_misses: a.heartbeat_misses,
         connect_timeout: a.connect_timeout,
         reconnect_timeout: a.reconnect_timeout,
-        ublk: a.ublk.options(),
+        ublk: a.ublk.options()?,
     };
     runtime()?
         .block_on(node::run_primary(cfg, signal()))
@@ -215,7 +222,7 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
         export: a.export.as_deref().map(endpoint),
         export_name: a.name,
         secondary: opts,
-        ublk: a.ublk.options(),
+        ublk: a.ublk.options()?,
     };
     runtime()?
         .block_on(node::run_secondary(cfg, signal()))

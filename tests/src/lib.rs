@@ -166,10 +166,13 @@ impl Drop for Daemon {
     }
 }
 
-/// Run a command to completion within `deadline`; returns its output (not checked).
+/// Run a command to completion within `deadline`; returns its output (not checked). The
+/// command runs in a process group of its own, killed whole when the deadline passes.
 pub fn run(program: &str, args: &[&str], deadline: Duration) -> Output {
+    use std::os::unix::process::CommandExt;
     let mut child = Command::new(program)
         .args(args)
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -194,7 +197,8 @@ pub fn run(program: &str, args: &[&str], deadline: Duration) -> Output {
             break st;
         }
         if start.elapsed() > deadline {
-            let _ = child.kill();
+            // SAFETY: kill(2) with the negated pid of the group this child leads.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             let _ = child.wait();
             panic!(
                 "`{program} {}` did not finish within {deadline:?}",

@@ -1,25 +1,5 @@
-//! The ublk frontend: serve a [`Backend`] as `/dev/ublkbN`.
-//!
-//! ```text
-//!  kernel ublk_drv ──io_uring cmds──▶ queue thread (libublk, one per hw queue)
-//!                                        │ request: copy payload, spawn on tokio
-//!                                        ▼
-//!                                  Backend (the same one the NBD export serves:
-//!                                  a plain disk, a replicating Primary, a SecondaryView)
-//!                                        │ completion: (tag, result, data) + eventfd
-//!                                        ▼
-//!  kernel ◀──commit cmd── queue thread (woken by a multishot poll on the eventfd)
-//! ```
-//!
-//! The eventfd is watched by a one-shot poll on the queue's own ring, re-armed at every wake.
-//!
-//! Devices are created with `UBLK_F_USER_RECOVERY` (and `..._REISSUE` where the kernel has
-//! it): when the daemon dies the device stays, its I/O waits, and a new daemon given the same
-//! device id reattaches and finishes (or reissues) what was in flight. Writes are idempotent,
-//! so reissue is safe.
-//!
-//! Flush requests carry no range (`start_sector` may be anything): only reads, writes,
-//! discards and zeroing are bounds-checked.
+//! The libublk glue behind [`super`]: device creation, recovery and the queue threads.
+//! Built only with the `ublk` feature (libublk's bindings need libclang at build time).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -32,57 +12,8 @@ use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{BufDesc, UblkFlags, UblkIORes};
 
+use super::{UblkFrontendError, UblkOptions, UBLK_CONTROL};
 use crate::storage::{Backend, IoBuf};
-
-/// The ublk control device.
-pub const UBLK_CONTROL: &str = "/dev/ublk-control";
-
-/// How to create (or recover) a device.
-#[derive(Debug, Clone)]
-pub struct UblkOptions {
-    /// Device id: None lets the kernel choose; with Some(id), a device of that id left by a
-    /// dead daemon is recovered.
-    pub id: Option<u32>,
-    /// Hardware queues (one thread each).
-    pub queues: u16,
-    /// Requests in flight per queue.
-    pub depth: u16,
-    /// Largest request in bytes.
-    pub max_io_bytes: u32,
-}
-
-impl Default for UblkOptions {
-    fn default() -> Self {
-        Self {
-            id: None,
-            queues: 1,
-            depth: 128,
-            max_io_bytes: 512 << 10,
-        }
-    }
-}
-
-/// Why a ublk device could not be served.
-#[derive(Debug, thiserror::Error)]
-pub enum UblkFrontendError {
-    /// No ublk driver.
-    #[error("ublk is not available: {UBLK_CONTROL} is missing. Load the driver (`modprobe ublk_drv`); the kernel needs CONFIG_BLK_DEV_UBLK (Linux 6.0 or later)")]
-    NoDriver,
-    /// A feature lockstep needs is missing.
-    #[error("the ublk driver lacks {0}; lockstep needs it (upgrade the kernel)")]
-    MissingFeature(&'static str),
-    /// A libublk or kernel call failed.
-    #[error("ublk: {what}: {detail}")]
-    Ublk {
-        /// What was being done.
-        what: &'static str,
-        /// The error.
-        detail: String,
-    },
-    /// Other setup failures.
-    #[error("ublk: {0}")]
-    Setup(String),
-}
 
 fn ublk_err(what: &'static str) -> impl FnOnce(libublk::UblkError) -> UblkFrontendError {
     move |e| UblkFrontendError::Ublk {
