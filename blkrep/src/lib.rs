@@ -24,6 +24,7 @@
 //! replication [`replica`] (start at [`replica::node`]), [`epoch`] (the participant API that
 //! memrep and netcmp implement) and [`digest`].
 
+pub mod auth;
 pub mod digest;
 pub mod epoch;
 pub mod nbd;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
+use blkrep::auth::PeerKey;
 use blkrep::epoch::CoordinatorOptions;
 use blkrep::nbd::Endpoint;
 use blkrep::replica::admin;
@@ -70,6 +71,11 @@ pub struct DiskArgs {
     /// Unix control socket (JSON lines) for `lockstep status|checkpoint|failover`.
     #[arg(long)]
     control: PathBuf,
+    /// A secret both nodes share (the same file on each; at least 16 bytes, mode 600):
+    /// every replication connection proves it before anything else is read.
+    /// Make one with `head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE`.
+    #[arg(long, value_name = "FILE")]
+    psk_file: Option<PathBuf>,
 }
 
 impl DiskArgs {
@@ -78,6 +84,15 @@ impl DiskArgs {
         o.size = self.size;
         o.direct = self.direct;
         o
+    }
+
+    /// The peer key, read before anything starts.
+    fn key(&self) -> anyhow::Result<Option<PeerKey>> {
+        self.psk_file
+            .as_deref()
+            .map(PeerKey::from_file)
+            .transpose()
+            .map_err(Into::into)
     }
 }
 
@@ -163,6 +178,10 @@ pub struct SecondaryArgs {
     /// same name. Without it such a primary is refused.
     #[arg(long)]
     discard_my_data: bool,
+    /// Listen on a non-loopback address without --psk-file. Anyone who reaches the
+    /// address can then write this disk, pose as its primary or make it fail over.
+    #[arg(long)]
+    insecure_no_auth: bool,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -183,6 +202,7 @@ async fn signal() {
 }
 
 pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
+    let key = a.disk.key()?;
     let cfg = PrimaryConfig {
         disk: a.disk.options(),
         export: endpoint(&a.export),
@@ -203,6 +223,7 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
         connect_timeout: a.connect_timeout,
         reconnect_timeout: a.reconnect_timeout,
         ublk: a.ublk.options()?,
+        key,
     };
     runtime()?
         .block_on(node::run_primary(cfg, signal()))
@@ -215,6 +236,7 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
     opts.on_peer_loss = a.on_peer_loss;
     opts.heartbeat_misses = a.heartbeat_misses;
     opts.discard_my_data = a.discard_my_data;
+    let key = a.disk.key()?;
     let cfg = SecondaryConfig {
         disk: a.disk.options(),
         listen: endpoint(&a.listen),
@@ -223,6 +245,8 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
         export_name: a.name,
         secondary: opts,
         ublk: a.ublk.options()?,
+        key,
+        insecure_no_auth: a.insecure_no_auth,
     };
     runtime()?
         .block_on(node::run_secondary(cfg, signal()))

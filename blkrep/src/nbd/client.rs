@@ -25,6 +25,7 @@ use super::codec::{self, Info, InfoRequest, MetaContextRequest, ReplyHeader, Req
 use super::proto::*;
 use super::transport::{self, Endpoint, ReadHalf, WriteHalf};
 use super::{errno_name, NbdError};
+use crate::auth::{Credential, PeerKey, SessionKey};
 use crate::storage::{self, Backend, Extent, IoBuf, IoFuture, Op, StorageError};
 
 /// How to connect.
@@ -38,6 +39,9 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Fail a request that gets no reply in this long (None: wait forever).
     pub request_timeout: Option<Duration>,
+    /// Prove this session key before NBD: a data connection to an authenticating
+    /// secondary ([`crate::auth`]).
+    pub session: Option<SessionKey>,
 }
 
 impl Default for ClientOptions {
@@ -47,6 +51,7 @@ impl Default for ClientOptions {
             structured: true,
             connect_timeout: Duration::from_secs(10),
             request_timeout: None,
+            session: None,
         }
     }
 }
@@ -191,6 +196,9 @@ impl NbdClient {
             let (rd, wr) = transport::connect(ep).await?;
             let mut rd = BufReader::with_capacity(256 << 10, rd);
             let mut wr = BufWriter::with_capacity(256 << 10, wr);
+            if let Some(k) = &opts.session {
+                authenticate(&mut rd, &mut wr, Credential::Data(k), &peer).await?;
+            }
             let info = negotiate(&mut rd, &mut wr, &peer, opts).await?;
             Ok::<_, NbdError>((rd, wr, info))
         };
@@ -587,6 +595,12 @@ async fn greet(
     rd.read_exact(&mut g)
         .await
         .map_err(NbdError::io(format!("reading the greeting of {peer}")))?;
+    if g.starts_with(&crate::auth::MAGIC) {
+        return Err(NbdError::Negotiation {
+            peer: peer.into(),
+            reason: "the server asks for a lockstep peer key first (a secondary run with --psk-file): give this node the same --psk-file".into(),
+        });
+    }
     let flags = codec::decode_greeting(&g).map_err(|source| NbdError::Protocol {
         peer: peer.into(),
         source,
@@ -1057,17 +1071,46 @@ impl Backend for NbdClient {
     }
 }
 
+/// The connection halves of a control channel, and the session key its data connections
+/// prove (with a peer key).
+pub type ControlConnection = (
+    BufReader<ReadHalf>,
+    BufWriter<WriteHalf>,
+    Option<SessionKey>,
+);
+
+/// The peer key exchange on a fresh connection, before NBD.
+async fn authenticate(
+    rd: &mut BufReader<ReadHalf>,
+    wr: &mut BufWriter<WriteHalf>,
+    cred: Credential<'_>,
+    peer: &str,
+) -> Result<Option<SessionKey>, NbdError> {
+    crate::auth::connect(rd, wr, cred)
+        .await
+        .map_err(|source| NbdError::Auth {
+            peer: peer.to_string(),
+            source,
+        })
+}
+
 /// Open a connection to a lockstep secondary and switch it to the replication control
-/// protocol (`NBD_OPT_LOCKSTEP_CONTROL`). Returns the two halves, ready for control frames.
+/// protocol (`NBD_OPT_LOCKSTEP_CONTROL`), proving `key` first when given. Returns the two
+/// halves, ready for control frames, and the session key.
 pub async fn connect_control(
     ep: &Endpoint,
     timeout: Duration,
-) -> Result<(BufReader<ReadHalf>, BufWriter<WriteHalf>), NbdError> {
+    key: Option<&PeerKey>,
+) -> Result<ControlConnection, NbdError> {
     let peer = ep.to_string();
     let fut = async {
         let (rd, wr) = transport::connect(ep).await?;
         let mut rd = BufReader::new(rd);
         let mut wr = BufWriter::new(wr);
+        let session = match key {
+            Some(k) => authenticate(&mut rd, &mut wr, Credential::Control(k), &peer).await?,
+            None => None,
+        };
         greet(&mut rd, &mut wr, &peer).await?;
         send_option(&mut wr, OPT_LOCKSTEP_CONTROL, &[]).await?;
         let (kind, data) = read_option_reply(&mut rd, OPT_LOCKSTEP_CONTROL, &peer).await?;
@@ -1081,7 +1124,7 @@ pub async fn connect_control(
             }
             return Err(e);
         }
-        Ok((rd, wr))
+        Ok((rd, wr, session))
     };
     tokio::time::timeout(timeout, fut)
         .await

@@ -80,6 +80,15 @@ pub enum NbdError {
     /// No answer in time.
     #[error("{0} timed out")]
     Timeout(String),
+    /// The peer key exchange before NBD failed ([`crate::auth`]).
+    #[error("{peer}: {source}")]
+    Auth {
+        /// Who.
+        peer: String,
+        /// Why.
+        #[source]
+        source: crate::auth::AuthError,
+    },
 }
 
 impl NbdError {

@@ -24,6 +24,7 @@ use super::codec::{self, CodecError, InfoRequest, MetaContextRequest, Request};
 use super::proto::*;
 use super::transport::{Listener, ReadHalf, WriteHalf};
 use super::{errno_to_nbd, NbdError};
+use crate::auth::{self, Accepted, PeerKey, SessionKey, SessionKeys};
 use crate::storage::{Backend, IoBuf, StorageError};
 
 /// Largest request payload the server accepts (advertised as NBD_INFO_BLOCK_SIZE maximum).
@@ -79,8 +80,11 @@ pub trait EpochSink: Send + Sync + std::fmt::Debug {
 
     /// A backend and epoch sink for one new connection in transmission (None: use the
     /// export's own). The secondary binds each replication connection to the session it
-    /// was opened in this way, so that nothing from an interrupted session lands later.
-    fn connect(&self) -> Option<(Arc<dyn Backend>, Arc<dyn EpochSink>)> {
+    /// was opened in this way, so that nothing from an interrupted session lands later:
+    /// to `session` when the connection proved that session's key ([`crate::auth`]), else
+    /// to the session current now.
+    fn connect(&self, session: Option<u64>) -> Option<(Arc<dyn Backend>, Arc<dyn EpochSink>)> {
+        let _ = session;
         None
     }
 }
@@ -88,12 +92,14 @@ pub trait EpochSink: Send + Sync + std::fmt::Debug {
 /// Takes over a connection that asked for lockstep's control protocol
 /// (`NBD_OPT_LOCKSTEP_CONTROL`) once the server has acknowledged the option.
 pub trait ControlHandler: Send + Sync + std::fmt::Debug {
-    /// Run the control protocol on this connection until it ends.
+    /// Run the control protocol on this connection until it ends. `session` is the key
+    /// its data connections will prove, when the port authenticates peers.
     fn take_over(
         &self,
         rd: BufReader<ReadHalf>,
         wr: BufWriter<WriteHalf>,
         peer: String,
+        session: Option<SessionKey>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 }
 
@@ -112,6 +118,11 @@ pub struct ServerOptions {
     pub inflight_bytes: u32,
     /// Most connections served at once; more are closed at accept.
     pub max_connections: usize,
+    /// On an authenticating port: time a peer has to prove its key.
+    pub auth_timeout: Duration,
+    /// On an authenticating port: most key exchanges at once. They do not count against
+    /// `max_connections`, so peers without the key cannot crowd out one that has it.
+    pub max_handshakes: usize,
 }
 
 impl Default for ServerOptions {
@@ -120,6 +131,8 @@ impl Default for ServerOptions {
             handshake_timeout: Duration::from_secs(30),
             inflight_bytes: 128 << 20,
             max_connections: 256,
+            auth_timeout: Duration::from_secs(5),
+            max_handshakes: 64,
         }
     }
 }
@@ -145,6 +158,15 @@ pub struct NbdServer {
     opts: ServerOptions,
     stats: ServerStats,
     slots: Arc<Semaphore>,
+    auth: Option<Arc<PortAuth>>,
+}
+
+/// The key a port demands before NBD, and where data connections find their session.
+#[derive(Debug)]
+struct PortAuth {
+    key: PeerKey,
+    sessions: Arc<dyn SessionKeys>,
+    handshakes: Arc<Semaphore>,
 }
 
 /// What negotiation settled for the transmission phase.
@@ -202,12 +224,24 @@ impl NbdServer {
             opts,
             stats: ServerStats::default(),
             slots,
+            auth: None,
         })
     }
 
     /// Accept `NBD_OPT_LOCKSTEP_CONTROL` and hand such connections to `handler`.
     pub fn with_control(mut self, handler: Arc<dyn ControlHandler>) -> Self {
         self.control = Some(handler);
+        self
+    }
+
+    /// Demand `key` from every peer before NBD ([`crate::auth`]); data connections join the
+    /// session `sessions` names.
+    pub fn with_auth(mut self, key: PeerKey, sessions: Arc<dyn SessionKeys>) -> Self {
+        self.auth = Some(Arc::new(PortAuth {
+            key,
+            sessions,
+            handshakes: Arc::new(Semaphore::new(self.opts.max_handshakes)),
+        }));
         self
     }
 
@@ -234,14 +268,22 @@ impl NbdServer {
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 r = listener.accept() => match r {
                     Ok((rd, wr, peer)) => {
+                        let me = self.clone();
+                        let sd = conn_shutdown.clone();
+                        if let Some(a) = self.auth.clone() {
+                            let Ok(hs) = a.handshakes.clone().try_acquire_owned() else {
+                                tracing::warn!(%peer, "too many unauthenticated connections ({}); closing the new one", self.opts.max_handshakes);
+                                continue;
+                            };
+                            conns.spawn(async move { me.authenticate(rd, wr, peer, sd, &a, hs).await });
+                            continue;
+                        }
                         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
                             tracing::warn!(%peer, "too many connections ({}); closing the new one", self.opts.max_connections);
                             continue;
                         };
-                        let me = self.clone();
-                        let sd = conn_shutdown.clone();
                         conns.spawn(async move {
-                            me.serve_connection(rd, wr, peer, sd).await;
+                            me.serve_connection(rd, wr, peer, sd, None).await;
                             drop(slot);
                         });
                     }
@@ -257,14 +299,56 @@ impl NbdServer {
         while conns.join_next().await.is_some() {}
     }
 
+    /// The key exchange of an authenticating port, then the connection itself if the peer
+    /// proved the key. Nothing but the exchange is read before that.
+    async fn authenticate(
+        self: Arc<Self>,
+        mut rd: ReadHalf,
+        mut wr: WriteHalf,
+        peer: String,
+        shutdown: watch::Receiver<bool>,
+        a: &PortAuth,
+        handshake: OwnedSemaphorePermit,
+    ) {
+        let r = tokio::time::timeout(
+            self.opts.auth_timeout,
+            auth::accept(&mut rd, &mut wr, &a.key, &*a.sessions),
+        )
+        .await;
+        drop(handshake);
+        let accepted = match r {
+            Ok(Ok(acc)) => acc,
+            Ok(Err(e)) => {
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, "closing connection: {e}");
+                return;
+            }
+            Err(_) => {
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, "closing connection: no key proven within {:?}", self.opts.auth_timeout);
+                return;
+            }
+        };
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many connections ({}); closing the new one", self.opts.max_connections);
+            return;
+        };
+        self.serve_connection(rd, wr, peer, shutdown, Some(accepted))
+            .await;
+        drop(slot);
+    }
+
     /// Serve one connection from negotiation to close. Errors are logged, never returned:
-    /// one client's trouble is not the server's.
+    /// one client's trouble is not the server's. `auth` is what the peer proved on an
+    /// authenticating port: a control credential opens only the control protocol, a data
+    /// credential only transmission, bound to its session.
     pub async fn serve_connection(
         self: Arc<Self>,
         rd: ReadHalf,
         wr: WriteHalf,
         peer: String,
         shutdown: watch::Receiver<bool>,
+        auth: Option<Accepted>,
     ) {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         let mut rd = BufReader::with_capacity(256 << 10, rd);
@@ -275,9 +359,26 @@ impl NbdServer {
         )
         .await
         {
+            Ok(Ok(Some(Negotiated::Transmission(_))))
+                if matches!(auth, Some(Accepted::Control(_))) =>
+            {
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, "closing connection: a control-channel credential opened an export");
+                return;
+            }
+            Ok(Ok(Some(Negotiated::Control))) if matches!(auth, Some(Accepted::Data { .. })) => {
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, "closing connection: a data-connection credential asked for the control protocol");
+                return;
+            }
             Ok(Ok(Some(Negotiated::Transmission(mut s)))) => {
                 // A replication export may bind each connection to its own session.
-                if let Some((backend, epochs)) = s.export.epochs.as_ref().and_then(|e| e.connect())
+                let bound = match auth {
+                    Some(Accepted::Data { session }) => Some(session),
+                    _ => None,
+                };
+                if let Some((backend, epochs)) =
+                    s.export.epochs.as_ref().and_then(|e| e.connect(bound))
                 {
                     s.export.backend = backend;
                     s.export.epochs = Some(epochs);
@@ -290,7 +391,11 @@ impl NbdServer {
                     .clone()
                     .expect("control negotiated only with a handler");
                 tracing::debug!(%peer, "connection switched to the control protocol");
-                handler.take_over(rd, wr, peer).await;
+                let session = match auth {
+                    Some(Accepted::Control(k)) => Some(k),
+                    _ => None,
+                };
+                handler.take_over(rd, wr, peer, session).await;
                 return;
             }
             Ok(Ok(None)) => {

@@ -19,6 +19,7 @@ use super::secondary::{PeerLossPolicy, Secondary, SecondaryOptions};
 use super::session::{AttemptError, Replicator, ReplicatorOptions};
 use super::wire::AckMode;
 use super::FailoverTarget;
+use crate::auth::{listen_policy, PeerKey};
 use crate::digest::DigestTable;
 use crate::epoch::{BoxFuture, CoordinatorOptions, Epoch, EpochCoordinator, NoGuest};
 use crate::nbd::server::{Export, NbdServer, ServerOptions};
@@ -57,6 +58,8 @@ pub struct PrimaryConfig {
     pub reconnect_timeout: Duration,
     /// Also serve the disk as /dev/ublkbN.
     pub ublk: Option<UblkOptions>,
+    /// The key both nodes share (`--psk-file`): every replication connection proves it.
+    pub key: Option<PeerKey>,
 }
 
 /// A secondary daemon's settings.
@@ -76,6 +79,10 @@ pub struct SecondaryConfig {
     pub secondary: SecondaryOptions,
     /// Also serve the secondary's view as /dev/ublkbN.
     pub ublk: Option<UblkOptions>,
+    /// The key both nodes share (`--psk-file`): the listen port demands it before NBD.
+    pub key: Option<PeerKey>,
+    /// Listen beyond loopback without a key (`--insecure-no-auth`).
+    pub insecure_no_auth: bool,
 }
 
 fn stop_pair() -> (watch::Sender<bool>, watch::Receiver<bool>) {
@@ -117,6 +124,7 @@ pub async fn run_primary(
             connect_timeout: Duration::from_secs(10),
             reconnect_timeout: cfg.reconnect_timeout,
             retry: Duration::from_millis(250),
+            key: cfg.key.clone(),
         },
         stop_rx.clone(),
     );
@@ -318,24 +326,32 @@ pub async fn run_secondary(
     cfg: SecondaryConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    let notice = listen_policy(&cfg.listen, cfg.key.is_some(), cfg.insecure_no_auth)?;
     let disk = open_disk(&cfg.disk).map_err(|e| e.to_string())?;
     let (meta, known) = MetaStore::open(meta_path(&cfg.disk.path)).map_err(|e| e.to_string())?;
     let sec = Secondary::with_meta(disk.clone(), cfg.secondary.clone(), meta, known);
     let sink = sec.replica_sink();
-    let replica = Arc::new(
-        NbdServer::new(
-            vec![Export {
-                name: REPLICA_EXPORT.into(),
-                description: "lockstep replication target (primary only)".into(),
-                backend: sink.clone(),
-                read_only: false,
-                epochs: Some(sink),
-            }],
-            ServerOptions::default(),
-        )
-        .map_err(|e| e.to_string())?
-        .with_control(sec.control()),
-    );
+    let mut replica = NbdServer::new(
+        vec![Export {
+            name: REPLICA_EXPORT.into(),
+            description: "lockstep replication target (primary only)".into(),
+            backend: sink.clone(),
+            read_only: false,
+            epochs: Some(sink),
+        }],
+        ServerOptions::default(),
+    )
+    .map_err(|e| e.to_string())?
+    .with_control(sec.control());
+    if let Some(k) = cfg.key.clone() {
+        replica = replica.with_auth(k, sec.clone());
+    }
+    let replica = Arc::new(replica);
+    match notice {
+        Some(n) if cfg.insecure_no_auth => tracing::warn!("{n}"),
+        Some(n) => tracing::info!("{n}"),
+        None => tracing::info!(listen = %cfg.listen, "peers must prove the --psk-file key"),
+    }
     let (stop_tx, stop_rx) = stop_pair();
     let listener = bind(&cfg.listen).await?;
     let mut tasks = vec![tokio::spawn(replica.serve(listener, stop_rx.clone()))];

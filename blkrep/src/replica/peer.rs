@@ -9,10 +9,13 @@ use tokio::sync::{oneshot, watch};
 
 use super::primary::Primary;
 use super::secondary::{read_message, write_message};
+use super::session::AttemptError;
 use super::wire::{AckMode, Message, SyncKind};
+use crate::auth::{AuthError, PeerKey, SessionKey};
 use crate::epoch::{BoxFuture, CheckpointLink, Epoch, EpochError, EpochSummary};
 use crate::nbd::client::connect_control;
 use crate::nbd::transport::{Endpoint, ReadHalf, WriteHalf};
+use crate::nbd::NbdError;
 
 /// What the primary says about itself in HELLO.
 #[derive(Debug, Clone)]
@@ -72,6 +75,7 @@ pub struct PeerLink {
     closing: watch::Sender<bool>,
     opts: LinkOptions,
     last_ack: Mutex<Instant>,
+    session_key: Option<SessionKey>,
 }
 
 impl std::fmt::Debug for PeerLink {
@@ -91,10 +95,25 @@ impl PeerLink {
         hello: Hello,
         opts: LinkOptions,
         timeout: Duration,
-    ) -> Result<(Arc<Self>, BufReader<ReadHalf>, Welcome), String> {
-        let (mut rd, mut wr) = connect_control(ep, timeout)
-            .await
-            .map_err(|e| e.to_string())?;
+        key: Option<&PeerKey>,
+    ) -> Result<(Arc<Self>, BufReader<ReadHalf>, Welcome), AttemptError> {
+        let (mut rd, mut wr, session_key) =
+            connect_control(ep, timeout, key)
+                .await
+                .map_err(|e| match e {
+                    // A key the secondary refuses will not work on the next try either;
+                    // a connection that broke during the exchange might.
+                    NbdError::Auth {
+                        source: AuthError::Io(_),
+                        ..
+                    } => AttemptError::Unreachable(e.to_string()),
+                    NbdError::Auth { .. } | NbdError::Negotiation { .. } => {
+                        AttemptError::Refused(e.to_string())
+                    }
+                    _ => AttemptError::Unreachable(e.to_string()),
+                })?;
+        let unreachable = AttemptError::Unreachable;
+        let refused = AttemptError::Refused;
         let session = {
             let mut b = [0u8; 8];
             let t = std::time::SystemTime::now()
@@ -118,12 +137,14 @@ impl PeerLink {
                 heartbeat_ms: u32::try_from(hello.heartbeat.as_millis()).unwrap_or(u32::MAX),
             },
         )
-        .await?;
+        .await
+        .map_err(unreachable)?;
         // The secondary may look at its disk before it answers: allow for that.
         let reply =
             tokio::time::timeout(timeout.max(Duration::from_secs(60)), read_message(&mut rd))
                 .await
-                .map_err(|_| format!("{ep}: no answer to HELLO"))??;
+                .map_err(|_| unreachable(format!("{ep}: no answer to HELLO")))?
+                .map_err(unreachable)?;
         let welcome = match reply {
             Message::Welcome {
                 size,
@@ -138,13 +159,18 @@ impl PeerLink {
                 consistent,
             },
             Message::Welcome { size, .. } => {
-                return Err(format!(
+                return Err(refused(format!(
                     "{ep} answered with a disk of {size} bytes, expected {}",
                     hello.size
-                ))
+                )))
             }
-            Message::Refused { reason } => return Err(format!("{ep} refused: {reason}")),
-            other => return Err(format!("{ep} answered HELLO with {}", other.name())),
+            Message::Refused { reason } => return Err(refused(format!("{ep} refused: {reason}"))),
+            other => {
+                return Err(refused(format!(
+                    "{ep} answered HELLO with {}",
+                    other.name()
+                )))
+            }
         };
         let link = Arc::new(Self {
             peer: ep.to_string(),
@@ -157,8 +183,14 @@ impl PeerLink {
             closing: watch::Sender::new(false),
             opts,
             last_ack: Mutex::new(Instant::now()),
+            session_key,
         });
         Ok((link, rd, welcome))
+    }
+
+    /// The key this session's data connections prove (with a peer key).
+    pub fn session_key(&self) -> Option<SessionKey> {
+        self.session_key
     }
 
     /// The digests of `units` (of `unit_blocks` blocks each) on the secondary's disk.

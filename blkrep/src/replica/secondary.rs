@@ -21,6 +21,7 @@ use super::buffer::{BufferStats, DiskBuffer, BUFFER_BLOCK};
 use super::meta::{MetaStore, NodeMeta};
 use super::wire::{self, Message, SyncKind, WireError};
 use super::{FailoverTarget, PARTICIPANT_BLOCK};
+use crate::auth::{SessionKey, SessionKeys};
 use crate::digest;
 use crate::epoch::{EpochSummary, Latencies};
 use crate::nbd::server::{ControlHandler, EpochSink};
@@ -136,6 +137,9 @@ struct Inner {
     /// Data connections opened under another token are fenced off (a RESUME or a lost
     /// link changes it): nothing from an interrupted session is applied later.
     token: u64,
+    /// The key that data connections of the running session prove, on a port that
+    /// authenticates peers; set at RESUME with the new token, gone when the session ends.
+    session_key: Option<SessionKey>,
     /// The disk (with the buffer) holds a checkpoint it can fail over to.
     consistent: bool,
     /// This disk has never been in sync with a primary (no metadata when it started).
@@ -268,6 +272,7 @@ impl Secondary {
                 committed: m.committed,
                 next_commit: m.committed + 1,
                 token: 1,
+                session_key: None,
                 consistent: !known || m.clean,
                 fresh: !known,
                 sync: None,
@@ -797,8 +802,12 @@ impl EpochSink for ReplicaSink {
     fn begin_epoch(&self, _epoch: u64, _drain: Duration) -> std::result::Result<(), String> {
         Err(no_session().to_string())
     }
-    fn connect(&self) -> Option<(Arc<dyn Backend>, Arc<dyn EpochSink>)> {
-        let c = Arc::new(self.conn());
+    fn connect(&self, session: Option<u64>) -> Option<(Arc<dyn Backend>, Arc<dyn EpochSink>)> {
+        let mut c = self.conn();
+        if let Some(token) = session {
+            c.token = token;
+        }
+        let c = Arc::new(c);
         Some((c.clone(), c))
     }
 }
@@ -931,6 +940,17 @@ impl Backend for SecondaryView {
     }
 }
 
+/// Data connections on an authenticating port join the session that RESUME started.
+impl SessionKeys for Secondary {
+    fn current(&self) -> Option<(u64, SessionKey)> {
+        let i = self.inner();
+        match (i.mode, i.session_key) {
+            (Mode::Replicating, Some(k)) => Some((i.token, k)),
+            _ => None,
+        }
+    }
+}
+
 /// Serves control connections from the primary (one session at a time).
 #[derive(Debug)]
 pub struct SecondaryControl(Arc<Secondary>);
@@ -941,9 +961,10 @@ impl ControlHandler for SecondaryControl {
         rd: BufReader<ReadHalf>,
         wr: BufWriter<WriteHalf>,
         peer: String,
+        session: Option<SessionKey>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         let s = self.0.clone();
-        Box::pin(async move { run_control(s, rd, wr, peer).await })
+        Box::pin(async move { run_control(s, rd, wr, peer, session).await })
     }
 }
 
@@ -1076,8 +1097,9 @@ impl Secondary {
         ))
     }
 
-    /// RESUME: the sync's comparison is done; take forwarded writes again from `epoch` on.
-    async fn resume(&self, epoch: u64) -> std::result::Result<(), String> {
+    /// RESUME: the sync's comparison is done; take forwarded writes again from `epoch` on,
+    /// on data connections that prove `key` when the port authenticates peers.
+    async fn resume(&self, epoch: u64, key: Option<SessionKey>) -> std::result::Result<(), String> {
         // No forwarded request of an earlier connection is in progress after this.
         let _x = self.barrier.write().await;
         {
@@ -1092,6 +1114,7 @@ impl Secondary {
             // together are the last checkpoint's state of those blocks.
             i.buffer.collapse_open();
             i.token += 1;
+            i.session_key = key;
             i.current = epoch;
             i.next_commit = epoch;
             i.counts.clear();
@@ -1109,6 +1132,7 @@ async fn run_control(
     mut rd: BufReader<ReadHalf>,
     wr: BufWriter<WriteHalf>,
     peer: String,
+    key: Option<SessionKey>,
 ) {
     let wr: SharedWriter = Arc::new(tokio::sync::Mutex::new(wr));
     let hello = match tokio::time::timeout(s.opts.hello_timeout, read_message(&mut rd)).await {
@@ -1247,7 +1271,7 @@ async fn run_control(
                 });
                 continue;
             }
-            Message::Resume { epoch } => match s.resume(epoch).await {
+            Message::Resume { epoch } => match s.resume(epoch, key).await {
                 Ok(()) => {
                     tracing::info!(%peer, epoch, "replication resumed");
                     Message::ResumeAck { epoch }
@@ -1280,6 +1304,7 @@ async fn run_control(
                 i.mode = Mode::Waiting;
                 i.peer = None;
                 i.token += 1;
+                i.session_key = None;
                 (i.buffer.stats().blocks == 0 && i.sync.is_none()).then_some(i.committed)
             };
             if let Some(c) = clean {
@@ -1298,6 +1323,7 @@ async fn run_control(
                 }
                 i.mode = Mode::Paused;
                 i.token += 1;
+                i.session_key = None;
                 s.opts.on_peer_loss
             };
             if policy == PeerLossPolicy::Failover {

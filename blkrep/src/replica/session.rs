@@ -28,6 +28,7 @@ use super::node::REPLICA_EXPORT;
 use super::peer::{Hello, LinkOptions, PeerLink, Welcome};
 use super::primary::{Primary, PrimaryMode};
 use super::wire::{AckMode, SyncKind, MAX_SUM_UNITS};
+use crate::auth::PeerKey;
 use crate::digest::{self, DIGEST_BLOCK};
 use crate::epoch::{BoxFuture, CheckpointLink, CheckpointTrigger, Epoch, EpochError, EpochSummary};
 use crate::nbd::client::{ClientOptions, NbdClient};
@@ -51,6 +52,8 @@ pub struct ReplicatorOptions {
     pub reconnect_timeout: Duration,
     /// Pause between reconnection attempts.
     pub retry: Duration,
+    /// The key both nodes share (`--psk-file`); None on a loopback-only pair without one.
+    pub key: Option<PeerKey>,
 }
 
 /// Why an attempt failed.
@@ -152,18 +155,21 @@ impl Replicator {
             heartbeat: self.opts.link.heartbeat,
         };
         let ep = &self.opts.secondary;
-        let (link, rd, welcome) =
-            match PeerLink::connect(ep, hello, self.opts.link, self.opts.connect_timeout).await {
-                Ok(v) => v,
-                Err(e) if e.contains("refused:") || e.contains(" answered ") => {
-                    self.st().last_attempt_error = Some(e.clone());
-                    return Err(AttemptError::Refused(e));
-                }
-                Err(e) => {
-                    self.st().last_attempt_error = Some(e.clone());
-                    return Err(AttemptError::Unreachable(e));
-                }
-            };
+        let (link, rd, welcome) = match PeerLink::connect(
+            ep,
+            hello,
+            self.opts.link,
+            self.opts.connect_timeout,
+            self.opts.key.as_ref(),
+        )
+        .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                self.st().last_attempt_error = Some(e.to_string());
+                return Err(e);
+            }
+        };
         tokio::spawn(
             link.clone()
                 .run(rd, self.primary.clone(), self.stop.clone()),
@@ -230,6 +236,7 @@ impl Replicator {
                 structured: true,
                 connect_timeout: self.opts.connect_timeout,
                 request_timeout: Some(Duration::from_secs(30)),
+                session: link.session_key(),
             },
         )
         .await

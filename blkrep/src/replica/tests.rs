@@ -18,6 +18,7 @@ use super::secondary::{
 use super::session::{Replicator, ReplicatorOptions};
 use super::wire::{AckMode, Message, SyncKind};
 use super::{FailoverTarget, PARTICIPANT_BLOCK};
+use crate::auth::PeerKey;
 use crate::digest::DigestTable;
 use crate::epoch::{CoordinatorOptions, Epoch, EpochCoordinator, EpochSummary, NoGuest};
 use crate::nbd::client::{connect_control, ClientOptions, NbdClient};
@@ -54,6 +55,17 @@ async fn start_secondary_with(
     meta: Option<NodeMeta>,
     discard_my_data: bool,
 ) -> SecondarySide {
+    start_secondary_keyed(policy, buffer_memory, meta, discard_my_data, None).await
+}
+
+/// A secondary whose port demands `key` when given.
+async fn start_secondary_keyed(
+    policy: PeerLossPolicy,
+    buffer_memory: u64,
+    meta: Option<NodeMeta>,
+    discard_my_data: bool,
+    key: Option<PeerKey>,
+) -> SecondarySide {
     let dir = tempfile::tempdir().unwrap();
     let disk = MemoryBackend::new(SIZE);
     let known = meta.is_some();
@@ -71,20 +83,22 @@ async fn start_secondary_with(
         known,
     );
     let sink = sec.replica_sink();
-    let srv = Arc::new(
-        NbdServer::new(
-            vec![Export {
-                name: REPLICA_EXPORT.into(),
-                description: String::new(),
-                backend: sink.clone(),
-                read_only: false,
-                epochs: Some(sink),
-            }],
-            ServerOptions::default(),
-        )
-        .unwrap()
-        .with_control(sec.control()),
-    );
+    let mut srv = NbdServer::new(
+        vec![Export {
+            name: REPLICA_EXPORT.into(),
+            description: String::new(),
+            backend: sink.clone(),
+            read_only: false,
+            epochs: Some(sink),
+        }],
+        ServerOptions::default(),
+    )
+    .unwrap()
+    .with_control(sec.control());
+    if let Some(k) = key {
+        srv = srv.with_auth(k, sec.clone());
+    }
+    let srv = Arc::new(srv);
     let l = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".into()))
         .await
         .unwrap();
@@ -132,6 +146,16 @@ async fn start_primary_on(
     disk: MemoryBackend,
     meta: NodeMeta,
 ) -> PrimarySide {
+    start_primary_keyed(ep, ack, disk, meta, None).await
+}
+
+async fn start_primary_keyed(
+    ep: &Endpoint,
+    ack: AckMode,
+    disk: MemoryBackend,
+    meta: NodeMeta,
+    key: Option<PeerKey>,
+) -> PrimarySide {
     let table = DigestTable::scan(&disk).await.unwrap();
     let primary = Primary::new(
         Arc::new(disk.clone()),
@@ -154,6 +178,7 @@ async fn start_primary_on(
             connect_timeout: Duration::from_secs(5),
             reconnect_timeout: Duration::from_secs(5),
             retry: Duration::from_millis(50),
+            key,
         },
         stop_rx,
     );
@@ -425,7 +450,10 @@ async fn control_conn(
     tokio::io::BufReader<crate::nbd::transport::ReadHalf>,
     tokio::io::BufWriter<crate::nbd::transport::WriteHalf>,
 ) {
-    connect_control(ep, Duration::from_secs(5)).await.unwrap()
+    let (rd, wr, _) = connect_control(ep, Duration::from_secs(5), None)
+        .await
+        .unwrap();
+    (rd, wr)
 }
 
 async fn wait_for(what: &str, f: impl Fn() -> bool) {
@@ -688,9 +716,10 @@ fn not_a_secondary_is_a_clear_error() {
             misses: 3,
             commit_timeout: Duration::from_secs(1),
         };
-        let Err(e) = PeerLink::connect(&ep, hello, opts, Duration::from_secs(5)).await else {
+        let Err(e) = PeerLink::connect(&ep, hello, opts, Duration::from_secs(5), None).await else {
             panic!("a plain NBD server accepted the control protocol");
         };
+        let e = e.to_string();
         assert!(e.contains("not a lockstep secondary"), "{e}");
     });
 }
@@ -855,6 +884,7 @@ fn split_brain_is_refused_and_discard_my_data_converges_by_checksum() {
                 connect_timeout: Duration::from_secs(5),
                 reconnect_timeout: Duration::from_secs(5),
                 retry: Duration::from_millis(50),
+                key: None,
             },
             stop_rx,
         );
@@ -953,4 +983,119 @@ fn online_verify_finds_a_block_that_differs_and_only_that() {
         assert_eq!(v["differing"][0]["offset"], 32 * 4096, "{v}");
         assert_eq!(v["differing"][0]["len"], 16 * 4096, "{v}");
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peer authentication: only a node that holds the key becomes the peer.
+
+async fn control_refusal(ep: &Endpoint, key: Option<&PeerKey>) -> String {
+    match connect_control(ep, Duration::from_secs(5), key).await {
+        Ok(_) => panic!("the control channel opened"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn peer_key(secret: &str) -> PeerKey {
+    PeerKey::from_secret(secret.as_bytes()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authenticated_pair_replicates_and_strangers_get_nothing() {
+    let key = peer_key("the key both nodes share, 32+ bytes");
+    let key2 = key.clone();
+    let s = start_secondary_keyed(
+        PeerLossPolicy::Wait,
+        1 << 20,
+        None,
+        false,
+        Some(key.clone()),
+    )
+    .await;
+    let p = start_primary_keyed(
+        &s.ep,
+        AckMode::Received,
+        MemoryBackend::new(SIZE),
+        NodeMeta::fresh(),
+        Some(key),
+    )
+    .await;
+    p.primary
+        .write_at(8192, IoBuf::from_slice(&[7u8; 4096]), false)
+        .await
+        .unwrap();
+    let epoch = p.coord.checkpoint().await.unwrap().epoch;
+    assert_eq!(s.sec.mode(), Mode::Replicating);
+    let before = s.disk.snapshot();
+
+    // Without a key: the port speaks no NBD, so neither the control option nor the replica
+    // export can be reached.
+    let e = control_refusal(&s.ep, None).await;
+    assert!(e.contains("--psk-file"), "{e}");
+    let e = NbdClient::connect(
+        &s.ep,
+        &ClientOptions {
+            export: REPLICA_EXPORT.into(),
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--psk-file"), "{e}");
+    // A wrong key.
+    let wrong = peer_key("another key of at least 16 bytes");
+    let e = control_refusal(&s.ep, Some(&wrong)).await;
+    assert!(e.contains("refused our key"), "{e}");
+    // A forger that sends a HELLO frame and an NBD write straight away: read no further
+    // than the key exchange, then closed.
+    let crate::nbd::Endpoint::Tcp(addr) = &s.ep else {
+        unreachable!()
+    };
+    let mut raw = tokio::net::TcpStream::connect(addr.as_str()).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut junk = hello().encode();
+    junk.extend_from_slice(&[0x25, 0x60, 0x95, 0x13, 0, 0, 0, 1]);
+    junk.resize(4096, 0xab);
+    let _ = raw.write_all(&junk).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert!(
+        got.starts_with(&crate::auth::MAGIC),
+        "the port answered {got:02x?}"
+    );
+    assert!(
+        got.len() <= 40 + 33,
+        "more than the exchange came back: {} bytes",
+        got.len()
+    );
+    // A control channel with the right key whose session never resumed: its key opens no
+    // data connection (only the running session's does).
+    let (_rd, _wr, other) = connect_control(&s.ep, Duration::from_secs(5), Some(&key2))
+        .await
+        .unwrap();
+    let e = NbdClient::connect(
+        &s.ep,
+        &ClientOptions {
+            export: REPLICA_EXPORT.into(),
+            session: other,
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("session has ended"), "{e}");
+
+    // The pair never noticed.
+    assert_eq!(s.sec.mode(), Mode::Replicating);
+    assert_eq!(s.disk.snapshot(), before);
+    p.primary
+        .write_at(0, IoBuf::from_slice(&[9u8; 4096]), false)
+        .await
+        .unwrap();
+    let next = p.coord.checkpoint().await.unwrap().epoch;
+    assert!(next > epoch);
+    assert_eq!(s.disk.snapshot(), p.disk.snapshot());
 }
