@@ -1928,3 +1928,261 @@ fn split_brain_is_refused_until_discard_my_data() {
         &tail(&p2, 40),
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. Hostile peers on the replication port. With --psk-file on both nodes, everything an
+// attacker without the key tries is refused before any state changes: reading or writing
+// the replica export with real NBD clients, a forged HELLO, a flood of idle connections
+// from another host while the primary has to reconnect. The pair keeps replicating and the
+// images stay equal (compared with cmp, not the daemons' own verify).
+
+fn key_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, format!("{secret}\n")).expect("key file");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    p
+}
+
+/// What a raw connection that sends `bytes` at once gets back before the port closes it.
+fn raw_exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let _ = c.write_all(bytes);
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    got
+}
+
+/// Keep up to `n` idle connections from 127.0.0.2 to `addr` open, reopening the ones the
+/// port closes, until `stop`.
+fn flood(addr: String, n: usize, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let target: std::net::SocketAddr = addr.parse().expect("addr");
+        let mut open: Vec<std::net::TcpStream> = Vec::new();
+        let mut made = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            open.retain(|c| {
+                let mut b = [0u8; 64];
+                c.set_nonblocking(true).ok();
+                !matches!(std::io::Read::read(&mut &*c, &mut b), Ok(0))
+            });
+            while open.len() < n {
+                let sock = connect_from_other_host(target);
+                match sock {
+                    Some(c) => {
+                        made += 1;
+                        open.push(c)
+                    }
+                    None => break,
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        made
+    })
+}
+
+/// A TCP connection from 127.0.0.2 (another host, as far as the port can tell).
+fn connect_from_other_host(to: std::net::SocketAddr) -> Option<std::net::TcpStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket(2)/bind(2)/connect(2) on a descriptor this function owns; the
+    // sockaddr structures live on the stack for the duration of each call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let mut src: libc::sockaddr_in = std::mem::zeroed();
+        src.sin_family = libc::AF_INET as libc::sa_family_t;
+        src.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 2]);
+        let mut dst: libc::sockaddr_in = std::mem::zeroed();
+        dst.sin_family = libc::AF_INET as libc::sa_family_t;
+        dst.sin_port = to.port().to_be();
+        dst.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        if libc::bind(fd, &src as *const _ as *const libc::sockaddr, len) != 0
+            || libc::connect(fd, &dst as *const _ as *const libc::sockaddr, len) != 0
+        {
+            libc::close(fd);
+            return None;
+        }
+        Some(std::net::TcpStream::from_raw_fd(fd))
+    }
+}
+
+#[test]
+fn hostile_peers_without_the_key_change_nothing() {
+    require("fio", "fio");
+    require("nbdinfo", "libnbd-bin");
+    require("qemu-io", "qemu-utils");
+    require("cmp", "diffutils");
+    let _g = heavy();
+    let dir = scratch();
+    let key = key_file(
+        dir.path(),
+        "peer.key",
+        "a secret both nodes share, 32 bytes",
+    );
+    let kf = s(&["--psk-file", key.to_str().unwrap()]);
+    let mut pflags = kf.clone();
+    pflags.extend(s(&[
+        "--checkpoint-interval",
+        "100ms",
+        "--heartbeat",
+        "100ms",
+    ]));
+    let (mut pair, proxy) = Pair::start_full(dir.path(), "64M", &pflags, &kf, true);
+    let proxy = proxy.expect("proxy");
+    let mut fio = start_fio(
+        dir.path(),
+        "fio-load",
+        &rated(load_job(&pair.uri(), Some(11), 8, "64M", 15)),
+    );
+    sleep_ms(500);
+    let replica = format!("nbd://{}/lockstep-replica", pair.listen);
+
+    // Read the replica export with libnbd's nbdinfo, write it with qemu-io.
+    let out = run("nbdinfo", &[&replica], T);
+    assert!(!out.status.success(), "nbdinfo read the replica export");
+    let out = run(
+        "qemu-io",
+        &["-f", "raw", &replica, "-c", "write -P 0x55 0 4k"],
+        T,
+    );
+    assert!(!out.status.success(), "qemu-io wrote the replica export");
+
+    // Pose as a primary: a HELLO with an absurd heartbeat, then an NBD write request.
+    let mut forged = blkrep::replica::wire::Message::Hello {
+        size: 64 << 20,
+        generation: 0x1234,
+        history: vec![],
+        tracked: 0,
+        committed: 0,
+        session: 1,
+        ack: blkrep::replica::wire::AckMode::Received,
+        heartbeat_ms: u32::MAX,
+    }
+    .encode();
+    forged.extend_from_slice(&[0x25, 0x60, 0x95, 0x13, 0, 0, 0, 1]);
+    forged.resize(8192, 0x55);
+    let got = raw_exchange(&pair.listen, &forged);
+    assert!(
+        got.starts_with(b"LSAUTH") && got.len() <= 40 + 33,
+        "the port answered a forger with {} bytes: {:02x?}",
+        got.len(),
+        &got[..got.len().min(64)]
+    );
+
+    // A flood of idle connections from another host while the primary must reconnect.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooder = flood(pair.listen.clone(), 200, stop.clone());
+    sleep_ms(1000);
+    let before = status(&pair.p_sock).expect("status")["sessions"]
+        .u64()
+        .unwrap_or(1);
+    proxy.cut();
+    sleep_ms(400);
+    proxy.heal();
+    let v = wait_synced(
+        &mut pair.primary,
+        &pair.p_sock,
+        Duration::from_secs(30),
+        before + 1,
+    );
+    stop.store(true, Ordering::Relaxed);
+    let flooded = flooder.join().expect("flood thread");
+    assert!(flooded > 8, "the flood opened only {flooded} connections");
+    assert_eq!(v["mode"].str(), Some("replicating"), "{v}");
+
+    fio_ok(&mut fio, "fio during the attacks", &pair.logs());
+    let sv = status(&pair.s_sock).expect("secondary status");
+    assert_eq!(sv["mode"].str(), Some("replicating"), "{sv}");
+    assert!(sv["failover"] == Json::Null, "{sv}");
+    let logs = pair.logs();
+    assert!(
+        logs.contains("wrong key") || logs.contains("closing connection"),
+        "the secondary logged nothing about the strangers:\n{logs}"
+    );
+    let (p_img, s_img) = (pair.p_img.clone(), pair.s_img.clone());
+    pair.primary.signal(libc::SIGTERM);
+    pair.primary.wait(Duration::from_secs(60));
+    let out = run(
+        "cmp",
+        &[p_img.to_str().unwrap(), s_img.to_str().unwrap()],
+        T,
+    );
+    assert!(
+        out.status.success(),
+        "the images differ after the attacks: {}\n{logs}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn peer_key_mistakes_are_clear_errors() {
+    let dir = scratch();
+    let key = key_file(
+        dir.path(),
+        "peer.key",
+        "a secret both nodes share, 32 bytes",
+    );
+    let other = key_file(dir.path(), "other.key", "not the secret the secondary has");
+    let kf = s(&["--psk-file", key.to_str().unwrap()]);
+    let (pair, _) = Pair::start_full(dir.path(), "16M", &kf, &kf, false);
+    let primary_with = |extra: &[&str]| {
+        let mut a = vec![
+            "primary".to_string(),
+            "--disk".into(),
+            dir.path().join("p2.img").to_str().unwrap().into(),
+            "--size".into(),
+            "16M".into(),
+            "--export".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--secondary".into(),
+            pair.listen.clone(),
+            "--control".into(),
+            dir.path().join("p2.sock").to_str().unwrap().into(),
+            "--connect-timeout".into(),
+            "5s".into(),
+        ];
+        a.extend(extra.iter().map(|x| x.to_string()));
+        lockstep(&refs(&a), T)
+    };
+    let (ok, _, err) = primary_with(&[]);
+    assert!(!ok && err.contains("--psk-file"), "no key: {err}");
+    let (ok, _, err) = primary_with(&["--psk-file", other.to_str().unwrap()]);
+    assert!(!ok && err.contains("refused our key"), "wrong key: {err}");
+    // A key file others may read.
+    let loose = dir.path().join("loose.key");
+    std::fs::write(&loose, "a secret both nodes share, 32 bytes").unwrap();
+    let (ok, _, err) = primary_with(&["--psk-file", loose.to_str().unwrap()]);
+    assert!(!ok && err.contains("chmod 600"), "loose key: {err}");
+    // A secondary beyond loopback without a key.
+    let (ok, _, err) = lockstep(
+        &[
+            "secondary",
+            "--disk",
+            dir.path().join("s2.img").to_str().unwrap(),
+            "--size",
+            "16M",
+            "--listen",
+            "0.0.0.0:0",
+            "--control",
+            dir.path().join("s2.sock").to_str().unwrap(),
+        ],
+        T,
+    );
+    assert!(
+        !ok && err.contains("--psk-file") && err.contains("--insecure-no-auth"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("s2.img").exists(),
+        "the disk was created anyway"
+    );
+    // The pair was not disturbed.
+    let v = status(&pair.p_sock).expect("status");
+    assert_eq!(v["mode"].str(), Some("replicating"), "{v}");
+}

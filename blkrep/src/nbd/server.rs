@@ -123,6 +123,9 @@ pub struct ServerOptions {
     /// On an authenticating port: most key exchanges at once. They do not count against
     /// `max_connections`, so peers without the key cannot crowd out one that has it.
     pub max_handshakes: usize,
+    /// On an authenticating port: most key exchanges at once from one IP address, so one
+    /// host cannot take every exchange slot from another.
+    pub max_handshakes_per_host: usize,
 }
 
 impl Default for ServerOptions {
@@ -133,6 +136,7 @@ impl Default for ServerOptions {
             max_connections: 256,
             auth_timeout: Duration::from_secs(5),
             max_handshakes: 64,
+            max_handshakes_per_host: 8,
         }
     }
 }
@@ -167,6 +171,60 @@ struct PortAuth {
     key: PeerKey,
     sessions: Arc<dyn SessionKeys>,
     handshakes: Arc<Semaphore>,
+    per_host: HostCounts,
+}
+
+/// Key exchanges in progress per IP address.
+type HostCounts = Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>;
+
+/// One key exchange in progress, counted in the port's and its host's budgets until dropped.
+#[derive(Debug)]
+struct Handshake {
+    _slot: OwnedSemaphorePermit,
+    host: Option<(std::net::IpAddr, HostCounts)>,
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        if let Some((ip, map)) = &self.host {
+            let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = m.get_mut(ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(ip);
+                }
+            }
+        }
+    }
+}
+
+impl PortAuth {
+    /// A place for one more key exchange from `peer` ("ip:port", or a unix socket), or why
+    /// there is none.
+    fn admit(&self, peer: &str, per_host: usize) -> Result<Handshake, &'static str> {
+        let slot = self
+            .handshakes
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "too many unauthenticated connections")?;
+        let Ok(addr) = peer.parse::<std::net::SocketAddr>() else {
+            return Ok(Handshake {
+                _slot: slot,
+                host: None,
+            });
+        };
+        let ip = addr.ip();
+        let mut m = self.per_host.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= per_host {
+            return Err("too many unauthenticated connections from this host");
+        }
+        *n += 1;
+        Ok(Handshake {
+            _slot: slot,
+            host: Some((ip, self.per_host.clone())),
+        })
+    }
 }
 
 /// What negotiation settled for the transmission phase.
@@ -241,6 +299,7 @@ impl NbdServer {
             key,
             sessions,
             handshakes: Arc::new(Semaphore::new(self.opts.max_handshakes)),
+            per_host: Arc::default(),
         }));
         self
     }
@@ -271,9 +330,12 @@ impl NbdServer {
                         let me = self.clone();
                         let sd = conn_shutdown.clone();
                         if let Some(a) = self.auth.clone() {
-                            let Ok(hs) = a.handshakes.clone().try_acquire_owned() else {
-                                tracing::warn!(%peer, "too many unauthenticated connections ({}); closing the new one", self.opts.max_handshakes);
-                                continue;
+                            let hs = match a.admit(&peer, self.opts.max_handshakes_per_host) {
+                                Ok(hs) => hs,
+                                Err(why) => {
+                                    tracing::warn!(%peer, "{why}; closing the new one");
+                                    continue;
+                                }
                             };
                             conns.spawn(async move { me.authenticate(rd, wr, peer, sd, &a, hs).await });
                             continue;
@@ -308,7 +370,7 @@ impl NbdServer {
         peer: String,
         shutdown: watch::Receiver<bool>,
         a: &PortAuth,
-        handshake: OwnedSemaphorePermit,
+        handshake: Handshake,
     ) {
         let r = tokio::time::timeout(
             self.opts.auth_timeout,
