@@ -174,6 +174,23 @@ struct Counters {
     stop: AtomicBool,
 }
 
+/// A fresh random secret, readable by its owner only.
+fn write_peer_key(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut secret = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut secret))
+        .context("reading /dev/urandom")?;
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(hex.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     if a.size < 16 << 20 || a.size % BLOCK as u64 != 0 {
         bail!("--size must be a multiple of 4 KiB and at least 16M");
@@ -191,6 +208,9 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let (export, listen, s_export) = (free_port()?, free_port()?, free_port()?);
     let size = a.size.to_string();
     let s = |v: &str| v.to_string();
+    // The nodes prove a shared key on every replication connection, as in production.
+    let key = dir.join("peer.key");
+    write_peer_key(&key)?;
 
     println!(
         "lockstep demo: replicating a {} MiB disk with a checkpoint every {:?}, ack={}",
@@ -198,7 +218,10 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         a.interval,
         a.ack
     );
-    println!("  files in {}", dir.display());
+    println!(
+        "  files in {} (peer.key: the secret both nodes prove on every replication connection)",
+        dir.display()
+    );
     let (mut sec, s_log) = spawn(
         "secondary",
         &[
@@ -213,6 +236,8 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             format!("127.0.0.1:{s_export}"),
             s("--control"),
             s_sock.display().to_string(),
+            s("--psk-file"),
+            key.display().to_string(),
         ],
         &dir,
     )?;
@@ -236,6 +261,8 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             a.ack.clone(),
             s("--checkpoint-interval"),
             format!("{}ms", a.interval.as_millis()),
+            s("--psk-file"),
+            key.display().to_string(),
         ],
         &dir,
     )?;
