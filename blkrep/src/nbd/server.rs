@@ -172,6 +172,9 @@ struct PortAuth {
     sessions: Arc<dyn SessionKeys>,
     handshakes: Arc<Semaphore>,
     per_host: HostCounts,
+    /// Connections closed for want of an exchange slot since the last log line.
+    closed: AtomicU64,
+    last_warn: std::sync::Mutex<std::time::Instant>,
 }
 
 /// Key exchanges in progress per IP address.
@@ -199,6 +202,18 @@ impl Drop for Handshake {
 }
 
 impl PortAuth {
+    /// Log a connection closed for want of an exchange slot: a flood would flood the log
+    /// too, so one line a second with the count.
+    fn report_closed(&self, peer: &str, why: &str) {
+        let n = self.closed.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self.last_warn.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() >= Duration::from_secs(1) {
+            *last = std::time::Instant::now();
+            self.closed.store(0, Ordering::Relaxed);
+            tracing::warn!(%peer, "{why}; closed {n} new connection(s) since the last report");
+        }
+    }
+
     /// A place for one more key exchange from `peer` ("ip:port", or a unix socket), or why
     /// there is none.
     fn admit(&self, peer: &str, per_host: usize) -> Result<Handshake, &'static str> {
@@ -300,6 +315,12 @@ impl NbdServer {
             sessions,
             handshakes: Arc::new(Semaphore::new(self.opts.max_handshakes)),
             per_host: Arc::default(),
+            closed: AtomicU64::new(0),
+            last_warn: std::sync::Mutex::new(
+                std::time::Instant::now()
+                    .checked_sub(Duration::from_secs(2))
+                    .unwrap_or_else(std::time::Instant::now),
+            ),
         }));
         self
     }
@@ -333,7 +354,7 @@ impl NbdServer {
                             let hs = match a.admit(&peer, self.opts.max_handshakes_per_host) {
                                 Ok(hs) => hs,
                                 Err(why) => {
-                                    tracing::warn!(%peer, "{why}; closing the new one");
+                                    a.report_closed(&peer, why);
                                     continue;
                                 }
                             };
