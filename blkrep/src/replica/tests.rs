@@ -26,6 +26,8 @@ use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::nbd::{Endpoint, Listener};
 use crate::storage::{Backend, IoBuf, MemoryBackend};
 
+mod powercut;
+
 const SIZE: u64 = 64 * 4096 + 1000;
 
 fn rt() -> tokio::runtime::Runtime {

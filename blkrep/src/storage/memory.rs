@@ -31,6 +31,17 @@ impl MemoryBackend {
         self.lock().clone()
     }
 
+    /// Replace the content from byte 0 with `data` (no larger than the disk).
+    pub fn load(&self, data: &[u8]) {
+        self.load_at(0, data);
+    }
+
+    /// Overwrite the bytes at `offset` with `data`, without alignment checks.
+    pub fn load_at(&self, offset: u64, data: &[u8]) {
+        let o = offset as usize;
+        self.lock()[o..o + data.len()].copy_from_slice(data);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
         // A panic while holding the lock cannot leave the bytes half-updated in a way that
         // matters more than the panic itself; keep serving.

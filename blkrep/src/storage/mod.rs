@@ -17,6 +17,7 @@
 
 mod buf;
 mod memory;
+mod powerloss;
 mod unaligned;
 mod uring;
 
@@ -25,6 +26,7 @@ pub(crate) mod suite;
 
 pub use buf::{keep_large_buffers_in_heap, IoBuf, IO_ALIGN};
 pub use memory::MemoryBackend;
+pub use powerloss::PowerLossDisk;
 pub use unaligned::Unaligned;
 pub(crate) use unaligned::{BlockRangeLock, RangeGuard};
 pub use uring::{DiskOptions, UringFile};
