@@ -1233,6 +1233,14 @@ async fn run_control(
                 unit_blocks,
                 units,
             } => {
+                // Units come from the peer: one past the end of the disk is a broken or
+                // hostile primary, refused before any work.
+                let nblocks = digest::blocks(s.disk.size());
+                if let Err(e) = digest::check_units(&units, u64::from(unit_blocks), nblocks) {
+                    let reason = format!("SUMS_REQUEST {id}: {e}");
+                    let _ = send(&wr, &refuse(reason.clone())).await;
+                    break Err(reason);
+                }
                 // Reading may take a while: answer in the background, heartbeats go on.
                 let (s2, wr2) = (s.clone(), wr.clone());
                 tokio::spawn(async move {
