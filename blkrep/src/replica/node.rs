@@ -94,6 +94,9 @@ pub async fn run_primary(
     cfg: PrimaryConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    // The secondary refuses a period outside this range: say so before touching anything.
+    let heartbeat_ms = u32::try_from(cfg.heartbeat.as_millis()).unwrap_or(u32::MAX);
+    super::wire::check_heartbeat_ms(heartbeat_ms).map_err(|e| format!("--heartbeat: {e}"))?;
     let local = open_disk(&cfg.disk).map_err(|e| e.to_string())?;
     let (meta, _) = MetaStore::open(meta_path(&cfg.disk.path)).map_err(|e| e.to_string())?;
     let started = Instant::now();

@@ -931,6 +931,39 @@ impl Backend for SecondaryView {
     }
 }
 
+/// Why a primary is refused. Only `reason` goes to the peer; the generation numbers stay in
+/// this node's log and status, because a peer that learns them could pose as a primary of
+/// this node's lineage in its next HELLO.
+#[derive(Debug)]
+struct Refusal {
+    reason: String,
+    lineage: Option<String>,
+}
+
+impl Refusal {
+    fn plain(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            lineage: None,
+        }
+    }
+
+    fn with_lineage(reason: impl Into<String>, lineage: String) -> Self {
+        Self {
+            reason: reason.into(),
+            lineage: Some(lineage),
+        }
+    }
+
+    /// The whole story, for this node's operator.
+    fn local(&self) -> String {
+        match &self.lineage {
+            Some(l) => format!("{} ({l})", self.reason),
+            None => self.reason.clone(),
+        }
+    }
+}
+
 /// Serves control connections from the primary (one session at a time).
 #[derive(Debug)]
 pub struct SecondaryControl(Arc<Secondary>);
@@ -1003,45 +1036,44 @@ impl Secondary {
         generation: u64,
         history: &[u64],
         tracked: u64,
-    ) -> std::result::Result<SyncKind, String> {
+    ) -> std::result::Result<SyncKind, Refusal> {
         let m = self.meta.get();
         let (mode, fresh) = {
             let i = self.inner();
             (i.mode, i.fresh)
         };
+        let lineage = format!(
+            "this node's generation {:016x}, the primary's {generation:016x}",
+            m.generation
+        );
         match mode {
             Mode::Waiting | Mode::Paused => {}
             Mode::Primary => {
-                return Err(if m.history.contains(&generation) {
-                    format!(
-                        "this node failed over and serves as the primary now (generation {:016x}, which descends from the connecting primary's {generation:016x}); to re-protect it, restart the old primary's node as a secondary of this one",
-                        m.generation
-                    )
+                let reason = if m.history.contains(&generation) {
+                    "this node failed over and serves as the primary now, with data that descends from the connecting primary's; to re-protect it, restart the old primary's node as a secondary of this one"
                 } else {
-                    format!(
-                        "split-brain: this node failed over (generation {:016x}) and the connecting primary has written data of its own since (generation {generation:016x}); neither disk is a copy of the other. Choose the survivor and restart the other node as its secondary with --discard-my-data",
-                        m.generation
-                    )
-                });
+                    "split-brain: this node failed over and the connecting primary has written data of its own since; neither disk is a copy of the other. Choose the survivor and restart the other node as its secondary with --discard-my-data"
+                };
+                return Err(Refusal::with_lineage(reason, lineage));
             }
             other => {
-                return Err(format!(
+                return Err(Refusal::plain(format!(
                     "this secondary is {} and takes no new primary",
                     other.name()
-                ))
+                )))
             }
         }
         if size != self.disk.size() {
-            return Err(format!(
+            return Err(Refusal::plain(format!(
                 "disk sizes differ: primary {size} bytes, secondary {} bytes",
                 self.disk.size()
-            ));
+            )));
         }
         if fresh {
             let empty = self
                 .disk_is_empty()
                 .await
-                .map_err(|e| format!("reading the secondary disk: {e}"))?;
+                .map_err(|e| Refusal::plain(format!("reading the secondary disk: {e}")))?;
             return Ok(if empty {
                 SyncKind::Full
             } else {
@@ -1057,22 +1089,19 @@ impl Secondary {
             });
         }
         let why = if m.history.contains(&generation) {
-            format!(
-                "this disk holds newer data than the primary's: it was written as a primary (generation {:016x}) after the primary's generation {generation:016x}",
-                m.generation
-            )
+            "this disk holds newer data than the primary's: it was written as a primary after the primary's data"
         } else {
-            format!(
-                "split-brain: the primary's data (generation {generation:016x}) and this disk's (generation {:016x}) have both been written since they were last in sync",
-                m.generation
-            )
+            "split-brain: the primary's data and this disk's have both been written since they were last in sync"
         };
         if self.opts.discard_my_data {
-            tracing::warn!("{why}; discarding this disk's data as asked (--discard-my-data)");
+            tracing::warn!(
+                "{why} ({lineage}); discarding this disk's data as asked (--discard-my-data)"
+            );
             return Ok(SyncKind::Checksum);
         }
-        Err(format!(
-            "{why}. Refusing to replicate: restart this secondary with --discard-my-data to take the primary's data, or make this node the primary"
+        Err(Refusal::with_lineage(
+            format!("{why}. Refusing to replicate: restart this secondary with --discard-my-data to take the primary's data, or make this node the primary"),
+            lineage,
         ))
     }
 
@@ -1150,11 +1179,16 @@ async fn run_control(
         return;
     };
     let refuse = |reason: String| Message::Refused { reason };
+    if let Err(reason) = wire::check_heartbeat_ms(heartbeat_ms) {
+        s.set_error(format!("refusing primary {peer}: {reason}"));
+        let _ = send(&wr, &refuse(reason)).await;
+        return;
+    }
     let kind = match s.admit(size, generation, &history, tracked).await {
         Ok(k) => k,
-        Err(reason) => {
-            s.set_error(format!("refusing primary {peer}: {reason}"));
-            let _ = send(&wr, &refuse(reason)).await;
+        Err(r) => {
+            s.set_error(format!("refusing primary {peer}: {}", r.local()));
+            let _ = send(&wr, &refuse(r.reason)).await;
             return;
         }
     };
@@ -1186,7 +1220,8 @@ async fn run_control(
     };
     let welcome = Message::Welcome {
         size,
-        generation: s.meta.get().generation,
+        // The primary has no use for it, and a peer must not learn this node's lineage.
+        generation: 0,
         committed,
         sync: kind,
         consistent,
@@ -1201,9 +1236,8 @@ async fn run_control(
         return;
     }
     tracing::info!(%peer, ack = ack.name(), sync = kind.name(), session = format!("{session:016x}"), "a primary connected");
-    let patience = Duration::from_millis(
-        u64::from(heartbeat_ms.max(1)) * u64::from(s.opts.heartbeat_misses.max(1)),
-    );
+    let patience =
+        Duration::from_millis(u64::from(heartbeat_ms) * u64::from(s.opts.heartbeat_misses.max(1)));
     let end = loop {
         let m = match tokio::time::timeout(patience, read_message(&mut rd)).await {
             Ok(Ok(m)) => m,

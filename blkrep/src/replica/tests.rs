@@ -548,6 +548,75 @@ fn garbage_bad_versions_and_stalls_get_clear_errors_and_no_session() {
 }
 
 #[test]
+fn hostile_numbers_are_refused_and_reveal_no_generation() {
+    rt().block_on(async {
+        let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
+        // A heartbeat period that would hold the session for years.
+        for ms in [0, 9, 60_001, u32::MAX] {
+            let (mut rd, mut wr) = control_conn(&s.ep).await;
+            let mut h = hello();
+            if let Message::Hello { heartbeat_ms, .. } = &mut h {
+                *heartbeat_ms = ms;
+            }
+            write_message(&mut wr, &h).await.unwrap();
+            let m = read_message(&mut rd).await.unwrap();
+            assert!(
+                matches!(&m, Message::Refused { reason } if reason.contains("heartbeat period")),
+                "{ms} ms: {m:?}"
+            );
+            assert_eq!(s.sec.mode(), Mode::Waiting);
+        }
+        // WELCOME does not carry the secondary's generation.
+        let (mut rd, mut wr) = control_conn(&s.ep).await;
+        write_message(&mut wr, &hello()).await.unwrap();
+        let m = read_message(&mut rd).await.unwrap();
+        assert!(matches!(m, Message::Welcome { generation: 0, .. }), "{m:?}");
+        // Units past the end of the disk, up to u64::MAX: refused before any work, and the
+        // connection ends.
+        let nblocks = crate::digest::blocks(SIZE);
+        for (unit_blocks, unit) in [(1u32, u64::MAX), (1 << 16, u64::MAX / 2), (1, nblocks)] {
+            let units: roaring::RoaringTreemap = [0, unit].into_iter().collect();
+            write_message(
+                &mut wr,
+                &Message::SumsRequest {
+                    id: 1,
+                    unit_blocks,
+                    units,
+                },
+            )
+            .await
+            .unwrap();
+            let m = read_message(&mut rd).await.unwrap();
+            assert!(
+                matches!(&m, Message::Refused { reason } if reason.contains("past the end of the disk")),
+                "{m:?}"
+            );
+            assert!(read_message(&mut rd).await.is_err(), "the connection ends");
+            wait_for("the session to end", || s.sec.mode() == Mode::Paused).await;
+            let (r, w) = control_conn(&s.ep).await;
+            (rd, wr) = (r, w);
+            write_message(&mut wr, &hello()).await.unwrap();
+            let m = read_message(&mut rd).await.unwrap();
+            assert!(matches!(m, Message::Welcome { .. }), "{m:?}");
+        }
+        // The last unit, partly past the end, is answered.
+        let units: roaring::RoaringTreemap = [(nblocks - 1) / 16].into_iter().collect();
+        write_message(
+            &mut wr,
+            &Message::SumsRequest {
+                id: 2,
+                unit_blocks: 16,
+                units,
+            },
+        )
+        .await
+        .unwrap();
+        let m = read_message(&mut rd).await.unwrap();
+        assert!(matches!(&m, Message::Sums { id: 2, sums } if sums.len() == 1), "{m:?}");
+    });
+}
+
+#[test]
 fn lying_checkpoints_are_aborted_never_committed() {
     rt().block_on(async {
         let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
@@ -863,6 +932,9 @@ fn split_brain_is_refused_and_discard_my_data_converges_by_checksum() {
             e.contains("split-brain") && e.contains("--discard-my-data"),
             "{e}"
         );
+        // The peer is not told this node's generation; the local log and status are.
+        assert!(!e.contains(&format!("{:016x}", 111)), "{e}");
+        assert!(last_error(&s.sec).contains(&format!("{:016x}", 111)));
         assert_eq!(s.sec.mode(), Mode::Waiting);
         assert_eq!(
             s.sec.meta().generation,

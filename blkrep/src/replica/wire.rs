@@ -32,6 +32,23 @@ const MAX_REASON: usize = 4096;
 pub const MAX_HISTORY: usize = 64;
 /// Most units one SUMS request may ask for (its answer stays far below [`MAX_PAYLOAD`]).
 pub const MAX_SUM_UNITS: u64 = 4096;
+/// The heartbeat periods a secondary accepts in HELLO, in milliseconds: the secondary waits
+/// `period × misses` for the next message, so an unbounded period would let a peer hold the
+/// session (and block every other primary) with one HELLO.
+pub const HEARTBEAT_MS: std::ops::RangeInclusive<u32> = 10..=60_000;
+
+/// Why a heartbeat period in milliseconds is out of [`HEARTBEAT_MS`], if it is.
+pub fn check_heartbeat_ms(ms: u32) -> Result<(), String> {
+    if HEARTBEAT_MS.contains(&ms) {
+        Ok(())
+    } else {
+        Err(format!(
+            "a heartbeat period of {ms} ms is outside the accepted {} ..= {} ms",
+            HEARTBEAT_MS.start(),
+            HEARTBEAT_MS.end()
+        ))
+    }
+}
 
 /// How the primary brings the secondary's disk up to date before replication (re)starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -149,7 +166,7 @@ pub enum Message {
     Welcome {
         /// Disk size in bytes.
         size: u64,
-        /// The secondary's data generation.
+        /// The secondary's data generation; sent as 0 (the peer must not learn it).
         generation: u64,
         /// The secondary's last committed epoch.
         committed: u64,
