@@ -229,7 +229,14 @@ pub struct Secondary {
     sync: GroupSync,
     dirty: Mutex<RoaringTreemap>,
     meta: MetaStore,
+    /// SUMS requests computed at once, over all control sessions.
+    sums_slots: tokio::sync::Semaphore,
 }
+
+/// SUMS requests computed at once on one secondary (one per session at most).
+const SUMS_AT_ONCE: usize = 2;
+/// SUMS requests of one session computed or waiting before the session is ended.
+const MAX_QUEUED_SUMS: usize = 8;
 
 fn blocks_of(offset: u64, len: u64) -> (u64, u64) {
     let first = offset / BUFFER_BLOCK;
@@ -292,6 +299,7 @@ impl Secondary {
             sync: GroupSync::default(),
             dirty: Mutex::new(RoaringTreemap::new()),
             meta,
+            sums_slots: tokio::sync::Semaphore::new(SUMS_AT_ONCE),
         })
     }
 
@@ -1238,6 +1246,9 @@ async fn run_control(
     tracing::info!(%peer, ack = ack.name(), sync = kind.name(), session = format!("{session:016x}"), "a primary connected");
     let patience =
         Duration::from_millis(u64::from(heartbeat_ms) * u64::from(s.opts.heartbeat_misses.max(1)));
+    // SUMS answers being computed or waiting; dropped (aborted) with the session.
+    let mut sums_tasks = tokio::task::JoinSet::new();
+    let session_sums = Arc::new(tokio::sync::Semaphore::new(1));
     let end = loop {
         let m = match tokio::time::timeout(patience, read_message(&mut rd)).await {
             Ok(Ok(m)) => m,
@@ -1275,9 +1286,27 @@ async fn run_control(
                     let _ = send(&wr, &refuse(reason.clone())).await;
                     break Err(reason);
                 }
-                // Reading may take a while: answer in the background, heartbeats go on.
-                let (s2, wr2) = (s.clone(), wr.clone());
-                tokio::spawn(async move {
+                // Reading may take a while: answer in the background, heartbeats go on. An
+                // honest primary asks one batch at a time (verify may overlap a little), so a
+                // longer queue is a flood: end the session rather than queue it.
+                while sums_tasks.try_join_next().is_some() {}
+                if sums_tasks.len() >= MAX_QUEUED_SUMS {
+                    let reason = format!(
+                        "more than {MAX_QUEUED_SUMS} SUMS requests at once from the primary"
+                    );
+                    let _ = send(&wr, &refuse(reason.clone())).await;
+                    break Err(reason);
+                }
+                let (s2, wr2, one) = (s.clone(), wr.clone(), session_sums.clone());
+                sums_tasks.spawn(async move {
+                    // One request of this session at a time, and few across sessions: the
+                    // disk also serves forwarded writes.
+                    let Ok(_mine) = one.acquire_owned().await else {
+                        return;
+                    };
+                    let Ok(_any) = s2.sums_slots.acquire().await else {
+                        return;
+                    };
                     let m = match digest::unit_sums(&*s2.disk, &units, u64::from(unit_blocks)).await
                     {
                         Ok(sums) => Message::Sums { id, sums },
@@ -1310,6 +1339,8 @@ async fn run_control(
             break Err(e);
         }
     };
+    // Nobody reads the answers any more.
+    drop(sums_tasks);
     match end {
         Ok(reason) => {
             tracing::info!(%peer, %reason, "the primary ended replication");
