@@ -165,7 +165,8 @@ pub async fn run_primary(
         NbdServer::new(
             vec![Export {
                 name: cfg.export_name.clone(),
-                description: format!("lockstep primary of {}", cfg.disk.path.display()),
+                // Anyone who can list exports sees it: the role, not the disk's path.
+                description: "lockstep primary".into(),
                 backend: primary.clone(),
                 read_only: false,
                 epochs: None,
@@ -347,7 +348,7 @@ pub async fn run_secondary(
             NbdServer::new(
                 vec![Export {
                     name: cfg.export_name.clone(),
-                    description: format!("lockstep secondary of {}", cfg.disk.path.display()),
+                    description: "lockstep secondary".into(),
                     backend: sec.view(),
                     read_only: false,
                     epochs: None,
