@@ -515,9 +515,19 @@ impl Secondary {
         Ok(())
     }
 
-    /// Commit `epoch` if everything the primary sent for it is here; all or nothing.
-    fn commit(&self, epoch: u64, summaries: &[EpochSummary]) -> std::result::Result<(), String> {
+    /// Commit `epoch` if everything the primary sent for it is here; all or nothing. The
+    /// caller has flushed the disk (the metadata stored here describes it) in the session of
+    /// `token`.
+    fn commit(
+        &self,
+        token: u64,
+        epoch: u64,
+        summaries: &[EpochSummary],
+    ) -> std::result::Result<(), String> {
         let mut i = self.inner();
+        if i.token != token {
+            return Err("the session ended before the commit".into());
+        }
         if i.mode != Mode::Replicating {
             return Err(format!("not replicating ({})", i.mode.name()));
         }
@@ -1113,6 +1123,31 @@ impl Secondary {
         ))
     }
 
+    /// After a clean end of the session of `token`: record that the disk is the checkpoint of
+    /// epoch `committed` at rest, once the disk holds it durably.
+    async fn store_clean(&self, token: u64, committed: u64) {
+        // No forwarded request is in progress after this, and no RESUME (which marks the
+        // disk unclean) runs until the metadata is stored.
+        let _x = self.barrier.write().await;
+        if let Err(e) = self.sync.sync(&*self.disk).await {
+            self.set_error(format!(
+                "flushing the disk after the primary's GOODBYE: {e}; it stays marked unclean"
+            ));
+            return;
+        }
+        {
+            let i = self.inner();
+            if i.token != token || i.mode != Mode::Waiting {
+                // Another primary connected meanwhile: its session decides.
+                return;
+            }
+        }
+        self.store_meta(|m| {
+            m.clean = true;
+            m.committed = committed;
+        });
+    }
+
     /// RESUME: the sync's comparison is done; take forwarded writes again from `epoch` on.
     async fn resume(&self, epoch: u64) -> std::result::Result<(), String> {
         // No forwarded request of an earlier connection is in progress after this.
@@ -1265,14 +1300,31 @@ async fn run_control(
                 s.inner().heartbeats += 1;
                 Message::HeartbeatAck { seq }
             }
-            Message::Checkpoint { epoch, summaries } => match s.commit(epoch, &summaries) {
-                Ok(()) => Message::Committed { epoch },
-                Err(reason) => {
-                    s.inner().aborted += 1;
-                    s.set_error(format!("checkpoint of epoch {epoch} aborted: {reason}"));
-                    Message::Aborted { epoch, reason }
-                }
-            },
+            Message::Checkpoint { epoch, summaries } => {
+                // COMMITTED (and the metadata a first commit after a sync stores) says epoch
+                // `epoch` is on this disk: flush it first. Every write of the epoch finished
+                // before its mark was answered, so one flush covers it. The flush may take a
+                // while: heartbeats go on meanwhile (checkpoints never overlap), and a commit
+                // that finds its session ended (the token moved on) commits nothing.
+                let token = s.inner().token;
+                let (s2, wr2) = (s.clone(), wr.clone());
+                tokio::spawn(async move {
+                    let r = match s2.sync.sync(&*s2.disk).await {
+                        Ok(()) => s2.commit(token, epoch, &summaries),
+                        Err(e) => Err(format!("flushing the secondary disk: {e}")),
+                    };
+                    let m = match r {
+                        Ok(()) => Message::Committed { epoch },
+                        Err(reason) => {
+                            s2.inner().aborted += 1;
+                            s2.set_error(format!("checkpoint of epoch {epoch} aborted: {reason}"));
+                            Message::Aborted { epoch, reason }
+                        }
+                    };
+                    let _ = send(&wr2, &m).await;
+                });
+                continue;
+            }
             Message::SumsRequest {
                 id,
                 unit_blocks,
@@ -1344,7 +1396,7 @@ async fn run_control(
     match end {
         Ok(reason) => {
             tracing::info!(%peer, %reason, "the primary ended replication");
-            let clean = {
+            let (clean, token) = {
                 let mut i = s.inner();
                 if !matches!(i.mode, Mode::Replicating | Mode::Syncing) {
                     return;
@@ -1353,13 +1405,11 @@ async fn run_control(
                 i.mode = Mode::Waiting;
                 i.peer = None;
                 i.token += 1;
-                (i.buffer.stats().blocks == 0 && i.sync.is_none()).then_some(i.committed)
+                let clean = i.buffer.stats().blocks == 0 && i.sync.is_none();
+                (clean.then_some(i.committed), i.token)
             };
             if let Some(c) = clean {
-                s.store_meta(|m| {
-                    m.clean = true;
-                    m.committed = c;
-                });
+                s.store_clean(token, c).await;
             }
         }
         Err(e) => {

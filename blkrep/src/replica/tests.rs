@@ -70,6 +70,18 @@ async fn start_secondary_with(
         MetaStore::in_memory(meta.unwrap_or_else(NodeMeta::fresh)),
         known,
     );
+    let (ep, stop) = serve_secondary(&sec).await;
+    SecondarySide {
+        sec,
+        disk,
+        ep,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+/// Serve `sec`'s replication export and control protocol on a loopback port.
+async fn serve_secondary(sec: &Arc<Secondary>) -> (Endpoint, watch::Sender<bool>) {
     let sink = sec.replica_sink();
     let srv = Arc::new(
         NbdServer::new(
@@ -91,13 +103,7 @@ async fn start_secondary_with(
     let ep = l.local_endpoint();
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(srv.serve(l, stop_rx));
-    SecondarySide {
-        sec,
-        disk,
-        ep,
-        _stop: stop,
-        _dir: dir,
-    }
+    (ep, stop)
 }
 
 struct PrimarySide {
@@ -613,6 +619,192 @@ fn hostile_numbers_are_refused_and_reveal_no_generation() {
         .unwrap();
         let m = read_message(&mut rd).await.unwrap();
         assert!(matches!(&m, Message::Sums { id: 2, sums } if sums.len() == 1), "{m:?}");
+    });
+}
+
+/// A disk whose flushes wait while the gate is closed, and are counted when they complete.
+#[derive(Debug)]
+struct GatedFlush {
+    disk: MemoryBackend,
+    open: watch::Sender<bool>,
+    flushed: std::sync::atomic::AtomicU64,
+}
+
+impl GatedFlush {
+    fn new(disk: MemoryBackend) -> Arc<Self> {
+        Arc::new(Self {
+            disk,
+            open: watch::channel(true).0,
+            flushed: Default::default(),
+        })
+    }
+    fn set_open(&self, open: bool) {
+        self.open.send_replace(open);
+    }
+    fn flushed(&self) -> u64 {
+        self.flushed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Backend for GatedFlush {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn alignment(&self) -> u32 {
+        1
+    }
+    fn read_at(&self, offset: u64, len: usize) -> crate::storage::IoFuture<'_, IoBuf> {
+        self.disk.read_at(offset, len)
+    }
+    fn write_at(&self, offset: u64, data: IoBuf, fua: bool) -> crate::storage::IoFuture<'_, ()> {
+        self.disk.write_at(offset, data, fua)
+    }
+    fn flush(&self) -> crate::storage::IoFuture<'_, ()> {
+        Box::pin(async move {
+            let mut rx = self.open.subscribe();
+            let _ = rx.wait_for(|o| *o).await;
+            self.disk.flush().await?;
+            self.flushed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        })
+    }
+    fn discard(&self, offset: u64, len: u64) -> crate::storage::IoFuture<'_, ()> {
+        self.disk.discard(offset, len)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> crate::storage::IoFuture<'_, ()> {
+        self.disk.write_zeroes(offset, len, may_unmap)
+    }
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> crate::storage::IoFuture<'_, Vec<crate::storage::Extent>> {
+        self.disk.block_status(offset, len)
+    }
+}
+
+#[test]
+fn metadata_claims_about_the_disk_follow_its_flush() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = GatedFlush::new(MemoryBackend::new(SIZE));
+        let meta_file = dir.path().join("d.img.lockstep-meta");
+        let (meta, known) = MetaStore::open(meta_file.clone()).unwrap();
+        let stored = || super::meta::load(&meta_file).unwrap().unwrap();
+        let mine = stored().generation;
+        let sec = Secondary::with_meta(
+            disk.clone(),
+            SecondaryOptions {
+                buffer_memory: 1 << 20,
+                spill_path: dir.path().join("spill"),
+                on_peer_loss: PeerLossPolicy::Wait,
+                heartbeat_misses: 3,
+                hello_timeout: Duration::from_millis(300),
+                discard_my_data: false,
+            },
+            meta,
+            known,
+        );
+        let (ep, _stop) = serve_secondary(&sec).await;
+        let (mut rd, mut wr) = control_conn(&ep).await;
+        raw_session(&mut rd, &mut wr).await;
+        assert!(!stored().clean, "RESUME marks the disk unclean at once");
+        let c = NbdClient::connect(
+            &ep,
+            &ClientOptions {
+                export: REPLICA_EXPORT.into(),
+                ..ClientOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        c.write(0, &[1; 4096], false).await.unwrap();
+        let mark = c.submit_epoch_mark(2).await.unwrap();
+        c.send_submitted().await.unwrap();
+        mark.wait().await.unwrap();
+        // The first commit after the sync adopts the primary's generation (42): not before
+        // the epoch's data is durable.
+        disk.set_open(false);
+        let before = disk.flushed();
+        let summaries = vec![EpochSummary {
+            participant: PARTICIPANT_BLOCK,
+            items: 1,
+            bytes: 4096,
+            digest: 0,
+        }];
+        write_message(
+            &mut wr,
+            &Message::Checkpoint {
+                epoch: 1,
+                summaries,
+            },
+        )
+        .await
+        .unwrap();
+        // Heartbeats are answered while the flush waits (and keep the session alive).
+        for seq in 0..5 {
+            write_message(&mut wr, &Message::Heartbeat { seq })
+                .await
+                .unwrap();
+            let m = tokio::time::timeout(Duration::from_secs(10), read_message(&mut rd))
+                .await
+                .expect("a heartbeat answer");
+            assert_eq!(m.unwrap(), Message::HeartbeatAck { seq });
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        assert_eq!(stored().generation, mine, "adopted before the flush");
+        assert_eq!(stored().committed, 0);
+        disk.set_open(true);
+        assert_eq!(
+            read_message(&mut rd).await.unwrap(),
+            Message::Committed { epoch: 1 }
+        );
+        assert!(disk.flushed() > before);
+        let m = stored();
+        assert_eq!((m.generation, m.committed, m.clean), (42, 1, false));
+        // GOODBYE claims a checkpoint at rest: not before the disk is flushed.
+        let mark = c.submit_epoch_mark(3).await.unwrap();
+        c.send_submitted().await.unwrap();
+        mark.wait().await.unwrap();
+        write_message(
+            &mut wr,
+            &Message::Checkpoint {
+                epoch: 2,
+                summaries: vec![EpochSummary {
+                    participant: PARTICIPANT_BLOCK,
+                    ..Default::default()
+                }],
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            read_message(&mut rd).await.unwrap(),
+            Message::Committed { epoch: 2 }
+        );
+        disk.set_open(false);
+        let before = disk.flushed();
+        write_message(
+            &mut wr,
+            &Message::Goodbye {
+                reason: "test".into(),
+            },
+        )
+        .await
+        .unwrap();
+        wait_for("the session to end", || sec.mode() == Mode::Waiting).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!stored().clean, "marked clean before the flush");
+        disk.set_open(true);
+        wait_for("the clean mark", || stored().clean).await;
+        assert!(disk.flushed() > before);
+        assert_eq!(stored().committed, 2);
     });
 }
 
