@@ -628,6 +628,8 @@ struct GatedFlush {
     disk: MemoryBackend,
     open: watch::Sender<bool>,
     flushed: std::sync::atomic::AtomicU64,
+    /// Flushes fail (after the gate) while set.
+    fail: std::sync::atomic::AtomicBool,
 }
 
 impl GatedFlush {
@@ -636,6 +638,7 @@ impl GatedFlush {
             disk,
             open: watch::channel(true).0,
             flushed: Default::default(),
+            fail: Default::default(),
         })
     }
     fn set_open(&self, open: bool) {
@@ -663,6 +666,15 @@ impl Backend for GatedFlush {
         Box::pin(async move {
             let mut rx = self.open.subscribe();
             let _ = rx.wait_for(|o| *o).await;
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(crate::storage::StorageError::Io {
+                    op: crate::storage::Op::Flush,
+                    path: "gated test disk".into(),
+                    offset: 0,
+                    len: 0,
+                    source: std::io::Error::from_raw_os_error(libc::EIO),
+                });
+            }
             self.disk.flush().await?;
             self.flushed
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -805,6 +817,77 @@ fn metadata_claims_about_the_disk_follow_its_flush() {
         wait_for("the clean mark", || stored().clean).await;
         assert!(disk.flushed() > before);
         assert_eq!(stored().committed, 2);
+    });
+}
+
+/// A secondary over a [`GatedFlush`] disk, served on a loopback port.
+async fn gated_secondary(
+    dir: &tempfile::TempDir,
+) -> (
+    Arc<GatedFlush>,
+    Arc<Secondary>,
+    Endpoint,
+    watch::Sender<bool>,
+) {
+    let disk = GatedFlush::new(MemoryBackend::new(SIZE));
+    let sec = Secondary::new(
+        disk.clone(),
+        SecondaryOptions {
+            buffer_memory: 1 << 20,
+            spill_path: dir.path().join("spill"),
+            on_peer_loss: PeerLossPolicy::Wait,
+            heartbeat_misses: 20,
+            hello_timeout: Duration::from_secs(5),
+            discard_my_data: false,
+        },
+    );
+    let (ep, stop) = serve_secondary(&sec).await;
+    (disk, sec, ep, stop)
+}
+
+#[test]
+fn a_client_flush_completes_with_the_secondarys_flush() {
+    rt().block_on(async {
+        for ack in [AckMode::Received, AckMode::Durable, AckMode::Local] {
+            let dir = tempfile::tempdir().unwrap();
+            let (disk, _sec, ep, _stop) = gated_secondary(&dir).await;
+            let p = start_primary(&ep, ack).await;
+            p.primary
+                .write_at(0, IoBuf::from_slice(&[3; 4096]), false)
+                .await
+                .unwrap();
+            disk.set_open(false);
+            let primary = p.primary.clone();
+            let mut flush = tokio::spawn(async move { primary.flush().await });
+            let early = tokio::time::timeout(Duration::from_millis(300), &mut flush).await;
+            // `local` is DRBD's protocol A: the local flush is the answer.
+            assert_eq!(early.is_err(), ack != AckMode::Local, "{ack:?}");
+            disk.set_open(true);
+            match early {
+                Ok(r) => r.unwrap().unwrap(),
+                Err(_) => flush.await.unwrap().unwrap(),
+            }
+            assert_eq!(p.primary.mode(), PrimaryMode::Replicating);
+            // A secondary that fails the flush: the primary pauses (the blocks are dirty)
+            // before the client's flush completes, and the client still succeeds.
+            disk.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+            p.primary.flush().await.unwrap();
+            if ack != AckMode::Local {
+                assert_eq!(p.primary.mode(), PrimaryMode::Paused, "{ack:?}");
+                assert!(p.primary.status()["dirty_blocks"].as_u64().unwrap() >= 1);
+            }
+            wait_for("the primary to pause", || {
+                p.primary.mode() == PrimaryMode::Paused
+            })
+            .await;
+            // With the link down the local flush suffices, even with a stuck secondary.
+            disk.set_open(false);
+            tokio::time::timeout(Duration::from_secs(5), p.primary.flush())
+                .await
+                .expect("a paused primary's flush does not wait for the secondary")
+                .unwrap();
+            disk.set_open(true);
+        }
     });
 }
 
