@@ -630,6 +630,10 @@ struct GatedFlush {
     flushed: std::sync::atomic::AtomicU64,
     /// Flushes fail (after the gate) while set.
     fail: std::sync::atomic::AtomicBool,
+    /// Reads wait while this is false; how many wait or run now, and the most at once.
+    reads_open: watch::Sender<bool>,
+    reading: std::sync::atomic::AtomicU64,
+    most_reading: std::sync::atomic::AtomicU64,
 }
 
 impl GatedFlush {
@@ -639,6 +643,9 @@ impl GatedFlush {
             open: watch::channel(true).0,
             flushed: Default::default(),
             fail: Default::default(),
+            reads_open: watch::channel(true).0,
+            reading: Default::default(),
+            most_reading: Default::default(),
         })
     }
     fn set_open(&self, open: bool) {
@@ -657,7 +664,16 @@ impl Backend for GatedFlush {
         1
     }
     fn read_at(&self, offset: u64, len: usize) -> crate::storage::IoFuture<'_, IoBuf> {
-        self.disk.read_at(offset, len)
+        use std::sync::atomic::Ordering::SeqCst;
+        Box::pin(async move {
+            let now = self.reading.fetch_add(1, SeqCst) + 1;
+            self.most_reading.fetch_max(now, SeqCst);
+            let mut rx = self.reads_open.subscribe();
+            let _ = rx.wait_for(|o| *o).await;
+            let r = self.disk.read_at(offset, len).await;
+            self.reading.fetch_sub(1, SeqCst);
+            r
+        })
     }
     fn write_at(&self, offset: u64, data: IoBuf, fua: bool) -> crate::storage::IoFuture<'_, ()> {
         self.disk.write_at(offset, data, fua)
@@ -843,6 +859,66 @@ async fn gated_secondary(
     );
     let (ep, stop) = serve_secondary(&sec).await;
     (disk, sec, ep, stop)
+}
+
+#[test]
+fn sums_requests_are_computed_one_at_a_time_and_a_flood_ends_the_session() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, sec, ep, _stop) = gated_secondary(&dir).await;
+        disk.disk
+            .write_at(0, IoBuf::from_slice(&[1; 4096]), false)
+            .await
+            .unwrap();
+        let (mut rd, mut wr) = control_conn(&ep).await;
+        write_message(&mut wr, &hello()).await.unwrap();
+        assert!(matches!(
+            read_message(&mut rd).await.unwrap(),
+            Message::Welcome { .. }
+        ));
+        disk.reads_open.send_replace(false);
+        let ask = |id| Message::SumsRequest {
+            id,
+            unit_blocks: 1,
+            units: [0u64].into_iter().collect(),
+        };
+        for id in 0..3 {
+            write_message(&mut wr, &ask(id)).await.unwrap();
+        }
+        wait_for("the first read", || {
+            disk.reading.load(std::sync::atomic::Ordering::SeqCst) == 1
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        disk.reads_open.send_replace(true);
+        // Answered by id, in whatever order the computations got their turn.
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            match read_message(&mut rd).await.unwrap() {
+                Message::Sums { id, sums } if sums.len() == 1 => ids.push(id),
+                m => panic!("{m:?}"),
+            }
+        }
+        ids.sort();
+        assert_eq!(ids, vec![0, 1, 2]);
+        assert_eq!(
+            disk.most_reading.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one SUMS computation at a time"
+        );
+        // A flood: more than 8 outstanding requests end the session.
+        disk.reads_open.send_replace(false);
+        for id in 0..=8 {
+            write_message(&mut wr, &ask(id)).await.unwrap();
+        }
+        let m = read_message(&mut rd).await.unwrap();
+        assert!(
+            matches!(&m, Message::Refused { reason } if reason.contains("SUMS requests at once")),
+            "{m:?}"
+        );
+        wait_for("the session to end", || sec.mode() == Mode::Paused).await;
+        disk.reads_open.send_replace(true);
+    });
 }
 
 #[test]
