@@ -525,11 +525,11 @@ impl Secondary {
         summaries: &[EpochSummary],
     ) -> std::result::Result<(), String> {
         let mut i = self.inner();
-        if i.token != token {
-            return Err("the session ended before the commit".into());
-        }
         if i.mode != Mode::Replicating {
             return Err(format!("not replicating ({})", i.mode.name()));
+        }
+        if i.token != token {
+            return Err("the session ended before the commit".into());
         }
         if epoch != i.next_commit {
             return Err(format!(
