@@ -12,7 +12,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::storage::{Backend, Result};
+use crate::storage::{Backend, Result, StorageError};
 
 /// Block size of the digest, in bytes.
 pub const DIGEST_BLOCK: u64 = 4096;
@@ -111,10 +111,12 @@ impl DigestTable {
     }
 
     /// The digest of unit `unit` (blocks `unit * unit_blocks ..`, clipped to the disk): the
-    /// wrapping sum of its blocks' hashes, as [`unit_sums`] computes it from a disk.
+    /// wrapping sum of its blocks' hashes, as [`unit_sums`] computes it from a disk. A unit
+    /// wholly past the end (even one whose first block does not fit in a u64) sums to 0.
     pub fn unit_sum(&self, unit: u64, unit_blocks: u64) -> u64 {
-        let first = unit * unit_blocks;
-        let end = (first + unit_blocks).min(self.len());
+        let Some((first, end)) = unit_span(unit, unit_blocks, self.len()) else {
+            return 0;
+        };
         (first..end).fold(0u64, |s, b| s.wrapping_add(self.get(b)))
     }
 
@@ -131,6 +133,57 @@ impl DigestTable {
     /// Whether the disk has no blocks.
     pub fn is_empty(&self) -> bool {
         self.hashes.is_empty()
+    }
+}
+
+/// Blocks `first..end` of unit `unit`, clipped to a disk of `nblocks` blocks; None when the
+/// unit lies wholly past the end. Units come from the peer, so nothing here may overflow.
+fn unit_span(unit: u64, unit_blocks: u64, nblocks: u64) -> Option<(u64, u64)> {
+    let first = unit.checked_mul(unit_blocks)?;
+    if first >= nblocks {
+        return None;
+    }
+    Some((first, first.saturating_add(unit_blocks).min(nblocks)))
+}
+
+/// Why a SUMS request cannot be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum SumsError {
+    /// A unit of zero blocks.
+    #[error("units of 0 blocks")]
+    EmptyUnit,
+    /// A unit that starts at or past the end of the disk.
+    #[error("unit {unit} of {unit_blocks} blocks lies wholly past the end of the disk ({blocks} blocks)")]
+    PastEnd {
+        /// The unit.
+        unit: u64,
+        /// Blocks per unit.
+        unit_blocks: u64,
+        /// Blocks in the disk.
+        blocks: u64,
+    },
+    /// Reading the disk failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Check that every unit in `units` starts inside a disk of `nblocks` blocks: cheap (only the
+/// largest unit is looked at), so the secondary can refuse a request before doing any work.
+pub fn check_units(
+    units: &roaring::RoaringTreemap,
+    unit_blocks: u64,
+    nblocks: u64,
+) -> std::result::Result<(), SumsError> {
+    if unit_blocks == 0 {
+        return Err(SumsError::EmptyUnit);
+    }
+    match units.max() {
+        Some(unit) if unit_span(unit, unit_blocks, nblocks).is_none() => Err(SumsError::PastEnd {
+            unit,
+            unit_blocks,
+            blocks: nblocks,
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -173,36 +226,43 @@ async fn hash_blocks(
 
 /// The digest of each unit in `units` (unit `u` = blocks `u * unit_blocks ..`, clipped to the
 /// disk), in the bitmap's order, read from `disk`; holes are not read. What the secondary
-/// answers to a SUMS request, and what [`DigestTable::unit_sum`] computes from memory.
+/// answers to a SUMS request, and what [`DigestTable::unit_sum`] computes from memory. A unit
+/// wholly past the end of the disk is an error (checked before anything is read).
 pub async fn unit_sums(
     disk: &dyn Backend,
     units: &roaring::RoaringTreemap,
     unit_blocks: u64,
-) -> Result<Vec<u64>> {
+) -> std::result::Result<Vec<u64>, SumsError> {
     const RUN: u64 = 4 << 20;
     let nblocks = blocks(disk.size());
+    check_units(units, unit_blocks, nblocks)?;
+    // Every unit starts inside the disk from here on, so `unit * unit_blocks < nblocks` and
+    // the products below cannot overflow; they are checked anyway.
+    let span = |u: u64| unit_span(u, unit_blocks, nblocks).unwrap_or((nblocks, nblocks));
     let mut out = Vec::with_capacity(units.len() as usize);
     let mut it = units.iter().peekable();
     while let Some(u) = it.next() {
         // A run of consecutive units, at most RUN bytes.
         let mut last = u;
         while let Some(&n) = it.peek() {
-            if n != last + 1 || (n + 1 - u) * unit_blocks * DIGEST_BLOCK > RUN {
+            let run_bytes = (n - u + 1)
+                .saturating_mul(unit_blocks)
+                .saturating_mul(DIGEST_BLOCK);
+            if n != last + 1 || run_bytes > RUN {
                 break;
             }
             last = n;
             it.next();
         }
-        let first_block = (u * unit_blocks).min(nblocks);
-        let end_block = ((last + 1) * unit_blocks).min(nblocks);
+        let first_block = span(u).0;
+        let end_block = span(last).1;
         let mut hashes: Vec<u64> = (first_block..end_block).map(zero_block_hash).collect();
         hash_blocks(disk, first_block, end_block, |b, h| {
             hashes[(b - first_block) as usize] = h
         })
         .await?;
         for unit in u..=last {
-            let a = (unit * unit_blocks).min(nblocks);
-            let b = ((unit + 1) * unit_blocks).min(nblocks);
+            let (a, b) = span(unit);
             let sum = hashes[(a - first_block) as usize..(b - first_block) as usize]
                 .iter()
                 .fold(0u64, |s, h| s.wrapping_add(*h));
@@ -278,6 +338,48 @@ mod tests {
                 let want: Vec<u64> = units.iter().map(|u| t.unit_sum(u, unit_blocks)).collect();
                 assert_eq!(sums, want, "unit of {unit_blocks} blocks");
             }
+        });
+    }
+
+    #[test]
+    fn hostile_units_are_refused_without_panicking() {
+        rt().block_on(async {
+            let size = 10 * 4096 + 1;
+            let disk = MemoryBackend::new(size);
+            let t = DigestTable::zeroed(size);
+            let n = blocks(size);
+            for unit_blocks in [1u64, 3, 1 << 16, u64::from(u32::MAX), u64::MAX] {
+                for unit in [u64::MAX, u64::MAX / 2, 1 << 48, n, n.div_ceil(unit_blocks)] {
+                    if unit.checked_mul(unit_blocks).is_some_and(|f| f < n) {
+                        continue;
+                    }
+                    assert_eq!(t.unit_sum(unit, unit_blocks), 0);
+                    let units: roaring::RoaringTreemap = [0, unit].into_iter().collect();
+                    let e = unit_sums(&disk, &units, unit_blocks).await.unwrap_err();
+                    assert!(
+                        matches!(e, SumsError::PastEnd { unit: u, .. } if u == unit),
+                        "{e}"
+                    );
+                    assert!(check_units(&units, unit_blocks, n).is_err());
+                }
+            }
+            let units: roaring::RoaringTreemap = [0u64].into_iter().collect();
+            assert!(matches!(
+                unit_sums(&disk, &units, 0).await,
+                Err(SumsError::EmptyUnit)
+            ));
+            // The last unit, partly past the end, is fine; so is a huge unit starting at 0.
+            for unit_blocks in [3u64, 1 << 16, u64::MAX] {
+                let last = (n - 1) / unit_blocks;
+                let units: roaring::RoaringTreemap = [0, last].into_iter().collect();
+                let sums = unit_sums(&disk, &units, unit_blocks).await.unwrap();
+                let want: Vec<u64> = units.iter().map(|u| t.unit_sum(u, unit_blocks)).collect();
+                assert_eq!(sums, want);
+            }
+            // An empty disk has no units at all.
+            let empty = MemoryBackend::new(0);
+            let units: roaring::RoaringTreemap = [0u64].into_iter().collect();
+            assert!(unit_sums(&empty, &units, 1).await.is_err());
         });
     }
 

@@ -52,6 +52,7 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         );
     }
     let mut exports = Vec::new();
+    let mut paths = Vec::new();
     for (i, path) in a.disk.iter().enumerate() {
         let mut o = DiskOptions::new(path);
         o.size = a.size;
@@ -63,9 +64,11 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default()
         });
+        paths.push(path.clone());
         exports.push(Export {
             name,
-            description: path.display().to_string(),
+            // NBD_OPT_LIST and NBD_INFO_DESCRIPTION show it to every client: not the path.
+            description: "lockstep export".into(),
             backend,
             read_only: a.read_only,
             epochs: None,
@@ -82,10 +85,10 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let listener = Listener::bind(&ep).await?;
         let server = Arc::new(NbdServer::new(exports.clone(), ServerOptions::default())?);
-        for e in &exports {
+        for (e, path) in exports.iter().zip(&paths) {
             tracing::info!(
                 "serving {} as {}/{} ({} bytes{})",
-                e.description,
+                path.display(),
                 listener.local_endpoint(),
                 e.name,
                 e.backend.size(),
@@ -101,11 +104,11 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         blkrep::replica::node::stop_ublk(device).await;
         let _ = stop_tx.send(true);
         serving.await.context("server task")?;
-        for e in &exports {
+        for (e, path) in exports.iter().zip(&paths) {
             e.backend
                 .flush()
                 .await
-                .with_context(|| format!("flushing {}", e.description))?;
+                .with_context(|| format!("flushing {}", path.display()))?;
         }
         tracing::info!("flushed; bye");
         Ok(())

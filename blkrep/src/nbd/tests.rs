@@ -410,6 +410,38 @@ fn protocol_violations_close_only_that_connection() {
 }
 
 #[test]
+fn a_unix_listener_replaces_only_stale_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        // A regular file (a typo for the disk, say) survives, with a clear error.
+        let file = dir.path().join("disk.img");
+        std::fs::write(&file, b"precious").unwrap();
+        let e = Listener::bind(&Endpoint::Unix(file.clone()))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("is not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+        // So do a directory and a symlink (even one to a socket).
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        assert!(Listener::bind(&Endpoint::Unix(sub.clone())).await.is_err());
+        assert!(sub.is_dir());
+        // A stale socket is replaced; a live one is not.
+        let sock = dir.path().join("nbd.sock");
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&sock, &link).unwrap();
+        assert!(Listener::bind(&Endpoint::Unix(link.clone())).await.is_err());
+        let live = Listener::bind(&Endpoint::Unix(sock.clone())).await.unwrap();
+        let e = Listener::bind(&Endpoint::Unix(sock.clone()))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("in use"), "{e}");
+        drop(live);
+    });
+}
+
+#[test]
 fn structured_replies_block_status_and_listing() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let mut o = crate::storage::DiskOptions::new(dir.path().join("sparse.img"));

@@ -41,7 +41,8 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Bind `ep`. A stale unix socket file is replaced; a path held by a live server is not.
+    /// Bind `ep`. A stale unix socket file is replaced; a path held by a live server is not,
+    /// and neither is anything that is not a socket (a typo must not delete a file).
     pub async fn bind(ep: &Endpoint) -> Result<Self, NbdError> {
         match ep {
             Endpoint::Tcp(a) => TcpListener::bind(a)
@@ -49,6 +50,16 @@ impl Listener {
                 .map(Listener::Tcp)
                 .map_err(NbdError::io(format!("cannot listen on {a}"))),
             Endpoint::Unix(p) => {
+                // Not followed: a symlink is not ours to replace either.
+                if let Ok(m) = std::fs::symlink_metadata(p) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if !m.file_type().is_socket() {
+                        return Err(NbdError::Invalid(format!(
+                            "{} exists and is not a socket: refusing to replace it",
+                            p.display()
+                        )));
+                    }
+                }
                 if p.exists() {
                     if UnixStream::connect(p).await.is_ok() {
                         return Err(NbdError::Invalid(format!(

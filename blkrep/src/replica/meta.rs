@@ -153,12 +153,25 @@ pub fn store(path: &Path, m: &NodeMeta) -> Result<(), MetaError> {
     f.sync_all().map_err(io)?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
+    // The rename is durable only once the directory is: without this a crash may bring the
+    // old metadata back. A bare file name ("r.img.lockstep-meta") has the parent "", which
+    // is the current directory.
+    let dir = dir_of(path);
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| MetaError::Io {
+            path: dir.into(),
+            source,
+        })?;
     Ok(())
+}
+
+/// The directory holding `path` ("." for a bare file name).
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
 }
 
 /// A node's metadata and where it is kept (None: in memory only, for tests).
@@ -233,5 +246,19 @@ mod tests {
         assert!(m.knows(g0) && m.knows(m.generation) && !m.knows(g0 ^ 1));
         std::fs::write(&p, "{nonsense").unwrap();
         assert!(matches!(load(&p), Err(MetaError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_bare_file_name_syncs_the_current_directory() {
+        assert_eq!(dir_of(Path::new("r.img.lockstep-meta")), Path::new("."));
+        assert_eq!(dir_of(Path::new("/r.img.lockstep-meta")), Path::new("/"));
+        assert_eq!(dir_of(Path::new("a/r.img.lockstep-meta")), Path::new("a"));
+        // A store through a relative path works (the test runs in the crate directory, so
+        // the file goes to a temporary directory through a relative path from there).
+        let dir = tempfile::tempdir_in(".").unwrap();
+        let name = dir.path().file_name().unwrap();
+        let rel = Path::new(name).join("r.img.lockstep-meta");
+        store(&rel, &NodeMeta::fresh()).unwrap();
+        assert!(load(&rel).unwrap().is_some());
     }
 }

@@ -101,6 +101,9 @@ pub async fn run_primary(
     cfg: PrimaryConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    // The secondary refuses a period outside this range: say so before touching anything.
+    let heartbeat_ms = u32::try_from(cfg.heartbeat.as_millis()).unwrap_or(u32::MAX);
+    super::wire::check_heartbeat_ms(heartbeat_ms).map_err(|e| format!("--heartbeat: {e}"))?;
     let local = open_disk(&cfg.disk).map_err(|e| e.to_string())?;
     let (meta, _) = MetaStore::open(meta_path(&cfg.disk.path)).map_err(|e| e.to_string())?;
     let started = Instant::now();
@@ -170,7 +173,8 @@ pub async fn run_primary(
         NbdServer::new(
             vec![Export {
                 name: cfg.export_name.clone(),
-                description: format!("lockstep primary of {}", cfg.disk.path.display()),
+                // Anyone who can list exports sees it: the role, not the disk's path.
+                description: "lockstep primary".into(),
                 backend: primary.clone(),
                 read_only: false,
                 epochs: None,
@@ -360,7 +364,7 @@ pub async fn run_secondary(
             NbdServer::new(
                 vec![Export {
                     name: cfg.export_name.clone(),
-                    description: format!("lockstep secondary of {}", cfg.disk.path.display()),
+                    description: "lockstep secondary".into(),
                     backend: sec.view(),
                     read_only: false,
                     epochs: None,

@@ -55,7 +55,8 @@ type SumsWaiter = oneshot::Sender<Result<Vec<u64>, String>>;
 pub struct Welcome {
     /// How to bring it up to date.
     pub sync: SyncKind,
-    /// Its data generation.
+    /// Its data generation: always 0 from this version's secondaries, which do not reveal
+    /// their lineage.
     pub generation: u64,
     /// Its last committed epoch.
     pub committed: u64,

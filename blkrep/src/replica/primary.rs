@@ -1125,7 +1125,25 @@ impl Backend for Primary {
                 }
             };
             if wait {
-                let _ = rx.await;
+                // The client's flush promises what its ack mode promises for writes: with
+                // `received` and `durable` that the secondary has the data on stable storage
+                // too, so it completes when the secondary's flush did. If the secondary fails
+                // it (or the forwarder stops first), the primary leaves `replicating` before
+                // the flush completes: every block of the uncommitted epochs is then in the
+                // dirty bitmap for the resync, and the local flush is all the client gets, as
+                // for a write made while the link is down. (link_lost does nothing if the
+                // forwarder got there first.)
+                match rx.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        self.link_lost(&format!("the secondary failed a flush: {e}"))
+                            .await
+                    }
+                    Err(_) => {
+                        self.link_lost("forwarding stopped before the secondary's flush completed")
+                            .await
+                    }
+                }
             }
             Ok(())
         })

@@ -233,7 +233,14 @@ pub struct Secondary {
     sync: GroupSync,
     dirty: Mutex<RoaringTreemap>,
     meta: MetaStore,
+    /// SUMS requests computed at once, over all control sessions.
+    sums_slots: tokio::sync::Semaphore,
 }
+
+/// SUMS requests computed at once on one secondary (one per session at most).
+const SUMS_AT_ONCE: usize = 2;
+/// SUMS requests of one session computed or waiting before the session is ended.
+const MAX_QUEUED_SUMS: usize = 8;
 
 fn blocks_of(offset: u64, len: u64) -> (u64, u64) {
     let first = offset / BUFFER_BLOCK;
@@ -297,6 +304,7 @@ impl Secondary {
             sync: GroupSync::default(),
             dirty: Mutex::new(RoaringTreemap::new()),
             meta,
+            sums_slots: tokio::sync::Semaphore::new(SUMS_AT_ONCE),
         })
     }
 
@@ -512,11 +520,21 @@ impl Secondary {
         Ok(())
     }
 
-    /// Commit `epoch` if everything the primary sent for it is here; all or nothing.
-    fn commit(&self, epoch: u64, summaries: &[EpochSummary]) -> std::result::Result<(), String> {
+    /// Commit `epoch` if everything the primary sent for it is here; all or nothing. The
+    /// caller has flushed the disk (the metadata stored here describes it) in the session of
+    /// `token`.
+    fn commit(
+        &self,
+        token: u64,
+        epoch: u64,
+        summaries: &[EpochSummary],
+    ) -> std::result::Result<(), String> {
         let mut i = self.inner();
         if i.mode != Mode::Replicating {
             return Err(format!("not replicating ({})", i.mode.name()));
+        }
+        if i.token != token {
+            return Err("the session ended before the commit".into());
         }
         if epoch != i.next_commit {
             return Err(format!(
@@ -951,6 +969,39 @@ impl SessionKeys for Secondary {
     }
 }
 
+/// Why a primary is refused. Only `reason` goes to the peer; the generation numbers stay in
+/// this node's log and status, because a peer that learns them could pose as a primary of
+/// this node's lineage in its next HELLO.
+#[derive(Debug)]
+struct Refusal {
+    reason: String,
+    lineage: Option<String>,
+}
+
+impl Refusal {
+    fn plain(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            lineage: None,
+        }
+    }
+
+    fn with_lineage(reason: impl Into<String>, lineage: String) -> Self {
+        Self {
+            reason: reason.into(),
+            lineage: Some(lineage),
+        }
+    }
+
+    /// The whole story, for this node's operator.
+    fn local(&self) -> String {
+        match &self.lineage {
+            Some(l) => format!("{} ({l})", self.reason),
+            None => self.reason.clone(),
+        }
+    }
+}
+
 /// Serves control connections from the primary (one session at a time).
 #[derive(Debug)]
 pub struct SecondaryControl(Arc<Secondary>);
@@ -1024,45 +1075,44 @@ impl Secondary {
         generation: u64,
         history: &[u64],
         tracked: u64,
-    ) -> std::result::Result<SyncKind, String> {
+    ) -> std::result::Result<SyncKind, Refusal> {
         let m = self.meta.get();
         let (mode, fresh) = {
             let i = self.inner();
             (i.mode, i.fresh)
         };
+        let lineage = format!(
+            "this node's generation {:016x}, the primary's {generation:016x}",
+            m.generation
+        );
         match mode {
             Mode::Waiting | Mode::Paused => {}
             Mode::Primary => {
-                return Err(if m.history.contains(&generation) {
-                    format!(
-                        "this node failed over and serves as the primary now (generation {:016x}, which descends from the connecting primary's {generation:016x}); to re-protect it, restart the old primary's node as a secondary of this one",
-                        m.generation
-                    )
+                let reason = if m.history.contains(&generation) {
+                    "this node failed over and serves as the primary now, with data that descends from the connecting primary's; to re-protect it, restart the old primary's node as a secondary of this one"
                 } else {
-                    format!(
-                        "split-brain: this node failed over (generation {:016x}) and the connecting primary has written data of its own since (generation {generation:016x}); neither disk is a copy of the other. Choose the survivor and restart the other node as its secondary with --discard-my-data",
-                        m.generation
-                    )
-                });
+                    "split-brain: this node failed over and the connecting primary has written data of its own since; neither disk is a copy of the other. Choose the survivor and restart the other node as its secondary with --discard-my-data"
+                };
+                return Err(Refusal::with_lineage(reason, lineage));
             }
             other => {
-                return Err(format!(
+                return Err(Refusal::plain(format!(
                     "this secondary is {} and takes no new primary",
                     other.name()
-                ))
+                )))
             }
         }
         if size != self.disk.size() {
-            return Err(format!(
+            return Err(Refusal::plain(format!(
                 "disk sizes differ: primary {size} bytes, secondary {} bytes",
                 self.disk.size()
-            ));
+            )));
         }
         if fresh {
             let empty = self
                 .disk_is_empty()
                 .await
-                .map_err(|e| format!("reading the secondary disk: {e}"))?;
+                .map_err(|e| Refusal::plain(format!("reading the secondary disk: {e}")))?;
             return Ok(if empty {
                 SyncKind::Full
             } else {
@@ -1078,23 +1128,45 @@ impl Secondary {
             });
         }
         let why = if m.history.contains(&generation) {
-            format!(
-                "this disk holds newer data than the primary's: it was written as a primary (generation {:016x}) after the primary's generation {generation:016x}",
-                m.generation
-            )
+            "this disk holds newer data than the primary's: it was written as a primary after the primary's data"
         } else {
-            format!(
-                "split-brain: the primary's data (generation {generation:016x}) and this disk's (generation {:016x}) have both been written since they were last in sync",
-                m.generation
-            )
+            "split-brain: the primary's data and this disk's have both been written since they were last in sync"
         };
         if self.opts.discard_my_data {
-            tracing::warn!("{why}; discarding this disk's data as asked (--discard-my-data)");
+            tracing::warn!(
+                "{why} ({lineage}); discarding this disk's data as asked (--discard-my-data)"
+            );
             return Ok(SyncKind::Checksum);
         }
-        Err(format!(
-            "{why}. Refusing to replicate: restart this secondary with --discard-my-data to take the primary's data, or make this node the primary"
+        Err(Refusal::with_lineage(
+            format!("{why}. Refusing to replicate: restart this secondary with --discard-my-data to take the primary's data, or make this node the primary"),
+            lineage,
         ))
+    }
+
+    /// After a clean end of the session of `token`: record that the disk is the checkpoint of
+    /// epoch `committed` at rest, once the disk holds it durably.
+    async fn store_clean(&self, token: u64, committed: u64) {
+        // No forwarded request is in progress after this, and no RESUME (which marks the
+        // disk unclean) runs until the metadata is stored.
+        let _x = self.barrier.write().await;
+        if let Err(e) = self.sync.sync(&*self.disk).await {
+            self.set_error(format!(
+                "flushing the disk after the primary's GOODBYE: {e}; it stays marked unclean"
+            ));
+            return;
+        }
+        {
+            let i = self.inner();
+            if i.token != token || i.mode != Mode::Waiting {
+                // Another primary connected meanwhile: its session decides.
+                return;
+            }
+        }
+        self.store_meta(|m| {
+            m.clean = true;
+            m.committed = committed;
+        });
     }
 
     /// RESUME: the sync's comparison is done; take forwarded writes again from `epoch` on,
@@ -1174,11 +1246,16 @@ async fn run_control(
         return;
     };
     let refuse = |reason: String| Message::Refused { reason };
+    if let Err(reason) = wire::check_heartbeat_ms(heartbeat_ms) {
+        s.set_error(format!("refusing primary {peer}: {reason}"));
+        let _ = send(&wr, &refuse(reason)).await;
+        return;
+    }
     let kind = match s.admit(size, generation, &history, tracked).await {
         Ok(k) => k,
-        Err(reason) => {
-            s.set_error(format!("refusing primary {peer}: {reason}"));
-            let _ = send(&wr, &refuse(reason)).await;
+        Err(r) => {
+            s.set_error(format!("refusing primary {peer}: {}", r.local()));
+            let _ = send(&wr, &refuse(r.reason)).await;
             return;
         }
     };
@@ -1210,7 +1287,8 @@ async fn run_control(
     };
     let welcome = Message::Welcome {
         size,
-        generation: s.meta.get().generation,
+        // The primary has no use for it, and a peer must not learn this node's lineage.
+        generation: 0,
         committed,
         sync: kind,
         consistent,
@@ -1225,9 +1303,11 @@ async fn run_control(
         return;
     }
     tracing::info!(%peer, ack = ack.name(), sync = kind.name(), session = format!("{session:016x}"), "a primary connected");
-    let patience = Duration::from_millis(
-        u64::from(heartbeat_ms.max(1)) * u64::from(s.opts.heartbeat_misses.max(1)),
-    );
+    let patience =
+        Duration::from_millis(u64::from(heartbeat_ms) * u64::from(s.opts.heartbeat_misses.max(1)));
+    // SUMS answers being computed or waiting; dropped (aborted) with the session.
+    let mut sums_tasks = tokio::task::JoinSet::new();
+    let session_sums = Arc::new(tokio::sync::Semaphore::new(1));
     let end = loop {
         let m = match tokio::time::timeout(patience, read_message(&mut rd)).await {
             Ok(Ok(m)) => m,
@@ -1244,22 +1324,65 @@ async fn run_control(
                 s.inner().heartbeats += 1;
                 Message::HeartbeatAck { seq }
             }
-            Message::Checkpoint { epoch, summaries } => match s.commit(epoch, &summaries) {
-                Ok(()) => Message::Committed { epoch },
-                Err(reason) => {
-                    s.inner().aborted += 1;
-                    s.set_error(format!("checkpoint of epoch {epoch} aborted: {reason}"));
-                    Message::Aborted { epoch, reason }
-                }
-            },
+            Message::Checkpoint { epoch, summaries } => {
+                // COMMITTED (and the metadata a first commit after a sync stores) says epoch
+                // `epoch` is on this disk: flush it first. Every write of the epoch finished
+                // before its mark was answered, so one flush covers it. The flush may take a
+                // while: heartbeats go on meanwhile (checkpoints never overlap), and a commit
+                // that finds its session ended (the token moved on) commits nothing.
+                let token = s.inner().token;
+                let (s2, wr2) = (s.clone(), wr.clone());
+                tokio::spawn(async move {
+                    let r = match s2.sync.sync(&*s2.disk).await {
+                        Ok(()) => s2.commit(token, epoch, &summaries),
+                        Err(e) => Err(format!("flushing the secondary disk: {e}")),
+                    };
+                    let m = match r {
+                        Ok(()) => Message::Committed { epoch },
+                        Err(reason) => {
+                            s2.inner().aborted += 1;
+                            s2.set_error(format!("checkpoint of epoch {epoch} aborted: {reason}"));
+                            Message::Aborted { epoch, reason }
+                        }
+                    };
+                    let _ = send(&wr2, &m).await;
+                });
+                continue;
+            }
             Message::SumsRequest {
                 id,
                 unit_blocks,
                 units,
             } => {
-                // Reading may take a while: answer in the background, heartbeats go on.
-                let (s2, wr2) = (s.clone(), wr.clone());
-                tokio::spawn(async move {
+                // Units come from the peer: one past the end of the disk is a broken or
+                // hostile primary, refused before any work.
+                let nblocks = digest::blocks(s.disk.size());
+                if let Err(e) = digest::check_units(&units, u64::from(unit_blocks), nblocks) {
+                    let reason = format!("SUMS_REQUEST {id}: {e}");
+                    let _ = send(&wr, &refuse(reason.clone())).await;
+                    break Err(reason);
+                }
+                // Reading may take a while: answer in the background, heartbeats go on. An
+                // honest primary asks one batch at a time (verify may overlap a little), so a
+                // longer queue is a flood: end the session rather than queue it.
+                while sums_tasks.try_join_next().is_some() {}
+                if sums_tasks.len() >= MAX_QUEUED_SUMS {
+                    let reason = format!(
+                        "more than {MAX_QUEUED_SUMS} SUMS requests at once from the primary"
+                    );
+                    let _ = send(&wr, &refuse(reason.clone())).await;
+                    break Err(reason);
+                }
+                let (s2, wr2, one) = (s.clone(), wr.clone(), session_sums.clone());
+                sums_tasks.spawn(async move {
+                    // One request of this session at a time, and few across sessions: the
+                    // disk also serves forwarded writes.
+                    let Ok(_mine) = one.acquire_owned().await else {
+                        return;
+                    };
+                    let Ok(_any) = s2.sums_slots.acquire().await else {
+                        return;
+                    };
                     let m = match digest::unit_sums(&*s2.disk, &units, u64::from(unit_blocks)).await
                     {
                         Ok(sums) => Message::Sums { id, sums },
@@ -1292,10 +1415,12 @@ async fn run_control(
             break Err(e);
         }
     };
+    // Nobody reads the answers any more.
+    drop(sums_tasks);
     match end {
         Ok(reason) => {
             tracing::info!(%peer, %reason, "the primary ended replication");
-            let clean = {
+            let (clean, token) = {
                 let mut i = s.inner();
                 if !matches!(i.mode, Mode::Replicating | Mode::Syncing) {
                     return;
@@ -1305,13 +1430,11 @@ async fn run_control(
                 i.peer = None;
                 i.token += 1;
                 i.session_key = None;
-                (i.buffer.stats().blocks == 0 && i.sync.is_none()).then_some(i.committed)
+                let clean = i.buffer.stats().blocks == 0 && i.sync.is_none();
+                (clean.then_some(i.committed), i.token)
             };
             if let Some(c) = clean {
-                s.store_meta(|m| {
-                    m.clean = true;
-                    m.committed = c;
-                });
+                s.store_clean(token, c).await;
             }
         }
         Err(e) => {

@@ -84,6 +84,31 @@ async fn start_secondary_keyed(
         MetaStore::in_memory(meta.unwrap_or_else(NodeMeta::fresh)),
         known,
     );
+    let (ep, stop) = serve_secondary(&sec, key).await;
+    SecondarySide {
+        sec,
+        disk,
+        ep,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+/// Serve `sec`'s replication export and control protocol on a loopback port, demanding
+/// `key` when given.
+async fn serve_secondary(
+    sec: &Arc<Secondary>,
+    key: Option<PeerKey>,
+) -> (Endpoint, watch::Sender<bool>) {
+    serve_secondary_at(sec, key, "127.0.0.1:0").await
+}
+
+/// Like [`serve_secondary`], on `addr`; waits for a server that is stopping to let go of it.
+async fn serve_secondary_at(
+    sec: &Arc<Secondary>,
+    key: Option<PeerKey>,
+    addr: &str,
+) -> (Endpoint, watch::Sender<bool>) {
     let sink = sec.replica_sink();
     let mut srv = NbdServer::new(
         vec![Export {
@@ -101,19 +126,21 @@ async fn start_secondary_keyed(
         srv = srv.with_auth(k, sec.clone());
     }
     let srv = Arc::new(srv);
-    let l = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".into()))
-        .await
-        .unwrap();
+    let mut tries = 0;
+    let l = loop {
+        match Listener::bind(&Endpoint::Tcp(addr.into())).await {
+            Ok(l) => break l,
+            Err(e) => {
+                tries += 1;
+                assert!(tries < 500, "binding {addr}: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
     let ep = l.local_endpoint();
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(srv.serve(l, stop_rx));
-    SecondarySide {
-        sec,
-        disk,
-        ep,
-        _stop: stop,
-        _dir: dir,
-    }
+    (ep, stop)
 }
 
 struct PrimarySide {
@@ -578,6 +605,420 @@ fn garbage_bad_versions_and_stalls_get_clear_errors_and_no_session() {
 }
 
 #[test]
+fn hostile_numbers_are_refused_and_reveal_no_generation() {
+    rt().block_on(async {
+        let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
+        // A heartbeat period that would hold the session for years.
+        for ms in [0, 9, 60_001, u32::MAX] {
+            let (mut rd, mut wr) = control_conn(&s.ep).await;
+            let mut h = hello();
+            if let Message::Hello { heartbeat_ms, .. } = &mut h {
+                *heartbeat_ms = ms;
+            }
+            write_message(&mut wr, &h).await.unwrap();
+            let m = read_message(&mut rd).await.unwrap();
+            assert!(
+                matches!(&m, Message::Refused { reason } if reason.contains("heartbeat period")),
+                "{ms} ms: {m:?}"
+            );
+            assert_eq!(s.sec.mode(), Mode::Waiting);
+        }
+        // WELCOME does not carry the secondary's generation.
+        let (mut rd, mut wr) = control_conn(&s.ep).await;
+        write_message(&mut wr, &hello()).await.unwrap();
+        let m = read_message(&mut rd).await.unwrap();
+        assert!(matches!(m, Message::Welcome { generation: 0, .. }), "{m:?}");
+        // Units past the end of the disk, up to u64::MAX: refused before any work, and the
+        // connection ends.
+        let nblocks = crate::digest::blocks(SIZE);
+        for (unit_blocks, unit) in [(1u32, u64::MAX), (1 << 16, u64::MAX / 2), (1, nblocks)] {
+            let units: roaring::RoaringTreemap = [0, unit].into_iter().collect();
+            write_message(
+                &mut wr,
+                &Message::SumsRequest {
+                    id: 1,
+                    unit_blocks,
+                    units,
+                },
+            )
+            .await
+            .unwrap();
+            let m = read_message(&mut rd).await.unwrap();
+            assert!(
+                matches!(&m, Message::Refused { reason } if reason.contains("past the end of the disk")),
+                "{m:?}"
+            );
+            assert!(read_message(&mut rd).await.is_err(), "the connection ends");
+            wait_for("the session to end", || s.sec.mode() == Mode::Paused).await;
+            let (r, w) = control_conn(&s.ep).await;
+            (rd, wr) = (r, w);
+            write_message(&mut wr, &hello()).await.unwrap();
+            let m = read_message(&mut rd).await.unwrap();
+            assert!(matches!(m, Message::Welcome { .. }), "{m:?}");
+        }
+        // The last unit, partly past the end, is answered.
+        let units: roaring::RoaringTreemap = [(nblocks - 1) / 16].into_iter().collect();
+        write_message(
+            &mut wr,
+            &Message::SumsRequest {
+                id: 2,
+                unit_blocks: 16,
+                units,
+            },
+        )
+        .await
+        .unwrap();
+        let m = read_message(&mut rd).await.unwrap();
+        assert!(matches!(&m, Message::Sums { id: 2, sums } if sums.len() == 1), "{m:?}");
+    });
+}
+
+/// A disk whose flushes wait while the gate is closed, and are counted when they complete.
+#[derive(Debug)]
+struct GatedFlush {
+    disk: MemoryBackend,
+    open: watch::Sender<bool>,
+    flushed: std::sync::atomic::AtomicU64,
+    /// Flushes fail (after the gate) while set.
+    fail: std::sync::atomic::AtomicBool,
+    /// Reads wait while this is false; how many wait or run now, and the most at once.
+    reads_open: watch::Sender<bool>,
+    reading: std::sync::atomic::AtomicU64,
+    most_reading: std::sync::atomic::AtomicU64,
+}
+
+impl GatedFlush {
+    fn new(disk: MemoryBackend) -> Arc<Self> {
+        Arc::new(Self {
+            disk,
+            open: watch::channel(true).0,
+            flushed: Default::default(),
+            fail: Default::default(),
+            reads_open: watch::channel(true).0,
+            reading: Default::default(),
+            most_reading: Default::default(),
+        })
+    }
+    fn set_open(&self, open: bool) {
+        self.open.send_replace(open);
+    }
+    fn flushed(&self) -> u64 {
+        self.flushed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Backend for GatedFlush {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn alignment(&self) -> u32 {
+        1
+    }
+    fn read_at(&self, offset: u64, len: usize) -> crate::storage::IoFuture<'_, IoBuf> {
+        use std::sync::atomic::Ordering::SeqCst;
+        Box::pin(async move {
+            let now = self.reading.fetch_add(1, SeqCst) + 1;
+            self.most_reading.fetch_max(now, SeqCst);
+            let mut rx = self.reads_open.subscribe();
+            let _ = rx.wait_for(|o| *o).await;
+            let r = self.disk.read_at(offset, len).await;
+            self.reading.fetch_sub(1, SeqCst);
+            r
+        })
+    }
+    fn write_at(&self, offset: u64, data: IoBuf, fua: bool) -> crate::storage::IoFuture<'_, ()> {
+        self.disk.write_at(offset, data, fua)
+    }
+    fn flush(&self) -> crate::storage::IoFuture<'_, ()> {
+        Box::pin(async move {
+            let mut rx = self.open.subscribe();
+            let _ = rx.wait_for(|o| *o).await;
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(crate::storage::StorageError::Io {
+                    op: crate::storage::Op::Flush,
+                    path: "gated test disk".into(),
+                    offset: 0,
+                    len: 0,
+                    source: std::io::Error::from_raw_os_error(libc::EIO),
+                });
+            }
+            self.disk.flush().await?;
+            self.flushed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        })
+    }
+    fn discard(&self, offset: u64, len: u64) -> crate::storage::IoFuture<'_, ()> {
+        self.disk.discard(offset, len)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> crate::storage::IoFuture<'_, ()> {
+        self.disk.write_zeroes(offset, len, may_unmap)
+    }
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> crate::storage::IoFuture<'_, Vec<crate::storage::Extent>> {
+        self.disk.block_status(offset, len)
+    }
+}
+
+#[test]
+fn metadata_claims_about_the_disk_follow_its_flush() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = GatedFlush::new(MemoryBackend::new(SIZE));
+        let meta_file = dir.path().join("d.img.lockstep-meta");
+        let (meta, known) = MetaStore::open(meta_file.clone()).unwrap();
+        let stored = || super::meta::load(&meta_file).unwrap().unwrap();
+        let mine = stored().generation;
+        let sec = Secondary::with_meta(
+            disk.clone(),
+            SecondaryOptions {
+                buffer_memory: 1 << 20,
+                spill_path: dir.path().join("spill"),
+                on_peer_loss: PeerLossPolicy::Wait,
+                heartbeat_misses: 3,
+                hello_timeout: Duration::from_millis(300),
+                discard_my_data: false,
+            },
+            meta,
+            known,
+        );
+        let (ep, _stop) = serve_secondary(&sec, None).await;
+        let (mut rd, mut wr) = control_conn(&ep).await;
+        raw_session(&mut rd, &mut wr).await;
+        assert!(!stored().clean, "RESUME marks the disk unclean at once");
+        let c = NbdClient::connect(
+            &ep,
+            &ClientOptions {
+                export: REPLICA_EXPORT.into(),
+                ..ClientOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        c.write(0, &[1; 4096], false).await.unwrap();
+        let mark = c.submit_epoch_mark(2).await.unwrap();
+        c.send_submitted().await.unwrap();
+        mark.wait().await.unwrap();
+        // The first commit after the sync adopts the primary's generation (42): not before
+        // the epoch's data is durable.
+        disk.set_open(false);
+        let before = disk.flushed();
+        let summaries = vec![EpochSummary {
+            participant: PARTICIPANT_BLOCK,
+            items: 1,
+            bytes: 4096,
+            digest: 0,
+        }];
+        write_message(
+            &mut wr,
+            &Message::Checkpoint {
+                epoch: 1,
+                summaries,
+            },
+        )
+        .await
+        .unwrap();
+        // Heartbeats are answered while the flush waits (and keep the session alive).
+        for seq in 0..5 {
+            write_message(&mut wr, &Message::Heartbeat { seq })
+                .await
+                .unwrap();
+            let m = tokio::time::timeout(Duration::from_secs(10), read_message(&mut rd))
+                .await
+                .expect("a heartbeat answer");
+            assert_eq!(m.unwrap(), Message::HeartbeatAck { seq });
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        assert_eq!(stored().generation, mine, "adopted before the flush");
+        assert_eq!(stored().committed, 0);
+        disk.set_open(true);
+        assert_eq!(
+            read_message(&mut rd).await.unwrap(),
+            Message::Committed { epoch: 1 }
+        );
+        assert!(disk.flushed() > before);
+        let m = stored();
+        assert_eq!((m.generation, m.committed, m.clean), (42, 1, false));
+        // GOODBYE claims a checkpoint at rest: not before the disk is flushed.
+        let mark = c.submit_epoch_mark(3).await.unwrap();
+        c.send_submitted().await.unwrap();
+        mark.wait().await.unwrap();
+        write_message(
+            &mut wr,
+            &Message::Checkpoint {
+                epoch: 2,
+                summaries: vec![EpochSummary {
+                    participant: PARTICIPANT_BLOCK,
+                    ..Default::default()
+                }],
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            read_message(&mut rd).await.unwrap(),
+            Message::Committed { epoch: 2 }
+        );
+        disk.set_open(false);
+        let before = disk.flushed();
+        write_message(
+            &mut wr,
+            &Message::Goodbye {
+                reason: "test".into(),
+            },
+        )
+        .await
+        .unwrap();
+        wait_for("the session to end", || sec.mode() == Mode::Waiting).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!stored().clean, "marked clean before the flush");
+        disk.set_open(true);
+        wait_for("the clean mark", || stored().clean).await;
+        assert!(disk.flushed() > before);
+        assert_eq!(stored().committed, 2);
+    });
+}
+
+/// A secondary over a [`GatedFlush`] disk, served on a loopback port.
+async fn gated_secondary(
+    dir: &tempfile::TempDir,
+) -> (
+    Arc<GatedFlush>,
+    Arc<Secondary>,
+    Endpoint,
+    watch::Sender<bool>,
+) {
+    let disk = GatedFlush::new(MemoryBackend::new(SIZE));
+    let sec = Secondary::new(
+        disk.clone(),
+        SecondaryOptions {
+            buffer_memory: 1 << 20,
+            spill_path: dir.path().join("spill"),
+            on_peer_loss: PeerLossPolicy::Wait,
+            heartbeat_misses: 20,
+            hello_timeout: Duration::from_secs(5),
+            discard_my_data: false,
+        },
+    );
+    let (ep, stop) = serve_secondary(&sec, None).await;
+    (disk, sec, ep, stop)
+}
+
+#[test]
+fn sums_requests_are_computed_one_at_a_time_and_a_flood_ends_the_session() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, sec, ep, _stop) = gated_secondary(&dir).await;
+        disk.disk
+            .write_at(0, IoBuf::from_slice(&[1; 4096]), false)
+            .await
+            .unwrap();
+        let (mut rd, mut wr) = control_conn(&ep).await;
+        write_message(&mut wr, &hello()).await.unwrap();
+        assert!(matches!(
+            read_message(&mut rd).await.unwrap(),
+            Message::Welcome { .. }
+        ));
+        disk.reads_open.send_replace(false);
+        let ask = |id| Message::SumsRequest {
+            id,
+            unit_blocks: 1,
+            units: [0u64].into_iter().collect(),
+        };
+        for id in 0..3 {
+            write_message(&mut wr, &ask(id)).await.unwrap();
+        }
+        wait_for("the first read", || {
+            disk.reading.load(std::sync::atomic::Ordering::SeqCst) == 1
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        disk.reads_open.send_replace(true);
+        // Answered by id, in whatever order the computations got their turn.
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            match read_message(&mut rd).await.unwrap() {
+                Message::Sums { id, sums } if sums.len() == 1 => ids.push(id),
+                m => panic!("{m:?}"),
+            }
+        }
+        ids.sort();
+        assert_eq!(ids, vec![0, 1, 2]);
+        assert_eq!(
+            disk.most_reading.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one SUMS computation at a time"
+        );
+        // A flood: more than 8 outstanding requests end the session.
+        disk.reads_open.send_replace(false);
+        for id in 0..=8 {
+            write_message(&mut wr, &ask(id)).await.unwrap();
+        }
+        let m = read_message(&mut rd).await.unwrap();
+        assert!(
+            matches!(&m, Message::Refused { reason } if reason.contains("SUMS requests at once")),
+            "{m:?}"
+        );
+        wait_for("the session to end", || sec.mode() == Mode::Paused).await;
+        disk.reads_open.send_replace(true);
+    });
+}
+
+#[test]
+fn a_client_flush_completes_with_the_secondarys_flush() {
+    rt().block_on(async {
+        for ack in [AckMode::Received, AckMode::Durable, AckMode::Local] {
+            let dir = tempfile::tempdir().unwrap();
+            let (disk, _sec, ep, _stop) = gated_secondary(&dir).await;
+            let p = start_primary(&ep, ack).await;
+            p.primary
+                .write_at(0, IoBuf::from_slice(&[3; 4096]), false)
+                .await
+                .unwrap();
+            disk.set_open(false);
+            let primary = p.primary.clone();
+            let mut flush = tokio::spawn(async move { primary.flush().await });
+            let early = tokio::time::timeout(Duration::from_millis(300), &mut flush).await;
+            // `local` is DRBD's protocol A: the local flush is the answer.
+            assert_eq!(early.is_err(), ack != AckMode::Local, "{ack:?}");
+            disk.set_open(true);
+            match early {
+                Ok(r) => r.unwrap().unwrap(),
+                Err(_) => flush.await.unwrap().unwrap(),
+            }
+            assert_eq!(p.primary.mode(), PrimaryMode::Replicating);
+            // A secondary that fails the flush: the primary pauses (the blocks are dirty)
+            // before the client's flush completes, and the client still succeeds.
+            disk.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+            p.primary.flush().await.unwrap();
+            if ack != AckMode::Local {
+                assert_eq!(p.primary.mode(), PrimaryMode::Paused, "{ack:?}");
+                assert!(p.primary.status()["dirty_blocks"].as_u64().unwrap() >= 1);
+            }
+            wait_for("the primary to pause", || {
+                p.primary.mode() == PrimaryMode::Paused
+            })
+            .await;
+            // With the link down the local flush suffices, even with a stuck secondary.
+            disk.set_open(false);
+            tokio::time::timeout(Duration::from_secs(5), p.primary.flush())
+                .await
+                .expect("a paused primary's flush does not wait for the secondary")
+                .unwrap();
+            disk.set_open(true);
+        }
+    });
+}
+
+#[test]
 fn lying_checkpoints_are_aborted_never_committed() {
     rt().block_on(async {
         let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
@@ -895,6 +1336,9 @@ fn split_brain_is_refused_and_discard_my_data_converges_by_checksum() {
             e.contains("split-brain") && e.contains("--discard-my-data"),
             "{e}"
         );
+        // The peer is not told this node's generation; the local log and status are.
+        assert!(!e.contains(&format!("{:016x}", 111)), "{e}");
+        assert!(last_error(&s.sec).contains(&format!("{:016x}", 111)));
         assert_eq!(s.sec.mode(), Mode::Waiting);
         assert_eq!(
             s.sec.meta().generation,

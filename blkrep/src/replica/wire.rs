@@ -32,6 +32,23 @@ const MAX_REASON: usize = 4096;
 pub const MAX_HISTORY: usize = 64;
 /// Most units one SUMS request may ask for (its answer stays far below [`MAX_PAYLOAD`]).
 pub const MAX_SUM_UNITS: u64 = 4096;
+/// The heartbeat periods a secondary accepts in HELLO, in milliseconds: the secondary waits
+/// `period × misses` for the next message, so an unbounded period would let a peer hold the
+/// session (and block every other primary) with one HELLO.
+pub const HEARTBEAT_MS: std::ops::RangeInclusive<u32> = 10..=60_000;
+
+/// Why a heartbeat period in milliseconds is out of [`HEARTBEAT_MS`], if it is.
+pub fn check_heartbeat_ms(ms: u32) -> Result<(), String> {
+    if HEARTBEAT_MS.contains(&ms) {
+        Ok(())
+    } else {
+        Err(format!(
+            "a heartbeat period of {ms} ms is outside the accepted {} ..= {} ms",
+            HEARTBEAT_MS.start(),
+            HEARTBEAT_MS.end()
+        ))
+    }
+}
 
 /// How the primary brings the secondary's disk up to date before replication (re)starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -149,7 +166,7 @@ pub enum Message {
     Welcome {
         /// Disk size in bytes.
         size: u64,
-        /// The secondary's data generation.
+        /// The secondary's data generation; sent as 0 (the peer must not learn it).
         generation: u64,
         /// The secondary's last committed epoch.
         committed: u64,
@@ -582,6 +599,19 @@ pub fn decode_body(
                 return Err(c.malformed(format!("{unit_blocks} blocks per unit")));
             }
             let mut raw = c.rest();
+            // A run container of a few bytes decodes to 65536 units: count before decoding,
+            // so a hostile bitmap costs a walk over its 64 KiB and never a huge allocation.
+            let n =
+                treemap_cardinality(raw, MAX_SUM_UNITS).map_err(|reason| WireError::Malformed {
+                    kind: "SUMS_REQUEST",
+                    reason: format!("unit bitmap: {reason}"),
+                })?;
+            if n > MAX_SUM_UNITS {
+                return Err(WireError::Malformed {
+                    kind: "SUMS_REQUEST",
+                    reason: format!("more than {MAX_SUM_UNITS} units"),
+                });
+            }
             let units = roaring::RoaringTreemap::deserialize_from(&mut raw).map_err(|e| {
                 WireError::Malformed {
                     kind: "SUMS_REQUEST",
@@ -652,6 +682,98 @@ pub fn decode_body(
     };
     c.end()?;
     Ok(m)
+}
+
+/// The number of values in a serialized `RoaringTreemap` (roaring 0.10's portable format),
+/// found by walking its headers without decoding it; the walk stops as soon as the count
+/// passes `limit` (and then returns a count above it).
+///
+/// ```text
+///  treemap  u64 LE bitmap count, then per bitmap: u32 LE key, RoaringBitmap
+///  bitmap   cookie u32 LE: 12346 → u32 LE container count n, no run containers, offsets
+///                          low u16 12347 → n = high u16 + 1, a run bitmap of (n+7)/8 bytes,
+///                                          offsets only when n >= 4
+///           n × (key u16, cardinality-1 u16), [n × u32 offsets], then each container:
+///             run      u16 run count r, r × (start u16, length-1 u16)
+///             array    cardinality ≤ 4096: cardinality × u16
+///             bitmap   otherwise: 8192 bytes
+/// ```
+///
+/// A run container's header cardinality is not what the decoder uses (it counts the runs),
+/// so runs are counted here from the runs themselves; a bitmap container's from its bits.
+/// Anything malformed is left for the real decoder to report, except what this walk cannot
+/// step over (truncation, impossible sizes).
+fn treemap_cardinality(b: &[u8], limit: u64) -> Result<u64, String> {
+    struct Walk<'a>(&'a [u8]);
+    impl<'a> Walk<'a> {
+        fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+            if self.0.len() < n {
+                return Err(format!(
+                    "truncated: {} bytes left, {n} needed",
+                    self.0.len()
+                ));
+            }
+            let (a, rest) = self.0.split_at(n);
+            self.0 = rest;
+            Ok(a)
+        }
+        fn u16(&mut self) -> Result<u16, String> {
+            Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+        }
+        fn u32(&mut self) -> Result<u32, String> {
+            Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+        }
+    }
+    const NO_RUNS: u32 = 12346;
+    const WITH_RUNS: u16 = 12347;
+    let mut w = Walk(b);
+    let bitmaps = u64::from_le_bytes(w.take(8)?.try_into().expect("8"));
+    let mut total = 0u64;
+    // Every bitmap takes at least 8 bytes, so this loop ends with the payload.
+    for _ in 0..bitmaps {
+        let _key = w.u32()?;
+        let cookie = w.u32()?;
+        let (n, runs, offsets) = if cookie == NO_RUNS {
+            (w.u32()? as usize, None, true)
+        } else if cookie as u16 == WITH_RUNS {
+            let n = (cookie >> 16) as usize + 1;
+            (n, Some(w.take(n.div_ceil(8))?), n >= 4)
+        } else {
+            return Err(format!("unknown cookie {cookie:#x}"));
+        };
+        if n > 1 << 16 {
+            return Err(format!("{n} containers"));
+        }
+        let descriptions = w.take(n * 4)?;
+        if offsets {
+            w.take(n * 4)?;
+        }
+        for i in 0..n {
+            let card = u64::from(u16::from_le_bytes(
+                descriptions[i * 4 + 2..i * 4 + 4].try_into().expect("2"),
+            )) + 1;
+            let is_run = runs.is_some_and(|r| r[i / 8] & (1 << (i % 8)) != 0);
+            total += if is_run {
+                let r = usize::from(w.u16()?);
+                w.take(r * 4)?
+                    .chunks_exact(4)
+                    .map(|run| u64::from(u16::from_le_bytes([run[2], run[3]])) + 1)
+                    .sum::<u64>()
+            } else if card <= 4096 {
+                w.take(card as usize * 2)?;
+                card
+            } else {
+                w.take(8192)?
+                    .iter()
+                    .map(|x| u64::from(x.count_ones()))
+                    .sum::<u64>()
+            };
+            if total > limit {
+                return Ok(total);
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// Decode one frame from the front of `b`: `Ok(None)` if more bytes are needed, else the
@@ -796,8 +918,143 @@ mod tests {
         }
 
         #[test]
+        fn the_cardinality_walk_never_panics(b in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = treemap_cardinality(&b, MAX_SUM_UNITS);
+        }
+
+        #[test]
         fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode_frame(&b);
+        }
+    }
+
+    /// A SUMS_REQUEST frame whose unit bitmap is `bitmap` (raw serialized bytes).
+    fn sums_request_frame(bitmap: &[u8]) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&1u64.to_be_bytes());
+        p.extend_from_slice(&16u32.to_be_bytes());
+        p.extend_from_slice(bitmap);
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC.to_be_bytes());
+        out.extend_from_slice(&VERSION.to_be_bytes());
+        out.extend_from_slice(&kind::SUMS_REQUEST.to_be_bytes());
+        out.extend_from_slice(&(p.len() as u32).to_be_bytes());
+        out.extend_from_slice(&p);
+        let crc = crc64(&[&out]);
+        out.extend_from_slice(&crc.to_be_bytes());
+        out
+    }
+
+    #[test]
+    fn hostile_run_containers_are_refused_before_decoding() {
+        // One treemap bitmap with as many containers as fit in 64 KiB, each a single run of
+        // 65536 values whose header claims a cardinality of 1: 4500 containers of 14 bytes
+        // would decode to ~295 million units.
+        let n: usize = 4500;
+        let mut b = Vec::new();
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&((((n - 1) as u32) << 16) | 12347).to_le_bytes());
+        b.extend(std::iter::repeat_n(0xffu8, n.div_ceil(8)));
+        for i in 0..n {
+            b.extend_from_slice(&(i as u16).to_le_bytes());
+            b.extend_from_slice(&0u16.to_le_bytes());
+        }
+        for i in 0..n {
+            b.extend_from_slice(&(i as u32).to_le_bytes());
+        }
+        for _ in 0..n {
+            b.extend_from_slice(&1u16.to_le_bytes());
+            b.extend_from_slice(&0u16.to_le_bytes());
+            b.extend_from_slice(&0xffffu16.to_le_bytes());
+        }
+        assert!(b.len() <= MAX_PAYLOAD as usize - 12, "{} bytes", b.len());
+        let f = sums_request_frame(&b);
+        let t = std::time::Instant::now();
+        let e = decode_frame(&f).unwrap_err();
+        assert!(e.to_string().contains("more than 4096 units"), "{e}");
+        assert!(
+            t.elapsed() < std::time::Duration::from_millis(50),
+            "{:?}",
+            t.elapsed()
+        );
+        // The walk counts runs, not the header's claim, and so does the decoder: proof that
+        // the hostile payload is real.
+        assert_eq!(treemap_cardinality(&b, u64::MAX).unwrap(), n as u64 * 65536);
+    }
+
+    /// A treemap of one bitmap whose containers are runs `(key, [(start, length - 1)])`.
+    fn run_treemap(containers: &[(u16, &[(u16, u16)])]) -> Vec<u8> {
+        let n = containers.len();
+        let mut b = Vec::new();
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.extend_from_slice(&7u32.to_le_bytes());
+        b.extend_from_slice(&((((n - 1) as u32) << 16) | 12347).to_le_bytes());
+        b.extend(std::iter::repeat_n(0xffu8, n.div_ceil(8)));
+        for (key, _) in containers {
+            b.extend_from_slice(&key.to_le_bytes());
+            // A header cardinality that lies: the decoder does not use it for runs.
+            b.extend_from_slice(&0u16.to_le_bytes());
+        }
+        if n >= 4 {
+            b.extend(std::iter::repeat_n(0u8, n * 4));
+        }
+        for (_, runs) in containers {
+            b.extend_from_slice(&(runs.len() as u16).to_le_bytes());
+            for (start, len) in *runs {
+                b.extend_from_slice(&start.to_le_bytes());
+                b.extend_from_slice(&len.to_le_bytes());
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn run_containers_are_counted_as_roaring_decodes_them() {
+        for containers in [
+            &[(0u16, &[(0u16, 9u16), (100, 0)][..])][..],
+            &[(1, &[(5, 1999)][..]), (3, &[(0, 2000), (4000, 94)][..])][..],
+            &[
+                (1, &[(0, 0)][..]),
+                (2, &[(0, 0)][..]),
+                (3, &[(0, 0)][..]),
+                (9, &[][..]),
+            ][..],
+        ] {
+            let b = run_treemap(containers);
+            let t = roaring::RoaringTreemap::deserialize_from(&b[..]).unwrap();
+            assert_eq!(treemap_cardinality(&b, u64::MAX).unwrap(), t.len());
+            let Message::SumsRequest { units, .. } =
+                decode_frame(&sums_request_frame(&b)).unwrap().unwrap().0
+            else {
+                panic!("not a SUMS_REQUEST")
+            };
+            assert_eq!(units, t);
+        }
+        let over = run_treemap(&[(0, &[(0, 4095)]), (1, &[(0, 0)])]);
+        assert!(decode_frame(&sums_request_frame(&over)).is_err());
+        let limit = run_treemap(&[(0, &[(0, 4095)])]);
+        assert!(decode_frame(&sums_request_frame(&limit)).is_ok());
+    }
+
+    #[test]
+    fn the_cardinality_walk_agrees_with_roaring() {
+        let cases: Vec<roaring::RoaringTreemap> = vec![
+            roaring::RoaringTreemap::new(),
+            (0..4096u64).collect(),
+            (0..4096u64).map(|u| u * 3).collect(),
+            (0..4096u64).map(|u| u << 20).collect(),
+            (0..2000u64).map(|u| u << 33).collect(),
+            [1u64, 2, 3, 70000, 1 << 40, u64::MAX].into_iter().collect(),
+            (0..6000u64).filter(|u| u % 2 == 0).chain(0..1).collect(),
+        ];
+        for t in cases {
+            let mut b = Vec::new();
+            t.serialize_into(&mut b).unwrap();
+            assert_eq!(treemap_cardinality(&b, u64::MAX).unwrap(), t.len());
+            let within = t.len() <= MAX_SUM_UNITS;
+            let decoded = decode_frame(&sums_request_frame(&b));
+            assert_eq!(decoded.is_ok(), within, "{} units: {decoded:?}", t.len());
         }
     }
 

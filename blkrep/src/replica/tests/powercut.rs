@@ -27,37 +27,7 @@ async fn secondary_on(
         MetaStore::in_memory(meta.unwrap_or_else(NodeMeta::fresh)),
         known,
     );
-    let sink = sec.replica_sink();
-    let srv = Arc::new(
-        NbdServer::new(
-            vec![Export {
-                name: REPLICA_EXPORT.into(),
-                description: String::new(),
-                backend: sink.clone(),
-                read_only: false,
-                epochs: Some(sink),
-            }],
-            ServerOptions::default(),
-        )
-        .unwrap()
-        .with_control(sec.control()),
-    );
-    // The old server lets go of the port once its task sees the stop.
-    let mut tries = 0;
-    let l = loop {
-        match Listener::bind(&Endpoint::Tcp(addr.into())).await {
-            Ok(l) => break l,
-            Err(e) if tries < 500 => {
-                tries += 1;
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Err(e) => panic!("binding {addr}: {e}"),
-        }
-    };
-    let ep = l.local_endpoint();
-    let (stop, stop_rx) = watch::channel(false);
-    tokio::spawn(srv.serve(l, stop_rx));
+    let (ep, stop) = serve_secondary_at(&sec, None, addr).await;
     (sec, ep, stop)
 }
 
