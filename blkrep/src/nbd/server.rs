@@ -325,6 +325,12 @@ impl NbdServer {
         self
     }
 
+    /// Count and log a connection closed for what its peer did.
+    fn reject(&self, peer: &str, why: std::fmt::Arguments<'_>) {
+        self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, "closing connection: {why}");
+    }
+
     /// What the server has done so far.
     pub fn stats(&self) -> &ServerStats {
         &self.stats
@@ -402,14 +408,13 @@ impl NbdServer {
         let accepted = match r {
             Ok(Ok(acc)) => acc,
             Ok(Err(e)) => {
-                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, "closing connection: {e}");
-                return;
+                return self.reject(&peer, format_args!("{e}"));
             }
             Err(_) => {
-                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, "closing connection: no key proven within {:?}", self.opts.auth_timeout);
-                return;
+                return self.reject(
+                    &peer,
+                    format_args!("no key proven within {:?}", self.opts.auth_timeout),
+                );
             }
         };
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
@@ -445,14 +450,16 @@ impl NbdServer {
             Ok(Ok(Some(Negotiated::Transmission(_))))
                 if matches!(auth, Some(Accepted::Control(_))) =>
             {
-                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, "closing connection: a control-channel credential opened an export");
-                return;
+                return self.reject(
+                    &peer,
+                    format_args!("a control-channel credential opened an export"),
+                );
             }
             Ok(Ok(Some(Negotiated::Control))) if matches!(auth, Some(Accepted::Data { .. })) => {
-                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, "closing connection: a data-connection credential asked for the control protocol");
-                return;
+                return self.reject(
+                    &peer,
+                    format_args!("a data-connection credential asked for the control protocol"),
+                );
             }
             Ok(Ok(Some(Negotiated::Transmission(mut s)))) => {
                 // A replication export may bind each connection to its own session.
@@ -486,14 +493,16 @@ impl NbdServer {
                 return;
             }
             Ok(Err(e)) => {
-                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, "closing connection: {e}");
-                return;
+                return self.reject(&peer, format_args!("{e}"));
             }
             Err(_) => {
-                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, "closing connection: negotiation not finished within {:?}", self.opts.handshake_timeout);
-                return;
+                return self.reject(
+                    &peer,
+                    format_args!(
+                        "negotiation not finished within {:?}",
+                        self.opts.handshake_timeout
+                    ),
+                );
             }
         };
         tracing::debug!(%peer, export = %session.export.name, structured = session.structured, "client connected");
