@@ -30,4 +30,5 @@ pub mod epoch;
 pub mod nbd;
 pub mod replica;
 pub mod storage;
+pub mod tls;
 pub mod ublk;

@@ -37,6 +37,12 @@ pub struct ExportArgs {
     direct: bool,
     #[command(flatten)]
     ublk: crate::replicate::UblkArgs,
+    /// With --tls-cert: clients must start TLS (NBD_OPT_STARTTLS) before anything else.
+    #[command(flatten)]
+    tls: crate::secure::TlsArgs,
+    /// Demand a client certificate that chains to --tls-ca.
+    #[arg(long, requires = "tls_ca")]
+    tls_verify_peer: bool,
 }
 
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
@@ -74,6 +80,11 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
             epochs: None,
         });
     }
+    let starttls = a
+        .tls
+        .files()
+        .map(|f| blkrep::tls::acceptor(&f, a.tls_verify_peer))
+        .transpose()?;
     let ep = match &a.socket {
         Some(p) => Endpoint::Unix(p.clone()),
         None => Endpoint::Tcp(a.listen.clone()),
@@ -84,7 +95,15 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     rt.block_on(async move {
         let listener = Listener::bind(&ep).await?;
-        let server = Arc::new(NbdServer::new(exports.clone(), ServerOptions::default())?);
+        let mut server = NbdServer::new(exports.clone(), ServerOptions::default())?;
+        if let Some(t) = starttls {
+            tracing::info!(
+                verify_peer = a.tls_verify_peer,
+                "TLS required (NBD_OPT_STARTTLS)"
+            );
+            server = server.with_starttls(t);
+        }
+        let server = Arc::new(server);
         for (e, path) in exports.iter().zip(&paths) {
             tracing::info!(
                 "serving {} as {}/{} ({} bytes{})",

@@ -6,6 +6,7 @@
 mod demo;
 mod export;
 mod replicate;
+mod secure;
 mod units;
 
 use std::io::IsTerminal;

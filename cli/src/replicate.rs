@@ -76,6 +76,10 @@ pub struct DiskArgs {
     /// Make one with `head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE`.
     #[arg(long, value_name = "FILE")]
     psk_file: Option<PathBuf>,
+    /// TLS on the replication link: both nodes present a certificate (--tls-cert,
+    /// --tls-key) that chains to --tls-ca, and verify the other's. Combines with --psk-file.
+    #[command(flatten)]
+    tls: crate::secure::TlsArgs,
 }
 
 impl DiskArgs {
@@ -178,8 +182,9 @@ pub struct SecondaryArgs {
     /// same name. Without it such a primary is refused.
     #[arg(long)]
     discard_my_data: bool,
-    /// Listen on a non-loopback address without --psk-file. Anyone who reaches the
-    /// address can then write this disk, pose as its primary or make it fail over.
+    /// Listen on a non-loopback address without --psk-file or --tls-cert. Anyone who
+    /// reaches the address can then write this disk, pose as its primary or make it fail
+    /// over.
     #[arg(long)]
     insecure_no_auth: bool,
 }
@@ -203,6 +208,7 @@ async fn signal() {
 
 pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
     let key = a.disk.key()?;
+    let tls = a.disk.tls.link_files()?;
     let cfg = PrimaryConfig {
         disk: a.disk.options(),
         export: endpoint(&a.export),
@@ -224,6 +230,7 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
         reconnect_timeout: a.reconnect_timeout,
         ublk: a.ublk.options()?,
         key,
+        tls,
     };
     runtime()?
         .block_on(node::run_primary(cfg, signal()))
@@ -237,6 +244,7 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
     opts.heartbeat_misses = a.heartbeat_misses;
     opts.discard_my_data = a.discard_my_data;
     let key = a.disk.key()?;
+    let tls = a.disk.tls.link_files()?;
     let cfg = SecondaryConfig {
         disk: a.disk.options(),
         listen: endpoint(&a.listen),
@@ -246,6 +254,7 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
         secondary: opts,
         ublk: a.ublk.options()?,
         key,
+        tls,
         insecure_no_auth: a.insecure_no_auth,
     };
     runtime()?

@@ -5,6 +5,7 @@
 //! A missing tool or binary fails the test loudly: nothing here skips.
 
 pub mod guest;
+pub mod tls;
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};

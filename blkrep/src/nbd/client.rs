@@ -27,6 +27,7 @@ use super::transport::{self, Endpoint, ReadHalf, WriteHalf};
 use super::{errno_name, NbdError};
 use crate::auth::{Credential, PeerKey, SessionKey};
 use crate::storage::{self, Backend, Extent, IoBuf, IoFuture, Op, StorageError};
+use crate::tls::ClientTls;
 
 /// How to connect.
 #[derive(Debug, Clone)]
@@ -42,6 +43,8 @@ pub struct ClientOptions {
     /// Prove this session key before NBD: a data connection to an authenticating
     /// secondary ([`crate::auth`]).
     pub session: Option<SessionKey>,
+    /// Speak TLS from the first byte (a secondary's replication port with certificates).
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ClientOptions {
@@ -52,6 +55,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(10),
             request_timeout: None,
             session: None,
+            tls: None,
         }
     }
 }
@@ -193,7 +197,7 @@ impl NbdClient {
     pub async fn connect(ep: &Endpoint, opts: &ClientOptions) -> Result<Self, NbdError> {
         let peer = ep.to_string();
         let fut = async {
-            let (rd, wr) = transport::connect(ep).await?;
+            let (rd, wr) = secure_connect(ep, opts.tls.as_ref(), &peer).await?;
             let mut rd = BufReader::with_capacity(256 << 10, rd);
             let mut wr = BufWriter::with_capacity(256 << 10, wr);
             if let Some(k) = &opts.session {
@@ -1094,17 +1098,36 @@ async fn authenticate(
         })
 }
 
+/// Connect to `ep`, with TLS from the first byte when `tls` is given.
+async fn secure_connect(
+    ep: &Endpoint,
+    tls: Option<&ClientTls>,
+    peer: &str,
+) -> Result<(ReadHalf, WriteHalf), NbdError> {
+    let (rd, wr) = transport::connect(ep).await?;
+    match tls {
+        Some(t) => crate::tls::connect(t, rd, wr)
+            .await
+            .map_err(|e| NbdError::Negotiation {
+                peer: peer.to_string(),
+                reason: format!("TLS: {e}"),
+            }),
+        None => Ok((rd, wr)),
+    }
+}
+
 /// Open a connection to a lockstep secondary and switch it to the replication control
-/// protocol (`NBD_OPT_LOCKSTEP_CONTROL`), proving `key` first when given. Returns the two
-/// halves, ready for control frames, and the session key.
+/// protocol (`NBD_OPT_LOCKSTEP_CONTROL`), with TLS and then the peer key first when given.
+/// Returns the two halves, ready for control frames, and the session key.
 pub async fn connect_control(
     ep: &Endpoint,
     timeout: Duration,
     key: Option<&PeerKey>,
+    tls: Option<&ClientTls>,
 ) -> Result<ControlConnection, NbdError> {
     let peer = ep.to_string();
     let fut = async {
-        let (rd, wr) = transport::connect(ep).await?;
+        let (rd, wr) = secure_connect(ep, tls, &peer).await?;
         let mut rd = BufReader::new(rd);
         let mut wr = BufWriter::new(wr);
         let session = match key {

@@ -26,6 +26,7 @@ use super::transport::{Listener, ReadHalf, WriteHalf};
 use super::{errno_to_nbd, NbdError};
 use crate::auth::{self, Accepted, PeerKey, SessionKey, SessionKeys};
 use crate::storage::{Backend, IoBuf, StorageError};
+use crate::tls::{self, ServerTls};
 
 /// Largest request payload the server accepts (advertised as NBD_INFO_BLOCK_SIZE maximum).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -107,6 +108,10 @@ pub trait ControlHandler: Send + Sync + std::fmt::Debug {
 enum Negotiated {
     Transmission(Session),
     Control,
+    /// STARTTLS was acknowledged: the TLS handshake comes next, then more options.
+    StartTls {
+        no_zeroes: bool,
+    },
 }
 
 /// Server tuning knobs.
@@ -162,14 +167,18 @@ pub struct NbdServer {
     opts: ServerOptions,
     stats: ServerStats,
     slots: Arc<Semaphore>,
-    auth: Option<Arc<PortAuth>>,
+    auth: Option<PortAuth>,
+    /// `NBD_OPT_STARTTLS`, required before any export is named.
+    starttls: Option<ServerTls>,
 }
 
-/// The key a port demands before NBD, and where data connections find their session.
+/// What a port demands before NBD: TLS from the first byte, the peer key, or both (TLS
+/// first); and the budget of such handshakes.
 #[derive(Debug)]
 struct PortAuth {
-    key: PeerKey,
-    sessions: Arc<dyn SessionKeys>,
+    /// The peer key, and where data connections find their session.
+    key: Option<(PeerKey, Arc<dyn SessionKeys>)>,
+    tls: Option<ServerTls>,
     handshakes: Arc<Semaphore>,
     per_host: HostCounts,
     /// Connections closed for want of an exchange slot since the last log line.
@@ -298,6 +307,7 @@ impl NbdServer {
             stats: ServerStats::default(),
             slots,
             auth: None,
+            starttls: None,
         })
     }
 
@@ -310,10 +320,28 @@ impl NbdServer {
     /// Demand `key` from every peer before NBD ([`crate::auth`]); data connections join the
     /// session `sessions` names.
     pub fn with_auth(mut self, key: PeerKey, sessions: Arc<dyn SessionKeys>) -> Self {
-        self.auth = Some(Arc::new(PortAuth {
-            key,
-            sessions,
-            handshakes: Arc::new(Semaphore::new(self.opts.max_handshakes)),
+        self.port_auth().key = Some((key, sessions));
+        self
+    }
+
+    /// Speak TLS from the first byte (the replication port), before the peer key if any.
+    pub fn with_tls(mut self, acceptor: ServerTls) -> Self {
+        self.port_auth().tls = Some(acceptor);
+        self
+    }
+
+    /// Offer `NBD_OPT_STARTTLS` and require it before any export is named or described.
+    pub fn with_starttls(mut self, acceptor: ServerTls) -> Self {
+        self.starttls = Some(acceptor);
+        self
+    }
+
+    fn port_auth(&mut self) -> &mut PortAuth {
+        let handshakes = self.opts.max_handshakes;
+        self.auth.get_or_insert_with(|| PortAuth {
+            key: None,
+            tls: None,
+            handshakes: Arc::new(Semaphore::new(handshakes)),
             per_host: Arc::default(),
             closed: AtomicU64::new(0),
             last_warn: std::sync::Mutex::new(
@@ -321,8 +349,7 @@ impl NbdServer {
                     .checked_sub(Duration::from_secs(2))
                     .unwrap_or_else(std::time::Instant::now),
             ),
-        }));
-        self
+        })
     }
 
     /// Count and log a connection closed for what its peer did.
@@ -356,7 +383,7 @@ impl NbdServer {
                     Ok((rd, wr, peer)) => {
                         let me = self.clone();
                         let sd = conn_shutdown.clone();
-                        if let Some(a) = self.auth.clone() {
+                        if let Some(a) = &self.auth {
                             let hs = match a.admit(&peer, self.opts.max_handshakes_per_host) {
                                 Ok(hs) => hs,
                                 Err(why) => {
@@ -364,7 +391,7 @@ impl NbdServer {
                                     continue;
                                 }
                             };
-                            conns.spawn(async move { me.authenticate(rd, wr, peer, sd, &a, hs).await });
+                            conns.spawn(async move { me.authenticate(rd, wr, peer, sd, hs).await });
                             continue;
                         }
                         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
@@ -388,32 +415,48 @@ impl NbdServer {
         while conns.join_next().await.is_some() {}
     }
 
-    /// The key exchange of an authenticating port, then the connection itself if the peer
-    /// proved the key. Nothing but the exchange is read before that.
+    /// The TLS handshake and the key exchange of a guarded port, then the connection itself
+    /// if the peer passed them. Nothing but those is read before that.
     async fn authenticate(
         self: Arc<Self>,
-        mut rd: ReadHalf,
-        mut wr: WriteHalf,
+        rd: ReadHalf,
+        wr: WriteHalf,
         peer: String,
         shutdown: watch::Receiver<bool>,
-        a: &PortAuth,
         handshake: Handshake,
     ) {
-        let r = tokio::time::timeout(
-            self.opts.auth_timeout,
-            auth::accept(&mut rd, &mut wr, &a.key, &*a.sessions),
-        )
+        let a = self.auth.as_ref().expect("a guarded port");
+        let r = tokio::time::timeout(self.opts.auth_timeout, async {
+            let (mut rd, mut wr) = match &a.tls {
+                Some(t) => tls::accept(t, Vec::new(), rd, wr)
+                    .await
+                    .map_err(|e| format!("TLS handshake: {e}"))?,
+                None => (rd, wr),
+            };
+            let accepted = match &a.key {
+                Some((k, sessions)) => Some(
+                    auth::accept(&mut rd, &mut wr, k, &**sessions)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                ),
+                None => None,
+            };
+            Ok::<_, String>((rd, wr, accepted))
+        })
         .await;
         drop(handshake);
-        let accepted = match r {
-            Ok(Ok(acc)) => acc,
+        let (rd, wr, accepted) = match r {
+            Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 return self.reject(&peer, format_args!("{e}"));
             }
             Err(_) => {
                 return self.reject(
                     &peer,
-                    format_args!("no key proven within {:?}", self.opts.auth_timeout),
+                    format_args!(
+                        "no TLS handshake or key proven within {:?}",
+                        self.opts.auth_timeout
+                    ),
                 );
             }
         };
@@ -421,7 +464,7 @@ impl NbdServer {
             tracing::warn!(%peer, "too many connections ({}); closing the new one", self.opts.max_connections);
             return;
         };
-        self.serve_connection(rd, wr, peer, shutdown, Some(accepted))
+        self.serve_connection(rd, wr, peer, shutdown, accepted)
             .await;
         drop(slot);
     }
@@ -439,29 +482,40 @@ impl NbdServer {
         auth: Option<Accepted>,
     ) {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
-        let mut rd = BufReader::with_capacity(256 << 10, rd);
-        let mut wr = BufWriter::with_capacity(256 << 10, wr);
-        let session = match tokio::time::timeout(
+        let (rd, wr, negotiated) = match tokio::time::timeout(
             self.opts.handshake_timeout,
-            self.negotiate(&mut rd, &mut wr, &peer),
+            self.negotiate_all(rd, wr, &peer),
         )
         .await
         {
-            Ok(Ok(Some(Negotiated::Transmission(_))))
-                if matches!(auth, Some(Accepted::Control(_))) =>
-            {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                return self.reject(&peer, format_args!("{e}"));
+            }
+            Err(_) => {
+                return self.reject(
+                    &peer,
+                    format_args!(
+                        "negotiation not finished within {:?}",
+                        self.opts.handshake_timeout
+                    ),
+                );
+            }
+        };
+        let session = match negotiated {
+            Some(Negotiated::Transmission(_)) if matches!(auth, Some(Accepted::Control(_))) => {
                 return self.reject(
                     &peer,
                     format_args!("a control-channel credential opened an export"),
                 );
             }
-            Ok(Ok(Some(Negotiated::Control))) if matches!(auth, Some(Accepted::Data { .. })) => {
+            Some(Negotiated::Control) if matches!(auth, Some(Accepted::Data { .. })) => {
                 return self.reject(
                     &peer,
                     format_args!("a data-connection credential asked for the control protocol"),
                 );
             }
-            Ok(Ok(Some(Negotiated::Transmission(mut s)))) => {
+            Some(Negotiated::Transmission(mut s)) => {
                 // A replication export may bind each connection to its own session.
                 let bound = match auth {
                     Some(Accepted::Data { session }) => Some(session),
@@ -475,7 +529,7 @@ impl NbdServer {
                 }
                 s
             }
-            Ok(Ok(Some(Negotiated::Control))) => {
+            Some(Negotiated::Control) => {
                 let handler = self
                     .control
                     .clone()
@@ -488,21 +542,10 @@ impl NbdServer {
                 handler.take_over(rd, wr, peer, session).await;
                 return;
             }
-            Ok(Ok(None)) => {
+            Some(Negotiated::StartTls { .. }) => unreachable!("negotiate_all upgrades"),
+            None => {
                 tracing::debug!(%peer, "client ended negotiation");
                 return;
-            }
-            Ok(Err(e)) => {
-                return self.reject(&peer, format_args!("{e}"));
-            }
-            Err(_) => {
-                return self.reject(
-                    &peer,
-                    format_args!(
-                        "negotiation not finished within {:?}",
-                        self.opts.handshake_timeout
-                    ),
-                );
             }
         };
         tracing::debug!(%peer, export = %session.export.name, structured = session.structured, "client connected");
@@ -518,11 +561,54 @@ impl NbdServer {
     // -----------------------------------------------------------------------------------------
     // Negotiation
 
+    /// Negotiation to its end, through STARTTLS: after the TLS handshake the options go on
+    /// over TLS (the NBD protocol's STARTTLS, as qemu and libnbd clients speak it).
+    async fn negotiate_all(
+        &self,
+        rd: ReadHalf,
+        wr: WriteHalf,
+        peer: &str,
+    ) -> Result<
+        (
+            BufReader<ReadHalf>,
+            BufWriter<WriteHalf>,
+            Option<Negotiated>,
+        ),
+        NbdError,
+    > {
+        let mut rd = BufReader::with_capacity(256 << 10, rd);
+        let mut wr = BufWriter::with_capacity(256 << 10, wr);
+        let mut tls_on = None;
+        loop {
+            match self.negotiate(&mut rd, &mut wr, peer, tls_on).await? {
+                Some(Negotiated::StartTls { no_zeroes }) => {
+                    let acceptor = self
+                        .starttls
+                        .as_ref()
+                        .expect("STARTTLS is acknowledged only when configured");
+                    // The client sends its first TLS record only after our ACK; whatever
+                    // the buffer holds already belongs to the handshake.
+                    let early = rd.buffer().to_vec();
+                    let (r, w) = tls::accept(acceptor, early, rd.into_inner(), wr.into_inner())
+                        .await
+                        .map_err(NbdError::io(format!("TLS handshake with {peer}")))?;
+                    rd = BufReader::with_capacity(256 << 10, r);
+                    wr = BufWriter::with_capacity(256 << 10, w);
+                    tls_on = Some(no_zeroes);
+                }
+                n => return Ok((rd, wr, n)),
+            }
+        }
+    }
+
+    /// The greeting (unless TLS was just started: `tls_on` holds the client's NO_ZEROES
+    /// choice then) and options until one ends negotiation.
     async fn negotiate<R, W>(
         &self,
         rd: &mut R,
         wr: &mut W,
         peer: &str,
+        tls_on: Option<bool>,
     ) -> Result<Option<Negotiated>, NbdError>
     where
         R: AsyncRead + Unpin,
@@ -533,26 +619,31 @@ impl NbdServer {
             peer: peer.to_string(),
             source,
         };
-        wr.write_all(&codec::encode_greeting(
-            FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
-        ))
-        .await
-        .map_err(io("greeting"))?;
-        wr.flush().await.map_err(io("greeting"))?;
-        let client_flags = rd.read_u32().await.map_err(io("client flags"))?;
-        if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-            return Err(NbdError::Negotiation {
-                peer: peer.into(),
-                reason: format!("unknown client flags {client_flags:#x}"),
-            });
-        }
-        if client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
-            return Err(NbdError::Negotiation {
-                peer: peer.into(),
-                reason: "client does not speak fixed newstyle".into(),
-            });
-        }
-        let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+        let no_zeroes = match tls_on {
+            Some(nz) => nz,
+            None => {
+                wr.write_all(&codec::encode_greeting(
+                    FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
+                ))
+                .await
+                .map_err(io("greeting"))?;
+                wr.flush().await.map_err(io("greeting"))?;
+                let client_flags = rd.read_u32().await.map_err(io("client flags"))?;
+                if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+                    return Err(NbdError::Negotiation {
+                        peer: peer.into(),
+                        reason: format!("unknown client flags {client_flags:#x}"),
+                    });
+                }
+                if client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
+                    return Err(NbdError::Negotiation {
+                        peer: peer.into(),
+                        reason: "client does not speak fixed newstyle".into(),
+                    });
+                }
+                client_flags & FLAG_C_NO_ZEROES != 0
+            }
+        };
         let mut structured = false;
         let mut base_allocation = false;
         for _ in 0..MAX_OPTIONS {
@@ -579,7 +670,51 @@ impl NbdServer {
                 .await
                 .map_err(io("option payload"))?;
             let mut out = Vec::new();
+            if self.starttls.is_some() && tls_on.is_none() {
+                // TLS first: nothing about the exports is told, nothing is served.
+                match opt {
+                    OPT_STARTTLS | OPT_ABORT => {}
+                    OPT_EXPORT_NAME => {
+                        return Err(NbdError::Negotiation {
+                            peer: peer.into(),
+                            reason: "NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only server"
+                                .into(),
+                        })
+                    }
+                    _ => {
+                        self.reply_err(
+                            wr,
+                            opt,
+                            REP_ERR_TLS_REQD,
+                            "this server requires TLS: use NBD_OPT_STARTTLS first",
+                        )
+                        .await
+                        .map_err(io("reply"))?;
+                        continue;
+                    }
+                }
+            }
             match opt {
+                OPT_STARTTLS if self.starttls.is_some() => {
+                    let why = if tls_on.is_some() {
+                        Some("TLS is already on")
+                    } else if !data.is_empty() {
+                        Some("NBD_OPT_STARTTLS takes no data")
+                    } else {
+                        None
+                    };
+                    if let Some(why) = why {
+                        self.reply_err(wr, opt, REP_ERR_INVALID, why)
+                            .await
+                            .map_err(io("reply"))?;
+                        continue;
+                    }
+                    wr.write_all(&codec::encode_option_reply(opt, REP_ACK, &[]))
+                        .await
+                        .map_err(io("reply"))?;
+                    wr.flush().await.map_err(io("reply"))?;
+                    return Ok(Some(Negotiated::StartTls { no_zeroes }));
+                }
                 OPT_EXPORT_NAME => {
                     let name = codec::Reader::new(&data, "NBD_OPT_EXPORT_NAME")
                         .string(data.len())

@@ -25,6 +25,7 @@ use crate::epoch::{BoxFuture, CoordinatorOptions, Epoch, EpochCoordinator, NoGue
 use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::nbd::transport::{Endpoint, Listener};
 use crate::storage::{open_disk, Backend, DiskOptions};
+use crate::tls::{self, ClientTls, TlsFiles};
 use crate::ublk::{self, UblkDevice, UblkOptions};
 
 /// Export name of the secondary's replication target on its `--listen` port.
@@ -60,6 +61,8 @@ pub struct PrimaryConfig {
     pub ublk: Option<UblkOptions>,
     /// The key both nodes share (`--psk-file`): every replication connection proves it.
     pub key: Option<PeerKey>,
+    /// TLS to the secondary, both nodes presenting certificates of one CA.
+    pub tls: Option<TlsFiles>,
 }
 
 /// A secondary daemon's settings.
@@ -81,7 +84,10 @@ pub struct SecondaryConfig {
     pub ublk: Option<UblkOptions>,
     /// The key both nodes share (`--psk-file`): the listen port demands it before NBD.
     pub key: Option<PeerKey>,
-    /// Listen beyond loopback without a key (`--insecure-no-auth`).
+    /// TLS on the listen port: this node's certificate, and the CA the primary's must chain
+    /// to.
+    pub tls: Option<TlsFiles>,
+    /// Listen beyond loopback without a key or certificates (`--insecure-no-auth`).
     pub insecure_no_auth: bool,
 }
 
@@ -128,6 +134,15 @@ pub async fn run_primary(
             reconnect_timeout: cfg.reconnect_timeout,
             retry: Duration::from_millis(250),
             key: cfg.key.clone(),
+            tls: match (&cfg.tls, &cfg.secondary) {
+                (Some(f), Endpoint::Tcp(addr)) => {
+                    Some(ClientTls::new(f, addr).map_err(|e| e.to_string())?)
+                }
+                (Some(_), Endpoint::Unix(_)) => {
+                    return Err("TLS to a unix-socket secondary: use --psk-file there".into())
+                }
+                (None, _) => None,
+            },
         },
         stop_rx.clone(),
     );
@@ -330,7 +345,17 @@ pub async fn run_secondary(
     cfg: SecondaryConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    let notice = listen_policy(&cfg.listen, cfg.key.is_some(), cfg.insecure_no_auth)?;
+    let notice = listen_policy(
+        &cfg.listen,
+        cfg.key.is_some() || cfg.tls.is_some(),
+        cfg.insecure_no_auth,
+    )?;
+    let tls = cfg
+        .tls
+        .as_ref()
+        .map(|f| tls::acceptor(f, true))
+        .transpose()
+        .map_err(|e| e.to_string())?;
     let disk = open_disk(&cfg.disk).map_err(|e| e.to_string())?;
     let (meta, known) = MetaStore::open(meta_path(&cfg.disk.path)).map_err(|e| e.to_string())?;
     let sec = Secondary::with_meta(disk.clone(), cfg.secondary.clone(), meta, known);
@@ -347,6 +372,9 @@ pub async fn run_secondary(
     )
     .map_err(|e| e.to_string())?
     .with_control(sec.control());
+    if let Some(t) = tls {
+        replica = replica.with_tls(t);
+    }
     if let Some(k) = cfg.key.clone() {
         replica = replica.with_auth(k, sec.clone());
     }
@@ -354,7 +382,12 @@ pub async fn run_secondary(
     match notice {
         Some(n) if cfg.insecure_no_auth => tracing::warn!("{n}"),
         Some(n) => tracing::info!("{n}"),
-        None => tracing::info!(listen = %cfg.listen, "peers must prove the --psk-file key"),
+        None => tracing::info!(
+            listen = %cfg.listen,
+            tls = cfg.tls.is_some(),
+            key = cfg.key.is_some(),
+            "peers must present a certificate of our CA and/or prove the --psk-file key"
+        ),
     }
     let (stop_tx, stop_rx) = stop_pair();
     let listener = bind(&cfg.listen).await?;

@@ -16,6 +16,7 @@ use crate::epoch::{BoxFuture, CheckpointLink, Epoch, EpochError, EpochSummary};
 use crate::nbd::client::connect_control;
 use crate::nbd::transport::{Endpoint, ReadHalf, WriteHalf};
 use crate::nbd::NbdError;
+use crate::tls::ClientTls;
 
 /// What the primary says about itself in HELLO.
 #[derive(Debug, Clone)]
@@ -97,9 +98,10 @@ impl PeerLink {
         opts: LinkOptions,
         timeout: Duration,
         key: Option<&PeerKey>,
+        tls: Option<&ClientTls>,
     ) -> Result<(Arc<Self>, BufReader<ReadHalf>, Welcome), AttemptError> {
         let (mut rd, mut wr, session_key) =
-            connect_control(ep, timeout, key)
+            connect_control(ep, timeout, key, tls)
                 .await
                 .map_err(|e| match e {
                     // A key the secondary refuses will not work on the next try either;

@@ -33,6 +33,7 @@ use crate::digest::{self, DIGEST_BLOCK};
 use crate::epoch::{BoxFuture, CheckpointLink, CheckpointTrigger, Epoch, EpochError, EpochSummary};
 use crate::nbd::client::{ClientOptions, NbdClient};
 use crate::nbd::transport::Endpoint;
+use crate::tls::ClientTls;
 
 /// Blocks per unit of a checksum sync and of `verify` (64 KiB chunks).
 pub const CHUNK_BLOCKS: u64 = 16;
@@ -54,6 +55,8 @@ pub struct ReplicatorOptions {
     pub retry: Duration,
     /// The key both nodes share (`--psk-file`); None on a loopback-only pair without one.
     pub key: Option<PeerKey>,
+    /// TLS to the secondary (`--tls-cert/--tls-key/--tls-ca`).
+    pub tls: Option<ClientTls>,
 }
 
 /// Why an attempt failed.
@@ -161,6 +164,7 @@ impl Replicator {
             self.opts.link,
             self.opts.connect_timeout,
             self.opts.key.as_ref(),
+            self.opts.tls.as_ref(),
         )
         .await
         {
@@ -237,6 +241,7 @@ impl Replicator {
                 connect_timeout: self.opts.connect_timeout,
                 request_timeout: Some(Duration::from_secs(30)),
                 session: link.session_key(),
+                tls: self.opts.tls.clone(),
             },
         )
         .await

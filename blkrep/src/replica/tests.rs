@@ -208,6 +208,7 @@ async fn start_primary_keyed(
             reconnect_timeout: Duration::from_secs(5),
             retry: Duration::from_millis(50),
             key,
+            tls: None,
         },
         stop_rx,
     );
@@ -479,7 +480,7 @@ async fn control_conn(
     tokio::io::BufReader<crate::nbd::transport::ReadHalf>,
     tokio::io::BufWriter<crate::nbd::transport::WriteHalf>,
 ) {
-    let (rd, wr, _) = connect_control(ep, Duration::from_secs(5), None)
+    let (rd, wr, _) = connect_control(ep, Duration::from_secs(5), None, None)
         .await
         .unwrap();
     (rd, wr)
@@ -1159,7 +1160,8 @@ fn not_a_secondary_is_a_clear_error() {
             misses: 3,
             commit_timeout: Duration::from_secs(1),
         };
-        let Err(e) = PeerLink::connect(&ep, hello, opts, Duration::from_secs(5), None).await else {
+        let Err(e) = PeerLink::connect(&ep, hello, opts, Duration::from_secs(5), None, None).await
+        else {
             panic!("a plain NBD server accepted the control protocol");
         };
         let e = e.to_string();
@@ -1328,6 +1330,7 @@ fn split_brain_is_refused_and_discard_my_data_converges_by_checksum() {
                 reconnect_timeout: Duration::from_secs(5),
                 retry: Duration::from_millis(50),
                 key: None,
+                tls: None,
             },
             stop_rx,
         );
@@ -1435,7 +1438,7 @@ fn online_verify_finds_a_block_that_differs_and_only_that() {
 // Peer authentication: only a node that holds the key becomes the peer.
 
 async fn control_refusal(ep: &Endpoint, key: Option<&PeerKey>) -> String {
-    match connect_control(ep, Duration::from_secs(5), key).await {
+    match connect_control(ep, Duration::from_secs(5), key, None).await {
         Ok(_) => panic!("the control channel opened"),
         Err(e) => e.to_string(),
     }
@@ -1518,7 +1521,7 @@ async fn an_authenticated_pair_replicates_and_strangers_get_nothing() {
     );
     // A control channel with the right key whose session never resumed: its key opens no
     // data connection (only the running session's does).
-    let (_rd, _wr, other) = connect_control(&s.ep, Duration::from_secs(5), Some(&key2))
+    let (_rd, _wr, other) = connect_control(&s.ep, Duration::from_secs(5), Some(&key2), None)
         .await
         .unwrap();
     let e = NbdClient::connect(
