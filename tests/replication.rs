@@ -2186,3 +2186,94 @@ fn peer_key_mistakes_are_clear_errors() {
     let v = status(&pair.p_sock).expect("status");
     assert_eq!(v["mode"].str(), Some("replicating"), "{v}");
 }
+
+/// A pair whose replication link runs over TLS, both nodes presenting a certificate of the
+/// test CA (and the peer key on top): replicates under fio, and a primary with another CA's
+/// certificate, or without TLS, is refused with a message that says so.
+#[test]
+fn a_tls_pair_replicates_and_refuses_other_certificates() {
+    use lockstep_tests::tls::TestPki;
+    require("fio", "fio");
+    require("openssl", "openssl");
+    require("cmp", "diffutils");
+    let _g = heavy();
+    let dir = scratch();
+    let pki = TestPki::generate(&dir.path().join("pki"));
+    let key = key_file(
+        dir.path(),
+        "peer.key",
+        "a secret both nodes share, 32 bytes",
+    );
+    let tls = |cert: &Path, k: &Path, ca: &Path| {
+        s(&[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            k.to_str().unwrap(),
+            "--tls-ca",
+            ca.to_str().unwrap(),
+        ])
+    };
+    let mut sflags = tls(&pki.server_cert(), &pki.server_key(), &pki.ca());
+    sflags.extend(s(&["--psk-file", key.to_str().unwrap()]));
+    let mut pflags = tls(&pki.client_cert(), &pki.client_key(), &pki.ca());
+    pflags.extend(s(&[
+        "--psk-file",
+        key.to_str().unwrap(),
+        "--checkpoint-interval",
+        "100ms",
+    ]));
+    let (mut pair, _) = Pair::start_full(dir.path(), "64M", &pflags, &sflags, false);
+    let mut fio = start_fio(
+        dir.path(),
+        "fio-load",
+        &rated(load_job(&pair.uri(), Some(5), 8, "64M", 4)),
+    );
+    fio_ok(&mut fio, "fio over a TLS link", &pair.logs());
+    let v = status(&pair.p_sock).expect("status");
+    assert_eq!(v["mode"].str(), Some("replicating"), "{v}");
+
+    // Another primary: a certificate of another CA, then no TLS at all.
+    let other = |flags: &[String]| {
+        let mut a = s(&[
+            "primary",
+            "--disk",
+            dir.path().join("p2.img").to_str().unwrap(),
+            "--size",
+            "64M",
+            "--export",
+            &format!("127.0.0.1:{}", free_port()),
+            "--secondary",
+            &pair.listen,
+            "--control",
+            dir.path().join("p2.sock").to_str().unwrap(),
+            "--connect-timeout",
+            "3s",
+        ]);
+        a.extend(flags.iter().cloned());
+        lockstep(&refs(&a), T)
+    };
+    let (ok, _, err) = other(&tls(&pki.rogue_cert(), &pki.rogue_key(), &pki.ca()));
+    assert!(!ok && err.contains("TLS"), "a rogue certificate: {err}");
+    let (ok, _, err) = other(&s(&["--psk-file", key.to_str().unwrap()]));
+    assert!(!ok, "a primary without TLS started: {err}");
+    assert!(
+        pair.secondary.log_text().contains("TLS handshake"),
+        "the secondary logged no refused handshake"
+    );
+
+    let (p_img, s_img) = (pair.p_img.clone(), pair.s_img.clone());
+    let logs = pair.logs();
+    pair.primary.signal(libc::SIGTERM);
+    pair.primary.wait(Duration::from_secs(60));
+    let out = run(
+        "cmp",
+        &[p_img.to_str().unwrap(), s_img.to_str().unwrap()],
+        T,
+    );
+    assert!(
+        out.status.success(),
+        "the images differ after replicating over TLS: {}\n{logs}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -168,6 +168,18 @@ impl ClientTls {
     }
 }
 
+/// What a failed read or write on a TLS connection means for the operator, when it was the
+/// peer refusing the handshake (a TLS 1.3 client learns of it at its first read).
+pub fn refusal(e: &io::Error) -> Option<String> {
+    let inner = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    Some(match inner {
+        rustls::Error::AlertReceived(alert) => {
+            format!("TLS: the peer refused our certificate or handshake ({alert:?}): do both nodes use certificates of the same CA?")
+        }
+        other => format!("TLS: {other}"),
+    })
+}
+
 /// Put two halves back together, with bytes already read from `rd` in front.
 fn joined(
     buffered: Vec<u8>,

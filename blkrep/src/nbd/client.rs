@@ -596,9 +596,23 @@ async fn greet(
     peer: &str,
 ) -> Result<bool, NbdError> {
     let mut g = [0u8; codec::GREETING_LEN];
-    rd.read_exact(&mut g)
-        .await
-        .map_err(NbdError::io(format!("reading the greeting of {peer}")))?;
+    rd.read_exact(&mut g).await.map_err(|e| {
+        if let Some(reason) = crate::tls::refusal(&e) {
+            return NbdError::Negotiation {
+                peer: peer.into(),
+                reason,
+            };
+        }
+        let hint = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            " (the server closed the connection before greeting us: does it require TLS, --tls-cert/--tls-key/--tls-ca?)"
+        } else {
+            ""
+        };
+        NbdError::Io {
+            context: format!("reading the greeting of {peer}{hint}"),
+            source: e,
+        }
+    })?;
     if g.starts_with(&crate::auth::MAGIC) {
         return Err(NbdError::Negotiation {
             peer: peer.into(),
