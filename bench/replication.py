@@ -52,13 +52,18 @@ WORKLOADS = [
     ("4k randwrite", "randwrite", "4k"),
     ("1M seq write", "write", "1M"),
 ]
-CONFIGS = ["export", "local", "received", "durable", "qemu", "qemu-tcp"]
+CONFIGS = ["export", "local", "received", "durable", "received-tls", "durable-tls", "qemu", "qemu-tcp"]
 ACK_MODES = ["local", "received", "durable"]
+# Replication with certificates and the peer key on the link: "received-tls" is "received"
+# over TLS (rustls) with --psk-file on top.
+TLS_MODES = ["received-tls", "durable-tls"]
 LABELS = {
     "export": "lockstep export",
     "local": "lockstep ack=local",
     "received": "lockstep ack=received",
     "durable": "lockstep ack=durable",
+    "received-tls": "lockstep received+TLS",
+    "durable-tls": "lockstep durable+TLS",
     "qemu": "qemu replication",
     "qemu-tcp": "qemu replication tcp",
 }
@@ -567,17 +572,54 @@ def lockstep_support():
     return None, None
 
 
+def ack_of(cfg):
+    """The ack mode of a lockstep replication configuration ("received-tls" -> "received")."""
+    return cfg.split("-")[0]
+
+
+def secure_flags(tmp):
+    """The lockstep flags that use the files make_pki(tmp) writes."""
+    pki = tmp / "pki"
+    return ["--tls-cert", str(pki / "node-cert.pem"), "--tls-key", str(pki / "node-key.pem"),
+            "--tls-ca", str(pki / "ca-cert.pem"), "--psk-file", str(pki / "peer.key")]
+
+
+def make_pki(tmp):
+    """A CA and one certificate (serverAuth + clientAuth, localhost/127.0.0.1) signed by it,
+    and a peer key, for the TLS configurations."""
+    pki = tmp / "pki"
+    pki.mkdir(exist_ok=True)
+    ext = pki / "ext.cnf"
+    ext.write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                   "extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    def ossl(*a):
+        subprocess.run(["openssl", *a], check=True, capture_output=True, timeout=30)
+    for k in ("ca", "node"):
+        ossl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(pki / f"{k}-key.pem"))
+    ossl("req", "-x509", "-new", "-key", str(pki / "ca-key.pem"), "-subj", "/CN=bench-ca", "-days", "2",
+         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=keyCertSign,cRLSign",
+         "-out", str(pki / "ca-cert.pem"))
+    ossl("req", "-new", "-key", str(pki / "node-key.pem"), "-subj", "/CN=localhost", "-out", str(pki / "node.csr"))
+    ossl("x509", "-req", "-in", str(pki / "node.csr"), "-CA", str(pki / "ca-cert.pem"), "-CAkey",
+         str(pki / "ca-key.pem"), "-set_serial", "2", "-days", "2", "-extfile", str(ext),
+         "-out", str(pki / "node-cert.pem"))
+    key = pki / "peer.key"
+    key.write_text(os.urandom(24).hex())
+    key.chmod(0o600)
+
+
 def lockstep_cmds(cfg, args, tmp, files, port, link_port):
     if cfg == "export":
         return {"export": [str(LOCKSTEP), "export", "--disk", str(files["pri"]), "--size", str(args.size),
                            "--listen", f"127.0.0.1:{port}"]}
+    secure = secure_flags(tmp) if cfg in TLS_MODES else []
     return {
         "secondary": [str(LOCKSTEP), "secondary", "--disk", str(files["sec"]), "--size", str(args.size),
-                      "--listen", f"127.0.0.1:{link_port}", "--control", str(tmp / "sec.sock")],
+                      "--listen", f"127.0.0.1:{link_port}", "--control", str(tmp / "sec.sock"), *secure],
         "primary": [str(LOCKSTEP), "primary", "--disk", str(files["pri"]), "--size", str(args.size),
                     "--export", f"127.0.0.1:{port}", "--secondary", f"127.0.0.1:{link_port}",
-                    "--control", str(tmp / "pri.sock"), "--ack", cfg,
-                    "--checkpoint-interval", f"{args.interval}ms"],
+                    "--control", str(tmp / "pri.sock"), "--ack", ack_of(cfg),
+                    "--checkpoint-interval", f"{args.interval}ms", *secure],
     }
 
 
@@ -603,6 +645,8 @@ def run_lockstep(cfg, rw, bs, args, tmp, files):
         files[f].unlink(missing_ok=True)  # lockstep creates them (sparse) from --size
     for s in ("sec.sock", "pri.sock"):
         (tmp / s).unlink(missing_ok=True)
+    if cfg in TLS_MODES:
+        make_pki(tmp)
     cmds = lockstep_cmds(cfg, args, tmp, files, port, link_port)
     procs = {}
     fio = None
@@ -677,8 +721,9 @@ def table(results, configs, unavailable):
                 why = "n/a" if cfg in unavailable else "FAILED"
                 rows.append([name, label(cfg), why] + ["-"] * (len(head) - 3))
                 continue
-            ratio_base = f"{r['iops'] / base['iops']:.2f}x" if cfg in ACK_MODES and base and base.get("iops") else "-"
-            ratio_qemu = f"{r['iops'] / qemu['iops']:.2f}x" if cfg in ACK_MODES and qemu and qemu.get("iops") else "-"
+            repl = ack_of(cfg) in ACK_MODES
+            ratio_base = f"{r['iops'] / base['iops']:.2f}x" if repl and base and base.get("iops") else "-"
+            ratio_qemu = f"{r['iops'] / qemu['iops']:.2f}x" if repl and qemu and qemu.get("iops") else "-"
             pause, total = r.get("pause_us") or {}, r.get("total_us") or {}
             ck = r.get("checkpoints")
             rows.append([name, label(cfg), f"{r['iops']:,.0f}", f"{r['mbps']:,.1f}", ratio_base, ratio_qemu,
@@ -761,8 +806,8 @@ def main():
         if export_why and "export" in args.configs:
             unavailable["export"] = export_why
             print(f"lockstep export: not available ({export_why})")
-        if repl_why and any(c in ACK_MODES for c in args.configs):
-            for c in ACK_MODES:
+        if repl_why and any(ack_of(c) in ACK_MODES for c in args.configs):
+            for c in ACK_MODES + TLS_MODES:
                 if c in args.configs:
                     unavailable[c] = repl_why
             print(f"lockstep primary/secondary: not available ({repl_why})")
@@ -824,6 +869,12 @@ def main():
     print(table(results, args.configs, unavailable))
     print("\n(/export and /qemu: IOPS of the lockstep ack mode divided by unreplicated lockstep and by QEMU "
           "replication; pause and total in ms)")
+    for name, _rw, _bs in WORKLOADS:
+        for cfg in TLS_MODES:
+            tls, plain = results[name].get(cfg, {}), results[name].get(ack_of(cfg), {})
+            if tls.get("iops") and plain.get("iops"):
+                print(f"TLS cost, {name}, {ack_of(cfg)}: {tls['iops'] / plain['iops']:.2f}x of the same mode "
+                      f"without TLS ({tls['iops']:,.0f} vs {plain['iops']:,.0f} IOPS)")
     for cfg, why in unavailable.items():
         print(f"{label(cfg)}: not available ({why})")
 
