@@ -1850,6 +1850,12 @@ fn split_brain_is_refused_until_discard_my_data() {
         true,
     );
     let proxy = proxy.expect("proxy");
+    // The risk this test is about is on the operator's screen.
+    let (ok, out, err) = lockstep(&["status", "--control", pair.s_sock.to_str().unwrap()], T);
+    assert!(
+        ok && out.contains("RISK") && out.contains("cannot tell a dead primary from a cut link"),
+        "{out}{err}"
+    );
     let mut fio = start_fio(
         dir.path(),
         "fio-load",
@@ -2100,6 +2106,8 @@ fn hostile_peers_without_the_key_change_nothing() {
     let sv = status(&pair.s_sock).expect("secondary status");
     assert_eq!(sv["mode"].str(), Some("replicating"), "{sv}");
     assert!(sv["failover"] == Json::Null, "{sv}");
+    assert_eq!(jbool(&sv["peer_auth"]["psk"]), Some(true), "{sv}");
+    assert_eq!(jbool(&sv["peer_auth"]["tls"]), Some(false), "{sv}");
     let logs = pair.logs();
     assert!(
         logs.contains("wrong key") || logs.contains("closing connection"),

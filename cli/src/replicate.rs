@@ -449,6 +449,19 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
             ),
         );
         row("generation", text(&v["generation"]));
+        let pa = &v["peer_auth"];
+        if pa.is_object() {
+            let how = match (pa["tls"].as_bool(), pa["psk"].as_bool()) {
+                (Some(true), Some(true)) => "TLS certificates and peer key",
+                (Some(true), _) => "TLS certificates",
+                (_, Some(true)) => "peer key (--psk-file)",
+                _ => "none",
+            };
+            row("peer authentication", how.to_string());
+            for r in pa["risks"].as_array().into_iter().flatten() {
+                row("RISK", text(r));
+            }
+        }
         if !v["failover"].is_null() {
             row(
                 "failover",

@@ -409,7 +409,10 @@ pub async fn run_secondary(
         let l = bind(ep).await?;
         tasks.push(tokio::spawn(view.serve(l, stop_rx.clone())));
     }
-    let handler = Arc::new(SecondaryAdmin { sec: sec.clone() });
+    let handler = Arc::new(SecondaryAdmin {
+        sec: sec.clone(),
+        peer_auth: peer_auth_status(&cfg),
+    });
     let admin_task = admin::serve(cfg.control.clone(), handler, stop_rx.clone())
         .await
         .map_err(|e| e.to_string())?;
@@ -432,6 +435,8 @@ pub async fn run_secondary(
 
 struct SecondaryAdmin {
     sec: Arc<Secondary>,
+    /// How primaries prove themselves on the listen port, for `status`.
+    peer_auth: Value,
 }
 
 impl AdminHandler for SecondaryAdmin {
@@ -440,7 +445,11 @@ impl AdminHandler for SecondaryAdmin {
         let req = req.clone();
         Box::pin(async move {
             match cmd.as_str() {
-                "status" => Ok(self.sec.status()),
+                "status" => {
+                    let mut v = self.sec.status();
+                    v["peer_auth"] = self.peer_auth.clone();
+                    Ok(v)
+                }
                 "failover" => {
                     let to: FailoverTarget = req
                         .get("to")
@@ -478,6 +487,27 @@ impl AdminHandler for SecondaryAdmin {
             }
         })
     }
+}
+
+/// What `status` says about who may become this secondary's primary, and what automatic
+/// failover risks.
+fn peer_auth_status(cfg: &SecondaryConfig) -> Value {
+    let mut risks = Vec::new();
+    if cfg.key.is_none() && cfg.tls.is_none() {
+        risks.push(if cfg.insecure_no_auth {
+            "no peer authentication (--insecure-no-auth): anyone who reaches the listen address can write this disk, pose as its primary or make it fail over"
+        } else {
+            "no peer authentication: any local process can reach the loopback listen port"
+        });
+    }
+    if cfg.secondary.on_peer_loss == PeerLossPolicy::Failover {
+        risks.push("--on-peer-loss failover cannot tell a dead primary from a cut link: if the primary is alive, this makes two writable nodes; prefer fencing or a cluster manager's quorum");
+    }
+    json!({
+        "psk": cfg.key.is_some(),
+        "tls": cfg.tls.is_some(),
+        "risks": risks,
+    })
 }
 
 /// Start a ublk device over `backend` if asked to.
