@@ -1950,6 +1950,18 @@ fn key_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
     p
 }
 
+/// Resident memory of a process, KiB.
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .expect("VmRSS")
+}
+
 /// What a raw connection that sends `bytes` at once gets back before the port closes it.
 fn raw_exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
     use std::io::{Read, Write};
@@ -2082,6 +2094,7 @@ fn hostile_peers_without_the_key_change_nothing() {
     );
 
     // A flood of idle connections from another host while the primary must reconnect.
+    let rss_before = rss_kib(pair.secondary.pid());
     let stop = Arc::new(AtomicBool::new(false));
     let flooder = flood(pair.listen.clone(), 200, stop.clone());
     sleep_ms(1000);
@@ -2100,6 +2113,11 @@ fn hostile_peers_without_the_key_change_nothing() {
     stop.store(true, Ordering::Relaxed);
     let flooded = flooder.join().expect("flood thread");
     assert!(flooded > 8, "the flood opened only {flooded} connections");
+    let rss_after = rss_kib(pair.secondary.pid());
+    assert!(
+        rss_after < rss_before + (64 << 10),
+        "the secondary grew from {rss_before} KiB to {rss_after} KiB under the flood"
+    );
     assert_eq!(v["mode"].str(), Some("replicating"), "{v}");
 
     fio_ok(&mut fio, "fio during the attacks", &pair.logs());

@@ -26,6 +26,7 @@ use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::nbd::{Endpoint, Listener};
 use crate::storage::{Backend, IoBuf, MemoryBackend};
 
+mod fuzz;
 mod powercut;
 
 const SIZE: u64 = 64 * 4096 + 1000;

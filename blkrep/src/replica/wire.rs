@@ -794,7 +794,7 @@ pub fn decode_frame(b: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -809,7 +809,8 @@ mod tests {
         })
     }
 
-    fn message() -> impl Strategy<Value = Message> {
+    /// Any message, with any field values (the fuzz tests of the secondary use it too).
+    pub(crate) fn message() -> impl Strategy<Value = Message> {
         let ack = prop_oneof![
             Just(AckMode::Local),
             Just(AckMode::Received),
