@@ -234,6 +234,39 @@ impl DiskBuffer {
         }
     }
 
+    /// Every block with an original in an open epoch, sorted: what a roll-back to the last
+    /// checkpoint rewrites on the disk.
+    pub fn original_blocks(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .originals
+            .values()
+            .flat_map(|m| m.keys())
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// The checkpoint content of `block`: its original in the oldest open epoch that has one.
+    pub fn oldest_original(&self, block: u64) -> io::Result<Option<Vec<u8>>> {
+        match self.originals.values().find_map(|m| m.get(&block)) {
+            Some(s) => self.load(s).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Forget every original (they were written back to the disk); the secondary's own
+    /// writes stay.
+    pub fn drop_originals(&mut self) {
+        for (_, m) in std::mem::take(&mut self.originals) {
+            for (_, s) in m {
+                self.release(s);
+            }
+        }
+        self.shrink_spill();
+    }
+
     /// Forget the secondary's own writes.
     pub fn drop_local(&mut self) {
         for (_, s) in std::mem::take(&mut self.local) {

@@ -1169,6 +1169,38 @@ impl Secondary {
         });
     }
 
+    /// A new session begins after an interrupted one: write the originals of every open
+    /// epoch back, so that the disk is exactly the last checkpoint again before the primary
+    /// compares and resends. Whatever the interrupted epochs wrote here — forwarded writes,
+    /// or anything else that reached the disk through a data connection of that session —
+    /// is gone, and the primary's dirty bitmap (every block of every uncommitted epoch, and
+    /// every write since) decides alone what comes back. Returns the blocks rewritten.
+    async fn roll_back_open(&self) -> Result<u64> {
+        // No forwarded request is in progress after this.
+        let _x = self.barrier.write().await;
+        let blocks = self.inner().buffer.original_blocks();
+        let size = self.disk.size();
+        for &b in &blocks {
+            let data = self
+                .inner()
+                .buffer
+                .oldest_original(b)
+                .map_err(|e| spill_error(b * BUFFER_BLOCK, BUFFER_BLOCK, e))?;
+            let Some(mut data) = data else { continue };
+            let off = b * BUFFER_BLOCK;
+            let len = BUFFER_BLOCK.min(size - off);
+            data.truncate(len as usize);
+            self.disk
+                .write_at(off, IoBuf::from_slice(&data), false)
+                .await?;
+        }
+        if !blocks.is_empty() {
+            self.sync.sync(&*self.disk).await?;
+            self.inner().buffer.drop_originals();
+        }
+        Ok(blocks.len() as u64)
+    }
+
     /// RESUME: the sync's comparison is done; take forwarded writes again from `epoch` on,
     /// on data connections that prove `key` when the port authenticates peers.
     async fn resume(&self, epoch: u64, key: Option<SessionKey>) -> std::result::Result<(), String> {
@@ -1280,6 +1312,25 @@ async fn run_control(
         )
         .await;
         return;
+    }
+    match s.roll_back_open().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            %peer,
+            blocks = n,
+            "rolled the interrupted epochs back to the last checkpoint"
+        ),
+        Err(e) => {
+            let reason = format!("rolling the interrupted epochs back: {e}");
+            s.set_error(format!("primary {peer}: {reason}"));
+            let _ = send(&wr, &refuse(reason)).await;
+            let mut i = s.inner();
+            if i.mode == Mode::Syncing {
+                i.mode = Mode::Paused;
+                i.token += 1;
+            }
+            return;
+        }
     }
     let (committed, consistent) = {
         let i = s.inner();

@@ -1549,3 +1549,54 @@ async fn an_authenticated_pair_replicates_and_strangers_get_nothing() {
     assert!(next > epoch);
     assert_eq!(s.disk.snapshot(), p.disk.snapshot());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Divergence the protocol did not cause: a stranger on a port without a key writes a block
+// through the replica export. The checkpoint of that epoch aborts; the reconnect rolls the
+// interrupted epochs back to the checkpoint, so the resync restores the block even though the
+// primary never wrote it.
+
+#[test]
+fn a_block_written_by_a_stranger_is_rolled_back_by_the_next_session() {
+    rt().block_on(async {
+        let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
+        let proxy = CutProxy::start(&s.ep).await;
+        let p = start_primary(&proxy.ep, AckMode::Received).await;
+        tokio::spawn(p.repl.clone().run());
+        fill_blocks(&p.primary, 0..8, 1).await;
+        p.coord.checkpoint().await.unwrap();
+        // The stranger: a data connection of the running session, one 4 KiB write to a
+        // block the primary never touches.
+        let c = NbdClient::connect(
+            &s.ep,
+            &ClientOptions {
+                export: REPLICA_EXPORT.into(),
+                ..ClientOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        c.write_at(40 * 4096, IoBuf::from_slice(&[0x55; 4096]), false)
+            .await
+            .unwrap();
+        assert_eq!(s.disk.snapshot()[40 * 4096], 0x55, "the write landed");
+        fill_blocks(&p.primary, 2..4, 2).await;
+        // Its epoch cannot commit (the secondary counted a write the primary did not send).
+        assert!(p.coord.checkpoint().await.is_err());
+        // The abort pauses the primary, which reconnects: a second session.
+        wait_for("a second session, resynced", || {
+            p.repl.status()["sessions"].as_u64() >= Some(2)
+                && p.primary.mode() == PrimaryMode::Replicating
+                && p.primary.status()["resyncing"] == serde_json::Value::Bool(false)
+        })
+        .await;
+        p.coord.checkpoint().await.unwrap();
+        assert_eq!(
+            s.disk.snapshot(),
+            p.disk.snapshot(),
+            "the stranger's block survived the resync"
+        );
+        drop(proxy);
+        assert_eq!(s.sec.status()["consistent"], true);
+    });
+}
