@@ -209,31 +209,6 @@ impl DiskBuffer {
         self.shrink_spill();
     }
 
-    /// Merge the originals of every open epoch into one set (the oldest original of each
-    /// block wins) that the next commit drops, whatever epoch it names: replication resumes
-    /// after an interruption and those epochs will never be committed one by one.
-    pub fn collapse_open(&mut self) {
-        let all = std::mem::take(&mut self.originals);
-        let mut merged: HashMap<u64, Slot> = HashMap::new();
-        let mut extra = Vec::new();
-        for (_, m) in all {
-            for (b, slot) in m {
-                match merged.entry(b) {
-                    std::collections::hash_map::Entry::Occupied(_) => extra.push(slot),
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(slot);
-                    }
-                }
-            }
-        }
-        for slot in extra {
-            self.release(slot);
-        }
-        if !merged.is_empty() {
-            self.originals.insert(0, merged);
-        }
-    }
-
     /// Every block with an original in an open epoch, sorted: what a roll-back to the last
     /// checkpoint rewrites on the disk.
     pub fn original_blocks(&self) -> Vec<u64> {
@@ -365,22 +340,27 @@ mod tests {
     }
 
     #[test]
-    fn collapsed_epochs_keep_the_oldest_original() {
+    fn a_roll_back_sees_the_oldest_original_and_keeps_local_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let mut b = DiskBuffer::new(1 << 20, dir.path().join("spill"));
         b.put_original(5, 1, Some(&blk(5))).unwrap();
         b.put_original(6, 1, Some(&blk(6))).unwrap();
-        b.put_original(6, 2, Some(&blk(7))).unwrap();
-        b.collapse_open();
-        assert_eq!(b.stats().epochs, 1);
-        assert_eq!(b.stats().blocks, 2);
-        assert_eq!(b.view(1).unwrap(), Some(blk(5)));
-        b.put_original(9, 1, Some(&blk(9))).unwrap();
+        b.put_original(6, 2, None).unwrap();
+        b.put_local(3, &blk(8)).unwrap();
+        assert_eq!(b.original_blocks(), vec![1, 2]);
+        assert_eq!(b.oldest_original(1).unwrap(), Some(blk(5)));
         assert_eq!(
-            b.view(1).unwrap(),
-            Some(blk(5)),
-            "collapsed originals are the oldest"
+            b.oldest_original(2).unwrap(),
+            Some(vec![0; BUFFER_BLOCK as usize])
         );
+        assert_eq!(
+            b.oldest_original(3).unwrap(),
+            None,
+            "local blocks are no originals"
+        );
+        b.drop_originals();
+        assert_eq!(b.stats().epochs, 0);
+        assert_eq!(b.view(3).unwrap(), Some(blk(8)));
         b.commit(9);
         assert_eq!(b.stats(), BufferStats::default());
     }

@@ -1214,9 +1214,8 @@ impl Secondary {
             if epoch == 0 {
                 return Err("RESUME to epoch 0".into());
             }
-            // The interrupted epochs are never committed on their own: their originals
-            // together are the last checkpoint's state of those blocks.
-            i.buffer.collapse_open();
+            // The interrupted epochs were rolled back at HELLO: no originals are left.
+            debug_assert_eq!(i.buffer.stats().epochs, 0);
             i.token += 1;
             i.session_key = key;
             i.current = epoch;
