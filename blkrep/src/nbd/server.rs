@@ -1145,13 +1145,20 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
 
 /// Budget units a request holds until its reply is written: payload or read data, and at
 /// least one unit so that even empty requests are bounded.
+/// What one request may hold of the connection's byte budget until its reply is written:
+/// its data, and at least [`REQUEST_OVERHEAD`] for the request itself and an error reply's
+/// message, so that a client that sends refused requests and reads no replies runs out of
+/// budget (and waits) long before the server runs out of memory.
 fn request_cost(req: &Request) -> u32 {
     let bytes = match req.command {
         CMD_READ | CMD_WRITE => req.length.min(MAX_PAYLOAD),
         _ => 0,
     };
-    bytes.max(1)
+    bytes.max(REQUEST_OVERHEAD)
 }
+
+/// The least a request costs in the in-flight budget (its reply, an error message).
+const REQUEST_OVERHEAD: u32 = 512;
 
 fn transmission_flags(e: &Export, structured: bool) -> u16 {
     let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_CACHE;
