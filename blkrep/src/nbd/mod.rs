@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod codec;
+mod guard;
 pub mod proto;
 pub mod server;
 pub mod transport;

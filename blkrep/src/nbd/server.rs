@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::codec::{self, CodecError, InfoRequest, MetaContextRequest, Request};
+use super::guard::{Handshake, PortAuth};
 use super::proto::*;
 use super::transport::{Listener, ReadHalf, WriteHalf};
 use super::{errno_to_nbd, NbdError};
@@ -172,85 +173,6 @@ pub struct NbdServer {
     starttls: Option<ServerTls>,
 }
 
-/// What a port demands before NBD: TLS from the first byte, the peer key, or both (TLS
-/// first); and the budget of such handshakes.
-#[derive(Debug)]
-struct PortAuth {
-    /// The peer key, and where data connections find their session.
-    key: Option<(PeerKey, Arc<dyn SessionKeys>)>,
-    tls: Option<ServerTls>,
-    handshakes: Arc<Semaphore>,
-    per_host: HostCounts,
-    /// Connections closed for want of an exchange slot since the last log line.
-    closed: AtomicU64,
-    last_warn: std::sync::Mutex<std::time::Instant>,
-}
-
-/// Key exchanges in progress per IP address.
-type HostCounts = Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>;
-
-/// One key exchange in progress, counted in the port's and its host's budgets until dropped.
-#[derive(Debug)]
-struct Handshake {
-    _slot: OwnedSemaphorePermit,
-    host: Option<(std::net::IpAddr, HostCounts)>,
-}
-
-impl Drop for Handshake {
-    fn drop(&mut self) {
-        if let Some((ip, map)) = &self.host {
-            let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = m.get_mut(ip) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(ip);
-                }
-            }
-        }
-    }
-}
-
-impl PortAuth {
-    /// Log a connection closed for want of an exchange slot: a flood would flood the log
-    /// too, so one line a second with the count.
-    fn report_closed(&self, peer: &str, why: &str) {
-        let n = self.closed.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut last = self.last_warn.lock().unwrap_or_else(|e| e.into_inner());
-        if last.elapsed() >= Duration::from_secs(1) {
-            *last = std::time::Instant::now();
-            self.closed.store(0, Ordering::Relaxed);
-            tracing::warn!(%peer, "{why}; closed {n} new connection(s) since the last report");
-        }
-    }
-
-    /// A place for one more key exchange from `peer` ("ip:port", or a unix socket), or why
-    /// there is none.
-    fn admit(&self, peer: &str, per_host: usize) -> Result<Handshake, &'static str> {
-        let slot = self
-            .handshakes
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| "too many unauthenticated connections")?;
-        let Ok(addr) = peer.parse::<std::net::SocketAddr>() else {
-            return Ok(Handshake {
-                _slot: slot,
-                host: None,
-            });
-        };
-        let ip = addr.ip();
-        let mut m = self.per_host.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_insert(0);
-        if *n >= per_host {
-            return Err("too many unauthenticated connections from this host");
-        }
-        *n += 1;
-        Ok(Handshake {
-            _slot: slot,
-            host: Some((ip, self.per_host.clone())),
-        })
-    }
-}
-
 /// What negotiation settled for the transmission phase.
 #[derive(Debug)]
 struct Session {
@@ -338,18 +260,7 @@ impl NbdServer {
 
     fn port_auth(&mut self) -> &mut PortAuth {
         let handshakes = self.opts.max_handshakes;
-        self.auth.get_or_insert_with(|| PortAuth {
-            key: None,
-            tls: None,
-            handshakes: Arc::new(Semaphore::new(handshakes)),
-            per_host: Arc::default(),
-            closed: AtomicU64::new(0),
-            last_warn: std::sync::Mutex::new(
-                std::time::Instant::now()
-                    .checked_sub(Duration::from_secs(2))
-                    .unwrap_or_else(std::time::Instant::now),
-            ),
-        })
+        self.auth.get_or_insert_with(|| PortAuth::new(handshakes))
     }
 
     /// Count and log a connection closed for what its peer did.
