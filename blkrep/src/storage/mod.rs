@@ -225,6 +225,10 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
     /// Make a range read as zeroes; with `may_unmap`, space may be deallocated.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()>;
+    /// Start writing cached data back to stable storage, without waiting for it, so that
+    /// the next flush has less to do. A hint: durability still comes only from `flush`. May
+    /// block briefly (a full device queue): call it off the async threads.
+    fn start_writeback(&self) {}
     /// Allocation status from `offset` for up to `len` bytes (at least one extent).
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
         let _ = offset;
@@ -265,6 +269,9 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     }
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
         (**self).block_status(offset, len)
+    }
+    fn start_writeback(&self) {
+        (**self).start_writeback()
     }
 }
 

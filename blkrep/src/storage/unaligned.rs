@@ -184,6 +184,9 @@ impl<B: Backend> Backend for Unaligned<B> {
     fn size(&self) -> u64 {
         self.inner.size()
     }
+    fn start_writeback(&self) {
+        self.inner.start_writeback()
+    }
 
     fn alignment(&self) -> u32 {
         1
