@@ -509,14 +509,7 @@ impl Backend for UringFile {
         }
         // SAFETY: sync_file_range(2) on a descriptor this struct owns and keeps open; offset
         // 0 and length 0 mean "to the end of the file"; no memory is passed.
-        unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                0,
-                0,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
+        unsafe { libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
     }
 
     fn alignment(&self) -> u32 {
