@@ -633,23 +633,8 @@ impl Secondary {
             };
             (blocks, i.committed)
         };
-        let size = self.disk.size();
         let r = async {
-            for &b in &blocks {
-                let data = {
-                    let i = self.inner();
-                    i.buffer
-                        .view(b)
-                        .map_err(|e| spill_error(b * BUFFER_BLOCK, BUFFER_BLOCK, e))?
-                };
-                let Some(mut data) = data else { continue };
-                let off = b * BUFFER_BLOCK;
-                let len = BUFFER_BLOCK.min(size - off);
-                data.truncate(len as usize);
-                self.disk
-                    .write_at(off, IoBuf::from_slice(&data), false)
-                    .await?;
-            }
+            self.write_back(&blocks, |buf, b| buf.view(b)).await?;
             self.disk.flush().await
         }
         .await;
@@ -1169,6 +1154,27 @@ impl Secondary {
         });
     }
 
+    /// Write to the disk what `pick` takes from the buffer for each of `blocks` (the last
+    /// block clipped to the disk's size); blocks `pick` has nothing for are left alone.
+    async fn write_back(
+        &self,
+        blocks: &[u64],
+        pick: impl Fn(&DiskBuffer, u64) -> std::io::Result<Option<Vec<u8>>>,
+    ) -> Result<()> {
+        let size = self.disk.size();
+        for &b in blocks {
+            let data = pick(&self.inner().buffer, b)
+                .map_err(|e| spill_error(b * BUFFER_BLOCK, BUFFER_BLOCK, e))?;
+            let Some(mut data) = data else { continue };
+            let off = b * BUFFER_BLOCK;
+            data.truncate(BUFFER_BLOCK.min(size - off) as usize);
+            self.disk
+                .write_at(off, IoBuf::from_slice(&data), false)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// A new session begins after an interrupted one: write the originals of every open
     /// epoch back, so that the disk is exactly the last checkpoint again before the primary
     /// compares and resends. Whatever the interrupted epochs wrote here — forwarded writes,
@@ -1179,21 +1185,8 @@ impl Secondary {
         // No forwarded request is in progress after this.
         let _x = self.barrier.write().await;
         let blocks = self.inner().buffer.original_blocks();
-        let size = self.disk.size();
-        for &b in &blocks {
-            let data = self
-                .inner()
-                .buffer
-                .oldest_original(b)
-                .map_err(|e| spill_error(b * BUFFER_BLOCK, BUFFER_BLOCK, e))?;
-            let Some(mut data) = data else { continue };
-            let off = b * BUFFER_BLOCK;
-            let len = BUFFER_BLOCK.min(size - off);
-            data.truncate(len as usize);
-            self.disk
-                .write_at(off, IoBuf::from_slice(&data), false)
-                .await?;
-        }
+        self.write_back(&blocks, |buf, b| buf.oldest_original(b))
+            .await?;
         if !blocks.is_empty() {
             self.sync.sync(&*self.disk).await?;
             self.inner().buffer.drop_originals();
