@@ -1950,6 +1950,23 @@ fn key_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
     p
 }
 
+/// Stop the primary with SIGTERM (its final checkpoint) and compare the two images with
+/// `cmp`, the real tool, not the daemons' own verify.
+fn stop_and_cmp(pair: &mut Pair, what: &str, logs: &str) {
+    pair.primary.signal(libc::SIGTERM);
+    pair.primary.wait(Duration::from_secs(60));
+    let out = run(
+        "cmp",
+        &[pair.p_img.to_str().unwrap(), pair.s_img.to_str().unwrap()],
+        T,
+    );
+    assert!(
+        out.status.success(),
+        "the images differ {what}: {}\n{logs}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// Resident memory of a process, KiB.
 fn rss_kib(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -2131,19 +2148,7 @@ fn hostile_peers_without_the_key_change_nothing() {
         logs.contains("wrong key") || logs.contains("closing connection"),
         "the secondary logged nothing about the strangers:\n{logs}"
     );
-    let (p_img, s_img) = (pair.p_img.clone(), pair.s_img.clone());
-    pair.primary.signal(libc::SIGTERM);
-    pair.primary.wait(Duration::from_secs(60));
-    let out = run(
-        "cmp",
-        &[p_img.to_str().unwrap(), s_img.to_str().unwrap()],
-        T,
-    );
-    assert!(
-        out.status.success(),
-        "the images differ after the attacks: {}\n{logs}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    stop_and_cmp(&mut pair, "after the attacks", &logs);
 }
 
 #[test]
@@ -2288,18 +2293,6 @@ fn a_tls_pair_replicates_and_refuses_other_certificates() {
         "the secondary logged no refused handshake"
     );
 
-    let (p_img, s_img) = (pair.p_img.clone(), pair.s_img.clone());
     let logs = pair.logs();
-    pair.primary.signal(libc::SIGTERM);
-    pair.primary.wait(Duration::from_secs(60));
-    let out = run(
-        "cmp",
-        &[p_img.to_str().unwrap(), s_img.to_str().unwrap()],
-        T,
-    );
-    assert!(
-        out.status.success(),
-        "the images differ after replicating over TLS: {}\n{logs}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    stop_and_cmp(&mut pair, "after replicating over TLS", &logs);
 }
