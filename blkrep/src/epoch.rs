@@ -20,9 +20,8 @@
 //! ([`CheckpointTrigger::add_bytes`]), and explicit requests (operator command, or netcmp
 //! seeing diverging output) through [`CheckpointTrigger::request`].
 
+use crate::sync::Locked;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -80,8 +79,8 @@ pub enum EpochError {
     NotReplicating(String),
 }
 
-/// A boxed, sendable future.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use crate::latency::Latencies;
+pub use crate::sync::BoxFuture;
 
 /// What a participant tells the secondary about its share of an epoch; the secondary's half
 /// of the participant checks it before committing.
@@ -144,64 +143,6 @@ pub trait CheckpointLink: Send + Sync {
         epoch: Epoch,
         summaries: Vec<EpochSummary>,
     ) -> BoxFuture<'_, Result<(), EpochError>>;
-}
-
-/// Latency samples with percentiles over a sliding window.
-#[derive(Debug)]
-pub struct Latencies {
-    window: Vec<u64>,
-    next: usize,
-    count: u64,
-    max: u64,
-}
-
-const WINDOW: usize = 4096;
-
-impl Default for Latencies {
-    fn default() -> Self {
-        Self {
-            window: Vec::with_capacity(WINDOW),
-            next: 0,
-            count: 0,
-            max: 0,
-        }
-    }
-}
-
-impl Latencies {
-    /// Record one sample, in microseconds.
-    pub fn record(&mut self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        if self.window.len() < WINDOW {
-            self.window.push(us);
-        } else {
-            self.window[self.next] = us;
-        }
-        self.next = (self.next + 1) % WINDOW;
-        self.count += 1;
-        self.max = self.max.max(us);
-    }
-
-    /// The `p`-th percentile (0..=100) of the window, in microseconds.
-    pub fn percentile(&self, p: f64) -> u64 {
-        if self.window.is_empty() {
-            return 0;
-        }
-        let mut v = self.window.clone();
-        v.sort_unstable();
-        let rank = ((p / 100.0) * (v.len() as f64)).ceil() as usize;
-        v[rank.clamp(1, v.len()) - 1]
-    }
-
-    /// p50, p99 and max as JSON, in microseconds.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "p50": self.percentile(50.0),
-            "p99": self.percentile(99.0),
-            "max": self.max,
-            "samples": self.count,
-        })
-    }
 }
 
 /// Why a checkpoint ran.
@@ -364,7 +305,7 @@ impl EpochCoordinator {
     }
 
     fn stats(&self) -> std::sync::MutexGuard<'_, CoordinatorStats> {
-        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+        self.stats.locked()
     }
 
     /// Status: epoch, counters, pause and total latencies, participants.

@@ -27,8 +27,10 @@
 pub mod auth;
 pub mod digest;
 pub mod epoch;
+pub mod latency;
 pub mod nbd;
 pub mod replica;
 pub mod storage;
+pub mod sync;
 pub mod tls;
 pub mod ublk;

@@ -13,6 +13,7 @@
 //!     └──────── reader task ◀───┘
 //! ```
 
+use crate::sync::Locked;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -557,7 +558,7 @@ impl std::fmt::Debug for Shared {
 
 impl Shared {
     fn table(&self) -> std::sync::MutexGuard<'_, PendingTable> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+        self.pending.locked()
     }
 }
 

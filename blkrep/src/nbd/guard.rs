@@ -3,6 +3,7 @@
 //! connection limit, so strangers cannot crowd out a peer that has the credentials. The
 //! exchanges themselves run in `NbdServer::authenticate` ([`crate::auth`], [`crate::tls`]).
 
+use crate::sync::Locked;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -40,7 +41,7 @@ pub(super) struct Handshake {
 impl Drop for Handshake {
     fn drop(&mut self) {
         if let Some((ip, map)) = &self.host {
-            let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+            let mut m = map.locked();
             if let Some(n) = m.get_mut(ip) {
                 *n -= 1;
                 if *n == 0 {
@@ -72,7 +73,7 @@ impl PortAuth {
     /// too, so one line a second with the count.
     pub(super) fn report_closed(&self, peer: &str, why: &str) {
         let n = self.closed.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut last = self.last_warn.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = self.last_warn.locked();
         if last.elapsed() >= Duration::from_secs(1) {
             *last = std::time::Instant::now();
             self.closed.store(0, Ordering::Relaxed);
@@ -95,7 +96,7 @@ impl PortAuth {
             });
         };
         let ip = addr.ip();
-        let mut m = self.per_host.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.per_host.locked();
         let n = m.entry(ip).or_insert(0);
         if *n >= per_host {
             return Err("too many unauthenticated connections from this host");

@@ -21,6 +21,7 @@
 //! | primary's is in the secondary's history | the secondary wrote as a primary later | refused |
 //! | unrelated, or both moved on from a common parent | split-brain | refused, unless the secondary discards its data |
 
+use crate::sync::Locked;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -211,13 +212,13 @@ impl MetaStore {
 
     /// A copy of the metadata.
     pub fn get(&self) -> NodeMeta {
-        self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.meta.locked().clone()
     }
 
     /// Change the metadata and store it; an error leaves the stored copy as it was, and the
     /// change is kept in memory.
     pub fn update(&self, f: impl FnOnce(&mut NodeMeta)) -> Result<NodeMeta, MetaError> {
-        let mut m = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.meta.locked();
         f(&mut m);
         let copy = m.clone();
         if let Some(p) = &self.path {

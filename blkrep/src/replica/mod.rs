@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod buffer;
+pub mod frame;
 pub mod meta;
 pub mod node;
 pub mod peer;
@@ -22,6 +23,9 @@ pub mod primary;
 pub mod secondary;
 pub mod session;
 pub mod wire;
+
+/// Export name of the secondary's replication target on its `--listen` port.
+pub const REPLICA_EXPORT: &str = "lockstep-replica";
 
 /// Participant id of the block layer in checkpoint summaries.
 pub const PARTICIPANT_BLOCK: u16 = 1;

@@ -18,7 +18,7 @@ use super::primary::{BlockParticipant, Primary, PrimaryMode, PrimaryOptions};
 use super::secondary::{PeerLossPolicy, Secondary, SecondaryOptions};
 use super::session::{AttemptError, Replicator, ReplicatorOptions};
 use super::wire::AckMode;
-use super::FailoverTarget;
+use super::{FailoverTarget, REPLICA_EXPORT};
 use crate::auth::{listen_policy, PeerKey};
 use crate::digest::DigestTable;
 use crate::epoch::{BoxFuture, CoordinatorOptions, Epoch, EpochCoordinator, NoGuest};
@@ -27,9 +27,6 @@ use crate::nbd::transport::{Endpoint, Listener};
 use crate::storage::{open_disk, Backend, DiskOptions};
 use crate::tls::{self, ClientTls, TlsFiles};
 use crate::ublk::{self, UblkDevice, UblkOptions};
-
-/// Export name of the secondary's replication target on its `--listen` port.
-pub const REPLICA_EXPORT: &str = "lockstep-replica";
 
 /// A primary daemon's settings.
 #[derive(Debug, Clone)]

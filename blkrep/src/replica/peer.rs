@@ -1,5 +1,6 @@
 //! The primary's end of the control channel: HELLO, checkpoints, heartbeats, peer loss.
 
+use crate::sync::Locked;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -7,8 +8,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{BufReader, BufWriter};
 use tokio::sync::{oneshot, watch};
 
+use super::frame::{read_message, write_message};
 use super::primary::Primary;
-use super::secondary::{read_message, write_message};
 use super::session::AttemptError;
 use super::wire::{AckMode, Message, SyncKind};
 use crate::auth::{AuthError, PeerKey, SessionKey};
@@ -207,15 +208,9 @@ impl PeerLink {
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.sums
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
+        self.sums.locked().insert(id, tx);
         if let Some(r) = self.dead_reason() {
-            self.sums
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            self.sums.locked().remove(&id);
             return Err(format!("link lost: {r}"));
         }
         self.send(&Message::SumsRequest {
@@ -240,7 +235,7 @@ impl PeerLink {
     /// RESUME(epoch) and wait for RESUME_ACK.
     pub async fn resume(&self, epoch: u64) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
-        *self.resume.lock().unwrap_or_else(|e| e.into_inner()) = Some((epoch, tx));
+        *self.resume.locked() = Some((epoch, tx));
         if let Some(r) = self.dead_reason() {
             return Err(format!("link lost: {r}"));
         }
@@ -270,16 +265,12 @@ impl PeerLink {
             loop {
                 match read_message(&mut rd).await {
                     Ok(Message::HeartbeatAck { .. }) => {
-                        *me.last_ack.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                        *me.last_ack.locked() = Instant::now();
                     }
                     Ok(Message::Committed { epoch }) => me.answer(epoch, Ok(())),
                     Ok(Message::Aborted { epoch, reason }) => me.answer(epoch, Err(reason)),
                     Ok(Message::Sums { id, sums }) => {
-                        let w = me
-                            .sums
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&id);
+                        let w = me.sums.locked().remove(&id);
                         match w {
                             Some(w) => {
                                 let _ = w.send(Ok(sums));
@@ -288,7 +279,7 @@ impl PeerLink {
                         }
                     }
                     Ok(Message::ResumeAck { epoch }) => {
-                        let w = me.resume.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        let w = me.resume.locked().take();
                         match w {
                             Some((e, w)) if e == epoch => {
                                 let _ = w.send(Ok(()));
@@ -302,7 +293,7 @@ impl PeerLink {
                     Ok(other) => return format!("unexpected {} from the secondary", other.name()),
                     Err(e) => return e,
                 }
-                *me.last_ack.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                *me.last_ack.locked() = Instant::now();
             }
         };
         let me = self.clone();
@@ -312,11 +303,7 @@ impl PeerLink {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let silent = me
-                    .last_ack
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .elapsed();
+                let silent = me.last_ack.locked().elapsed();
                 let patience = me.opts.heartbeat * me.opts.misses.max(1);
                 if silent > patience {
                     return format!(
@@ -352,12 +339,7 @@ impl PeerLink {
     }
 
     fn answer(&self, epoch: u64, r: Result<(), String>) {
-        if let Some(w) = self
-            .waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&epoch)
-        {
+        if let Some(w) = self.waiters.locked().remove(&epoch) {
             let _ = w.send(r);
         }
     }
@@ -367,18 +349,13 @@ impl PeerLink {
             self.dead.send_replace(Some(reason.to_string()));
         }
         let err = format!("link lost: {reason}");
-        for (_, w) in self
-            .waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-        {
+        for (_, w) in self.waiters.locked().drain() {
             let _ = w.send(Err(err.clone()));
         }
-        for (_, w) in self.sums.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+        for (_, w) in self.sums.locked().drain() {
             let _ = w.send(Err(err.clone()));
         }
-        if let Some((_, w)) = self.resume.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some((_, w)) = self.resume.locked().take() {
             let _ = w.send(Err(err));
         }
     }
@@ -425,10 +402,7 @@ impl CheckpointLink for PeerLink {
                 return Err(lost(r));
             }
             let (tx, rx) = oneshot::channel();
-            self.waiters
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(epoch.0, tx);
+            self.waiters.locked().insert(epoch.0, tx);
             self.send(&Message::Checkpoint {
                 epoch: epoch.0,
                 summaries,

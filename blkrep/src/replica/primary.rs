@@ -13,6 +13,7 @@
 //! once (the forwarder holds the later one back), and their queue order is their order on
 //! the local disk (the range lock covers both), so both disks apply them in the same order.
 
+use crate::sync::{BlockRangeLock, Locked};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -28,7 +29,7 @@ use super::PARTICIPANT_BLOCK;
 use crate::digest::{self, DigestTable, DIGEST_BLOCK};
 use crate::epoch::{BoxFuture, CheckpointTrigger, Epoch, EpochError, EpochSummary, Participant};
 use crate::nbd::client::NbdClient;
-use crate::storage::{check_range, Backend, BlockRangeLock, Extent, IoBuf, IoFuture, Op, Result};
+use crate::storage::{check_range, Backend, Extent, IoBuf, IoFuture, Op, Result};
 
 /// Primary settings.
 #[derive(Debug, Clone)]
@@ -334,7 +335,7 @@ impl Primary {
     }
 
     fn st(&self) -> std::sync::MutexGuard<'_, State> {
-        self.st.lock().unwrap_or_else(|e| e.into_inner())
+        self.st.locked()
     }
 
     /// Where byte-threshold checkpoints are requested.
@@ -786,14 +787,11 @@ impl Primary {
     }
 
     fn take_receiver(&self) -> Option<mpsc::UnboundedReceiver<FwdOp>> {
-        self.queue_rx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        self.queue_rx.locked().take()
     }
 
     fn put_receiver(&self, rx: mpsc::UnboundedReceiver<FwdOp>) {
-        *self.queue_rx.lock().unwrap_or_else(|e| e.into_inner()) = Some(rx);
+        *self.queue_rx.locked() = Some(rx);
     }
 
     /// Forward queued operations to the secondary over `client` until the queue closes or
@@ -991,7 +989,7 @@ impl Primary {
 
 /// Client writes to a range of blocks wait while this is held.
 #[derive(Debug)]
-pub struct BlockLock<'a>(#[allow(dead_code)] crate::storage::RangeGuard<'a>);
+pub struct BlockLock<'a>(#[allow(dead_code)] crate::sync::RangeGuard<'a>);
 
 /// The block layer's part in checkpoints.
 #[derive(Debug)]

@@ -9,26 +9,26 @@
 //!  operator ──failover──────────────▶ Secondary::failover(checkpoint | latest)
 //! ```
 
+use crate::sync::{BlockRangeLock, GroupSync, Locked};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use roaring::RoaringTreemap;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{BufReader, BufWriter};
 
 use super::buffer::{BufferStats, DiskBuffer, BUFFER_BLOCK};
+use super::frame::{read_message, send, SharedWriter};
 use super::meta::{MetaStore, NodeMeta};
-use super::wire::{self, Message, SyncKind, WireError};
+use super::wire::{self, Message, SyncKind};
 use super::{FailoverTarget, PARTICIPANT_BLOCK};
 use crate::auth::{SessionKey, SessionKeys};
 use crate::digest;
 use crate::epoch::{EpochSummary, Latencies};
 use crate::nbd::server::{ControlHandler, EpochSink};
 use crate::nbd::transport::{ReadHalf, WriteHalf};
-use crate::storage::{
-    check_range, Backend, BlockRangeLock, Extent, IoBuf, IoFuture, Op, Result, StorageError,
-};
+use crate::storage::{check_range, Backend, Extent, IoBuf, IoFuture, Op, Result, StorageError};
 
 /// What the secondary does when the primary stops sending heartbeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,62 +165,6 @@ struct Inner {
     mark_drain: Latencies,
 }
 
-/// One flush at a time, shared by every FUA write that arrived before it started.
-#[derive(Debug, Default)]
-struct GroupSync {
-    state: Mutex<SyncState>,
-    done: tokio::sync::Notify,
-}
-
-#[derive(Debug, Default)]
-struct SyncState {
-    started: u64,
-    done: u64,
-    running: bool,
-}
-
-impl GroupSync {
-    /// Return once a flush that started after this call has completed.
-    async fn sync(&self, disk: &dyn Backend) -> Result<()> {
-        let need = self.lock().started + 1;
-        loop {
-            // Either we run the next flush (Ok(gen)) or wait for the running one (Err).
-            let step = {
-                let mut s = self.lock();
-                if s.done >= need {
-                    return Ok(());
-                }
-                if s.running {
-                    Err(self.done.notified())
-                } else {
-                    s.running = true;
-                    s.started += 1;
-                    Ok(s.started)
-                }
-            };
-            match step {
-                Err(notified) => notified.await,
-                Ok(gen) => {
-                    let r = disk.flush().await;
-                    {
-                        let mut s = self.lock();
-                        s.running = false;
-                        if r.is_ok() {
-                            s.done = gen;
-                        }
-                    }
-                    self.done.notify_waiters();
-                    r?;
-                }
-            }
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 /// The secondary node's replication state around its disk.
 #[derive(Debug)]
 pub struct Secondary {
@@ -320,7 +264,7 @@ impl Secondary {
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.locked()
     }
 
     /// The current mode.
@@ -382,7 +326,7 @@ impl Secondary {
             "mark_drain_us": i.mark_drain.to_json(),
             "checkpoint_digest": i.committed_digest.map(|d| format!("{d:016x}")),
             "failover": i.failover,
-            "dirty_blocks": self.dirty.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            "dirty_blocks": self.dirty.locked().len(),
             "last_error": i.last_error,
         })
     }
@@ -730,10 +674,7 @@ impl Secondary {
                 _ => self.disk.write_zeroes(offset, len, true).await,
             };
             if r.is_ok() && len > 0 {
-                self.dirty
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert_range(first..=last);
+                self.dirty.locked().insert_range(first..=last);
             }
             return r;
         }
@@ -1002,47 +943,6 @@ impl ControlHandler for SecondaryControl {
         let s = self.0.clone();
         Box::pin(async move { run_control(s, rd, wr, peer, session).await })
     }
-}
-
-/// Read one frame; errors say what was wrong.
-pub async fn read_message<R: tokio::io::AsyncRead + Unpin>(
-    rd: &mut R,
-) -> std::result::Result<Message, String> {
-    let mut h = [0u8; wire::HEADER_LEN];
-    rd.read_exact(&mut h).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => "connection closed".to_string(),
-        _ => format!("reading a frame: {e}"),
-    })?;
-    let (_, len) = wire::decode_header(&h).map_err(|e: WireError| e.to_string())?;
-    let mut payload = vec![0u8; len as usize];
-    rd.read_exact(&mut payload)
-        .await
-        .map_err(|e| format!("truncated frame: {e}"))?;
-    let mut t = [0u8; wire::TRAILER_LEN];
-    rd.read_exact(&mut t)
-        .await
-        .map_err(|e| format!("truncated frame: {e}"))?;
-    wire::decode_body(&h, &payload, &t).map_err(|e| e.to_string())
-}
-
-/// Write one frame.
-pub async fn write_message<W: tokio::io::AsyncWrite + Unpin>(
-    wr: &mut W,
-    m: &Message,
-) -> std::result::Result<(), String> {
-    wr.write_all(&m.encode())
-        .await
-        .map_err(|e| format!("sending {}: {e}", m.name()))?;
-    wr.flush()
-        .await
-        .map_err(|e| format!("sending {}: {e}", m.name()))
-}
-
-type SharedWriter = Arc<tokio::sync::Mutex<BufWriter<WriteHalf>>>;
-
-async fn send(wr: &SharedWriter, m: &Message) -> std::result::Result<(), String> {
-    let mut w = wr.lock().await;
-    write_message(&mut *w, m).await
 }
 
 impl Secondary {

@@ -16,6 +16,7 @@
 //! each unit is compared with the primary's digest table under the write gate, so no client
 //! write can slip between the comparison and forgetting the unit.
 
+use crate::sync::Locked;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -24,10 +25,10 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::node::REPLICA_EXPORT;
 use super::peer::{Hello, LinkOptions, PeerLink, Welcome};
 use super::primary::{Primary, PrimaryMode};
 use super::wire::{AckMode, SyncKind, MAX_SUM_UNITS};
+use super::REPLICA_EXPORT;
 use crate::auth::PeerKey;
 use crate::digest::{self, DIGEST_BLOCK};
 use crate::epoch::{BoxFuture, CheckpointLink, CheckpointTrigger, Epoch, EpochError, EpochSummary};
@@ -130,12 +131,12 @@ impl Replicator {
     }
 
     fn st(&self) -> std::sync::MutexGuard<'_, SessionState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 
     /// The control link of the running session.
     pub fn current_link(&self) -> Option<Arc<PeerLink>> {
-        self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.link.locked().clone()
     }
 
     /// The primary this replicator serves.
@@ -248,15 +249,11 @@ impl Replicator {
         .map_err(|e| format!("opening the replication connection: {e}"))?;
         // The previous session's forwarder has ended (run() waits for it); it hands the
         // queue back when it ends, so it must never be aborted.
-        debug_assert!(self
-            .forwarder
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none());
+        debug_assert!(self.forwarder.locked().is_none());
         p.resumed().await;
-        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(link.clone());
+        *self.link.locked() = Some(link.clone());
         let fwd = tokio::spawn(p.clone().run_forwarder(client));
-        *self.forwarder.lock().unwrap_or_else(|e| e.into_inner()) = Some(fwd);
+        *self.forwarder.locked() = Some(fwd);
         if let Some(r) = link.dead_reason() {
             p.link_lost(&r).await;
         }
@@ -368,14 +365,10 @@ impl Replicator {
 
     /// Close the session's link and wait (at most `patience`) for its forwarder to end.
     async fn end_session(&self, reason: &str, patience: Option<Duration>) {
-        if let Some(l) = self.link.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(l) = self.link.locked().take() {
             l.close(reason);
         }
-        let fwd = self
-            .forwarder
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let fwd = self.forwarder.locked().take();
         if let Some(f) = fwd {
             match patience {
                 Some(d) => {

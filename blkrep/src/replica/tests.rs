@@ -8,15 +8,14 @@ use proptest::prelude::*;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
+use super::frame::{read_message, write_message};
 use super::meta::{MetaStore, NodeMeta};
-use super::node::REPLICA_EXPORT;
 use super::peer::{Hello, LinkOptions, PeerLink};
 use super::primary::{wait_idle, BlockParticipant, Primary, PrimaryMode, PrimaryOptions};
-use super::secondary::{
-    read_message, write_message, Mode, PeerLossPolicy, Secondary, SecondaryOptions,
-};
+use super::secondary::{Mode, PeerLossPolicy, Secondary, SecondaryOptions};
 use super::session::{Replicator, ReplicatorOptions};
 use super::wire::{AckMode, Message, SyncKind};
+use super::REPLICA_EXPORT;
 use super::{FailoverTarget, PARTICIPANT_BLOCK};
 use crate::auth::PeerKey;
 use crate::digest::DigestTable;

@@ -1,5 +1,6 @@
 //! An in-memory disk, for tests and models. Any alignment, any size that fits in memory.
 
+use crate::sync::Locked;
 use std::sync::{Arc, Mutex};
 
 use super::{check_range, Backend, IoBuf, IoFuture, Op, Result};
@@ -45,7 +46,7 @@ impl MemoryBackend {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
         // A panic while holding the lock cannot leave the bytes half-updated in a way that
         // matters more than the panic itself; keep serving.
-        self.bytes.lock().unwrap_or_else(|e| e.into_inner())
+        self.bytes.locked()
     }
 
     fn fill(&self, op: Op, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {

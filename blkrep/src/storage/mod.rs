@@ -28,7 +28,6 @@ pub use buf::{keep_large_buffers_in_heap, IoBuf, IO_ALIGN};
 pub use memory::MemoryBackend;
 pub use powerloss::PowerLossDisk;
 pub use unaligned::Unaligned;
-pub(crate) use unaligned::{BlockRangeLock, RangeGuard};
 pub use uring::{DiskOptions, UringFile};
 
 use std::fmt;

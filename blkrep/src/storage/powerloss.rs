@@ -10,6 +10,7 @@
 //!             them back on its own)
 //! ```
 
+use crate::sync::Locked;
 use std::sync::Mutex;
 
 use super::{Backend, IoBuf, IoFuture, MemoryBackend, Result};
@@ -70,7 +71,7 @@ impl PowerLossDisk {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pending>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+        self.pending.locked()
     }
 
     async fn persist(&self, p: Pending) -> Result<()> {

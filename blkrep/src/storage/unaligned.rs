@@ -4,59 +4,10 @@
 //! whose edges fall inside a block read that block, patch it and write it back
 //! (read-modify-write). Two writes touching the same block must not interleave their
 //! read-modify-write cycles, so every write takes a lock on the blocks it covers
-//! ([`BlockRangeLock`]); reads take none (NBD leaves concurrent read/write order undefined).
-
-use std::sync::Mutex;
-
-use tokio::sync::Notify;
+//! ([`crate::sync::BlockRangeLock`]); reads take none (NBD leaves concurrent read/write order undefined).
 
 use super::{check_range, Backend, Extent, IoBuf, IoFuture, Op, Result, StorageError};
-
-/// Serialises writers whose block ranges overlap.
-#[derive(Debug, Default)]
-pub(crate) struct BlockRangeLock {
-    held: Mutex<Vec<(u64, u64)>>,
-    released: Notify,
-}
-
-/// Releases its range when dropped.
-#[derive(Debug)]
-pub(crate) struct RangeGuard<'a> {
-    lock: &'a BlockRangeLock,
-    range: (u64, u64),
-}
-
-impl BlockRangeLock {
-    /// Wait until no held range overlaps `[first, last]`, then hold it.
-    pub(crate) async fn lock(&self, first: u64, last: u64) -> RangeGuard<'_> {
-        loop {
-            let notified = {
-                let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-                if !held.iter().any(|&(a, b)| a <= last && first <= b) {
-                    held.push((first, last));
-                    return RangeGuard {
-                        lock: self,
-                        range: (first, last),
-                    };
-                }
-                // Registered before the mutex is released, so a release cannot slip between.
-                self.released.notified()
-            };
-            notified.await;
-        }
-    }
-}
-
-impl Drop for RangeGuard<'_> {
-    fn drop(&mut self) {
-        let mut held = self.lock.held.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = held.iter().position(|&r| r == self.range) {
-            held.swap_remove(i);
-        }
-        drop(held);
-        self.lock.released.notify_waiters();
-    }
-}
+use crate::sync::BlockRangeLock;
 
 /// Byte-granular access to a block-aligned backend.
 #[derive(Debug)]

@@ -6,6 +6,7 @@
 //! channel. Buffers travel *into* the engine with the request and come back with the answer, so
 //! the engine owns every buffer the kernel may touch for as long as the kernel may touch it.
 
+use crate::sync::Locked;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -116,7 +117,7 @@ struct Queue {
 impl Engine {
     fn submit(&self, req: Request) -> std::result::Result<(), Request> {
         {
-            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let mut q = self.queue.locked();
             if q.stopping {
                 return Err(req);
             }
@@ -484,11 +485,7 @@ impl UringFile {
 
 impl Drop for UringFile {
     fn drop(&mut self) {
-        self.engine
-            .queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .stopping = true;
+        self.engine.queue.locked().stopping = true;
         self.engine.awake.store(false, Ordering::SeqCst);
         self.engine.wake();
         if let Some(t) = self.thread.take() {
@@ -705,7 +702,7 @@ fn run_engine(mut ring: IoUring, fd: RawFd, depth: usize, engine: &Engine) {
     let mut in_flight = 0usize;
     loop {
         let stopping = {
-            let mut q = engine.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let mut q = engine.queue.locked();
             waiting.extend(q.requests.drain(..));
             q.stopping
         };
@@ -742,12 +739,7 @@ fn run_engine(mut ring: IoUring, fd: RawFd, depth: usize, engine: &Engine) {
         }
         // Announce that we may sleep, then look once more so no request is stranded.
         engine.awake.store(false, Ordering::SeqCst);
-        let more = !engine
-            .queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .requests
-            .is_empty();
+        let more = !engine.queue.locked().requests.is_empty();
         let want = if more || (stopping && in_flight == 0) {
             0
         } else {
