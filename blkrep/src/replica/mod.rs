@@ -14,12 +14,14 @@
 //! [`secondary`]; [`wire`] is the control protocol's codec, [`buffer`] the disk buffer.
 
 pub mod admin;
+pub mod admission;
 pub mod buffer;
 pub mod frame;
 pub mod meta;
 pub mod node;
 pub mod peer;
 pub mod primary;
+pub mod refusal;
 pub mod secondary;
 pub mod session;
 pub mod wire;

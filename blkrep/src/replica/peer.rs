@@ -168,7 +168,9 @@ impl PeerLink {
                     hello.size
                 )))
             }
-            Message::Refused { reason } => return Err(refused(format!("{ep} refused: {reason}"))),
+            Message::Refused { reason, .. } => {
+                return Err(refused(format!("{ep} refused: {reason}")))
+            }
             other => {
                 return Err(refused(format!(
                     "{ep} answered HELLO with {}",
@@ -287,7 +289,7 @@ impl PeerLink {
                             _ => return format!("RESUME_ACK {epoch} that nobody asked for"),
                         }
                     }
-                    Ok(Message::Refused { reason }) => {
+                    Ok(Message::Refused { reason, .. }) => {
                         return format!("the secondary refused: {reason}")
                     }
                     Ok(other) => return format!("unexpected {} from the secondary", other.name()),

@@ -14,7 +14,7 @@ use super::peer::{Hello, LinkOptions, PeerLink};
 use super::primary::{wait_idle, BlockParticipant, Primary, PrimaryMode, PrimaryOptions};
 use super::secondary::{Mode, PeerLossPolicy, Secondary, SecondaryOptions};
 use super::session::{Replicator, ReplicatorOptions};
-use super::wire::{AckMode, Message, SyncKind};
+use super::wire::{AckMode, Message, RefusalCode, SyncKind};
 use super::REPLICA_EXPORT;
 use super::{FailoverTarget, PARTICIPANT_BLOCK};
 use crate::auth::PeerKey;
@@ -590,7 +590,7 @@ fn garbage_bad_versions_and_stalls_get_clear_errors_and_no_session() {
             .unwrap();
         let m = read_message(&mut rd).await.unwrap();
         assert!(
-            matches!(&m, Message::Refused { reason } if reason.contains("disk sizes differ")),
+            matches!(&m, Message::Refused { code: RefusalCode::SizeMismatch, reason } if reason.contains("disk sizes differ")),
             "{m:?}"
         );
         assert_eq!(s.sec.mode(), Mode::Waiting);
@@ -619,7 +619,7 @@ fn hostile_numbers_are_refused_and_reveal_no_generation() {
             write_message(&mut wr, &h).await.unwrap();
             let m = read_message(&mut rd).await.unwrap();
             assert!(
-                matches!(&m, Message::Refused { reason } if reason.contains("heartbeat period")),
+                matches!(&m, Message::Refused { code: RefusalCode::Hello, reason } if reason.contains("heartbeat period")),
                 "{ms} ms: {m:?}"
             );
             assert_eq!(s.sec.mode(), Mode::Waiting);
@@ -646,7 +646,7 @@ fn hostile_numbers_are_refused_and_reveal_no_generation() {
             .unwrap();
             let m = read_message(&mut rd).await.unwrap();
             assert!(
-                matches!(&m, Message::Refused { reason } if reason.contains("past the end of the disk")),
+                matches!(&m, Message::Refused { code: RefusalCode::Protocol, reason } if reason.contains("past the end of the disk")),
                 "{m:?}"
             );
             assert!(read_message(&mut rd).await.is_err(), "the connection ends");
@@ -965,7 +965,7 @@ fn sums_requests_are_computed_one_at_a_time_and_a_flood_ends_the_session() {
         }
         let m = read_message(&mut rd).await.unwrap();
         assert!(
-            matches!(&m, Message::Refused { reason } if reason.contains("SUMS requests at once")),
+            matches!(&m, Message::Refused { code: RefusalCode::Protocol, reason } if reason.contains("SUMS requests at once")),
             "{m:?}"
         );
         wait_for("the session to end", || sec.mode() == Mode::Paused).await;

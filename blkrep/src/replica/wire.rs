@@ -14,12 +14,13 @@
 //! [`MAX_PAYLOAD`] or a bad checksum is an error that ends the connection; an unknown kind
 //! with a good checksum is reported as such. See `docs/protocol.md` for the message list.
 
+pub use super::refusal::RefusalCode;
 use crate::epoch::EpochSummary;
 
 /// "LSTP".
 pub const MAGIC: u32 = 0x4c53_5450;
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Header bytes before the payload.
 pub const HEADER_LEN: usize = 12;
 /// Trailer bytes after the payload.
@@ -204,7 +205,9 @@ pub enum Message {
     },
     /// Either side: I refuse (and close).
     Refused {
-        /// Why.
+        /// Why, for programs: see [`RefusalCode`].
+        code: RefusalCode,
+        /// Why, for the operator.
         reason: String,
     },
     /// Primary → secondary: commit `epoch`; these are the participants' summaries.
@@ -398,7 +401,11 @@ impl Message {
             Message::Resume { epoch } | Message::ResumeAck { epoch } => {
                 p.extend_from_slice(&epoch.to_be_bytes())
             }
-            Message::Refused { reason } | Message::Goodbye { reason } => put_reason(&mut p, reason),
+            Message::Refused { code, reason } => {
+                p.extend_from_slice(&code.to_u16().to_be_bytes());
+                put_reason(&mut p, reason)
+            }
+            Message::Goodbye { reason } => put_reason(&mut p, reason),
             Message::Checkpoint { epoch, summaries } => {
                 p.extend_from_slice(&epoch.to_be_bytes());
                 p.extend_from_slice(&(summaries.len() as u16).to_be_bytes());
@@ -652,6 +659,7 @@ pub fn decode_body(
         kind::RESUME => Message::Resume { epoch: c.u64()? },
         kind::RESUME_ACK => Message::ResumeAck { epoch: c.u64()? },
         kind::REFUSED => Message::Refused {
+            code: RefusalCode::from_u16(c.u16()?),
             reason: c.reason()?,
         },
         kind::GOODBYE => Message::Goodbye {
@@ -880,7 +888,10 @@ pub(crate) mod tests {
                 .prop_map(|(id, sums)| Message::Sums { id, sums }),
             any::<u64>().prop_map(|epoch| Message::Resume { epoch }),
             any::<u64>().prop_map(|epoch| Message::ResumeAck { epoch }),
-            ".{0,40}".prop_map(|reason| Message::Refused { reason }),
+            (any::<u16>(), ".{0,40}").prop_map(|(code, reason)| Message::Refused {
+                code: RefusalCode::from_u16(code),
+                reason
+            }),
             ".{0,40}".prop_map(|reason| Message::Goodbye { reason }),
             (any::<u64>(), proptest::collection::vec(summary(), 0..4))
                 .prop_map(|(epoch, summaries)| Message::Checkpoint { epoch, summaries }),
@@ -1065,7 +1076,7 @@ pub(crate) mod tests {
         b[5] = 9;
         assert_eq!(
             decode_frame(&b).unwrap_err().to_string(),
-            "control protocol version 9 is not supported (this build speaks 2)"
+            "control protocol version 9 is not supported (this build speaks 3)"
         );
         assert!(matches!(
             decode_frame(b"GET / HTTP/1.1\r\n\r\n"),

@@ -1,0 +1,280 @@
+//! Applying the primary's forwarded writes: copy-before-write of the originals into the
+//! [`DiskBuffer`](crate::replica::buffer::DiskBuffer), then write-through to the disk, counted
+//! per epoch so that the checkpoint can be checked against the primary's summary.
+//!
+//! ```text
+//!  NBD "replica" export ─▶ ReplicaSink::connect ─▶ ReplicaConn (bound to a session token)
+//!      write / trim / zeroes ─▶ Secondary::forwarded: fence check ─▶ range lock
+//!            ─▶ preserve(originals of epoch n) ─▶ apply to disk ─▶ count (or poison epoch n)
+//!      epoch mark n+1 ─▶ Secondary::begin_epoch: later writes belong to epoch n+1
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{blocks_of, spill_error, Mode, Secondary};
+use crate::nbd::server::EpochSink;
+use crate::replica::buffer::BUFFER_BLOCK;
+use crate::storage::{check_range, Backend, Extent, IoBuf, IoFuture, Op, Result, StorageError};
+
+impl Secondary {
+    /// Copy the originals of blocks `first..=last` into `epoch` where not yet kept. The
+    /// caller holds the range lock.
+    pub(super) async fn preserve(
+        &self,
+        epoch: u64,
+        first: u64,
+        last: u64,
+        probe_holes: bool,
+    ) -> Result<()> {
+        let size = self.disk.size();
+        let mut b = first;
+        while b <= last {
+            // A run of blocks whose original is missing, at most 1 MiB.
+            let start = {
+                let i = self.inner();
+                while b <= last && i.buffer.has_original(epoch, b) {
+                    b += 1;
+                }
+                if b > last {
+                    break;
+                }
+                let start = b;
+                while b <= last && b - start < 256 && !i.buffer.has_original(epoch, b) {
+                    b += 1;
+                }
+                start
+            };
+            let off = start * BUFFER_BLOCK;
+            let end = (b * BUFFER_BLOCK).min(size);
+            let len = end - off;
+            // Large ranges (trims and zeroing above all) often cover unallocated space: keep
+            // "zero" markers for those instead of reading zeroes. Small runs are just read,
+            // which is cheaper than asking.
+            let all_zero = (probe_holes || b - start >= 16) && {
+                let ext = self.disk.block_status(off, len).await?;
+                ext.first().is_some_and(|e: &Extent| e.zero && e.len >= len)
+            };
+            if all_zero {
+                let mut i = self.inner();
+                for k in start..b {
+                    i.buffer
+                        .put_original(epoch, k, None)
+                        .map_err(|e| spill_error(off, len, e))?;
+                }
+                continue;
+            }
+            let data = self.disk.read_at(off, len as usize).await?;
+            let mut i = self.inner();
+            for (k, chunk) in data.chunks(BUFFER_BLOCK as usize).enumerate() {
+                let mut full;
+                let block: &[u8] = if chunk.len() as u64 == BUFFER_BLOCK {
+                    chunk
+                } else {
+                    full = vec![0u8; BUFFER_BLOCK as usize];
+                    full[..chunk.len()].copy_from_slice(chunk);
+                    &full
+                };
+                i.buffer
+                    .put_original(epoch, start + k as u64, Some(block))
+                    .map_err(|e| spill_error(off, len, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One forwarded modification: preserve originals, apply, account.
+    pub(super) async fn forwarded(
+        &self,
+        token: u64,
+        op: Op,
+        offset: u64,
+        len: u64,
+        apply: IoFuture<'_, ()>,
+    ) -> Result<()> {
+        check_range(op, offset, len, self.disk.size(), 1)?;
+        let _b = self.barrier.read().await;
+        let epoch = {
+            let i = self.inner();
+            if i.token != token {
+                return Err(StorageError::Unavailable(FENCED.into()));
+            }
+            if i.mode != Mode::Replicating {
+                return Err(StorageError::Unavailable(format!(
+                    "this secondary is {}: forwarded writes are refused",
+                    i.mode.name()
+                )));
+            }
+            i.current
+        };
+        let (first, last) = blocks_of(offset, len);
+        let _g = self.locks.lock(first, last).await;
+        let r = async {
+            if len > 0 {
+                self.preserve(epoch, first, last, op != Op::Write).await?;
+            }
+            apply.await
+        }
+        .await;
+        let mut i = self.inner();
+        match &r {
+            Ok(()) => {
+                let c = i.counts.entry(epoch).or_default();
+                c.items += 1;
+                c.bytes += len;
+                i.forwarded_writes += 1;
+                i.forwarded_bytes += len;
+            }
+            Err(e) => {
+                // The epoch can no longer be committed: its data is incomplete.
+                i.poisoned.entry(epoch).or_insert_with(|| e.to_string());
+            }
+        }
+        r
+    }
+
+    pub(super) fn begin_epoch(&self, token: u64, epoch: u64) -> std::result::Result<(), String> {
+        let mut i = self.inner();
+        if i.token != token {
+            return Err(FENCED.into());
+        }
+        if i.mode != Mode::Replicating {
+            return Err(format!("epoch mark while {}", i.mode.name()));
+        }
+        if epoch != i.current + 1 {
+            return Err(format!(
+                "epoch mark for {epoch} while receiving epoch {}",
+                i.current
+            ));
+        }
+        i.current = epoch;
+        Ok(())
+    }
+}
+
+/// The export the primary forwards to: copy-before-write, then write-through. Each NBD
+/// connection gets its own [`ReplicaConn`], bound to the session it was opened in.
+#[derive(Debug)]
+pub struct ReplicaSink(pub(super) Arc<Secondary>);
+
+impl ReplicaSink {
+    fn conn(&self) -> ReplicaConn {
+        ReplicaConn {
+            sec: self.0.clone(),
+            token: self.0.inner().token,
+        }
+    }
+}
+
+impl EpochSink for ReplicaSink {
+    fn begin_epoch(&self, _epoch: u64, _drain: Duration) -> std::result::Result<(), String> {
+        Err(no_session().to_string())
+    }
+    fn connect(&self, session: Option<u64>) -> Option<(Arc<dyn Backend>, Arc<dyn EpochSink>)> {
+        let mut c = self.conn();
+        if let Some(token) = session {
+            c.token = token;
+        }
+        let c = Arc::new(c);
+        Some((c.clone(), c))
+    }
+}
+
+/// One replication connection: requests count only while the session it was opened in
+/// lasts.
+#[derive(Debug)]
+pub struct ReplicaConn {
+    sec: Arc<Secondary>,
+    token: u64,
+}
+
+impl EpochSink for ReplicaConn {
+    fn begin_epoch(&self, epoch: u64, drain: Duration) -> std::result::Result<(), String> {
+        self.sec.inner().mark_drain.record(drain);
+        self.sec.begin_epoch(self.token, epoch)
+    }
+}
+
+/// The export's own backend only describes the disk: replication requests go through the
+/// [`ReplicaConn`] the server opens for each connection ([`EpochSink::connect`]), so a write
+/// without one is refused rather than applied outside any session.
+impl Backend for ReplicaSink {
+    fn size(&self) -> u64 {
+        self.0.disk.size()
+    }
+    fn alignment(&self) -> u32 {
+        1
+    }
+    fn read_at(&self, offset: u64, len: usize) -> IoFuture<'_, IoBuf> {
+        self.0.disk.read_at(offset, len)
+    }
+    fn write_at(&self, _offset: u64, _data: IoBuf, _fua: bool) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(no_session()) })
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(self.0.sync.sync(&*self.0.disk))
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(no_session()) })
+    }
+    fn write_zeroes(&self, _offset: u64, _len: u64, _may_unmap: bool) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(no_session()) })
+    }
+}
+
+/// Why a request of a fenced-off replication connection is refused.
+const FENCED: &str = "this replication connection belongs to an interrupted session";
+
+fn no_session() -> StorageError {
+    StorageError::Unavailable("a replication write outside any connection's session".into())
+}
+
+impl Backend for ReplicaConn {
+    fn size(&self) -> u64 {
+        self.sec.disk.size()
+    }
+    fn alignment(&self) -> u32 {
+        1
+    }
+    fn read_at(&self, offset: u64, len: usize) -> IoFuture<'_, IoBuf> {
+        self.sec.disk.read_at(offset, len)
+    }
+    fn write_at(&self, offset: u64, data: IoBuf, fua: bool) -> IoFuture<'_, ()> {
+        let s = &self.sec;
+        let token = self.token;
+        let len = data.len() as u64;
+        Box::pin(async move {
+            let apply = Box::pin(async move {
+                s.disk.write_at(offset, data, false).await?;
+                if fua {
+                    s.sync.sync(&*s.disk).await?;
+                }
+                Ok(())
+            });
+            s.forwarded(token, Op::Write, offset, len, apply).await
+        })
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(self.sec.sync.sync(&*self.sec.disk))
+    }
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        let s = &self.sec;
+        Box::pin(s.forwarded(
+            self.token,
+            Op::Discard,
+            offset,
+            len,
+            s.disk.discard(offset, len),
+        ))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()> {
+        let s = &self.sec;
+        Box::pin(s.forwarded(
+            self.token,
+            Op::WriteZeroes,
+            offset,
+            len,
+            s.disk.write_zeroes(offset, len, may_unmap),
+        ))
+    }
+}

@@ -1,0 +1,136 @@
+//! Failover and roll-back: both write blocks kept in the disk buffer back to the disk.
+//!
+//! - failover to the checkpoint writes back the originals of every uncommitted epoch (and
+//!   drops the secondary's own buffered writes); to `latest` it keeps the disk as it is;
+//! - roll-back, when a new session starts after an interrupted one, writes back the
+//!   originals of the open epochs so that the disk is the last checkpoint again.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::block::BlockShare;
+use super::participant::SecondaryParticipant;
+use super::{spill_error, FailoverReport, Mode, Secondary};
+use crate::digest;
+use crate::replica::buffer::{DiskBuffer, BUFFER_BLOCK};
+use crate::replica::FailoverTarget;
+use crate::storage::{IoBuf, Result};
+
+impl Secondary {
+    /// Stop replicating and serve the disk as an unprotected primary, at `target`.
+    pub async fn failover(
+        &self,
+        target: FailoverTarget,
+    ) -> std::result::Result<FailoverReport, String> {
+        let start = Instant::now();
+        {
+            let mut i = self.inner();
+            match i.mode {
+                Mode::Primary | Mode::FailingOver => {
+                    return Err(format!("this node is already {}", i.mode.name()))
+                }
+                _ if target == FailoverTarget::Checkpoint && !i.consistent => {
+                    return Err("this secondary restarted while it was replicating: its disk holds writes of uncommitted epochs whose originals were lost, so it has no checkpoint to go back to. Let the primary reconnect and resync it, or fail over --to latest to take the disk as it is".into())
+                }
+                _ if target == FailoverTarget::Latest && i.sync.is_some() && i.mode != Mode::Waiting => {
+                    return Err("a resync is in progress: the disk is a mix of old and new data; fail over --to checkpoint (the last checkpoint is intact)".into())
+                }
+                _ => {
+                    i.mode = Mode::FailingOver;
+                    // Nothing of the interrupted session may land after this.
+                    i.token += 1;
+                }
+            }
+        }
+        tracing::info!(?target, "failing over");
+        // Wait for every forwarded and local request, and any commit, in progress.
+        let _x = self.barrier.write().await;
+        let committed = self.inner().committed;
+        let block = BlockShare::new(self);
+        let others = self.others();
+        let mut all: Vec<&dyn SecondaryParticipant> = vec![&block];
+        all.extend(others.iter().map(|p| &**p));
+        for p in &all {
+            if let Err(e) = p.failover(target, committed).await {
+                let msg = format!("failover to {target:?} failed: {}: {e}", p.name());
+                let mut i = self.inner();
+                i.mode = Mode::Paused;
+                i.last_error = Some(msg.clone());
+                return Err(msg);
+            }
+        }
+        let mut i = self.inner();
+        i.mode = Mode::Primary;
+        i.sync = None;
+        // Writes from now on are this node's own: a new generation, so that the old primary
+        // (if it also wrote) is recognised as split-brain when it comes back.
+        drop(i);
+        self.store_meta(|m| {
+            m.bump();
+            m.clean = true;
+            m.committed = committed;
+        });
+        let generation = self.meta.get().generation;
+        let mut i = self.inner();
+        let report = FailoverReport {
+            target: target.name(),
+            committed_epoch: committed,
+            restored_blocks: block.restored.load(Ordering::Relaxed),
+            duration_us: start.elapsed().as_micros() as u64,
+            checkpoint_digest: i.committed_digest.map(|d| format!("{d:016x}")),
+            comparable: block.comparable.load(Ordering::Relaxed),
+            generation: format!("{generation:016x}"),
+        };
+        i.failover = Some(report.clone());
+        tracing::info!(?report, "failed over; serving as an unprotected primary");
+        Ok(report)
+    }
+
+    /// Compare the disk with the committed checkpoint's digest: Ok(true) when equal.
+    pub async fn verify_checkpoint(&self) -> std::result::Result<(u64, Option<u64>), String> {
+        let d = digest::disk_digest(&*self.disk)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((d, self.inner().committed_digest))
+    }
+
+    /// Write to the disk what `pick` takes from the buffer for each of `blocks` (the last
+    /// block clipped to the disk's size); blocks `pick` has nothing for are left alone.
+    pub(super) async fn write_back(
+        &self,
+        blocks: &[u64],
+        pick: impl Fn(&DiskBuffer, u64) -> std::io::Result<Option<Vec<u8>>>,
+    ) -> Result<()> {
+        let size = self.disk.size();
+        for &b in blocks {
+            let data = pick(&self.inner().buffer, b)
+                .map_err(|e| spill_error(b * BUFFER_BLOCK, BUFFER_BLOCK, e))?;
+            let Some(mut data) = data else { continue };
+            let off = b * BUFFER_BLOCK;
+            data.truncate(BUFFER_BLOCK.min(size - off) as usize);
+            self.disk
+                .write_at(off, IoBuf::from_slice(&data), false)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A new session begins after an interrupted one: write the originals of every open
+    /// epoch back, so that the disk is exactly the last checkpoint again before the primary
+    /// compares and resends. Whatever the interrupted epochs wrote here — forwarded writes,
+    /// or anything else that reached the disk through a data connection of that session —
+    /// is gone, and the primary's dirty bitmap (every block of every uncommitted epoch, and
+    /// every write since) decides alone what comes back. Returns the blocks rewritten.
+    pub(super) async fn roll_back_open(&self) -> Result<u64> {
+        // No forwarded request is in progress after this.
+        let _x = self.barrier.write().await;
+        let blocks = self.inner().buffer.original_blocks();
+        self.write_back(&blocks, |buf, b| buf.oldest_original(b))
+            .await?;
+        if !blocks.is_empty() {
+            self.sync.sync(&*self.disk).await?;
+            self.inner().buffer.drop_originals();
+        }
+        Ok(blocks.len() as u64)
+    }
+}
