@@ -26,6 +26,7 @@ use crate::nbd::{Endpoint, Listener};
 use crate::storage::{Backend, IoBuf, MemoryBackend};
 
 mod fuzz;
+mod participants;
 mod powercut;
 
 const SIZE: u64 = 64 * 4096 + 1000;
@@ -185,6 +186,18 @@ async fn start_primary_keyed(
     meta: NodeMeta,
     key: Option<PeerKey>,
 ) -> PrimarySide {
+    start_primary_joined(ep, ack, disk, meta, key, Vec::new()).await
+}
+
+/// A primary whose checkpoints include `others` besides the block layer.
+async fn start_primary_joined(
+    ep: &Endpoint,
+    ack: AckMode,
+    disk: MemoryBackend,
+    meta: NodeMeta,
+    key: Option<PeerKey>,
+    others: Vec<Arc<dyn crate::epoch::Participant>>,
+) -> PrimarySide {
     let table = DigestTable::scan(&disk).await.unwrap();
     let primary = Primary::new(
         Arc::new(disk.clone()),
@@ -213,8 +226,11 @@ async fn start_primary_keyed(
         stop_rx,
     );
     repl.attempt().await.unwrap();
+    let mut participants: Vec<Arc<dyn crate::epoch::Participant>> =
+        vec![Arc::new(BlockParticipant(primary.clone()))];
+    participants.extend(others);
     let coord = EpochCoordinator::new(
-        vec![Arc::new(BlockParticipant(primary.clone()))],
+        participants,
         Arc::new(NoGuest),
         repl.clone(),
         Epoch(primary.resume_epoch()),

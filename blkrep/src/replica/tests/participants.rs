@@ -1,0 +1,192 @@
+//! A second checkpoint participant beside the block layer, with its own transport (as
+//! memrep's will be): its share of an epoch commits exactly when the block layer's does, an
+//! incomplete share aborts the checkpoint for both, and failover hands it the committed epoch.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use super::*;
+use crate::epoch::{EpochError, Participant};
+use crate::replica::secondary::SecondaryParticipant;
+use crate::sync::{BoxFuture, Locked};
+
+const TEST_PARTICIPANT: u16 = 7;
+/// Items the primary half sends per epoch.
+const ITEMS: u64 = 3;
+
+/// The participant's own "transport" between its halves, and what each half saw.
+#[derive(Default)]
+struct Shared {
+    /// Items that reached the secondary, per epoch.
+    arrived: BTreeMap<u64, u64>,
+    /// Lose one item of the next epoch sent.
+    lose_next: bool,
+    /// Epochs the secondary half committed, in order.
+    committed: Vec<u64>,
+    /// Epochs it aborted.
+    aborted: Vec<u64>,
+    /// Epochs sessions resumed at.
+    resumed: Vec<u64>,
+    /// (target, committed epoch) of each failover.
+    failovers: Vec<(FailoverTarget, u64)>,
+}
+
+struct PrimaryHalf(Arc<Mutex<Shared>>);
+struct SecondaryHalf(Arc<Mutex<Shared>>);
+
+impl Participant for PrimaryHalf {
+    fn name(&self) -> &str {
+        "test"
+    }
+    fn cut(&self, _epoch: Epoch) -> BoxFuture<'_, Result<(), EpochError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn prepare(&self, epoch: Epoch) -> BoxFuture<'_, Result<EpochSummary, EpochError>> {
+        Box::pin(async move {
+            let mut s = self.0.locked();
+            let sent = if std::mem::take(&mut s.lose_next) {
+                ITEMS - 1
+            } else {
+                ITEMS
+            };
+            s.arrived.insert(epoch.0, sent);
+            Ok(EpochSummary {
+                participant: TEST_PARTICIPANT,
+                items: ITEMS,
+                bytes: 0,
+                digest: 0,
+            })
+        })
+    }
+    fn commit(&self, _epoch: Epoch) {}
+    fn abort(&self, _epoch: Epoch, _reason: &EpochError) {}
+    fn status(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}
+
+impl SecondaryParticipant for SecondaryHalf {
+    fn id(&self) -> u16 {
+        TEST_PARTICIPANT
+    }
+    fn name(&self) -> &str {
+        "test"
+    }
+    fn resume(&self, epoch: u64) {
+        let mut s = self.0.locked();
+        s.resumed.push(epoch);
+        s.arrived.retain(|&e, _| e >= epoch);
+    }
+    fn prepare<'a>(
+        &'a self,
+        epoch: u64,
+        summary: &'a EpochSummary,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let got = self.0.locked().arrived.get(&epoch).copied().unwrap_or(0);
+            if got == summary.items {
+                Ok(())
+            } else {
+                Err(format!("{got} of {} items arrived", summary.items))
+            }
+        })
+    }
+    fn commit(&self, epoch: u64) {
+        self.0.locked().committed.push(epoch);
+    }
+    fn abort(&self, epoch: u64, _reason: &str) {
+        self.0.locked().aborted.push(epoch);
+    }
+    fn failover(
+        &self,
+        target: FailoverTarget,
+        committed: u64,
+    ) -> BoxFuture<'_, Result<(), String>> {
+        self.0.locked().failovers.push((target, committed));
+        Box::pin(async { Ok(()) })
+    }
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({ "committed": self.0.locked().committed.last() })
+    }
+}
+
+#[test]
+fn a_second_participant_commits_and_aborts_together_with_the_block_layer() {
+    rt().block_on(async {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
+        s.sec
+            .add_participant(Arc::new(SecondaryHalf(shared.clone())))
+            .unwrap();
+        assert!(
+            s.sec
+                .add_participant(Arc::new(SecondaryHalf(shared.clone())))
+                .is_err(),
+            "a participant id is taken once"
+        );
+        let p = start_primary_joined(
+            &s.ep,
+            AckMode::Received,
+            MemoryBackend::new(SIZE),
+            NodeMeta::fresh(),
+            None,
+            vec![Arc::new(PrimaryHalf(shared.clone()))],
+        )
+        .await;
+        tokio::spawn(p.repl.clone().run());
+        let committed = |sec: &Secondary| sec.status()["committed_epoch"].as_u64().unwrap();
+
+        // A complete epoch commits on both halves at once.
+        fill_blocks(&p.primary, 0..4, 1).await;
+        p.coord.checkpoint().await.unwrap();
+        let good = committed(&s.sec);
+        assert_eq!(shared.locked().committed.last(), Some(&good));
+        assert_eq!(s.sec.status()["participants"]["test"]["committed"], good);
+        let at_good = p.disk.snapshot();
+
+        // An item of the next epoch is lost: the block layer's share is complete, but the
+        // checkpoint aborts for both, and neither commits it.
+        shared.locked().lose_next = true;
+        fill_blocks(&p.primary, 2..8, 2).await;
+        let e = p.coord.checkpoint().await.unwrap_err();
+        assert!(e.to_string().contains("test: 2 of 3 items arrived"), "{e}");
+        assert_eq!(committed(&s.sec), good, "the block layer did not commit");
+        assert_eq!(shared.locked().aborted, vec![good + 1]);
+        assert_eq!(shared.locked().committed.last(), Some(&good));
+
+        // The primary reconnects and resyncs; the next session commits on both again.
+        wait_for("the next session", || {
+            s.sec.mode() == Mode::Replicating && shared.locked().resumed.len() >= 2
+        })
+        .await;
+        wait_for("the resync", || {
+            p.primary.status()["resyncing"] == serde_json::Value::Bool(false)
+        })
+        .await;
+        let mut last = Err(EpochError::NotReplicating("not yet".into()));
+        for _ in 0..100 {
+            last = p.coord.checkpoint().await.map(|_| ());
+            if last.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        last.unwrap();
+        let after = committed(&s.sec);
+        assert!(after > good);
+        assert_eq!(shared.locked().committed.last(), Some(&after));
+        let at_after = p.disk.snapshot();
+
+        // Failover hands the participant the committed epoch, and the disk is that checkpoint.
+        fill_blocks(&p.primary, 0..2, 3).await;
+        wait_idle(&p.primary, Duration::from_secs(5)).await;
+        drop(p);
+        s.sec.failover(FailoverTarget::Checkpoint).await.unwrap();
+        assert_eq!(
+            shared.locked().failovers,
+            vec![(FailoverTarget::Checkpoint, after)]
+        );
+        assert_eq!(s.disk.snapshot(), at_after);
+        assert_ne!(at_after, at_good);
+    });
+}
