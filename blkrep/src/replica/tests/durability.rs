@@ -1,0 +1,169 @@
+//! Write ordering: what the secondary says about its disk (COMMITTED, clean, the adopted
+//! generation) and a client FLUSH are never ahead of the disk's own flush.
+
+use super::*;
+
+#[test]
+fn metadata_claims_about_the_disk_follow_its_flush() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = GatedFlush::new(MemoryBackend::new(SIZE));
+        let meta_file = dir.path().join("d.img.lockstep-meta");
+        let (meta, known) = MetaStore::open(meta_file.clone()).unwrap();
+        let stored = || crate::replica::meta::load(&meta_file).unwrap().unwrap();
+        let mine = stored().generation;
+        let sec = Secondary::with_meta(
+            disk.clone(),
+            SecondaryOptions {
+                buffer_memory: 1 << 20,
+                spill_path: dir.path().join("spill"),
+                on_peer_loss: PeerLossPolicy::Wait,
+                heartbeat_misses: 3,
+                hello_timeout: Duration::from_millis(300),
+                discard_my_data: false,
+            },
+            meta,
+            known,
+        );
+        let (ep, _stop) = serve_secondary(&sec, None).await;
+        let (mut rd, mut wr) = control_conn(&ep).await;
+        raw_session(&mut rd, &mut wr).await;
+        assert!(!stored().clean, "RESUME marks the disk unclean at once");
+        let c = NbdClient::connect(
+            &ep,
+            &ClientOptions {
+                export: REPLICA_EXPORT.into(),
+                ..ClientOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        c.write(0, &[1; 4096], false).await.unwrap();
+        let mark = c.submit_epoch_mark(2).await.unwrap();
+        c.send_submitted().await.unwrap();
+        mark.wait().await.unwrap();
+        // The first commit after the sync adopts the primary's generation (42): not before
+        // the epoch's data is durable.
+        disk.set_open(false);
+        let before = disk.flushed();
+        let summaries = vec![EpochSummary {
+            participant: PARTICIPANT_BLOCK,
+            items: 1,
+            bytes: 4096,
+            digest: 0,
+        }];
+        write_message(
+            &mut wr,
+            &Message::Checkpoint {
+                epoch: 1,
+                summaries,
+            },
+        )
+        .await
+        .unwrap();
+        // Heartbeats are answered while the flush waits (and keep the session alive).
+        for seq in 0..5 {
+            write_message(&mut wr, &Message::Heartbeat { seq })
+                .await
+                .unwrap();
+            let m = tokio::time::timeout(Duration::from_secs(10), read_message(&mut rd))
+                .await
+                .expect("a heartbeat answer");
+            assert_eq!(m.unwrap(), Message::HeartbeatAck { seq });
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        assert_eq!(stored().generation, mine, "adopted before the flush");
+        assert_eq!(stored().committed, 0);
+        disk.set_open(true);
+        assert_eq!(
+            read_message(&mut rd).await.unwrap(),
+            Message::Committed { epoch: 1 }
+        );
+        assert!(disk.flushed() > before);
+        let m = stored();
+        assert_eq!((m.generation, m.committed, m.clean), (42, 1, false));
+        // GOODBYE claims a checkpoint at rest: not before the disk is flushed.
+        let mark = c.submit_epoch_mark(3).await.unwrap();
+        c.send_submitted().await.unwrap();
+        mark.wait().await.unwrap();
+        write_message(
+            &mut wr,
+            &Message::Checkpoint {
+                epoch: 2,
+                summaries: vec![EpochSummary {
+                    participant: PARTICIPANT_BLOCK,
+                    ..Default::default()
+                }],
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            read_message(&mut rd).await.unwrap(),
+            Message::Committed { epoch: 2 }
+        );
+        disk.set_open(false);
+        let before = disk.flushed();
+        write_message(
+            &mut wr,
+            &Message::Goodbye {
+                reason: "test".into(),
+            },
+        )
+        .await
+        .unwrap();
+        wait_for("the session to end", || sec.mode() == Mode::Waiting).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!stored().clean, "marked clean before the flush");
+        disk.set_open(true);
+        wait_for("the clean mark", || stored().clean).await;
+        assert!(disk.flushed() > before);
+        assert_eq!(stored().committed, 2);
+    });
+}
+
+#[test]
+fn a_client_flush_completes_with_the_secondarys_flush() {
+    rt().block_on(async {
+        for ack in [AckMode::Received, AckMode::Durable, AckMode::Local] {
+            let dir = tempfile::tempdir().unwrap();
+            let (disk, _sec, ep, _stop) = gated_secondary(&dir).await;
+            let p = start_primary(&ep, ack).await;
+            p.primary
+                .write_at(0, IoBuf::from_slice(&[3; 4096]), false)
+                .await
+                .unwrap();
+            disk.set_open(false);
+            let primary = p.primary.clone();
+            let mut flush = tokio::spawn(async move { primary.flush().await });
+            let early = tokio::time::timeout(Duration::from_millis(300), &mut flush).await;
+            // `local` is DRBD's protocol A: the local flush is the answer.
+            assert_eq!(early.is_err(), ack != AckMode::Local, "{ack:?}");
+            disk.set_open(true);
+            match early {
+                Ok(r) => r.unwrap().unwrap(),
+                Err(_) => flush.await.unwrap().unwrap(),
+            }
+            assert_eq!(p.primary.mode(), PrimaryMode::Replicating);
+            // A secondary that fails the flush: the primary pauses (the blocks are dirty)
+            // before the client's flush completes, and the client still succeeds.
+            disk.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+            p.primary.flush().await.unwrap();
+            if ack != AckMode::Local {
+                assert_eq!(p.primary.mode(), PrimaryMode::Paused, "{ack:?}");
+                assert!(p.primary.status()["dirty_blocks"].as_u64().unwrap() >= 1);
+            }
+            wait_for("the primary to pause", || {
+                p.primary.mode() == PrimaryMode::Paused
+            })
+            .await;
+            // With the link down the local flush suffices, even with a stuck secondary.
+            disk.set_open(false);
+            tokio::time::timeout(Duration::from_secs(5), p.primary.flush())
+                .await
+                .expect("a paused primary's flush does not wait for the secondary")
+                .unwrap();
+            disk.set_open(true);
+        }
+    });
+}
