@@ -16,6 +16,7 @@
 //! [`open_disk`] builds the right stack from a path and options.
 
 mod buf;
+mod faulty;
 mod memory;
 mod powerloss;
 mod unaligned;
@@ -25,6 +26,7 @@ mod uring;
 pub(crate) mod suite;
 
 pub use buf::{keep_large_buffers_in_heap, IoBuf, IO_ALIGN};
+pub use faulty::{Effect, FaultCounts, Faulty, Rule, RuleId};
 pub use memory::MemoryBackend;
 pub use powerloss::PowerLossDisk;
 pub use unaligned::Unaligned;
