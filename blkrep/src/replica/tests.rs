@@ -25,6 +25,7 @@ use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::nbd::{Endpoint, Listener};
 use crate::storage::{Backend, IoBuf, MemoryBackend};
 
+mod faults;
 mod fuzz;
 mod powercut;
 

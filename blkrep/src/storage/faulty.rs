@@ -18,7 +18,7 @@ use crate::sync::Locked;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::{Backend, Extent, IoBuf, IoFuture, Op, Result, StorageError};
+use super::{Backend, Extent, IoBuf, IoFuture, Op, StorageError};
 
 /// What a matching rule does to a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,7 +311,7 @@ mod tests {
         Faulty::new(MemoryBackend::new(64 * 1024))
     }
 
-    fn errno<T: std::fmt::Debug>(r: Result<T>) -> i32 {
+    fn errno<T: std::fmt::Debug>(r: crate::storage::Result<T>) -> i32 {
         r.unwrap_err().errno()
     }
 
@@ -345,12 +345,10 @@ mod tests {
             "the failed write landed"
         );
         // Next to the range, and other kinds of request inside it, pass.
-        d.write_at(0, IoBuf::from_slice(&[2; 8192]), false)
-            .await
-            .unwrap();
-        d.write_at(12288, IoBuf::from_slice(&[3; 10]), false)
-            .await
-            .unwrap();
+        for (off, len, fill) in [(0, 8192, 2), (12288, 10, 3)] {
+            let data = IoBuf::from_slice(&vec![fill; len]);
+            d.write_at(off, data, false).await.unwrap();
+        }
         d.write_zeroes(8192, 4096, false).await.unwrap();
         d.read_at(8192, 4096).await.unwrap();
         d.flush().await.unwrap();
