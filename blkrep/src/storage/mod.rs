@@ -14,6 +14,9 @@
 //! A backend states the alignment it needs ([`Backend::alignment`]); callers that accept
 //! arbitrary byte ranges wrap it in [`Unaligned`], which does read-modify-write at the edges.
 //! [`open_disk`] builds the right stack from a path and options.
+//!
+//! For tests, [`Faulty`] wraps any backend to fail or delay requests by rule, and
+//! [`PowerLossDisk`] forgets unflushed writes on a power cut.
 
 mod buf;
 mod faulty;
