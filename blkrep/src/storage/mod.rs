@@ -14,8 +14,12 @@
 //! A backend states the alignment it needs ([`Backend::alignment`]); callers that accept
 //! arbitrary byte ranges wrap it in [`Unaligned`], which does read-modify-write at the edges.
 //! [`open_disk`] builds the right stack from a path and options.
+//!
+//! For tests, [`Faulty`] wraps any backend to fail or delay requests by rule, and
+//! [`PowerLossDisk`] forgets unflushed writes on a power cut.
 
 mod buf;
+mod faulty;
 mod memory;
 mod powerloss;
 mod unaligned;
@@ -25,6 +29,7 @@ mod uring;
 pub(crate) mod suite;
 
 pub use buf::{keep_large_buffers_in_heap, IoBuf, IO_ALIGN};
+pub use faulty::{Effect, FaultCounts, Faulty, Rule, RuleId};
 pub use memory::MemoryBackend;
 pub use powerloss::PowerLossDisk;
 pub use unaligned::Unaligned;

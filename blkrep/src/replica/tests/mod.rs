@@ -27,6 +27,7 @@ use crate::storage::{Backend, IoBuf, MemoryBackend};
 
 mod auth;
 mod durability;
+mod faults;
 mod fuzz;
 mod hostile;
 mod links;
