@@ -49,13 +49,13 @@ impl Latencies {
         v[rank.clamp(1, v.len()) - 1]
     }
 
-    /// p50, p99 and max as JSON, in microseconds.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "p50": self.percentile(50.0),
-            "p99": self.percentile(99.0),
-            "max": self.max,
-            "samples": self.count,
-        })
+    /// p50, p99 and max, in microseconds.
+    pub fn summary(&self) -> crate::replica::status::LatencySummary {
+        crate::replica::status::LatencySummary {
+            p50: self.percentile(50.0),
+            p99: self.percentile(99.0),
+            max: self.max,
+            samples: self.count,
+        }
     }
 }

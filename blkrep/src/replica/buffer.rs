@@ -42,7 +42,7 @@ struct Spill {
 }
 
 /// Sizes, for status.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BufferStats {
     /// Blocks held (originals of every open epoch, plus local blocks).
     pub blocks: u64,

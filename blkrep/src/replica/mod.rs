@@ -24,6 +24,7 @@ pub mod primary;
 pub mod refusal;
 pub mod secondary;
 pub mod session;
+pub mod status;
 pub mod wire;
 
 /// Export name of the secondary's replication target on its `--listen` port.

@@ -17,6 +17,7 @@ use super::peer::LinkOptions;
 use super::primary::{BlockParticipant, Primary, PrimaryMode, PrimaryOptions};
 use super::secondary::{PeerLossPolicy, Secondary, SecondaryOptions};
 use super::session::{AttemptError, Replicator, ReplicatorOptions};
+use super::status::PeerAuth;
 use super::wire::AckMode;
 use super::{FailoverTarget, REPLICA_EXPORT};
 use crate::auth::{listen_policy, PeerKey};
@@ -438,7 +439,7 @@ pub async fn run_secondary(
 struct SecondaryAdmin {
     sec: Arc<Secondary>,
     /// How primaries prove themselves on the listen port, for `status`.
-    peer_auth: Value,
+    peer_auth: PeerAuth,
 }
 
 impl AdminHandler for SecondaryAdmin {
@@ -448,9 +449,9 @@ impl AdminHandler for SecondaryAdmin {
         Box::pin(async move {
             match cmd.as_str() {
                 "status" => {
-                    let mut v = self.sec.status();
-                    v["peer_auth"] = self.peer_auth.clone();
-                    Ok(v)
+                    let mut st = self.sec.status();
+                    st.peer_auth = Some(self.peer_auth.clone());
+                    serde_json::to_value(st).map_err(|e| e.to_string())
                 }
                 "failover" => {
                     let to: FailoverTarget = req
@@ -518,7 +519,7 @@ const WRITEBACK_PERIOD: Duration = Duration::from_millis(50);
 
 /// What `status` says about who may become this secondary's primary, and what automatic
 /// failover risks.
-fn peer_auth_status(cfg: &SecondaryConfig) -> Value {
+fn peer_auth_status(cfg: &SecondaryConfig) -> PeerAuth {
     let mut risks = Vec::new();
     if cfg.key.is_none() && cfg.tls.is_none() {
         risks.push(if cfg.insecure_no_auth {
@@ -530,11 +531,11 @@ fn peer_auth_status(cfg: &SecondaryConfig) -> Value {
     if cfg.secondary.on_peer_loss == PeerLossPolicy::Failover {
         risks.push("--on-peer-loss failover cannot tell a dead primary from a cut link: if the primary is alive, this makes two writable nodes; prefer fencing or a cluster manager's quorum");
     }
-    json!({
-        "psk": cfg.key.is_some(),
-        "tls": cfg.tls.is_some(),
-        "risks": risks,
-    })
+    PeerAuth {
+        psk: cfg.key.is_some(),
+        tls: cfg.tls.is_some(),
+        risks: risks.into_iter().map(Into::into).collect(),
+    }
 }
 
 /// Start a ublk device over `backend` if asked to.

@@ -73,7 +73,7 @@ impl Secondary {
         let generation = self.meta.get().generation;
         let mut i = self.inner();
         let report = FailoverReport {
-            target: target.name(),
+            target: target.name().into(),
             committed_epoch: committed,
             restored_blocks: block.restored.load(Ordering::Relaxed),
             duration_us: start.elapsed().as_micros() as u64,

@@ -47,6 +47,8 @@ use roaring::RoaringTreemap;
 
 use super::buffer::{BufferStats, DiskBuffer, BUFFER_BLOCK};
 use super::meta::{MetaStore, NodeMeta};
+pub use super::status::FailoverReport;
+use super::status::SecondaryStatus;
 use super::wire::SyncKind;
 use crate::auth::{SessionKey, SessionKeys};
 use crate::epoch::Latencies;
@@ -120,26 +122,6 @@ impl Mode {
             Mode::Primary => "primary",
         }
     }
-}
-
-/// What a failover did.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct FailoverReport {
-    /// checkpoint or latest.
-    pub target: &'static str,
-    /// The last committed epoch.
-    pub committed_epoch: u64,
-    /// Blocks rewritten from the buffer.
-    pub restored_blocks: u64,
-    /// Time the failover took, in microseconds.
-    pub duration_us: u64,
-    /// The primary's digest of the committed checkpoint, if known.
-    pub checkpoint_digest: Option<String>,
-    /// Whether the image can be compared with that digest (checkpoint target, no local
-    /// writes since the checkpoint).
-    pub comparable: bool,
-    /// The generation this node starts as a primary.
-    pub generation: String,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -331,43 +313,53 @@ impl Secondary {
         self.inner().buffer.stats()
     }
 
-    /// Status as JSON.
-    pub fn status(&self) -> serde_json::Value {
+    /// The status report.
+    pub fn status(&self) -> SecondaryStatus {
+        let participants = self
+            .others()
+            .iter()
+            .map(|p| (p.name().to_string(), p.status()))
+            .collect();
+        let dirty_blocks = self.dirty.locked().len();
+        let generation = format!("{:016x}", self.meta.get().generation);
         let i = self.inner();
-        serde_json::json!({
-            "role": if i.mode == Mode::Primary { "primary" } else { "secondary" },
-            "mode": i.mode.name(),
-            "epoch": i.current,
-            "committed_epoch": i.committed,
-            "peer": i.peer,
-            "peer_state": match i.mode {
+        SecondaryStatus {
+            role: if i.mode == Mode::Primary {
+                "primary"
+            } else {
+                "secondary"
+            }
+            .into(),
+            mode: i.mode.name().into(),
+            epoch: i.current,
+            committed_epoch: i.committed,
+            peer: i.peer.clone(),
+            peer_state: match i.mode {
                 Mode::Replicating | Mode::Syncing => "connected",
                 Mode::Paused => "lost",
                 Mode::Waiting => "waiting",
                 _ => "none",
-            },
-            "consistent": i.consistent,
-            "resyncing": i.sync.as_ref().map(|(k, _, _)| k.name()),
-            "last_sync": i.last_sync,
-            "generation": format!("{:016x}", self.meta.get().generation),
-            "session": i.session.map(|s| format!("{s:016x}")),
-            "buffer": i.buffer.stats(),
-            "forwarded_writes": i.forwarded_writes,
-            "forwarded_bytes": i.forwarded_bytes,
-            "checkpoints": i.checkpoints,
-            "checkpoints_aborted": i.aborted,
-            "heartbeats": i.heartbeats,
-            "mark_drain_us": i.mark_drain.to_json(),
-            "checkpoint_digest": i.committed_digest.map(|d| format!("{d:016x}")),
-            "failover": i.failover,
-            "dirty_blocks": self.dirty.locked().len(),
-            "participants": self
-                .others()
-                .iter()
-                .map(|p| (p.name().to_string(), p.status()))
-                .collect::<serde_json::Map<_, _>>(),
-            "last_error": i.last_error,
-        })
+            }
+            .into(),
+            consistent: i.consistent,
+            resyncing: i.sync.as_ref().map(|(k, _, _)| k.name().into()),
+            last_sync: i.last_sync.map(Into::into),
+            generation,
+            session: i.session.map(|s| format!("{s:016x}")),
+            buffer: i.buffer.stats(),
+            forwarded_writes: i.forwarded_writes,
+            forwarded_bytes: i.forwarded_bytes,
+            checkpoints: i.checkpoints,
+            checkpoints_aborted: i.aborted,
+            heartbeats: i.heartbeats,
+            mark_drain_us: i.mark_drain.summary(),
+            checkpoint_digest: i.committed_digest.map(|d| format!("{d:016x}")),
+            failover: i.failover.clone(),
+            dirty_blocks,
+            participants,
+            last_error: i.last_error.clone(),
+            peer_auth: None,
+        }
     }
 
     fn set_error(&self, e: impl Into<String>) {

@@ -130,7 +130,7 @@ impl Pair {
 
     /// The committed epoch on (primary, secondary).
     fn committed(&self) -> (u64, u64) {
-        let s = self.s.sec.status()["committed_epoch"].as_u64().unwrap();
+        let s = self.s.sec.status().committed_epoch;
         (self.p.committed(), s)
     }
 
@@ -203,7 +203,7 @@ fn a_write_that_fails_on_the_primary_disk_is_the_clients_error_and_is_not_forwar
         let pr = pair(SIZE, AckMode::Received).await;
         pr.write(1, 1).await;
         let committed = pr.recover().await;
-        let sent = pr.s.sec.status()["forwarded_writes"].as_u64().unwrap();
+        let sent = pr.s.sec.status().forwarded_writes;
         pr.disk.add(Rule::on(Op::Write).range(8 * 4096, 4096));
         pr.disk.add(
             Rule::on(Op::WriteZeroes)
@@ -226,10 +226,7 @@ fn a_write_that_fails_on_the_primary_disk_is_the_clients_error_and_is_not_forwar
         assert_eq!(pr.disk.injected().failed, 3);
         // Only the write that succeeded was forwarded; the pair goes on replicating.
         assert!(wait_idle(&pr.p, Duration::from_secs(10)).await);
-        assert_eq!(
-            pr.s.sec.status()["forwarded_writes"].as_u64().unwrap(),
-            sent + 1
-        );
+        assert_eq!(pr.s.sec.status().forwarded_writes, sent + 1);
         assert_eq!(pr.p.mode(), PrimaryMode::Replicating);
         assert_eq!(pr.recover().await, committed + 1);
         pr.assert_equal("after the failed writes").await;
@@ -339,8 +336,8 @@ fn a_forwarded_write_that_fails_on_the_secondary_aborts_its_epoch() {
                     if reason.contains("a write of epoch 1 failed here") && reason.contains("fault injection")),
                 "{rule:?}: {m:?}"
             );
-            assert_eq!(s.sec.status()["committed_epoch"], 0);
-            assert_eq!(s.sec.status()["checkpoints_aborted"], 1);
+            assert_eq!(s.sec.status().committed_epoch, 0);
+            assert_eq!(s.sec.status().checkpoints_aborted, 1);
             s.disk.heal();
             assert!(
                 read_all(&*s.sec.view()).await.iter().all(|&b| b == 0),
@@ -373,7 +370,7 @@ fn a_secondary_disk_that_fails_writes_blocks_commits_until_healed_then_resyncs()
             pr.s.disk.heal();
             assert!(pr.recover().await > committed);
             pr.assert_equal(ack.name()).await;
-            assert_eq!(pr.s.sec.status()["consistent"], true);
+            assert_eq!(pr.s.sec.status().consistent, true);
         }
     });
 }
@@ -393,7 +390,7 @@ fn a_failing_commit_flush_on_the_secondary_aborts_the_checkpoint() {
         let e = pr.checkpoint_fails(committed).await;
         assert!(e.contains("flushing the secondary disk"), "{e}");
         assert!(pr.s.disk.hits(flush) >= 1);
-        assert!(pr.s.sec.status()["checkpoints_aborted"].as_u64().unwrap() >= 1);
+        assert!(pr.s.sec.status().checkpoints_aborted >= 1);
         // What the secondary serves is still the last checkpoint.
         assert!(read_all(&*pr.s.sec.view()).await == image);
         pr.s.disk.heal();
@@ -486,7 +483,7 @@ fn slow_disks_lose_no_data() {
             assert_eq!(pr.recover().await, first + checkpoints + 1, "{ack:?}");
             pr.assert_equal(ack.name()).await;
             assert!(pr.s.disk.injected().delayed > 0 && pr.disk.injected().delayed > 0);
-            assert_eq!(pr.s.sec.status()["checkpoints_aborted"], 0);
+            assert_eq!(pr.s.sec.status().checkpoints_aborted, 0);
             assert_eq!(pr.p.mode(), PrimaryMode::Replicating);
         }
     });

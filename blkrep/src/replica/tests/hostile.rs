@@ -65,7 +65,7 @@ fn garbage_bad_versions_and_stalls_get_clear_errors_and_no_session() {
             .await
             .unwrap();
         p.coord.checkpoint().await.unwrap();
-        assert_eq!(s.sec.status()["committed_epoch"], 2);
+        assert_eq!(s.sec.status().committed_epoch, 2);
     });
 }
 
@@ -232,8 +232,8 @@ fn lying_checkpoints_are_aborted_never_committed() {
         bad.push(EpochSummary { participant: 99, ..Default::default() });
         let m = ask(1, bad).await;
         assert!(matches!(&m, Message::Aborted { reason, .. } if reason.contains("unknown participant")), "{m:?}");
-        assert_eq!(s.sec.status()["committed_epoch"], 0);
-        assert_eq!(s.sec.status()["checkpoints_aborted"], 4);
+        assert_eq!(s.sec.status().committed_epoch, 0);
+        assert_eq!(s.sec.status().checkpoints_aborted, 4);
         // Failover to the checkpoint undoes the uncommitted write.
         s.sec.failover(FailoverTarget::Checkpoint).await.unwrap();
         assert!(s.disk.snapshot().iter().all(|&b| b == 0));

@@ -287,10 +287,7 @@ async fn wait_for(what: &str, f: impl Fn() -> bool) {
 }
 
 fn last_error(s: &Secondary) -> String {
-    s.status()["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    s.status().last_error.unwrap_or_default()
 }
 
 fn hello_of(size: u64, generation: u64) -> Message {

@@ -146,7 +146,7 @@ async fn run_case(steps: Vec<Step>, end: FailoverTarget, ack: AckMode, spill: bo
                 let (img, cp) = s.sec.verify_checkpoint().await.unwrap();
                 assert_eq!(Some(img), cp, "step {i}: digest of the checkpoint");
             }
-            assert_eq!(s.sec.status()["committed_epoch"], e);
+            assert_eq!(s.sec.status().committed_epoch, e);
         }
         assert!(
             p.disk.snapshot() == m.primary,

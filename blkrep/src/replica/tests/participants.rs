@@ -134,14 +134,14 @@ fn a_second_participant_commits_and_aborts_together_with_the_block_layer() {
         )
         .await;
         tokio::spawn(p.repl.clone().run());
-        let committed = |sec: &Secondary| sec.status()["committed_epoch"].as_u64().unwrap();
+        let committed = |sec: &Secondary| sec.status().committed_epoch;
 
         // A complete epoch commits on both halves at once.
         fill_blocks(&p.primary, 0..4, 1).await;
         p.coord.checkpoint().await.unwrap();
         let good = committed(&s.sec);
         assert_eq!(shared.locked().committed.last(), Some(&good));
-        assert_eq!(s.sec.status()["participants"]["test"]["committed"], good);
+        assert_eq!(s.sec.status().participants["test"]["committed"], good);
         let at_good = p.disk.snapshot();
 
         // An item of the next epoch is lost: the block layer's share is complete, but the

@@ -95,7 +95,7 @@ async fn power_cut_trial(seed: u64) -> String {
     let (sec2, _, _stop2) =
         secondary_on(addr, restarted.clone(), Some(meta.clone()), dir.path()).await;
     assert_eq!(
-        sec2.status()["consistent"],
+        sec2.status().consistent,
         false,
         "a secondary that lost power called itself consistent before any resync"
     );
@@ -120,7 +120,7 @@ async fn power_cut_trial(seed: u64) -> String {
             at / 4096
         );
     }
-    assert_eq!(sec2.status()["consistent"], true);
+    assert_eq!(sec2.status().consistent, true);
     format!(
         "ack {}: {writes} writes, {:?} resync, {} bytes resent",
         ack.name(),
