@@ -23,16 +23,13 @@ use std::time::{Duration, Instant};
 use roaring::RoaringTreemap;
 use serde_json::{json, Value};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use super::peer::{Hello, LinkOptions, PeerLink, Welcome};
-use super::primary::{Primary, PrimaryMode};
+use super::primary::{open_replica_connection, Primary, PrimaryMode};
 use super::wire::{AckMode, SyncKind, MAX_SUM_UNITS};
-use super::REPLICA_EXPORT;
 use crate::auth::PeerKey;
 use crate::digest::{self, DIGEST_BLOCK};
 use crate::epoch::{BoxFuture, CheckpointLink, CheckpointTrigger, Epoch, EpochError, EpochSummary};
-use crate::nbd::client::{ClientOptions, NbdClient};
 use crate::nbd::transport::Endpoint;
 use crate::tls::ClientTls;
 
@@ -93,7 +90,6 @@ pub struct Replicator {
     primary: Arc<Primary>,
     opts: ReplicatorOptions,
     link: Mutex<Option<Arc<PeerLink>>>,
-    forwarder: Mutex<Option<JoinHandle<()>>>,
     trigger: OnceLock<CheckpointTrigger>,
     state: Mutex<SessionState>,
     stop: watch::Receiver<bool>,
@@ -118,7 +114,6 @@ impl Replicator {
             primary,
             opts,
             link: Mutex::new(None),
-            forwarder: Mutex::new(None),
             trigger: OnceLock::new(),
             state: Mutex::new(SessionState::default()),
             stop,
@@ -234,26 +229,17 @@ impl Replicator {
         let epoch = p.resume_epoch();
         link.resume(epoch).await?;
         // Opened after RESUME_ACK: the secondary binds it to the resumed session.
-        let client = NbdClient::connect(
+        let client = open_replica_connection(
             &self.opts.secondary,
-            &ClientOptions {
-                export: REPLICA_EXPORT.into(),
-                structured: true,
-                connect_timeout: self.opts.connect_timeout,
-                request_timeout: Some(Duration::from_secs(30)),
-                session: link.session_key(),
-                tls: self.opts.tls.clone(),
-            },
+            link,
+            self.opts.connect_timeout,
+            self.opts.tls.clone(),
         )
-        .await
-        .map_err(|e| format!("opening the replication connection: {e}"))?;
-        // The previous session's forwarder has ended (run() waits for it); it hands the
-        // queue back when it ends, so it must never be aborted.
-        debug_assert!(self.forwarder.locked().is_none());
+        .await?;
         p.resumed().await;
         *self.link.locked() = Some(link.clone());
-        let fwd = tokio::spawn(p.clone().run_forwarder(client));
-        *self.forwarder.locked() = Some(fwd);
+        // The previous session's forwarder has ended: run() waits for it (end_session).
+        p.start_forwarder(client);
         if let Some(r) = link.dead_reason() {
             p.link_lost(&r).await;
         }
@@ -368,17 +354,7 @@ impl Replicator {
         if let Some(l) = self.link.locked().take() {
             l.close(reason);
         }
-        let fwd = self.forwarder.locked().take();
-        if let Some(f) = fwd {
-            match patience {
-                Some(d) => {
-                    let _ = tokio::time::timeout(d, f).await;
-                }
-                None => {
-                    let _ = f.await;
-                }
-            }
-        }
+        self.primary.join_forwarder(patience).await;
     }
 
     /// Status of the sessions.
