@@ -1,6 +1,7 @@
-//! The forward queue and the forwarder: the task that sends every queued modification to
-//! the secondary over the session's NBD "replica" connection, pipelined, in queue order
-//! per block. Opened, started, run and stopped here; [`Replicator`] calls these.
+//! The forwarder: the task that sends everything in the forward queue ([`super::queue`]) to
+//! the secondary over the session's NBD "replica" connection, pipelined, in queue order per
+//! block. Its connection is opened, and it is started, run and stopped here; the
+//! [`Replicator`] calls these.
 //!
 //! ```text
 //!  open_replica_connection (after RESUME_ACK) ─▶ start_forwarder ─▶ run:
@@ -16,13 +17,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use super::{Primary, PrimaryMode};
-use crate::digest::DIGEST_BLOCK;
+use super::queue::{FwdKind, FwdOp};
+use super::Primary;
 use crate::nbd::client::{ClientOptions, NbdClient, Ticket};
 use crate::nbd::transport::Endpoint;
 use crate::replica::peer::PeerLink;
@@ -31,114 +32,7 @@ use crate::replica::REPLICA_EXPORT;
 use crate::sync::Locked;
 use crate::tls::ClientTls;
 
-/// How a forwarded operation completes: the secondary's answer (or the forwarder's).
-type Done = oneshot::Sender<std::result::Result<(), String>>;
-
-#[derive(Debug)]
-pub(super) enum FwdKind {
-    Write {
-        data: crate::storage::IoBuf,
-        fua: bool,
-    },
-    Trim,
-    Zeroes {
-        may_unmap: bool,
-    },
-    Flush,
-    Mark {
-        epoch: u64,
-    },
-    /// Completes once everything queued before it has been answered by the secondary; not
-    /// sent (online verify uses it).
-    Barrier,
-}
-
-#[derive(Debug)]
-pub(super) struct FwdOp {
-    kind: FwdKind,
-    offset: u64,
-    len: u64,
-    done: Option<Done>,
-    _permit: Option<OwnedSemaphorePermit>,
-}
-
-impl FwdOp {
-    fn blocks(&self) -> Option<(u64, u64)> {
-        match self.kind {
-            FwdKind::Write { .. } | FwdKind::Trim | FwdKind::Zeroes { .. } if self.len > 0 => {
-                Some((
-                    self.offset / DIGEST_BLOCK,
-                    (self.offset + self.len - 1) / DIGEST_BLOCK,
-                ))
-            }
-            _ => None,
-        }
-    }
-
-    /// Whether it modifies the disk (and counts in the queue depth).
-    fn is_modification(&self) -> bool {
-        matches!(
-            self.kind,
-            FwdKind::Write { .. } | FwdKind::Trim | FwdKind::Zeroes { .. }
-        )
-    }
-
-    /// Tell its waiter (if still waiting) how it ended.
-    fn complete(&mut self, result: std::result::Result<(), String>) {
-        if let Some(d) = self.done.take() {
-            let _ = d.send(result);
-        }
-    }
-}
-
 impl Primary {
-    /// Queue a modification for the forwarder (the caller accounted it in the epoch).
-    pub(super) fn enqueue(
-        &self,
-        kind: FwdKind,
-        offset: u64,
-        len: u64,
-        done: Option<Done>,
-        permit: Option<OwnedSemaphorePermit>,
-    ) {
-        self.queued_ops.fetch_add(1, Ordering::Relaxed);
-        self.queued_bytes.fetch_add(len, Ordering::Relaxed);
-        let _ = self.queue.send(FwdOp {
-            kind,
-            offset,
-            len,
-            done,
-            _permit: permit,
-        });
-    }
-
-    /// Queue a flush, an epoch mark or a barrier (no data, not counted in the queue depth).
-    pub(super) fn enqueue_marker(&self, kind: FwdKind, done: Done) {
-        let _ = self.queue.send(FwdOp {
-            kind,
-            offset: 0,
-            len: 0,
-            done: Some(done),
-            _permit: None,
-        });
-    }
-
-    /// Wait until everything queued for the secondary so far has been answered by it.
-    pub async fn barrier(&self) -> std::result::Result<(), String> {
-        let (tx, rx) = oneshot::channel();
-        {
-            let _gate = self.gate.read().await;
-            if self.mode() != PrimaryMode::Replicating {
-                return Err("not replicating".into());
-            }
-            self.enqueue_marker(FwdKind::Barrier, tx);
-        }
-        match rx.await {
-            Ok(r) => r,
-            Err(_) => Err("replication stopped".into()),
-        }
-    }
-
     /// Start forwarding to the secondary over `client` (the session's replication
     /// connection), as a task; call after [`Primary::resumed`].
     pub fn start_forwarder(self: &Arc<Self>, client: NbdClient) {
@@ -219,18 +113,6 @@ pub async fn open_replica_connection(
     )
     .await
     .map_err(|e| format!("opening the replication connection: {e}"))
-}
-
-/// Wait until `primary`'s forward queue is empty (or `timeout`).
-pub async fn wait_idle(primary: &Primary, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while primary.queued_ops.load(Ordering::Relaxed) > 0 {
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    true
 }
 
 /// Why the forwarder's loop ended.

@@ -20,18 +20,21 @@
 //! | `mod.rs` | [`Primary`], its options, construction, accessors, status |
 //! | [`state`] | [`PrimaryMode`], the mutable state, link lost / paused / unprotected / resumed |
 //! | [`write`] | the client write path ([`Backend`] impl: write, trim, zeroes, flush) |
-//! | [`forward`] | the forward queue and the forwarder task: started, run, stopped |
+//! | [`queue`] | the forward queue: what the secondary must see, in order; barrier |
+//! | [`forward`] | the forwarder task draining it: connection, start, run loop, stop |
 //! | [`resync`] | dirty units, the digest comparison, sending dirty blocks, [`ResyncStats`] |
 //! | [`participant`] | [`BlockParticipant`]: cutting, preparing and committing epochs |
 
 mod forward;
 mod participant;
+mod queue;
 mod resync;
 mod state;
 mod write;
 
-pub use forward::{open_replica_connection, wait_idle};
+pub use forward::open_replica_connection;
 pub use participant::BlockParticipant;
+pub use queue::wait_idle;
 pub use resync::ResyncStats;
 pub use state::PrimaryMode;
 pub use write::BlockLock;
@@ -49,7 +52,7 @@ use super::wire::AckMode;
 use crate::digest::DigestTable;
 use crate::epoch::CheckpointTrigger;
 use crate::storage::Backend;
-use forward::FwdOp;
+use queue::FwdOp;
 use state::State;
 
 /// Primary settings.

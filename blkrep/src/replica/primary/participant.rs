@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use super::forward::FwdKind;
+use super::queue::FwdKind;
 use super::{Primary, PrimaryMode};
 use crate::epoch::{BoxFuture, Epoch, EpochError, EpochSummary, Participant};
 use crate::replica::PARTICIPANT_BLOCK;

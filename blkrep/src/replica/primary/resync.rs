@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use roaring::RoaringTreemap;
 
-use super::forward::FwdKind;
+use super::queue::FwdKind;
 use super::state::State;
 use super::{cost, Primary, PrimaryMode};
 use crate::digest::{self, DIGEST_BLOCK};

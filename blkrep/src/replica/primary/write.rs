@@ -11,7 +11,7 @@
 
 use tokio::sync::oneshot;
 
-use super::forward::FwdKind;
+use super::queue::FwdKind;
 use super::{cost, Primary, PrimaryMode};
 use crate::digest::{self, DIGEST_BLOCK};
 use crate::replica::wire::AckMode;
