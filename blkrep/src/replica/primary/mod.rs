@@ -18,12 +18,12 @@
 //! | file | what |
 //! | --- | --- |
 //! | `mod.rs` | [`Primary`], its options, construction, accessors, status |
-//! | [`state`] | [`PrimaryMode`], the mutable state, link lost / paused / unprotected / resumed |
-//! | [`write`] | the client write path ([`Backend`] impl: write, trim, zeroes, flush) |
-//! | [`queue`] | the forward queue: what the secondary must see, in order; barrier |
-//! | [`forward`] | the forwarder task draining it: connection, start, run loop, stop |
-//! | [`resync`] | dirty units, the digest comparison, sending dirty blocks, [`ResyncStats`] |
-//! | [`participant`] | [`BlockParticipant`]: cutting, preparing and committing epochs |
+//! | `state.rs` | [`PrimaryMode`], the mutable state, link lost / paused / unprotected / resumed |
+//! | `write.rs` | the client write path ([`Backend`] impl: write, trim, zeroes, flush) |
+//! | `queue.rs` | the forward queue: what the secondary must see, in order; barrier |
+//! | `forward.rs` | the forwarder task draining it: connection, start, run loop, stop |
+//! | `resync.rs` | dirty units, the digest comparison, sending dirty blocks, [`ResyncStats`] |
+//! | `participant.rs` | [`BlockParticipant`]: cutting, preparing and committing epochs |
 
 mod forward;
 mod participant;
