@@ -12,27 +12,27 @@
 //!            every --retry until it works; after --reconnect-timeout: "unprotected"
 //! ```
 //!
-//! The comparison runs while the primary is paused, so the secondary's disk stands still;
-//! each unit is compared with the primary's digest table under the write gate, so no client
-//! write can slip between the comparison and forgetting the unit.
+//! | file | what |
+//! | --- | --- |
+//! | `mod.rs` | [`Replicator`]: one attempt, the reconnect loop, shutdown, status |
+//! | `sync.rs` | after WELCOME: mark dirty, compare digests, RESUME, forward, resync |
+//! | `verify.rs` | online comparison of both disks by digest |
+
+mod sync;
+mod verify;
 
 use crate::sync::Locked;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use roaring::RoaringTreemap;
 use serde_json::{json, Value};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
-use super::peer::{Hello, LinkOptions, PeerLink, Welcome};
+use super::peer::{Hello, LinkOptions, PeerLink};
 use super::primary::{Primary, PrimaryMode};
-use super::wire::{AckMode, SyncKind, MAX_SUM_UNITS};
-use super::REPLICA_EXPORT;
+use super::wire::{AckMode, SyncKind};
 use crate::auth::PeerKey;
-use crate::digest::{self, DIGEST_BLOCK};
 use crate::epoch::{BoxFuture, CheckpointLink, CheckpointTrigger, Epoch, EpochError, EpochSummary};
-use crate::nbd::client::{ClientOptions, NbdClient};
 use crate::nbd::transport::Endpoint;
 use crate::tls::ClientTls;
 
@@ -93,7 +93,6 @@ pub struct Replicator {
     primary: Arc<Primary>,
     opts: ReplicatorOptions,
     link: Mutex<Option<Arc<PeerLink>>>,
-    forwarder: Mutex<Option<JoinHandle<()>>>,
     trigger: OnceLock<CheckpointTrigger>,
     state: Mutex<SessionState>,
     stop: watch::Receiver<bool>,
@@ -118,7 +117,6 @@ impl Replicator {
             primary,
             opts,
             link: Mutex::new(None),
-            forwarder: Mutex::new(None),
             trigger: OnceLock::new(),
             state: Mutex::new(SessionState::default()),
             stop,
@@ -194,92 +192,6 @@ impl Replicator {
                 Err(AttemptError::Unreachable(e))
             }
         }
-    }
-
-    async fn sync_and_resume(
-        self: &Arc<Self>,
-        link: &Arc<PeerLink>,
-        welcome: Welcome,
-    ) -> Result<(), String> {
-        let p = &self.primary;
-        let kind = welcome.sync;
-        let unit = match kind {
-            SyncKind::Incremental => 1,
-            SyncKind::Checksum => CHUNK_BLOCKS,
-            SyncKind::Full => 0,
-        };
-        tracing::info!(sync = kind.name(), secondary = %self.opts.secondary, consistent = welcome.consistent, "secondary connected: syncing");
-        p.begin_sync(kind.name(), unit);
-        match kind {
-            SyncKind::Checksum => p.mark_all_dirty().await,
-            SyncKind::Full => p
-                .mark_allocated_dirty()
-                .await
-                .map_err(|e| format!("reading the local disk: {e}"))?,
-            SyncKind::Incremental => {}
-        }
-        if unit > 0 {
-            let units = p.dirty_units(unit);
-            let mut batch = RoaringTreemap::new();
-            let mut it = units.iter().peekable();
-            while let Some(u) = it.next() {
-                batch.insert(u);
-                if batch.len() == MAX_SUM_UNITS || it.peek().is_none() {
-                    let b = std::mem::take(&mut batch);
-                    let sums = link.sums(unit as u32, b.clone()).await?;
-                    p.forget_equal(unit, &b, &sums).await;
-                }
-            }
-        }
-        let epoch = p.resume_epoch();
-        link.resume(epoch).await?;
-        // Opened after RESUME_ACK: the secondary binds it to the resumed session.
-        let client = NbdClient::connect(
-            &self.opts.secondary,
-            &ClientOptions {
-                export: REPLICA_EXPORT.into(),
-                structured: true,
-                connect_timeout: self.opts.connect_timeout,
-                request_timeout: Some(Duration::from_secs(30)),
-                session: link.session_key(),
-                tls: self.opts.tls.clone(),
-            },
-        )
-        .await
-        .map_err(|e| format!("opening the replication connection: {e}"))?;
-        // The previous session's forwarder has ended (run() waits for it); it hands the
-        // queue back when it ends, so it must never be aborted.
-        debug_assert!(self.forwarder.locked().is_none());
-        p.resumed().await;
-        *self.link.locked() = Some(link.clone());
-        let fwd = tokio::spawn(p.clone().run_forwarder(client));
-        *self.forwarder.locked() = Some(fwd);
-        if let Some(r) = link.dead_reason() {
-            p.link_lost(&r).await;
-        }
-        let stats = p.resync_stats();
-        tracing::info!(
-            epoch,
-            compared_units = stats.compared_units,
-            equal_units = stats.equal_units,
-            to_send_blocks = stats.to_send_blocks,
-            "replication resumed; resyncing"
-        );
-        let me = self.clone();
-        tokio::spawn(async move {
-            match me.primary.resync().await {
-                Ok(bytes) => {
-                    tracing::info!(bytes, "resync data sent; checkpointing");
-                    if let Some(t) = me.trigger.get() {
-                        if let Err(e) = t.request().await {
-                            tracing::warn!("the checkpoint after the resync failed: {e}");
-                        }
-                    }
-                }
-                Err(e) => tracing::info!("resync interrupted: {e}"),
-            }
-        });
-        Ok(())
     }
 
     /// Keep replicating until `stop`: after every loss, tear the session down, reconnect
@@ -368,17 +280,7 @@ impl Replicator {
         if let Some(l) = self.link.locked().take() {
             l.close(reason);
         }
-        let fwd = self.forwarder.locked().take();
-        if let Some(f) = fwd {
-            match patience {
-                Some(d) => {
-                    let _ = tokio::time::timeout(d, f).await;
-                }
-                None => {
-                    let _ = f.await;
-                }
-            }
-        }
+        self.primary.join_forwarder(patience).await;
     }
 
     /// Status of the sessions.
@@ -400,87 +302,6 @@ impl Replicator {
                 .then(|| st.lost_at.map(|t| t.elapsed().as_secs_f64())).flatten(),
             "verify": st.verify,
         })
-    }
-
-    /// Compare the primary's and the secondary's disks chunk by chunk (64 KiB) by digest,
-    /// without moving the data, while both keep serving. Each batch of chunks is locked
-    /// against client writes and waits until everything forwarded before it is applied on
-    /// the secondary, so only real differences are reported.
-    pub async fn verify(&self) -> Result<Value, String> {
-        let p = &self.primary;
-        let link = self
-            .current_link()
-            .filter(|_| p.mode() == PrimaryMode::Replicating)
-            .ok_or("not replicating: nothing to verify against")?;
-        if p.is_resyncing() {
-            return Err("a resync is in progress: verify after it completes".into());
-        }
-        let start = Instant::now();
-        let size = p.size_bytes();
-        let nblocks = digest::blocks(size);
-        let nunits = nblocks.div_ceil(CHUNK_BLOCKS);
-        const BATCH: u64 = 256;
-        let mut differing: Vec<(u64, u64)> = Vec::new();
-        let mut ndiff = 0u64;
-        let mut last_log = Instant::now();
-        let mut u0 = 0;
-        while u0 < nunits {
-            let u1 = (u0 + BATCH).min(nunits);
-            let first = u0 * CHUNK_BLOCKS;
-            let last = (u1 * CHUNK_BLOCKS).min(nblocks) - 1;
-            let units: RoaringTreemap = (u0..u1).collect();
-            let sums = {
-                let _l = p.lock_blocks(first, last).await;
-                p.barrier().await.map_err(|e| format!("verify: {e}"))?;
-                link.sums(CHUNK_BLOCKS as u32, units.clone())
-                    .await
-                    .map_err(|e| format!("verify: {e}"))?
-            };
-            for (u, theirs) in units.iter().zip(&sums) {
-                if p.digest_table().unit_sum(u, CHUNK_BLOCKS) != *theirs {
-                    ndiff += 1;
-                    let off = u * CHUNK_BLOCKS * DIGEST_BLOCK;
-                    let len = (CHUNK_BLOCKS * DIGEST_BLOCK).min(size - off);
-                    match differing.last_mut() {
-                        Some((o, l)) if *o + *l == off => *l += len,
-                        _ => differing.push((off, len)),
-                    }
-                }
-            }
-            u0 = u1;
-            let progress = json!({
-                "state": "running",
-                "done_chunks": u0,
-                "total_chunks": nunits,
-                "differing_chunks": ndiff,
-            });
-            self.st().verify = Some(progress);
-            if last_log.elapsed() > Duration::from_secs(1) {
-                last_log = Instant::now();
-                tracing::info!(
-                    done = u0,
-                    total = nunits,
-                    differing = ndiff,
-                    "verify: {:.0}%",
-                    100.0 * u0 as f64 / nunits as f64
-                );
-            }
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let result = json!({
-            "state": "done",
-            "chunk_bytes": CHUNK_BLOCKS * DIGEST_BLOCK,
-            "total_chunks": nunits,
-            "done_chunks": nunits,
-            "differing_chunks": ndiff,
-            "differing": differing.iter().map(|(o, l)| json!({"offset": o, "len": l})).collect::<Vec<_>>(),
-            "bytes_compared": size,
-            "duration_s": secs,
-            "mb_per_s": size as f64 / secs.max(1e-9) / 1e6,
-        });
-        tracing::info!(differing = ndiff, secs, "verify done");
-        self.st().verify = Some(result.clone());
-        Ok(result)
     }
 }
 
