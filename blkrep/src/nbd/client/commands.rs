@@ -1,11 +1,16 @@
 //! The commands of the transmission phase, one method each: `read`, `write`, `flush`,
 //! `trim`, `write_zeroes`, `block_status`, `disconnect`, which wait for their reply, and
 //! the `submit_*` calls, which only put a request on its way ([`Ticket`]).
+//!
+//! FUA is honoured the same way on every command that takes it: with the flag when the
+//! server advertised `NBD_FLAG_SEND_FUA`, else by a flush after the command. (The `submit_*`
+//! calls cannot wait for the command before the flush: they refuse FUA instead.)
 
 use tokio::io::AsyncWriteExt;
 
 use super::transmission::Ticket;
 use super::NbdClient;
+use crate::nbd::codec::Request;
 use crate::nbd::proto::*;
 use crate::nbd::NbdError;
 use crate::storage::IoBuf;
@@ -104,14 +109,25 @@ impl NbdClient {
         self.check(offset, data.len() as u64)?;
         let len = u32::try_from(data.len())
             .map_err(|_| NbdError::Invalid("write larger than 4 GiB".into()))?;
-        let flags = if fua && self.can_fua() {
-            CMD_FLAG_FUA
-        } else {
-            0
-        };
-        self.request(Self::req(CMD_WRITE, flags, offset, len), Some(data), None)
-            .await?;
-        if fua && !self.can_fua() {
+        self.durable(Self::req(CMD_WRITE, 0, offset, len), Some(data), fua)
+            .await
+    }
+
+    /// Run a write, trim or write-zeroes; with `fua`, durable on the server when this
+    /// returns: by `NBD_CMD_FLAG_FUA` where the server takes it (`NBD_FLAG_SEND_FUA`), else
+    /// by a flush once the command has completed.
+    async fn durable(
+        &self,
+        mut req: Request,
+        payload: Option<&[u8]>,
+        fua: bool,
+    ) -> Result<(), NbdError> {
+        let emulate = fua && !self.can_fua();
+        if fua && !emulate {
+            req.flags |= CMD_FLAG_FUA;
+        }
+        self.request(req, payload, None).await?;
+        if emulate {
             self.flush().await?;
         }
         Ok(())
@@ -127,26 +143,16 @@ impl NbdClient {
             .map(drop)
     }
 
-    /// Discard a range.
+    /// Discard a range; with `fua`, durable on the server when this returns.
     pub async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), NbdError> {
         self.check(offset, u64::from(len))?;
-        if !self.has(FLAG_SEND_TRIM) {
-            return Err(NbdError::Invalid(format!(
-                "{} does not support trim",
-                self.shared.peer
-            )));
-        }
-        let flags = if fua && self.can_fua() {
-            CMD_FLAG_FUA
-        } else {
-            0
-        };
-        self.request(Self::req(CMD_TRIM, flags, offset, len), None, None)
+        self.need(FLAG_SEND_TRIM, "trim")?;
+        self.durable(Self::req(CMD_TRIM, 0, offset, len), None, fua)
             .await
-            .map(drop)
     }
 
-    /// Zero a range; with `may_unmap`, the server may deallocate it.
+    /// Zero a range; with `may_unmap`, the server may deallocate it; with `fua`, durable on
+    /// the server when this returns.
     pub async fn write_zeroes(
         &self,
         offset: u64,
@@ -155,19 +161,10 @@ impl NbdClient {
         fua: bool,
     ) -> Result<(), NbdError> {
         self.check(offset, u64::from(len))?;
-        if !self.has(FLAG_SEND_WRITE_ZEROES) {
-            return Err(NbdError::Invalid(format!(
-                "{} does not support write-zeroes",
-                self.shared.peer
-            )));
-        }
-        let mut flags = if may_unmap { 0 } else { CMD_FLAG_NO_HOLE };
-        if fua && self.can_fua() {
-            flags |= CMD_FLAG_FUA;
-        }
-        self.request(Self::req(CMD_WRITE_ZEROES, flags, offset, len), None, None)
+        self.need(FLAG_SEND_WRITE_ZEROES, "write-zeroes")?;
+        let flags = if may_unmap { 0 } else { CMD_FLAG_NO_HOLE };
+        self.durable(Self::req(CMD_WRITE_ZEROES, flags, offset, len), None, fua)
             .await
-            .map(drop)
     }
 
     /// base:allocation extents from `offset`: (length, NBD_STATE_* flags).

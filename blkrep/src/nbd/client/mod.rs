@@ -225,3 +225,6 @@ pub(in crate::nbd) async fn secure_connect(
         None => Ok((rd, wr)),
     }
 }
+
+#[cfg(test)]
+mod tests;
