@@ -1,9 +1,12 @@
 //! NBD: the protocol lockstep speaks to its users and between its nodes.
 //!
 //! ```text
-//!   codec   pure bytes ⇄ messages (handshake, requests, simple and structured replies)
-//!   server  many exports, many connections, many requests in flight per connection
-//!   client  async, pipelined; used by the primary to forward writes, and in interop tests
+//!   proto      the protocol's constants
+//!   codec      pure bytes ⇄ messages (handshake, requests, simple and structured replies)
+//!   server     many exports, many connections, many requests in flight per connection
+//!   client     async, pipelined; used by the primary to forward writes, and in interop tests
+//!   lockstep   lockstep's extensions: epoch marks and the control option, both sides
+//!   transport  TCP and Unix sockets; guard: admission of peers on an authenticating port
 //! ```
 //!
 //! The protocol itself is described in `docs/protocol.md`; what lockstep supports of it is
@@ -12,11 +15,13 @@
 pub mod client;
 pub mod codec;
 mod guard;
+pub mod lockstep;
 pub mod proto;
 pub mod server;
 pub mod transport;
 
 pub use client::{ClientOptions, NbdClient};
+pub use lockstep::{connect_control, ControlHandler, EpochSink};
 pub use server::{Export, NbdServer, ServerOptions};
 pub use transport::{Endpoint, Listener};
 
