@@ -271,10 +271,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     cleanup.children.push(("primary".into(), pri));
     println!("  secondary pid {} on 127.0.0.1:{listen}, primary pid {pri_pid} exporting nbd://127.0.0.1:{export}", cleanup.children[0].1.id());
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let rt = crate::daemon::runtime()?;
     let counters = Arc::new(Counters::default());
     let blocks = a.size / BLOCK as u64;
 

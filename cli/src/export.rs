@@ -9,6 +9,7 @@ use blkrep::storage::{open_disk, DiskOptions};
 use clap::Args;
 use tokio::sync::watch;
 
+use crate::daemon::{runtime, wait_for_signal, UblkArgs};
 use crate::units::parse_size;
 
 #[derive(Debug, Args)]
@@ -36,7 +37,7 @@ pub struct ExportArgs {
     #[arg(long)]
     direct: bool,
     #[command(flatten)]
-    ublk: crate::replicate::UblkArgs,
+    ublk: UblkArgs,
     /// With --tls-cert: clients must start TLS (NBD_OPT_STARTTLS) before anything else.
     #[command(flatten)]
     tls: crate::secure::TlsArgs,
@@ -89,11 +90,7 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         Some(p) => Endpoint::Unix(p.clone()),
         None => Endpoint::Tcp(a.listen.clone()),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(async move {
+    runtime()?.block_on(async move {
         let listener = Listener::bind(&ep).await?;
         let mut server = NbdServer::new(exports.clone(), ServerOptions::default())?;
         if let Some(t) = starttls {
@@ -131,16 +128,5 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         }
         tracing::info!("flushed; bye");
         Ok(())
-    })
-}
-
-/// Wait for SIGINT or SIGTERM; returns which.
-pub async fn wait_for_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
     })
 }

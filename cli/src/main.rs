@@ -3,6 +3,7 @@
 //! A thin clap layer: each subcommand parses its flags and calls into the library crates.
 //! See `docs/operations.md` for how to run it.
 
+mod daemon;
 mod demo;
 mod export;
 mod replicate;

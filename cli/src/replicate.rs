@@ -17,44 +17,8 @@ use blkrep::storage::DiskOptions;
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::export::wait_for_signal;
+use crate::daemon::{runtime, shutdown_signal, UblkArgs};
 use crate::units::{parse_duration, parse_size};
-
-/// Block-device flags (ublk) shared by the daemons.
-#[derive(Debug, Args)]
-pub struct UblkArgs {
-    /// Also serve the disk as a block device, /dev/ublkbN (needs the ublk_drv module and a
-    /// lockstep built with `--features ublk`).
-    #[arg(long)]
-    ublk: bool,
-    /// ublk device id N (/dev/ublkbN). If a device with this id was left by a killed daemon,
-    /// it is recovered: I/O waiting on it continues.
-    #[arg(long, requires = "ublk")]
-    ublk_id: Option<u32>,
-    /// ublk hardware queues (one thread each).
-    #[arg(long, default_value = "1", requires = "ublk")]
-    queues: u16,
-    /// ublk requests in flight per queue.
-    #[arg(long, default_value = "128", requires = "ublk")]
-    depth: u16,
-}
-
-impl UblkArgs {
-    /// The device options if `--ublk` was given; an error before anything starts if this
-    /// build cannot serve ublk.
-    pub fn options(&self) -> anyhow::Result<Option<blkrep::ublk::UblkOptions>> {
-        if !self.ublk {
-            return Ok(None);
-        }
-        blkrep::ublk::built_in()?;
-        Ok(Some(blkrep::ublk::UblkOptions {
-            id: self.ublk_id,
-            queues: self.queues,
-            depth: self.depth,
-            ..Default::default()
-        }))
-    }
-}
 
 /// Flags both daemons share.
 #[derive(Debug, Args)]
@@ -189,23 +153,6 @@ pub struct SecondaryArgs {
     insecure_no_auth: bool,
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")
-}
-
-async fn signal() {
-    match wait_for_signal().await {
-        Ok(s) => tracing::info!("{s} received"),
-        Err(e) => {
-            tracing::error!("{e:#}");
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
 pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
     let key = a.disk.key()?;
     let tls = a.disk.tls.link_files()?;
@@ -233,7 +180,7 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
         tls,
     };
     runtime()?
-        .block_on(node::run_primary(cfg, signal()))
+        .block_on(node::run_primary(cfg, shutdown_signal()))
         .map_err(|e| anyhow!(e))
 }
 
@@ -258,7 +205,7 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
         insecure_no_auth: a.insecure_no_auth,
     };
     runtime()?
-        .block_on(node::run_secondary(cfg, signal()))
+        .block_on(node::run_secondary(cfg, shutdown_signal()))
         .map_err(|e| anyhow!(e))
 }
 
