@@ -78,3 +78,101 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn flags_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// The message clap prints for `args`, which must be refused.
+    fn refused(args: &[&str]) -> String {
+        let mut all = vec!["lockstep"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).expect_err("accepted").to_string()
+    }
+
+    #[test]
+    fn every_endpoint_flag_takes_addr_port_or_unix_path() {
+        for args in [
+            &["export", "--disk", "d", "--listen", "unix:/run/x.sock"][..],
+            &["export", "--disk", "d", "--listen", "[::1]:10809"],
+            &[
+                "primary",
+                "--disk",
+                "d",
+                "--control",
+                "c",
+                "--secondary",
+                "unix:/s",
+            ],
+            &[
+                "primary",
+                "--disk",
+                "d",
+                "--control",
+                "c",
+                "--secondary",
+                "b:1",
+                "--export",
+                "unix:e",
+            ],
+            &[
+                "secondary",
+                "--disk",
+                "d",
+                "--control",
+                "c",
+                "--listen",
+                "unix:/l",
+            ],
+            &[
+                "secondary",
+                "--disk",
+                "d",
+                "--control",
+                "c",
+                "--listen",
+                "a:1",
+                "--export",
+                "unix:e",
+            ],
+        ] {
+            let mut all = vec!["lockstep"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn bad_endpoints_are_refused_with_a_reason() {
+        let e = refused(&["export", "--disk", "d", "--listen", "localhost"]);
+        assert!(e.contains("--listen") && e.contains("no port"), "{e}");
+        let e = refused(&["export", "--disk", "d", "--socket", "/run/x.sock"]);
+        assert!(e.contains("--socket"), "{e}");
+        let e = refused(&[
+            "primary",
+            "--disk",
+            "d",
+            "--control",
+            "c",
+            "--secondary",
+            "/s",
+        ]);
+        assert!(e.contains("write unix:/s"), "{e}");
+        let e = refused(&[
+            "secondary",
+            "--disk",
+            "d",
+            "--control",
+            "c",
+            "--listen",
+            "a:b",
+        ]);
+        assert!(e.contains("not a port number"), "{e}");
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use blkrep::auth::PeerKey;
 use blkrep::epoch::CoordinatorOptions;
-use blkrep::nbd::Endpoint;
+use blkrep::nbd::{Endpoint, DEFAULT_ENDPOINT};
 use blkrep::replica::admin;
 use blkrep::replica::node::{self, PrimaryConfig, SecondaryConfig};
 use blkrep::replica::primary::PrimaryOptions;
@@ -18,7 +18,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use crate::daemon::{runtime, shutdown_signal, UblkArgs};
-use crate::units::{parse_duration, parse_size};
+use crate::units::{parse_duration, parse_size, ENDPOINT};
 
 /// Flags both daemons share.
 #[derive(Debug, Args)]
@@ -64,28 +64,21 @@ impl DiskArgs {
     }
 }
 
-fn endpoint(s: &str) -> Endpoint {
-    match s.strip_prefix("unix:") {
-        Some(p) => Endpoint::Unix(p.into()),
-        None => Endpoint::Tcp(s.to_string()),
-    }
-}
-
 #[derive(Debug, Args)]
 pub struct PrimaryArgs {
     #[command(flatten)]
     disk: DiskArgs,
     #[command(flatten)]
     ublk: UblkArgs,
-    /// Where clients connect (ADDR:PORT, or unix:PATH).
-    #[arg(long, default_value = "127.0.0.1:10809")]
-    export: String,
+    /// Where clients connect: ADDR:PORT, or unix:PATH.
+    #[arg(long, value_name = ENDPOINT, default_value = DEFAULT_ENDPOINT)]
+    export: Endpoint,
     /// Export name (the export also answers to the empty name).
     #[arg(long, default_value = "lockstep")]
     name: String,
-    /// The secondary's --listen address.
-    #[arg(long)]
-    secondary: String,
+    /// The secondary's --listen endpoint: ADDR:PORT, or unix:PATH.
+    #[arg(long, value_name = ENDPOINT)]
+    secondary: Endpoint,
     /// What a client's write waits for: local (local disk), received (the secondary
     /// applied it), durable (the secondary has it on stable storage).
     #[arg(long, default_value = "received", value_parser = |s: &str| s.parse::<AckMode>())]
@@ -121,13 +114,14 @@ pub struct SecondaryArgs {
     disk: DiskArgs,
     #[command(flatten)]
     ublk: UblkArgs,
-    /// Where the primary connects (replication data and control channel).
-    #[arg(long)]
-    listen: String,
+    /// Where the primary connects (replication data and control channel): ADDR:PORT, or
+    /// unix:PATH.
+    #[arg(long, value_name = ENDPOINT)]
+    listen: Endpoint,
     /// Serve the secondary's own view here (COLO running secondary; after failover, the
-    /// disk as an unprotected primary).
-    #[arg(long)]
-    export: Option<String>,
+    /// disk as an unprotected primary): ADDR:PORT, or unix:PATH.
+    #[arg(long, value_name = ENDPOINT)]
+    export: Option<Endpoint>,
     /// Export name for --export.
     #[arg(long, default_value = "lockstep")]
     name: String,
@@ -158,9 +152,9 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
     let tls = a.disk.tls.link_files()?;
     let cfg = PrimaryConfig {
         disk: a.disk.options(),
-        export: endpoint(&a.export),
+        export: a.export,
         export_name: a.name,
-        secondary: endpoint(&a.secondary),
+        secondary: a.secondary,
         control: a.disk.control,
         primary: PrimaryOptions {
             ack: a.ack,
@@ -194,9 +188,9 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
     let tls = a.disk.tls.link_files()?;
     let cfg = SecondaryConfig {
         disk: a.disk.options(),
-        listen: endpoint(&a.listen),
+        listen: a.listen,
         control: a.disk.control,
-        export: a.export.as_deref().map(endpoint),
+        export: a.export,
         export_name: a.name,
         secondary: opts,
         ublk: a.ublk.options()?,

@@ -2,6 +2,10 @@
 
 use std::time::Duration;
 
+/// The value name of every endpoint flag: endpoints are parsed by [`blkrep::nbd::Endpoint`]'s
+/// `FromStr`, one syntax for all of them.
+pub const ENDPOINT: &str = "ADDR:PORT|unix:PATH";
+
 /// Parse a byte size with an optional binary suffix: K, M, G, T (with or without "iB"/"B").
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
