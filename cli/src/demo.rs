@@ -22,19 +22,19 @@ use blkrep::replica::admin;
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::units::{parse_duration, parse_size};
+use crate::units::{parse_size, DurationArg};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// How long the workload runs before the primary is killed.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    duration: Duration,
+    #[arg(long, default_value = "5s")]
+    duration: DurationArg,
     /// Disk size.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     size: u64,
     /// Checkpoint period.
-    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
-    interval: Duration,
+    #[arg(long, default_value = "100ms")]
+    interval: DurationArg,
     /// The primary's ack mode: local, received or durable.
     #[arg(long, default_value = "received")]
     ack: String,
@@ -213,7 +213,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     write_peer_key(&key)?;
 
     println!(
-        "lockstep demo: replicating a {} MiB disk with a checkpoint every {:?}, ack={}",
+        "lockstep demo: replicating a {} MiB disk with a checkpoint every {}, ack={}",
         a.size >> 20,
         a.interval,
         a.ack
@@ -260,7 +260,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             s("--ack"),
             a.ack.clone(),
             s("--checkpoint-interval"),
-            format!("{}ms", a.interval.as_millis()),
+            a.interval.to_string(),
             s("--psk-file"),
             key.display().to_string(),
         ],
@@ -312,7 +312,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let tty = std::io::stderr().is_terminal();
     let mut last_status = Value::Null;
     let mut last_print = Instant::now() - Duration::from_secs(1);
-    while start.elapsed() < a.duration {
+    while start.elapsed() < a.duration.0 {
         std::thread::sleep(Duration::from_millis(100));
         if let Ok(v) = rt.block_on(admin::request(
             &p_sock,
@@ -322,7 +322,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             last_status = v;
         }
         let t = start.elapsed().as_secs_f64();
-        let frac = (t / a.duration.as_secs_f64()).min(1.0);
+        let frac = (t / a.duration.0.as_secs_f64()).min(1.0);
         let bar: String = (0..30)
             .map(|i| if (i as f64) < frac * 30.0 { '#' } else { '-' })
             .collect();

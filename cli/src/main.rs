@@ -175,4 +175,39 @@ mod tests {
         ]);
         assert!(e.contains("not a port number"), "{e}");
     }
+
+    #[test]
+    fn durations_take_units_and_compounds() {
+        let args = [
+            "lockstep",
+            "primary",
+            "--disk",
+            "d",
+            "--control",
+            "c",
+            "--secondary",
+            "b:1",
+            "--reconnect-timeout",
+            "1h30m",
+            "--heartbeat",
+            "250ms",
+            "--checkpoint-interval",
+            "0",
+        ];
+        Cli::try_parse_from(args).expect("accepted");
+    }
+
+    #[test]
+    fn bad_durations_are_refused_with_a_reason() {
+        let e = refused(&["demo", "--duration", "2x"]);
+        assert!(
+            e.contains("--duration") && e.contains("unknown time unit"),
+            "{e}"
+        );
+        let e = refused(&["demo", "--interval", "1h30"]);
+        assert!(
+            e.contains("--interval") && e.contains("not a duration"),
+            "{e}"
+        );
+    }
 }

@@ -18,7 +18,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use crate::daemon::{runtime, shutdown_signal, UblkArgs};
-use crate::units::{parse_duration, parse_size, ENDPOINT};
+use crate::units::{parse_size, DurationArg, ENDPOINT};
 
 /// Flags both daemons share.
 #[derive(Debug, Args)]
@@ -84,8 +84,8 @@ pub struct PrimaryArgs {
     #[arg(long, default_value = "received", value_parser = |s: &str| s.parse::<AckMode>())]
     ack: AckMode,
     /// Checkpoint period (e.g. 100ms, 2s; 0 for none).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    checkpoint_interval: Duration,
+    #[arg(long, default_value = "1s")]
+    checkpoint_interval: DurationArg,
     /// Also checkpoint once this much data was written in an epoch (0 for none).
     #[arg(long, default_value = "0", value_parser = parse_size)]
     checkpoint_bytes: u64,
@@ -93,19 +93,19 @@ pub struct PrimaryArgs {
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     forward_queue: u64,
     /// Heartbeat period on the control channel.
-    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
-    heartbeat: Duration,
+    #[arg(long, default_value = "200ms")]
+    heartbeat: DurationArg,
     /// Missed heartbeats before the secondary counts as lost.
     #[arg(long, default_value = "5")]
     heartbeat_misses: u32,
     /// How long to keep trying to reach the secondary at start.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    connect_timeout: Duration,
+    #[arg(long, default_value = "30s")]
+    connect_timeout: DurationArg,
     /// After losing the secondary, how long to stay `paused` (expecting it back) before
     /// calling this node unprotected; reconnection attempts go on either way, and what is
     /// written meanwhile is resynced incrementally when the secondary returns.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    reconnect_timeout: Duration,
+    #[arg(long, default_value = "60s")]
+    reconnect_timeout: DurationArg,
 }
 
 #[derive(Debug, Args)]
@@ -162,13 +162,13 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
             ..PrimaryOptions::default()
         },
         checkpoints: CoordinatorOptions {
-            interval: (!a.checkpoint_interval.is_zero()).then_some(a.checkpoint_interval),
+            interval: Some(a.checkpoint_interval.0).filter(|d| !d.is_zero()),
             bytes: a.checkpoint_bytes,
         },
-        heartbeat: a.heartbeat,
+        heartbeat: a.heartbeat.0,
         heartbeat_misses: a.heartbeat_misses,
-        connect_timeout: a.connect_timeout,
-        reconnect_timeout: a.reconnect_timeout,
+        connect_timeout: a.connect_timeout.0,
+        reconnect_timeout: a.reconnect_timeout.0,
         ublk: a.ublk.options()?,
         key,
         tls,
