@@ -17,10 +17,10 @@ pub struct UblkArgs {
     #[arg(long, requires = "ublk")]
     ublk_id: Option<u32>,
     /// ublk hardware queues (one thread each).
-    #[arg(long, default_value = "1", requires = "ublk")]
+    #[arg(long, default_value_t = UblkOptions::default().queues, requires = "ublk")]
     queues: u16,
     /// ublk requests in flight per queue.
-    #[arg(long, default_value = "128", requires = "ublk")]
+    #[arg(long, default_value_t = UblkOptions::default().depth, requires = "ublk")]
     depth: u16,
 }
 

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use blkrep::nbd::{ClientOptions, Endpoint, NbdClient};
 use blkrep::replica::admin;
+use blkrep::replica::primary::PrimaryOptions;
+use blkrep::replica::wire::AckMode;
 use clap::Args;
 use serde_json::{json, Value};
 
@@ -36,8 +38,8 @@ pub struct DemoArgs {
     #[arg(long, default_value = "100ms")]
     interval: DurationArg,
     /// The primary's ack mode: local, received or durable.
-    #[arg(long, default_value = "received")]
-    ack: String,
+    #[arg(long, default_value = PrimaryOptions::default().ack.name())]
+    ack: AckMode,
     /// Writes in flight.
     #[arg(long, default_value = "16")]
     depth: usize,
@@ -216,7 +218,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         "lockstep demo: replicating a {} MiB disk with a checkpoint every {}, ack={}",
         a.size >> 20,
         a.interval,
-        a.ack
+        a.ack.name()
     );
     println!(
         "  files in {} (peer.key: the secret both nodes prove on every replication connection)",
@@ -258,7 +260,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             s("--control"),
             p_sock.display().to_string(),
             s("--ack"),
-            a.ack.clone(),
+            a.ack.name().to_string(),
             s("--checkpoint-interval"),
             a.interval.to_string(),
             s("--psk-file"),
@@ -425,7 +427,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     );
     println!(
         "  {:<34} {:.1} MiB/s, {:.0} IOPS",
-        "throughput (ack=".to_string() + &a.ack + ")",
+        format!("throughput (ack={})", a.ack.name()),
         bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64(),
         writes as f64 / elapsed.as_secs_f64()
     );

@@ -1,6 +1,6 @@
 //! `lockstep primary | secondary | status | checkpoint | failover`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -10,7 +10,7 @@ use blkrep::nbd::{Endpoint, DEFAULT_ENDPOINT};
 use blkrep::replica::admin;
 use blkrep::replica::node::{self, PrimaryConfig, SecondaryConfig};
 use blkrep::replica::primary::PrimaryOptions;
-use blkrep::replica::secondary::PeerLossPolicy;
+use blkrep::replica::secondary::{PeerLossPolicy, SecondaryOptions};
 use blkrep::replica::wire::AckMode;
 use blkrep::replica::FailoverTarget;
 use blkrep::storage::DiskOptions;
@@ -18,7 +18,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use crate::daemon::{runtime, shutdown_signal, UblkArgs};
-use crate::units::{parse_size, DurationArg, ENDPOINT};
+use crate::units::{parse_size, DurationArg, SizeArg, ENDPOINT};
 
 /// Flags both daemons share.
 #[derive(Debug, Args)]
@@ -64,6 +64,19 @@ impl DiskArgs {
     }
 }
 
+/// The secondary's library defaults, which its flags show and start from.
+fn secondary_defaults() -> SecondaryOptions {
+    node::default_secondary_options(Path::new(""))
+}
+
+/// The flag value of a peer-loss policy.
+fn peer_loss_name(p: PeerLossPolicy) -> &'static str {
+    match p {
+        PeerLossPolicy::Failover => "failover",
+        PeerLossPolicy::Wait => "wait",
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct PrimaryArgs {
     #[command(flatten)]
@@ -74,37 +87,37 @@ pub struct PrimaryArgs {
     #[arg(long, value_name = ENDPOINT, default_value = DEFAULT_ENDPOINT)]
     export: Endpoint,
     /// Export name (the export also answers to the empty name).
-    #[arg(long, default_value = "lockstep")]
+    #[arg(long, default_value = node::DEFAULT_EXPORT_NAME)]
     name: String,
     /// The secondary's --listen endpoint: ADDR:PORT, or unix:PATH.
     #[arg(long, value_name = ENDPOINT)]
     secondary: Endpoint,
     /// What a client's write waits for: local (local disk), received (the secondary
     /// applied it), durable (the secondary has it on stable storage).
-    #[arg(long, default_value = "received", value_parser = |s: &str| s.parse::<AckMode>())]
+    #[arg(long, default_value = PrimaryOptions::default().ack.name())]
     ack: AckMode,
     /// Checkpoint period (e.g. 100ms, 2s; 0 for none).
-    #[arg(long, default_value = "1s")]
+    #[arg(long, default_value_t = DurationArg(CoordinatorOptions::default().interval.unwrap_or_default()))]
     checkpoint_interval: DurationArg,
     /// Also checkpoint once this much data was written in an epoch (0 for none).
-    #[arg(long, default_value = "0", value_parser = parse_size)]
-    checkpoint_bytes: u64,
+    #[arg(long, default_value_t = SizeArg(CoordinatorOptions::default().bytes))]
+    checkpoint_bytes: SizeArg,
     /// Bytes the forward queue holds before client writes wait.
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
-    forward_queue: u64,
+    #[arg(long, default_value_t = SizeArg(PrimaryOptions::default().queue_bytes))]
+    forward_queue: SizeArg,
     /// Heartbeat period on the control channel.
-    #[arg(long, default_value = "200ms")]
+    #[arg(long, default_value_t = DurationArg(node::DEFAULT_HEARTBEAT))]
     heartbeat: DurationArg,
     /// Missed heartbeats before the secondary counts as lost.
-    #[arg(long, default_value = "5")]
+    #[arg(long, default_value_t = node::DEFAULT_HEARTBEAT_MISSES)]
     heartbeat_misses: u32,
     /// How long to keep trying to reach the secondary at start.
-    #[arg(long, default_value = "30s")]
+    #[arg(long, default_value_t = DurationArg(node::DEFAULT_CONNECT_TIMEOUT))]
     connect_timeout: DurationArg,
     /// After losing the secondary, how long to stay `paused` (expecting it back) before
     /// calling this node unprotected; reconnection attempts go on either way, and what is
     /// written meanwhile is resynced incrementally when the secondary returns.
-    #[arg(long, default_value = "60s")]
+    #[arg(long, default_value_t = DurationArg(node::DEFAULT_RECONNECT_TIMEOUT))]
     reconnect_timeout: DurationArg,
 }
 
@@ -123,17 +136,17 @@ pub struct SecondaryArgs {
     #[arg(long, value_name = ENDPOINT)]
     export: Option<Endpoint>,
     /// Export name for --export.
-    #[arg(long, default_value = "lockstep")]
+    #[arg(long, default_value = node::DEFAULT_EXPORT_NAME)]
     name: String,
     /// Disk buffer bytes kept in memory before spilling to a file next to the disk.
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    buffer_memory: u64,
+    #[arg(long, default_value_t = SizeArg(secondary_defaults().buffer_memory))]
+    buffer_memory: SizeArg,
     /// After the primary misses --heartbeat-misses heartbeats: fail over to the last
     /// checkpoint, or wait for an operator.
-    #[arg(long, default_value = "wait", value_parser = |s: &str| s.parse::<PeerLossPolicy>())]
+    #[arg(long, default_value = peer_loss_name(secondary_defaults().on_peer_loss))]
     on_peer_loss: PeerLossPolicy,
     /// Missed heartbeat periods (the primary's period) before the primary counts as lost.
-    #[arg(long, default_value = "5")]
+    #[arg(long, default_value_t = secondary_defaults().heartbeat_misses)]
     heartbeat_misses: u32,
     /// Let a primary overwrite data this disk has and the primary does not (after a
     /// split-brain, or when this disk was written as a primary later): DRBD's option of the
@@ -158,12 +171,12 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
         control: a.disk.control,
         primary: PrimaryOptions {
             ack: a.ack,
-            queue_bytes: a.forward_queue,
+            queue_bytes: a.forward_queue.0,
             ..PrimaryOptions::default()
         },
         checkpoints: CoordinatorOptions {
             interval: Some(a.checkpoint_interval.0).filter(|d| !d.is_zero()),
-            bytes: a.checkpoint_bytes,
+            bytes: a.checkpoint_bytes.0,
         },
         heartbeat: a.heartbeat.0,
         heartbeat_misses: a.heartbeat_misses,
@@ -180,7 +193,7 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
 
 pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
     let mut opts = node::default_secondary_options(&a.disk.disk);
-    opts.buffer_memory = a.buffer_memory;
+    opts.buffer_memory = a.buffer_memory.0;
     opts.on_peer_loss = a.on_peer_loss;
     opts.heartbeat_misses = a.heartbeat_misses;
     opts.discard_my_data = a.discard_my_data;
@@ -519,4 +532,46 @@ pub fn ublk_delete(a: UblkDeleteArgs) -> anyhow::Result<()> {
     blkrep::ublk::delete(a.id)?;
     println!("deleted /dev/ublkb{}", a.id);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Primary {
+        #[command(flatten)]
+        a: PrimaryArgs,
+    }
+
+    #[derive(Debug, Parser)]
+    struct Secondary {
+        #[command(flatten)]
+        a: SecondaryArgs,
+    }
+
+    /// The defaults shown in `--help` come from the library and parse back to its values.
+    #[test]
+    fn defaults_are_the_library_s() {
+        let disk = ["x", "--disk", "d", "--control", "c"];
+        let p = Primary::parse_from(disk.iter().chain(&["--secondary", "b:1"])).a;
+        let (o, c) = (PrimaryOptions::default(), CoordinatorOptions::default());
+        assert_eq!(p.ack, o.ack);
+        assert_eq!(p.forward_queue.0, o.queue_bytes);
+        assert_eq!(Some(p.checkpoint_interval.0), c.interval);
+        assert_eq!(p.checkpoint_bytes.0, c.bytes);
+        assert_eq!(p.heartbeat.0, node::DEFAULT_HEARTBEAT);
+        assert_eq!(p.heartbeat_misses, node::DEFAULT_HEARTBEAT_MISSES);
+        assert_eq!(p.connect_timeout.0, node::DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(p.reconnect_timeout.0, node::DEFAULT_RECONNECT_TIMEOUT);
+        assert_eq!(p.export, DEFAULT_ENDPOINT.parse::<Endpoint>().unwrap());
+        assert_eq!(p.name, node::DEFAULT_EXPORT_NAME);
+        let s = Secondary::parse_from(disk.iter().chain(&["--listen", "a:1"])).a;
+        let o = secondary_defaults();
+        assert_eq!(s.buffer_memory.0, o.buffer_memory);
+        assert_eq!(s.on_peer_loss, o.on_peer_loss);
+        assert_eq!(s.heartbeat_misses, o.heartbeat_misses);
+        assert_eq!(s.name, node::DEFAULT_EXPORT_NAME);
+    }
 }
