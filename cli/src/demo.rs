@@ -208,11 +208,19 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let (p_img, s_img) = (dir.join("primary.img"), dir.join("secondary.img"));
     let (p_sock, s_sock) = (dir.join("primary.sock"), dir.join("secondary.sock"));
     let (export, listen, s_export) = (free_port()?, free_port()?, free_port()?);
-    let size = a.size.to_string();
     let s = |v: &str| v.to_string();
     // The nodes prove a shared key on every replication connection, as in production.
     let key = dir.join("peer.key");
     write_peer_key(&key)?;
+    // The flags both nodes take, then a node's own.
+    let node_args = |role: &str, img: &Path, control: &Path, own: &[String]| {
+        let mut v = vec![s(role), s("--disk"), img.display().to_string()];
+        v.extend([s("--size"), a.size.to_string()]);
+        v.extend([s("--control"), control.display().to_string()]);
+        v.extend([s("--psk-file"), key.display().to_string()]);
+        v.extend_from_slice(own);
+        v
+    };
 
     println!(
         "lockstep demo: replicating a {} MiB disk with a checkpoint every {}, ack={}",
@@ -226,46 +234,38 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     );
     let (mut sec, s_log) = spawn(
         "secondary",
-        &[
-            s("secondary"),
-            s("--disk"),
-            s_img.display().to_string(),
-            s("--size"),
-            size.clone(),
-            s("--listen"),
-            format!("127.0.0.1:{listen}"),
-            s("--export"),
-            format!("127.0.0.1:{s_export}"),
-            s("--control"),
-            s_sock.display().to_string(),
-            s("--psk-file"),
-            key.display().to_string(),
-        ],
+        &node_args(
+            "secondary",
+            &s_img,
+            &s_sock,
+            &[
+                s("--listen"),
+                format!("127.0.0.1:{listen}"),
+                s("--export"),
+                format!("127.0.0.1:{s_export}"),
+            ],
+        ),
         &dir,
     )?;
     wait_port(listen, Duration::from_secs(20), &mut sec, &s_log)?;
     cleanup.children.push(("secondary".into(), sec));
     let (mut pri, p_log) = spawn(
         "primary",
-        &[
-            s("primary"),
-            s("--disk"),
-            p_img.display().to_string(),
-            s("--size"),
-            size,
-            s("--export"),
-            format!("127.0.0.1:{export}"),
-            s("--secondary"),
-            format!("127.0.0.1:{listen}"),
-            s("--control"),
-            p_sock.display().to_string(),
-            s("--ack"),
-            a.ack.name().to_string(),
-            s("--checkpoint-interval"),
-            a.interval.to_string(),
-            s("--psk-file"),
-            key.display().to_string(),
-        ],
+        &node_args(
+            "primary",
+            &p_img,
+            &p_sock,
+            &[
+                s("--export"),
+                format!("127.0.0.1:{export}"),
+                s("--secondary"),
+                format!("127.0.0.1:{listen}"),
+                s("--ack"),
+                s(a.ack.name()),
+                s("--checkpoint-interval"),
+                a.interval.to_string(),
+            ],
+        ),
         &dir,
     )?;
     wait_port(export, Duration::from_secs(30), &mut pri, &p_log)?;

@@ -269,6 +269,20 @@ fn call(control: &std::path::Path, req: Value, timeout: Duration) -> anyhow::Res
         .map_err(|e| anyhow!(e))
 }
 
+/// [`call`], printing the answer as JSON when `json` (the caller prints text otherwise).
+fn call_printing_json(
+    control: &std::path::Path,
+    req: Value,
+    timeout: Duration,
+    json: bool,
+) -> anyhow::Result<Value> {
+    let v = call(control, req, timeout)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    Ok(v)
+}
+
 fn us(v: &Value) -> String {
     match v.as_u64() {
         Some(n) if n >= 10_000 => format!("{:.1} ms", n as f64 / 1000.0),
@@ -304,13 +318,9 @@ fn text(v: &Value) -> String {
 }
 
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let v = call(
-        &a.control,
-        json!({"cmd": "status"}),
-        Duration::from_secs(10),
-    )?;
+    let req = json!({"cmd": "status"});
+    let v = call_printing_json(&a.control, req, Duration::from_secs(10), a.json)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     let row = |k: &str, val: String| println!("{k:<22} {val}");
@@ -334,23 +344,32 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         bytes(&v["forwarded_bytes"])
     );
     let percentiles = |key: &str| format!("p50 {}  p99 {}", us(&v[key]["p50"]), us(&v[key]["p99"]));
-    if v["role"] == "primary" && v.get("forward_queue").is_some() {
+    let is_primary = v["role"] == "primary" && v.get("forward_queue").is_some();
+    // What holds writes on their way: the primary's forward queue, the secondary's buffer.
+    let (held, held_summary, failed, failed_key) = if is_primary {
         row("ack", text(&v["ack"]));
-        let queue = &v["forward_queue"];
-        row(
-            "forward queue",
-            format!(
-                "{} requests, {}",
-                text(&queue["depth"]),
-                bytes(&queue["bytes"])
-            ),
+        let q = &v["forward_queue"];
+        let summary = format!("{} requests, {}", text(&q["depth"]), bytes(&q["bytes"]));
+        ("forward queue", summary, "failed", "checkpoint_failures")
+    } else {
+        let b = &v["buffer"];
+        let summary = format!(
+            "{} blocks: {} in memory, {} spilled, {} open epochs",
+            text(&b["blocks"]),
+            bytes(&b["memory_bytes"]),
+            bytes(&b["spill_bytes"]),
+            text(&b["epochs"])
         );
-        row("forwarded", forwarded);
-        let failed = text(&v["checkpoint_failures"]);
-        row(
-            "checkpoints",
-            format!("{} ({failed} failed)", text(&v["checkpoints"])),
-        );
+        ("buffer", summary, "aborted", "checkpoints_aborted")
+    };
+    row(held, held_summary);
+    row("forwarded", forwarded);
+    let checkpoints = text(&v["checkpoints"]);
+    row(
+        "checkpoints",
+        format!("{checkpoints} ({} {failed})", text(&v[failed_key])),
+    );
+    if is_primary {
         row("checkpoint pause", percentiles("checkpoint_pause_us"));
         row("checkpoint total", percentiles("checkpoint_total_us"));
         row("dirty blocks", text(&v["dirty_blocks"]));
@@ -373,23 +392,6 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         }
         row("generation", text(&v["generation"]));
     } else {
-        let b = &v["buffer"];
-        row(
-            "buffer",
-            format!(
-                "{} blocks: {} in memory, {} spilled, {} open epochs",
-                text(&b["blocks"]),
-                bytes(&b["memory_bytes"]),
-                bytes(&b["spill_bytes"]),
-                text(&b["epochs"])
-            ),
-        );
-        row("forwarded", forwarded);
-        let aborted = text(&v["checkpoints_aborted"]);
-        row(
-            "checkpoints",
-            format!("{} ({aborted} aborted)", text(&v["checkpoints"])),
-        );
         row("epoch-mark stall", percentiles("mark_drain_us"));
         row(
             "consistent",
@@ -450,22 +452,16 @@ pub fn checkpoint(a: CheckpointArgs) -> anyhow::Result<()> {
 }
 
 pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
-    let v = call(
-        &a.control,
-        json!({"cmd": "verify"}),
-        Duration::from_secs(3600),
-    )?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
+    // Reads both disks whole: allow an hour.
+    let req = json!({"cmd": "verify"});
+    let v = call_printing_json(&a.control, req, Duration::from_secs(3600), a.json)?;
+    if !a.json {
+        let (compared, chunk) = (bytes(&v["bytes_compared"]), bytes(&v["chunk_bytes"]));
+        let (chunks, differ) = (text(&v["total_chunks"]), text(&v["differing_chunks"]));
+        let secs = v["duration_s"].as_f64().unwrap_or(0.0);
+        let rate = v["mb_per_s"].as_f64().unwrap_or(0.0);
         println!(
-            "compared {} in {} chunks of {} in {:.2} s ({:.0} MB/s): {} differ",
-            bytes(&v["bytes_compared"]),
-            text(&v["total_chunks"]),
-            bytes(&v["chunk_bytes"]),
-            v["duration_s"].as_f64().unwrap_or(0.0),
-            v["mb_per_s"].as_f64().unwrap_or(0.0),
-            text(&v["differing_chunks"])
+            "compared {compared} in {chunks} chunks of {chunk} in {secs:.2} s ({rate:.0} MB/s): {differ} differ"
         );
         for d in v["differing"].as_array().into_iter().flatten() {
             println!(
@@ -482,14 +478,9 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
 }
 
 pub fn failover(a: FailoverArgs) -> anyhow::Result<()> {
-    let v = call(
-        &a.control,
-        json!({"cmd": "failover", "to": a.to.name(), "verify": a.verify}),
-        Duration::from_secs(600),
-    )?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
+    let req = json!({"cmd": "failover", "to": a.to.name(), "verify": a.verify});
+    let v = call_printing_json(&a.control, req, Duration::from_secs(600), a.json)?;
+    if !a.json {
         println!(
             "failed over to {} (epoch {}): {} blocks restored in {}",
             text(&v["target"]),

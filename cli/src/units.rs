@@ -54,46 +54,55 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     })
 }
 
-/// A duration flag's value: parsed by [`parse_duration`] and shown the way humantime writes
-/// it, so that a default taken from a library constant reads `200ms` in `--help`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DurationArg(pub Duration);
+/// A flag value type around `$inner`: parsed by `$parse`, shown by `$show`, so that a default
+/// taken from a library constant (`default_value_t`) reads well in `--help` and parses back.
+macro_rules! flag_value {
+    ($(#[$doc:meta])* $name:ident($inner:ty), $parse:path, $show:path) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub struct $name(pub $inner);
 
-impl FromStr for DurationArg {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        parse_duration(s).map(Self)
-    }
-}
-
-impl fmt::Display for DurationArg {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        humantime::format_duration(self.0).fmt(f)
-    }
-}
-
-/// A size flag's value: parsed by [`parse_size`], shown with the largest suffix that divides
-/// it (`64M`), so that a default taken from a library constant reads well in `--help`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SizeArg(pub u64);
-
-impl FromStr for SizeArg {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        parse_size(s).map(Self)
-    }
-}
-
-impl fmt::Display for SizeArg {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.0;
-        match SIZE_UNITS
-            .iter()
-            .find(|(_, shift)| n != 0 && n.trailing_zeros() >= *shift)
-        {
-            Some((unit, shift)) => write!(f, "{}{unit}", n >> shift),
-            None => write!(f, "{n}"),
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                $parse(s).map(Self)
+            }
         }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&$show(self.0))
+            }
+        }
+    };
+}
+
+flag_value!(
+    /// A duration flag's value: [`parse_duration`], shown as humantime writes it (`200ms`).
+    DurationArg(Duration),
+    parse_duration,
+    show_duration
+);
+
+flag_value!(
+    /// A size flag's value: [`parse_size`], shown with the largest suffix that divides it
+    /// (`64M`).
+    SizeArg(u64),
+    parse_size,
+    show_size
+);
+
+fn show_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn show_size(n: u64) -> String {
+    match SIZE_UNITS
+        .iter()
+        .find(|(_, shift)| n != 0 && n.trailing_zeros() >= *shift)
+    {
+        Some((unit, shift)) => format!("{}{unit}", n >> shift),
+        None => n.to_string(),
     }
 }
 
@@ -132,28 +141,32 @@ mod tests {
         }
     }
 
-    #[test]
-    fn durations_accepted_before_still_are() {
-        assert_eq!(parse_duration("100ms").unwrap(), Duration::from_millis(100));
-        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("3m").unwrap(), Duration::from_secs(180));
-        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
-        assert_eq!(parse_duration(" 1s ").unwrap(), Duration::from_secs(1));
+    fn accepted(cases: &[(&str, Duration)]) {
+        for (s, d) in cases {
+            assert_eq!(parse_duration(s).as_ref(), Ok(d), "{s:?}");
+        }
     }
 
     #[test]
-    fn durations_take_hours_and_compounds() {
-        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("1m 30s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(
-            parse_duration("1s500ms").unwrap(),
-            Duration::from_millis(1500)
-        );
-        assert_eq!(parse_duration("500us").unwrap(), Duration::from_micros(500));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+    fn durations() {
+        let (ms, secs) = (Duration::from_millis, Duration::from_secs);
+        accepted(&[
+            // Accepted before humantime.
+            ("100ms", ms(100)),
+            ("2s", secs(2)),
+            ("3m", secs(180)),
+            ("30", secs(30)),
+            ("0", Duration::ZERO),
+            (" 1s ", secs(1)),
+            // Hours, compounds, fractions, smaller units.
+            ("2h", secs(7200)),
+            ("1h30m", secs(5400)),
+            ("1m 30s", secs(90)),
+            ("250ms", ms(250)),
+            ("1s500ms", ms(1500)),
+            ("1.5s", ms(1500)),
+            ("500us", Duration::from_micros(500)),
+        ]);
     }
 
     #[test]
