@@ -229,16 +229,11 @@ fn nbdinfo_lists_exports_and_capabilities() {
 
     // A unix socket works too.
     let sock = dir.path().join("nbd.sock");
+    let listen = format!("unix:{}", sock.display());
     let mut d = Daemon::start(
         "unix",
         &lockstep_bin(),
-        &[
-            "export",
-            "--disk",
-            a.to_str().unwrap(),
-            "--socket",
-            sock.to_str().unwrap(),
-        ],
+        &["export", "--disk", a.to_str().unwrap(), "--listen", &listen],
         dir.path(),
     );
     let start = std::time::Instant::now();

@@ -211,6 +211,19 @@ pub struct CoordinatorOptions {
     pub bytes: u64,
 }
 
+/// The default checkpoint period (`--checkpoint-interval`).
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Default for CoordinatorOptions {
+    /// A checkpoint every [`DEFAULT_CHECKPOINT_INTERVAL`], none by bytes written.
+    fn default() -> Self {
+        Self {
+            interval: Some(DEFAULT_CHECKPOINT_INTERVAL),
+            bytes: 0,
+        }
+    }
+}
+
 /// Counters and latencies for status.
 #[derive(Debug, Default)]
 pub struct CoordinatorStats {

@@ -19,25 +19,27 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use blkrep::nbd::{ClientOptions, Endpoint, NbdClient};
 use blkrep::replica::admin;
+use blkrep::replica::primary::PrimaryOptions;
+use blkrep::replica::wire::AckMode;
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::units::{parse_duration, parse_size};
+use crate::units::{parse_size, DurationArg};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// How long the workload runs before the primary is killed.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    duration: Duration,
+    #[arg(long, default_value = "5s")]
+    duration: DurationArg,
     /// Disk size.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     size: u64,
     /// Checkpoint period.
-    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
-    interval: Duration,
+    #[arg(long, default_value = "100ms")]
+    interval: DurationArg,
     /// The primary's ack mode: local, received or durable.
-    #[arg(long, default_value = "received")]
-    ack: String,
+    #[arg(long, default_value = PrimaryOptions::default().ack.name())]
+    ack: AckMode,
     /// Writes in flight.
     #[arg(long, default_value = "16")]
     depth: usize,
@@ -206,17 +208,25 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let (p_img, s_img) = (dir.join("primary.img"), dir.join("secondary.img"));
     let (p_sock, s_sock) = (dir.join("primary.sock"), dir.join("secondary.sock"));
     let (export, listen, s_export) = (free_port()?, free_port()?, free_port()?);
-    let size = a.size.to_string();
     let s = |v: &str| v.to_string();
     // The nodes prove a shared key on every replication connection, as in production.
     let key = dir.join("peer.key");
     write_peer_key(&key)?;
+    // The flags both nodes take, then a node's own.
+    let node_args = |role: &str, img: &Path, control: &Path, own: &[String]| {
+        let mut v = vec![s(role), s("--disk"), img.display().to_string()];
+        v.extend([s("--size"), a.size.to_string()]);
+        v.extend([s("--control"), control.display().to_string()]);
+        v.extend([s("--psk-file"), key.display().to_string()]);
+        v.extend_from_slice(own);
+        v
+    };
 
     println!(
-        "lockstep demo: replicating a {} MiB disk with a checkpoint every {:?}, ack={}",
+        "lockstep demo: replicating a {} MiB disk with a checkpoint every {}, ack={}",
         a.size >> 20,
         a.interval,
-        a.ack
+        a.ack.name()
     );
     println!(
         "  files in {} (peer.key: the secret both nodes prove on every replication connection)",
@@ -224,46 +234,38 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     );
     let (mut sec, s_log) = spawn(
         "secondary",
-        &[
-            s("secondary"),
-            s("--disk"),
-            s_img.display().to_string(),
-            s("--size"),
-            size.clone(),
-            s("--listen"),
-            format!("127.0.0.1:{listen}"),
-            s("--export"),
-            format!("127.0.0.1:{s_export}"),
-            s("--control"),
-            s_sock.display().to_string(),
-            s("--psk-file"),
-            key.display().to_string(),
-        ],
+        &node_args(
+            "secondary",
+            &s_img,
+            &s_sock,
+            &[
+                s("--listen"),
+                format!("127.0.0.1:{listen}"),
+                s("--export"),
+                format!("127.0.0.1:{s_export}"),
+            ],
+        ),
         &dir,
     )?;
     wait_port(listen, Duration::from_secs(20), &mut sec, &s_log)?;
     cleanup.children.push(("secondary".into(), sec));
     let (mut pri, p_log) = spawn(
         "primary",
-        &[
-            s("primary"),
-            s("--disk"),
-            p_img.display().to_string(),
-            s("--size"),
-            size,
-            s("--export"),
-            format!("127.0.0.1:{export}"),
-            s("--secondary"),
-            format!("127.0.0.1:{listen}"),
-            s("--control"),
-            p_sock.display().to_string(),
-            s("--ack"),
-            a.ack.clone(),
-            s("--checkpoint-interval"),
-            format!("{}ms", a.interval.as_millis()),
-            s("--psk-file"),
-            key.display().to_string(),
-        ],
+        &node_args(
+            "primary",
+            &p_img,
+            &p_sock,
+            &[
+                s("--export"),
+                format!("127.0.0.1:{export}"),
+                s("--secondary"),
+                format!("127.0.0.1:{listen}"),
+                s("--ack"),
+                s(a.ack.name()),
+                s("--checkpoint-interval"),
+                a.interval.to_string(),
+            ],
+        ),
         &dir,
     )?;
     wait_port(export, Duration::from_secs(30), &mut pri, &p_log)?;
@@ -271,10 +273,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     cleanup.children.push(("primary".into(), pri));
     println!("  secondary pid {} on 127.0.0.1:{listen}, primary pid {pri_pid} exporting nbd://127.0.0.1:{export}", cleanup.children[0].1.id());
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let rt = crate::daemon::runtime()?;
     let counters = Arc::new(Counters::default());
     let blocks = a.size / BLOCK as u64;
 
@@ -315,7 +314,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let tty = std::io::stderr().is_terminal();
     let mut last_status = Value::Null;
     let mut last_print = Instant::now() - Duration::from_secs(1);
-    while start.elapsed() < a.duration {
+    while start.elapsed() < a.duration.0 {
         std::thread::sleep(Duration::from_millis(100));
         if let Ok(v) = rt.block_on(admin::request(
             &p_sock,
@@ -325,7 +324,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             last_status = v;
         }
         let t = start.elapsed().as_secs_f64();
-        let frac = (t / a.duration.as_secs_f64()).min(1.0);
+        let frac = (t / a.duration.0.as_secs_f64()).min(1.0);
         let bar: String = (0..30)
             .map(|i| if (i as f64) < frac * 30.0 { '#' } else { '-' })
             .collect();
@@ -428,7 +427,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     );
     println!(
         "  {:<34} {:.1} MiB/s, {:.0} IOPS",
-        "throughput (ack=".to_string() + &a.ack + ")",
+        format!("throughput (ack={})", a.ack.name()),
         bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64(),
         writes as f64 / elapsed.as_secs_f64()
     );

@@ -4,12 +4,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use blkrep::nbd::{Endpoint, Export, Listener, NbdServer, ServerOptions};
+use blkrep::nbd::{Endpoint, Export, Listener, NbdServer, ServerOptions, DEFAULT_ENDPOINT};
 use blkrep::storage::{open_disk, DiskOptions};
 use clap::Args;
 use tokio::sync::watch;
 
-use crate::units::parse_size;
+use crate::daemon::{runtime, wait_for_signal, UblkArgs};
+use crate::units::{parse_size, ENDPOINT};
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
@@ -19,12 +20,9 @@ pub struct ExportArgs {
     /// Create the file, or grow it, to this size (e.g. 10G). Applies to every --disk.
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
-    /// TCP address to listen on.
-    #[arg(long, default_value = "127.0.0.1:10809", conflicts_with = "socket")]
-    listen: String,
-    /// Listen on a unix socket instead of TCP.
-    #[arg(long)]
-    socket: Option<PathBuf>,
+    /// Where clients connect: ADDR:PORT, or unix:PATH for a unix socket.
+    #[arg(long, value_name = ENDPOINT, default_value = DEFAULT_ENDPOINT)]
+    listen: Endpoint,
     /// Export name; repeat once per --disk. Defaults to the file name without extension. The
     /// first export also answers to the empty name.
     #[arg(long)]
@@ -36,7 +34,7 @@ pub struct ExportArgs {
     #[arg(long)]
     direct: bool,
     #[command(flatten)]
-    ublk: crate::replicate::UblkArgs,
+    ublk: UblkArgs,
     /// With --tls-cert: clients must start TLS (NBD_OPT_STARTTLS) before anything else.
     #[command(flatten)]
     tls: crate::secure::TlsArgs,
@@ -85,16 +83,8 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         .files()
         .map(|f| blkrep::tls::acceptor(&f, a.tls_verify_peer))
         .transpose()?;
-    let ep = match &a.socket {
-        Some(p) => Endpoint::Unix(p.clone()),
-        None => Endpoint::Tcp(a.listen.clone()),
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(async move {
-        let listener = Listener::bind(&ep).await?;
+    runtime()?.block_on(async move {
+        let listener = Listener::bind(&a.listen).await?;
         let mut server = NbdServer::new(exports.clone(), ServerOptions::default())?;
         if let Some(t) = starttls {
             tracing::info!(
@@ -131,16 +121,5 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         }
         tracing::info!("flushed; bye");
         Ok(())
-    })
-}
-
-/// Wait for SIGINT or SIGTERM; returns which.
-pub async fn wait_for_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
     })
 }

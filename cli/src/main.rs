@@ -3,6 +3,7 @@
 //! A thin clap layer: each subcommand parses its flags and calls into the library crates.
 //! See `docs/operations.md` for how to run it.
 
+mod daemon;
 mod demo;
 mod export;
 mod replicate;
@@ -75,5 +76,78 @@ fn main() -> std::process::ExitCode {
             eprintln!("lockstep: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn flags_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Parse a command line, words split at spaces.
+    fn parse(line: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("lockstep").chain(line.split_whitespace()))
+    }
+
+    /// The message clap prints for `line`, which must be refused.
+    fn refused(line: &str) -> String {
+        parse(line).expect_err(line).to_string()
+    }
+
+    const PRIMARY: &str = "primary --disk d --control c";
+    const SECONDARY: &str = "secondary --disk d --control c";
+
+    #[test]
+    fn every_endpoint_flag_takes_addr_port_or_unix_path() {
+        for line in [
+            "export --disk d --listen unix:/run/x.sock".to_string(),
+            "export --disk d --listen [::1]:10809".into(),
+            format!("{PRIMARY} --secondary unix:/s"),
+            format!("{PRIMARY} --secondary b:1 --export unix:e"),
+            format!("{SECONDARY} --listen unix:/l"),
+            format!("{SECONDARY} --listen a:1 --export unix:e"),
+        ] {
+            parse(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        }
+    }
+
+    #[test]
+    fn bad_endpoints_are_refused_with_a_reason() {
+        let e = refused("export --disk d --listen localhost");
+        assert!(e.contains("--listen") && e.contains("no port"), "{e}");
+        let e = refused("export --disk d --socket /run/x.sock");
+        assert!(e.contains("--socket"), "{e}");
+        let e = refused(&format!("{PRIMARY} --secondary /s"));
+        assert!(e.contains("write unix:/s"), "{e}");
+        let e = refused(&format!("{SECONDARY} --listen a:b"));
+        assert!(e.contains("not a port number"), "{e}");
+    }
+
+    #[test]
+    fn durations_take_units_and_compounds() {
+        let line = format!(
+            "{PRIMARY} --secondary b:1 --reconnect-timeout 1h30m --heartbeat 250ms \
+             --checkpoint-interval 0 --connect-timeout 90"
+        );
+        parse(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+    }
+
+    #[test]
+    fn bad_durations_are_refused_with_a_reason() {
+        let e = refused("demo --duration 2x");
+        assert!(
+            e.contains("--duration") && e.contains("unknown time unit"),
+            "{e}"
+        );
+        let e = refused("demo --interval 1h30");
+        assert!(
+            e.contains("--interval") && e.contains("not a duration"),
+            "{e}"
+        );
     }
 }

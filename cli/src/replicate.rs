@@ -1,60 +1,24 @@
 //! `lockstep primary | secondary | status | checkpoint | failover`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use blkrep::auth::PeerKey;
 use blkrep::epoch::CoordinatorOptions;
-use blkrep::nbd::Endpoint;
+use blkrep::nbd::{Endpoint, DEFAULT_ENDPOINT};
 use blkrep::replica::admin;
 use blkrep::replica::node::{self, PrimaryConfig, SecondaryConfig};
 use blkrep::replica::primary::PrimaryOptions;
-use blkrep::replica::secondary::PeerLossPolicy;
+use blkrep::replica::secondary::{PeerLossPolicy, SecondaryOptions};
 use blkrep::replica::wire::AckMode;
 use blkrep::replica::FailoverTarget;
 use blkrep::storage::DiskOptions;
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::export::wait_for_signal;
-use crate::units::{parse_duration, parse_size};
-
-/// Block-device flags (ublk) shared by the daemons.
-#[derive(Debug, Args)]
-pub struct UblkArgs {
-    /// Also serve the disk as a block device, /dev/ublkbN (needs the ublk_drv module and a
-    /// lockstep built with `--features ublk`).
-    #[arg(long)]
-    ublk: bool,
-    /// ublk device id N (/dev/ublkbN). If a device with this id was left by a killed daemon,
-    /// it is recovered: I/O waiting on it continues.
-    #[arg(long, requires = "ublk")]
-    ublk_id: Option<u32>,
-    /// ublk hardware queues (one thread each).
-    #[arg(long, default_value = "1", requires = "ublk")]
-    queues: u16,
-    /// ublk requests in flight per queue.
-    #[arg(long, default_value = "128", requires = "ublk")]
-    depth: u16,
-}
-
-impl UblkArgs {
-    /// The device options if `--ublk` was given; an error before anything starts if this
-    /// build cannot serve ublk.
-    pub fn options(&self) -> anyhow::Result<Option<blkrep::ublk::UblkOptions>> {
-        if !self.ublk {
-            return Ok(None);
-        }
-        blkrep::ublk::built_in()?;
-        Ok(Some(blkrep::ublk::UblkOptions {
-            id: self.ublk_id,
-            queues: self.queues,
-            depth: self.depth,
-            ..Default::default()
-        }))
-    }
-}
+use crate::daemon::{runtime, shutdown_signal, UblkArgs};
+use crate::units::{parse_size, DurationArg, SizeArg, ENDPOINT};
 
 /// Flags both daemons share.
 #[derive(Debug, Args)]
@@ -100,10 +64,16 @@ impl DiskArgs {
     }
 }
 
-fn endpoint(s: &str) -> Endpoint {
-    match s.strip_prefix("unix:") {
-        Some(p) => Endpoint::Unix(p.into()),
-        None => Endpoint::Tcp(s.to_string()),
+/// The secondary's library defaults, which its flags show and start from.
+fn secondary_defaults() -> SecondaryOptions {
+    node::default_secondary_options(Path::new(""))
+}
+
+/// The flag value of a peer-loss policy.
+fn peer_loss_name(p: PeerLossPolicy) -> &'static str {
+    match p {
+        PeerLossPolicy::Failover => "failover",
+        PeerLossPolicy::Wait => "wait",
     }
 }
 
@@ -113,42 +83,42 @@ pub struct PrimaryArgs {
     disk: DiskArgs,
     #[command(flatten)]
     ublk: UblkArgs,
-    /// Where clients connect (ADDR:PORT, or unix:PATH).
-    #[arg(long, default_value = "127.0.0.1:10809")]
-    export: String,
+    /// Where clients connect: ADDR:PORT, or unix:PATH.
+    #[arg(long, value_name = ENDPOINT, default_value = DEFAULT_ENDPOINT)]
+    export: Endpoint,
     /// Export name (the export also answers to the empty name).
-    #[arg(long, default_value = "lockstep")]
+    #[arg(long, default_value = node::DEFAULT_EXPORT_NAME)]
     name: String,
-    /// The secondary's --listen address.
-    #[arg(long)]
-    secondary: String,
+    /// The secondary's --listen endpoint: ADDR:PORT, or unix:PATH.
+    #[arg(long, value_name = ENDPOINT)]
+    secondary: Endpoint,
     /// What a client's write waits for: local (local disk), received (the secondary
     /// applied it), durable (the secondary has it on stable storage).
-    #[arg(long, default_value = "received", value_parser = |s: &str| s.parse::<AckMode>())]
+    #[arg(long, default_value = PrimaryOptions::default().ack.name())]
     ack: AckMode,
     /// Checkpoint period (e.g. 100ms, 2s; 0 for none).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    checkpoint_interval: Duration,
+    #[arg(long, default_value_t = DurationArg(CoordinatorOptions::default().interval.unwrap_or_default()))]
+    checkpoint_interval: DurationArg,
     /// Also checkpoint once this much data was written in an epoch (0 for none).
-    #[arg(long, default_value = "0", value_parser = parse_size)]
-    checkpoint_bytes: u64,
+    #[arg(long, default_value_t = SizeArg(CoordinatorOptions::default().bytes))]
+    checkpoint_bytes: SizeArg,
     /// Bytes the forward queue holds before client writes wait.
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
-    forward_queue: u64,
+    #[arg(long, default_value_t = SizeArg(PrimaryOptions::default().queue_bytes))]
+    forward_queue: SizeArg,
     /// Heartbeat period on the control channel.
-    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
-    heartbeat: Duration,
+    #[arg(long, default_value_t = DurationArg(node::DEFAULT_HEARTBEAT))]
+    heartbeat: DurationArg,
     /// Missed heartbeats before the secondary counts as lost.
-    #[arg(long, default_value = "5")]
+    #[arg(long, default_value_t = node::DEFAULT_HEARTBEAT_MISSES)]
     heartbeat_misses: u32,
     /// How long to keep trying to reach the secondary at start.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    connect_timeout: Duration,
+    #[arg(long, default_value_t = DurationArg(node::DEFAULT_CONNECT_TIMEOUT))]
+    connect_timeout: DurationArg,
     /// After losing the secondary, how long to stay `paused` (expecting it back) before
     /// calling this node unprotected; reconnection attempts go on either way, and what is
     /// written meanwhile is resynced incrementally when the secondary returns.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    reconnect_timeout: Duration,
+    #[arg(long, default_value_t = DurationArg(node::DEFAULT_RECONNECT_TIMEOUT))]
+    reconnect_timeout: DurationArg,
 }
 
 #[derive(Debug, Args)]
@@ -157,25 +127,26 @@ pub struct SecondaryArgs {
     disk: DiskArgs,
     #[command(flatten)]
     ublk: UblkArgs,
-    /// Where the primary connects (replication data and control channel).
-    #[arg(long)]
-    listen: String,
+    /// Where the primary connects (replication data and control channel): ADDR:PORT, or
+    /// unix:PATH.
+    #[arg(long, value_name = ENDPOINT)]
+    listen: Endpoint,
     /// Serve the secondary's own view here (COLO running secondary; after failover, the
-    /// disk as an unprotected primary).
-    #[arg(long)]
-    export: Option<String>,
+    /// disk as an unprotected primary): ADDR:PORT, or unix:PATH.
+    #[arg(long, value_name = ENDPOINT)]
+    export: Option<Endpoint>,
     /// Export name for --export.
-    #[arg(long, default_value = "lockstep")]
+    #[arg(long, default_value = node::DEFAULT_EXPORT_NAME)]
     name: String,
     /// Disk buffer bytes kept in memory before spilling to a file next to the disk.
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    buffer_memory: u64,
+    #[arg(long, default_value_t = SizeArg(secondary_defaults().buffer_memory))]
+    buffer_memory: SizeArg,
     /// After the primary misses --heartbeat-misses heartbeats: fail over to the last
     /// checkpoint, or wait for an operator.
-    #[arg(long, default_value = "wait", value_parser = |s: &str| s.parse::<PeerLossPolicy>())]
+    #[arg(long, default_value = peer_loss_name(secondary_defaults().on_peer_loss))]
     on_peer_loss: PeerLossPolicy,
     /// Missed heartbeat periods (the primary's period) before the primary counts as lost.
-    #[arg(long, default_value = "5")]
+    #[arg(long, default_value_t = secondary_defaults().heartbeat_misses)]
     heartbeat_misses: u32,
     /// Let a primary overwrite data this disk has and the primary does not (after a
     /// split-brain, or when this disk was written as a primary later): DRBD's option of the
@@ -189,57 +160,40 @@ pub struct SecondaryArgs {
     insecure_no_auth: bool,
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")
-}
-
-async fn signal() {
-    match wait_for_signal().await {
-        Ok(s) => tracing::info!("{s} received"),
-        Err(e) => {
-            tracing::error!("{e:#}");
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
 pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
     let key = a.disk.key()?;
     let tls = a.disk.tls.link_files()?;
     let cfg = PrimaryConfig {
         disk: a.disk.options(),
-        export: endpoint(&a.export),
+        export: a.export,
         export_name: a.name,
-        secondary: endpoint(&a.secondary),
+        secondary: a.secondary,
         control: a.disk.control,
         primary: PrimaryOptions {
             ack: a.ack,
-            queue_bytes: a.forward_queue,
+            queue_bytes: a.forward_queue.0,
             ..PrimaryOptions::default()
         },
         checkpoints: CoordinatorOptions {
-            interval: (!a.checkpoint_interval.is_zero()).then_some(a.checkpoint_interval),
-            bytes: a.checkpoint_bytes,
+            interval: Some(a.checkpoint_interval.0).filter(|d| !d.is_zero()),
+            bytes: a.checkpoint_bytes.0,
         },
-        heartbeat: a.heartbeat,
+        heartbeat: a.heartbeat.0,
         heartbeat_misses: a.heartbeat_misses,
-        connect_timeout: a.connect_timeout,
-        reconnect_timeout: a.reconnect_timeout,
+        connect_timeout: a.connect_timeout.0,
+        reconnect_timeout: a.reconnect_timeout.0,
         ublk: a.ublk.options()?,
         key,
         tls,
     };
     runtime()?
-        .block_on(node::run_primary(cfg, signal()))
+        .block_on(node::run_primary(cfg, shutdown_signal()))
         .map_err(|e| anyhow!(e))
 }
 
 pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
     let mut opts = node::default_secondary_options(&a.disk.disk);
-    opts.buffer_memory = a.buffer_memory;
+    opts.buffer_memory = a.buffer_memory.0;
     opts.on_peer_loss = a.on_peer_loss;
     opts.heartbeat_misses = a.heartbeat_misses;
     opts.discard_my_data = a.discard_my_data;
@@ -247,9 +201,9 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
     let tls = a.disk.tls.link_files()?;
     let cfg = SecondaryConfig {
         disk: a.disk.options(),
-        listen: endpoint(&a.listen),
+        listen: a.listen,
         control: a.disk.control,
-        export: a.export.as_deref().map(endpoint),
+        export: a.export,
         export_name: a.name,
         secondary: opts,
         ublk: a.ublk.options()?,
@@ -258,7 +212,7 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
         insecure_no_auth: a.insecure_no_auth,
     };
     runtime()?
-        .block_on(node::run_secondary(cfg, signal()))
+        .block_on(node::run_secondary(cfg, shutdown_signal()))
         .map_err(|e| anyhow!(e))
 }
 
@@ -315,6 +269,20 @@ fn call(control: &std::path::Path, req: Value, timeout: Duration) -> anyhow::Res
         .map_err(|e| anyhow!(e))
 }
 
+/// [`call`], printing the answer as JSON when `json` (the caller prints text otherwise).
+fn call_printing_json(
+    control: &std::path::Path,
+    req: Value,
+    timeout: Duration,
+    json: bool,
+) -> anyhow::Result<Value> {
+    let v = call(control, req, timeout)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    Ok(v)
+}
+
 fn us(v: &Value) -> String {
     match v.as_u64() {
         Some(n) if n >= 10_000 => format!("{:.1} ms", n as f64 / 1000.0),
@@ -350,13 +318,9 @@ fn text(v: &Value) -> String {
 }
 
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let v = call(
-        &a.control,
-        json!({"cmd": "status"}),
-        Duration::from_secs(10),
-    )?;
+    let req = json!({"cmd": "status"});
+    let v = call_printing_json(&a.control, req, Duration::from_secs(10), a.json)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     let row = |k: &str, val: String| println!("{k:<22} {val}");
@@ -380,23 +344,32 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         bytes(&v["forwarded_bytes"])
     );
     let percentiles = |key: &str| format!("p50 {}  p99 {}", us(&v[key]["p50"]), us(&v[key]["p99"]));
-    if v["role"] == "primary" && v.get("forward_queue").is_some() {
+    let is_primary = v["role"] == "primary" && v.get("forward_queue").is_some();
+    // What holds writes on their way: the primary's forward queue, the secondary's buffer.
+    let (held, held_summary, failed, failed_key) = if is_primary {
         row("ack", text(&v["ack"]));
-        let queue = &v["forward_queue"];
-        row(
-            "forward queue",
-            format!(
-                "{} requests, {}",
-                text(&queue["depth"]),
-                bytes(&queue["bytes"])
-            ),
+        let q = &v["forward_queue"];
+        let summary = format!("{} requests, {}", text(&q["depth"]), bytes(&q["bytes"]));
+        ("forward queue", summary, "failed", "checkpoint_failures")
+    } else {
+        let b = &v["buffer"];
+        let summary = format!(
+            "{} blocks: {} in memory, {} spilled, {} open epochs",
+            text(&b["blocks"]),
+            bytes(&b["memory_bytes"]),
+            bytes(&b["spill_bytes"]),
+            text(&b["epochs"])
         );
-        row("forwarded", forwarded);
-        let failed = text(&v["checkpoint_failures"]);
-        row(
-            "checkpoints",
-            format!("{} ({failed} failed)", text(&v["checkpoints"])),
-        );
+        ("buffer", summary, "aborted", "checkpoints_aborted")
+    };
+    row(held, held_summary);
+    row("forwarded", forwarded);
+    let checkpoints = text(&v["checkpoints"]);
+    row(
+        "checkpoints",
+        format!("{checkpoints} ({} {failed})", text(&v[failed_key])),
+    );
+    if is_primary {
         row("checkpoint pause", percentiles("checkpoint_pause_us"));
         row("checkpoint total", percentiles("checkpoint_total_us"));
         row("dirty blocks", text(&v["dirty_blocks"]));
@@ -419,23 +392,6 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         }
         row("generation", text(&v["generation"]));
     } else {
-        let b = &v["buffer"];
-        row(
-            "buffer",
-            format!(
-                "{} blocks: {} in memory, {} spilled, {} open epochs",
-                text(&b["blocks"]),
-                bytes(&b["memory_bytes"]),
-                bytes(&b["spill_bytes"]),
-                text(&b["epochs"])
-            ),
-        );
-        row("forwarded", forwarded);
-        let aborted = text(&v["checkpoints_aborted"]);
-        row(
-            "checkpoints",
-            format!("{} ({aborted} aborted)", text(&v["checkpoints"])),
-        );
         row("epoch-mark stall", percentiles("mark_drain_us"));
         row(
             "consistent",
@@ -496,22 +452,16 @@ pub fn checkpoint(a: CheckpointArgs) -> anyhow::Result<()> {
 }
 
 pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
-    let v = call(
-        &a.control,
-        json!({"cmd": "verify"}),
-        Duration::from_secs(3600),
-    )?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
+    // Reads both disks whole: allow an hour.
+    let req = json!({"cmd": "verify"});
+    let v = call_printing_json(&a.control, req, Duration::from_secs(3600), a.json)?;
+    if !a.json {
+        let (compared, chunk) = (bytes(&v["bytes_compared"]), bytes(&v["chunk_bytes"]));
+        let (chunks, differ) = (text(&v["total_chunks"]), text(&v["differing_chunks"]));
+        let secs = v["duration_s"].as_f64().unwrap_or(0.0);
+        let rate = v["mb_per_s"].as_f64().unwrap_or(0.0);
         println!(
-            "compared {} in {} chunks of {} in {:.2} s ({:.0} MB/s): {} differ",
-            bytes(&v["bytes_compared"]),
-            text(&v["total_chunks"]),
-            bytes(&v["chunk_bytes"]),
-            v["duration_s"].as_f64().unwrap_or(0.0),
-            v["mb_per_s"].as_f64().unwrap_or(0.0),
-            text(&v["differing_chunks"])
+            "compared {compared} in {chunks} chunks of {chunk} in {secs:.2} s ({rate:.0} MB/s): {differ} differ"
         );
         for d in v["differing"].as_array().into_iter().flatten() {
             println!(
@@ -528,14 +478,9 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
 }
 
 pub fn failover(a: FailoverArgs) -> anyhow::Result<()> {
-    let v = call(
-        &a.control,
-        json!({"cmd": "failover", "to": a.to.name(), "verify": a.verify}),
-        Duration::from_secs(600),
-    )?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
+    let req = json!({"cmd": "failover", "to": a.to.name(), "verify": a.verify});
+    let v = call_printing_json(&a.control, req, Duration::from_secs(600), a.json)?;
+    if !a.json {
         println!(
             "failed over to {} (epoch {}): {} blocks restored in {}",
             text(&v["target"]),
@@ -578,4 +523,46 @@ pub fn ublk_delete(a: UblkDeleteArgs) -> anyhow::Result<()> {
     blkrep::ublk::delete(a.id)?;
     println!("deleted /dev/ublkb{}", a.id);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Primary {
+        #[command(flatten)]
+        a: PrimaryArgs,
+    }
+
+    #[derive(Debug, Parser)]
+    struct Secondary {
+        #[command(flatten)]
+        a: SecondaryArgs,
+    }
+
+    /// The defaults shown in `--help` come from the library and parse back to its values.
+    #[test]
+    fn defaults_are_the_library_s() {
+        let disk = ["x", "--disk", "d", "--control", "c"];
+        let p = Primary::parse_from(disk.iter().chain(&["--secondary", "b:1"])).a;
+        let (o, c) = (PrimaryOptions::default(), CoordinatorOptions::default());
+        assert_eq!(p.ack, o.ack);
+        assert_eq!(p.forward_queue.0, o.queue_bytes);
+        assert_eq!(Some(p.checkpoint_interval.0), c.interval);
+        assert_eq!(p.checkpoint_bytes.0, c.bytes);
+        assert_eq!(p.heartbeat.0, node::DEFAULT_HEARTBEAT);
+        assert_eq!(p.heartbeat_misses, node::DEFAULT_HEARTBEAT_MISSES);
+        assert_eq!(p.connect_timeout.0, node::DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(p.reconnect_timeout.0, node::DEFAULT_RECONNECT_TIMEOUT);
+        assert_eq!(p.export, DEFAULT_ENDPOINT.parse::<Endpoint>().unwrap());
+        assert_eq!(p.name, node::DEFAULT_EXPORT_NAME);
+        let s = Secondary::parse_from(disk.iter().chain(&["--listen", "a:1"])).a;
+        let o = secondary_defaults();
+        assert_eq!(s.buffer_memory.0, o.buffer_memory);
+        assert_eq!(s.on_peer_loss, o.on_peer_loss);
+        assert_eq!(s.heartbeat_misses, o.heartbeat_misses);
+        assert_eq!(s.name, node::DEFAULT_EXPORT_NAME);
+    }
 }

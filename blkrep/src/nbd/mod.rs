@@ -23,7 +23,7 @@ pub mod transport;
 pub use client::{ClientOptions, NbdClient};
 pub use lockstep::{connect_control, ControlHandler, EpochSink};
 pub use server::{Export, NbdServer, ServerOptions};
-pub use transport::{Endpoint, Listener};
+pub use transport::{Endpoint, Listener, DEFAULT_ENDPOINT};
 
 use std::io;
 

@@ -17,6 +17,53 @@ pub enum Endpoint {
     Unix(PathBuf),
 }
 
+/// Where NBD servers listen by default: loopback, on the port IANA assigned to NBD.
+pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:10809";
+
+/// The forms an endpoint is written in, for messages.
+const ENDPOINT_FORMS: &str = "ADDR:PORT, e.g. 127.0.0.1:10809 or [::1]:10809, or unix:PATH";
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+
+    /// Parse the one way lockstep names an endpoint everywhere: `ADDR:PORT` (a host name, an
+    /// IPv4 address or a bracketed IPv6 address) or `unix:PATH`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(format!("{s:?} names no socket path (use unix:PATH)"));
+            }
+            return Ok(Endpoint::Unix(path.into()));
+        }
+        if s.starts_with('/') || s.starts_with('.') {
+            return Err(format!(
+                "{s:?} is not an endpoint: write unix:{s} for a unix socket"
+            ));
+        }
+        let Some((host, port)) = s.rsplit_once(':') else {
+            return Err(format!(
+                "{s:?} is not an endpoint: no port (use {ENDPOINT_FORMS})"
+            ));
+        };
+        if host.is_empty() || host == "[]" || host.contains(char::is_whitespace) {
+            return Err(format!(
+                "{s:?} is not an endpoint: no address before the port (use {ENDPOINT_FORMS})"
+            ));
+        }
+        if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+            return Err(format!(
+                "{s:?} is not an endpoint: an IPv6 address goes in brackets, [ADDR]:PORT"
+            ));
+        }
+        if port.parse::<u16>().is_err() {
+            return Err(format!(
+                "{s:?} is not an endpoint: {port:?} is not a port number (0 to 65535)"
+            ));
+        }
+        Ok(Endpoint::Tcp(s.to_string()))
+    }
+}
+
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -130,6 +177,57 @@ pub async fn connect(ep: &Endpoint) -> Result<(ReadHalf, WriteHalf), NbdError> {
                 .map_err(NbdError::io(format!("cannot connect to {}", p.display())))?;
             let (r, w) = s.into_split();
             Ok((Box::new(r), Box::new(w)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Endpoint, String> {
+        s.parse()
+    }
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            parse("127.0.0.1:10809"),
+            Ok(Endpoint::Tcp("127.0.0.1:10809".into()))
+        );
+        assert_eq!(
+            parse("node-b:10900"),
+            Ok(Endpoint::Tcp("node-b:10900".into()))
+        );
+        assert_eq!(parse("[::1]:0"), Ok(Endpoint::Tcp("[::1]:0".into())));
+        assert_eq!(
+            parse("unix:/run/l.sock"),
+            Ok(Endpoint::Unix("/run/l.sock".into()))
+        );
+        assert_eq!(
+            parse("unix:rel.sock"),
+            Ok(Endpoint::Unix("rel.sock".into()))
+        );
+        assert_eq!(
+            parse(DEFAULT_ENDPOINT),
+            Ok(Endpoint::Tcp(DEFAULT_ENDPOINT.into()))
+        );
+    }
+
+    #[test]
+    fn bad_endpoints_say_why() {
+        for (s, why) in [
+            ("", "no port"),
+            ("localhost", "no port"),
+            (":10809", "no address"),
+            ("127.0.0.1:http", "not a port number"),
+            ("127.0.0.1:70000", "not a port number"),
+            ("::1:10809", "in brackets"),
+            ("unix:", "no socket path"),
+            ("/run/l.sock", "write unix:/run/l.sock"),
+        ] {
+            let e = parse(s).expect_err(s);
+            assert!(e.contains(why), "{s:?}: {e}");
         }
     }
 }

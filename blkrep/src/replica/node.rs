@@ -29,6 +29,20 @@ use crate::storage::{open_disk, Backend, DiskOptions};
 use crate::tls::{self, ClientTls, TlsFiles};
 use crate::ublk::{self, UblkDevice, UblkOptions};
 
+/// The default heartbeat period of the primary (`--heartbeat`).
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(200);
+/// The default number of missed heartbeat periods before either node counts its peer as lost
+/// (`--heartbeat-misses`).
+pub const DEFAULT_HEARTBEAT_MISSES: u32 = 5;
+/// How long a primary keeps trying to reach its secondary at start by default
+/// (`--connect-timeout`).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a primary stays `paused` after losing its secondary by default
+/// (`--reconnect-timeout`).
+pub const DEFAULT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The default export name of both daemons (`--name`).
+pub const DEFAULT_EXPORT_NAME: &str = "lockstep";
+
 /// A primary daemon's settings.
 #[derive(Debug, Clone)]
 pub struct PrimaryConfig {
@@ -573,7 +587,7 @@ pub fn default_secondary_options(disk: &std::path::Path) -> SecondaryOptions {
         buffer_memory: 256 << 20,
         spill_path: spill.into(),
         on_peer_loss: PeerLossPolicy::Wait,
-        heartbeat_misses: 5,
+        heartbeat_misses: DEFAULT_HEARTBEAT_MISSES,
         hello_timeout: Duration::from_secs(10),
         discard_my_data: false,
     }
