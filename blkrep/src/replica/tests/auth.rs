@@ -162,6 +162,6 @@ fn a_block_written_by_a_stranger_is_rolled_back_by_the_next_session() {
             "the stranger's block survived the resync"
         );
         drop(proxy);
-        assert_eq!(s.sec.status().consistent, true);
+        assert!(s.sec.status().consistent);
     });
 }

@@ -370,7 +370,7 @@ fn a_secondary_disk_that_fails_writes_blocks_commits_until_healed_then_resyncs()
             pr.s.disk.heal();
             assert!(pr.recover().await > committed);
             pr.assert_equal(ack.name()).await;
-            assert_eq!(pr.s.sec.status().consistent, true);
+            assert!(pr.s.sec.status().consistent);
         }
     });
 }

@@ -121,7 +121,7 @@ fn a_cut_link_pauses_both_sides_and_an_incremental_resync_restores_them() {
             "images equal after the resync"
         );
         assert_eq!(read_all(&*s.sec.view()).await, p.disk.snapshot());
-        assert_eq!(s.sec.status().consistent, true);
+        assert!(s.sec.status().consistent);
         assert!(s.sec.status().resyncing.is_none());
     });
 }
