@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod admission;
 pub mod buffer;
+pub mod error;
 pub mod frame;
 pub mod meta;
 pub mod node;

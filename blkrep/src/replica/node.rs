@@ -16,7 +16,7 @@ use super::meta::{meta_path, MetaStore};
 use super::peer::LinkOptions;
 use super::primary::{BlockParticipant, Primary, PrimaryMode, PrimaryOptions};
 use super::secondary::{PeerLossPolicy, Secondary, SecondaryOptions};
-use super::session::{AttemptError, Replicator, ReplicatorOptions};
+use super::session::{Replicator, ReplicatorOptions};
 use super::status::PeerAuth;
 use super::wire::AckMode;
 use super::{FailoverTarget, REPLICA_EXPORT};
@@ -168,12 +168,13 @@ pub async fn run_primary(
     );
     primary.set_trigger(coord.trigger());
     repl.set_trigger(coord.trigger());
-    // The secondary may still be starting: retry until the deadline; a refusal is final.
+    // The secondary may still be starting (or busy): retry until the deadline; a permanent
+    // refusal is final.
     let deadline = Instant::now() + cfg.connect_timeout;
     loop {
         match repl.attempt().await {
             Ok(_) => break,
-            Err(AttemptError::Unreachable(e)) if Instant::now() < deadline => {
+            Err(e) if !e.is_permanent_refusal() && Instant::now() < deadline => {
                 tracing::debug!("secondary not reachable yet: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -335,13 +336,18 @@ impl AdminHandler for PrimaryAdmin {
                 "failover" => {
                     Err("failover runs on the secondary (this node is the primary)".into())
                 }
-                "verify" => self.repl.verify().await,
+                "verify" => to_json(self.repl.verify().await?),
                 other => Err(format!(
                     "unknown command {other:?} (status, checkpoint, verify, set)"
                 )),
             }
         })
     }
+}
+
+/// A typed report as the JSON the control socket answers with.
+fn to_json(t: impl serde::Serialize) -> Result<Value, String> {
+    serde_json::to_value(t).map_err(|e| e.to_string())
 }
 
 fn merge(into: &mut Value, from: Value) {
@@ -465,7 +471,7 @@ impl AdminHandler for SecondaryAdmin {
                 "status" => {
                     let mut st = self.sec.status();
                     st.peer_auth = Some(self.peer_auth.clone());
-                    serde_json::to_value(st).map_err(|e| e.to_string())
+                    to_json(st)
                 }
                 "failover" => {
                     let to: FailoverTarget = req

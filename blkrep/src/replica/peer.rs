@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{BufReader, BufWriter};
 use tokio::sync::{oneshot, watch};
 
+use super::error::ReplicaError;
 use super::frame::{read_message, write_message};
 use super::primary::Primary;
-use super::session::AttemptError;
 use super::wire::{AckMode, Message, SyncKind};
 use crate::auth::{AuthError, PeerKey, SessionKey};
 use crate::epoch::{BoxFuture, CheckpointLink, Epoch, EpochError, EpochSummary};
@@ -49,8 +49,8 @@ pub struct LinkOptions {
     pub commit_timeout: Duration,
 }
 
-type Waiter = oneshot::Sender<Result<(), String>>;
-type SumsWaiter = oneshot::Sender<Result<Vec<u64>, String>>;
+type Waiter = oneshot::Sender<Result<(), ReplicaError>>;
+type SumsWaiter = oneshot::Sender<Result<Vec<u64>, ReplicaError>>;
 
 /// What the secondary said in WELCOME.
 #[derive(Debug, Clone, Copy)]
@@ -100,7 +100,7 @@ impl PeerLink {
         timeout: Duration,
         key: Option<&PeerKey>,
         tls: Option<&ClientTls>,
-    ) -> Result<(Arc<Self>, BufReader<ReadHalf>, Welcome), AttemptError> {
+    ) -> Result<(Arc<Self>, BufReader<ReadHalf>, Welcome), ReplicaError> {
         let (mut rd, mut wr, session_key) =
             connect_control(ep, timeout, key, tls)
                 .await
@@ -110,14 +110,15 @@ impl PeerLink {
                     NbdError::Auth {
                         source: AuthError::Io(_),
                         ..
-                    } => AttemptError::Unreachable(e.to_string()),
-                    NbdError::Auth { .. } | NbdError::Negotiation { .. } => {
-                        AttemptError::Refused(e.to_string())
-                    }
-                    _ => AttemptError::Unreachable(e.to_string()),
+                    } => ReplicaError::Unreachable(e.to_string()),
+                    NbdError::Auth { .. } | NbdError::Negotiation { .. } => ReplicaError::Refused {
+                        code: None,
+                        reason: e.to_string(),
+                    },
+                    _ => ReplicaError::Unreachable(e.to_string()),
                 })?;
-        let unreachable = AttemptError::Unreachable;
-        let refused = AttemptError::Refused;
+        let unreachable = |e: ReplicaError| ReplicaError::Unreachable(format!("{ep}: {e}"));
+        let refused = |reason: String| ReplicaError::Refused { code: None, reason };
         let session = {
             let mut b = [0u8; 8];
             let t = std::time::SystemTime::now()
@@ -147,7 +148,7 @@ impl PeerLink {
         let reply =
             tokio::time::timeout(timeout.max(Duration::from_secs(60)), read_message(&mut rd))
                 .await
-                .map_err(|_| unreachable(format!("{ep}: no answer to HELLO")))?
+                .map_err(|_| ReplicaError::Unreachable(format!("{ep}: no answer to HELLO")))?
                 .map_err(unreachable)?;
         let welcome = match reply {
             Message::Welcome {
@@ -168,8 +169,11 @@ impl PeerLink {
                     hello.size
                 )))
             }
-            Message::Refused { reason, .. } => {
-                return Err(refused(format!("{ep} refused: {reason}")))
+            Message::Refused { code, reason } => {
+                return Err(ReplicaError::Refused {
+                    code: Some(code),
+                    reason: format!("{ep} refused: {reason}"),
+                })
             }
             other => {
                 return Err(refused(format!(
@@ -204,7 +208,7 @@ impl PeerLink {
         &self,
         unit_blocks: u32,
         units: roaring::RoaringTreemap,
-    ) -> Result<Vec<u64>, String> {
+    ) -> Result<Vec<u64>, ReplicaError> {
         let n = units.len() as usize;
         let id = self
             .next_id
@@ -213,7 +217,7 @@ impl PeerLink {
         self.sums.locked().insert(id, tx);
         if let Some(r) = self.dead_reason() {
             self.sums.locked().remove(&id);
-            return Err(format!("link lost: {r}"));
+            return Err(ReplicaError::LinkLost(r));
         }
         self.send(&Message::SumsRequest {
             id,
@@ -221,31 +225,38 @@ impl PeerLink {
             units,
         })
         .await?;
-        let sums = tokio::time::timeout(self.opts.commit_timeout, rx)
-            .await
-            .map_err(|_| format!("no SUMS within {:?}", self.opts.commit_timeout))?
-            .map_err(|_| "link closed".to_string())??;
+        let sums = self.answer_of("SUMS", rx).await?;
         if sums.len() != n {
-            return Err(format!(
+            return Err(ReplicaError::Protocol(format!(
                 "the secondary sent {} digests for {n} units",
                 sums.len()
-            ));
+            )));
         }
         Ok(sums)
     }
 
     /// RESUME(epoch) and wait for RESUME_ACK.
-    pub async fn resume(&self, epoch: u64) -> Result<(), String> {
+    pub async fn resume(&self, epoch: u64) -> Result<(), ReplicaError> {
         let (tx, rx) = oneshot::channel();
         *self.resume.locked() = Some((epoch, tx));
         if let Some(r) = self.dead_reason() {
-            return Err(format!("link lost: {r}"));
+            return Err(ReplicaError::LinkLost(r));
         }
         self.send(&Message::Resume { epoch }).await?;
-        tokio::time::timeout(self.opts.commit_timeout, rx)
+        self.answer_of("RESUME_ACK", rx).await
+    }
+
+    /// The answer `rx` brings, within the commit timeout.
+    async fn answer_of<T>(
+        &self,
+        what: &'static str,
+        rx: oneshot::Receiver<Result<T, ReplicaError>>,
+    ) -> Result<T, ReplicaError> {
+        let after = self.opts.commit_timeout;
+        tokio::time::timeout(after, rx)
             .await
-            .map_err(|_| format!("no RESUME_ACK within {:?}", self.opts.commit_timeout))?
-            .map_err(|_| "link closed".to_string())?
+            .map_err(|_| ReplicaError::Timeout { what, after })?
+            .map_err(|_| ReplicaError::LinkLost("link closed".into()))?
     }
 
     /// End the link (the reader and heartbeat loops stop; the connection closes).
@@ -270,14 +281,20 @@ impl PeerLink {
                         *me.last_ack.locked() = Instant::now();
                     }
                     Ok(Message::Committed { epoch }) => me.answer(epoch, Ok(())),
-                    Ok(Message::Aborted { epoch, reason }) => me.answer(epoch, Err(reason)),
+                    Ok(Message::Aborted { epoch, reason }) => {
+                        me.answer(epoch, Err(ReplicaError::Refused { code: None, reason }))
+                    }
                     Ok(Message::Sums { id, sums }) => {
                         let w = me.sums.locked().remove(&id);
                         match w {
                             Some(w) => {
                                 let _ = w.send(Ok(sums));
                             }
-                            None => return format!("SUMS {id} that nobody asked for"),
+                            None => {
+                                return ReplicaError::Protocol(format!(
+                                    "SUMS {id} that nobody asked for"
+                                ))
+                            }
                         }
                     }
                     Ok(Message::ResumeAck { epoch }) => {
@@ -286,13 +303,25 @@ impl PeerLink {
                             Some((e, w)) if e == epoch => {
                                 let _ = w.send(Ok(()));
                             }
-                            _ => return format!("RESUME_ACK {epoch} that nobody asked for"),
+                            _ => {
+                                return ReplicaError::Protocol(format!(
+                                    "RESUME_ACK {epoch} that nobody asked for"
+                                ))
+                            }
                         }
                     }
-                    Ok(Message::Refused { reason, .. }) => {
-                        return format!("the secondary refused: {reason}")
+                    Ok(Message::Refused { code, reason }) => {
+                        return ReplicaError::Refused {
+                            code: Some(code),
+                            reason: format!("the secondary refused: {reason}"),
+                        }
                     }
-                    Ok(other) => return format!("unexpected {} from the secondary", other.name()),
+                    Ok(other) => {
+                        return ReplicaError::Protocol(format!(
+                            "unexpected {} from the secondary",
+                            other.name()
+                        ))
+                    }
                     Err(e) => return e,
                 }
                 *me.last_ack.locked() = Instant::now();
@@ -308,10 +337,10 @@ impl PeerLink {
                 let silent = me.last_ack.locked().elapsed();
                 let patience = me.opts.heartbeat * me.opts.misses.max(1);
                 if silent > patience {
-                    return format!(
-                        "no answer for {silent:?} ({} heartbeats missed)",
-                        me.opts.misses
-                    );
+                    return ReplicaError::Timeout {
+                        what: "heartbeat answer",
+                        after: silent,
+                    };
                 }
                 seq += 1;
                 if let Err(e) = me.send(&Message::Heartbeat { seq }).await {
@@ -329,6 +358,7 @@ impl PeerLink {
                 return;
             }
         };
+        let reason = reason.to_string();
         self.kill(&reason);
         let _ = tokio::time::timeout(
             Duration::from_secs(1),
@@ -340,7 +370,7 @@ impl PeerLink {
             .await;
     }
 
-    fn answer(&self, epoch: u64, r: Result<(), String>) {
+    fn answer(&self, epoch: u64, r: Result<(), ReplicaError>) {
         if let Some(w) = self.waiters.locked().remove(&epoch) {
             let _ = w.send(r);
         }
@@ -350,7 +380,7 @@ impl PeerLink {
         if self.dead.borrow().is_none() {
             self.dead.send_replace(Some(reason.to_string()));
         }
-        let err = format!("link lost: {reason}");
+        let err = ReplicaError::LinkLost(reason.to_string());
         for (_, w) in self.waiters.locked().drain() {
             let _ = w.send(Err(err.clone()));
         }
@@ -370,11 +400,15 @@ impl PeerLink {
         r.unwrap_or_default()
     }
 
-    async fn send(&self, m: &Message) -> Result<(), String> {
+    async fn send(&self, m: &Message) -> Result<(), ReplicaError> {
         let mut w = self.wr.lock().await;
-        tokio::time::timeout(self.opts.commit_timeout, write_message(&mut *w, m))
+        let after = self.opts.commit_timeout;
+        tokio::time::timeout(after, write_message(&mut *w, m))
             .await
-            .map_err(|_| format!("sending {} timed out", m.name()))?
+            .map_err(|_| ReplicaError::Timeout {
+                what: "send",
+                after,
+            })?
     }
 
     /// End replication cleanly.
@@ -410,16 +444,14 @@ impl CheckpointLink for PeerLink {
                 summaries,
             })
             .await
-            .map_err(lost)?;
-            match tokio::time::timeout(self.opts.commit_timeout, rx).await {
-                Err(_) => Err(lost(format!(
-                    "no COMMITTED within {:?}",
-                    self.opts.commit_timeout
-                ))),
-                Ok(Err(_)) => Err(lost("link closed".into())),
-                Ok(Ok(Ok(()))) => Ok(()),
-                Ok(Ok(Err(reason))) if reason.starts_with("link lost") => Err(lost(reason)),
-                Ok(Ok(Err(reason))) => Err(EpochError::Refused { epoch, reason }),
+            .map_err(|e| lost(e.to_string()))?;
+            match self.answer_of("COMMITTED", rx).await {
+                Ok(()) => Ok(()),
+                // ABORTED: the secondary refused to commit this epoch.
+                Err(ReplicaError::Refused { reason, .. }) => {
+                    Err(EpochError::Refused { epoch, reason })
+                }
+                Err(e) => Err(lost(e.to_string())),
             }
         })
     }

@@ -105,3 +105,39 @@ pub struct SecondaryStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_auth: Option<PeerAuth>,
 }
+
+/// A byte range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteRange {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Progress or result of an online verify (`lockstep verify`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// running or done.
+    pub state: String,
+    /// Bytes per compared chunk.
+    pub chunk_bytes: u64,
+    /// Chunks in the disk.
+    pub total_chunks: u64,
+    /// Chunks compared so far.
+    pub done_chunks: u64,
+    /// Chunks that differ so far.
+    pub differing_chunks: u64,
+    /// The differing ranges (adjacent chunks merged); when done.
+    #[serde(default)]
+    pub differing: Vec<ByteRange>,
+    /// Bytes compared; when done.
+    #[serde(default)]
+    pub bytes_compared: u64,
+    /// How long it took; when done.
+    #[serde(default)]
+    pub duration_s: f64,
+    /// Compare rate; when done.
+    #[serde(default)]
+    pub mb_per_s: f64,
+}

@@ -26,6 +26,7 @@ use super::queue::{FwdKind, FwdOp};
 use super::Primary;
 use crate::nbd::client::{ClientOptions, NbdClient, Ticket};
 use crate::nbd::transport::Endpoint;
+use crate::replica::error::ReplicaError;
 use crate::replica::peer::PeerLink;
 use crate::replica::wire::AckMode;
 use crate::replica::REPLICA_EXPORT;
@@ -99,7 +100,7 @@ pub async fn open_replica_connection(
     link: &PeerLink,
     connect_timeout: Duration,
     tls: Option<ClientTls>,
-) -> std::result::Result<NbdClient, String> {
+) -> std::result::Result<NbdClient, ReplicaError> {
     NbdClient::connect(
         secondary,
         &ClientOptions {
@@ -112,7 +113,7 @@ pub async fn open_replica_connection(
         },
     )
     .await
-    .map_err(|e| format!("opening the replication connection: {e}"))
+    .map_err(|e| ReplicaError::Unreachable(format!("opening the replication connection: {e}")))
 }
 
 /// Why the forwarder's loop ended.

@@ -5,6 +5,7 @@
 //! Modifications count in the queue depth and hold a share of the byte budget
 //! (`--queue-bytes`) until the secondary answers them; markers (flush, mark, barrier) do not.
 
+use crate::replica::error::ReplicaError;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -106,18 +107,18 @@ impl Primary {
     }
 
     /// Wait until everything queued for the secondary so far has been answered by it.
-    pub async fn barrier(&self) -> std::result::Result<(), String> {
+    pub async fn barrier(&self) -> std::result::Result<(), ReplicaError> {
         let (tx, rx) = oneshot::channel();
         {
             let _gate = self.gate.read().await;
             if self.mode() != PrimaryMode::Replicating {
-                return Err("not replicating".into());
+                return Err(ReplicaError::State("not replicating".into()));
             }
             self.enqueue_marker(FwdKind::Barrier, tx);
         }
         match rx.await {
-            Ok(r) => r,
-            Err(_) => Err("replication stopped".into()),
+            Ok(r) => r.map_err(ReplicaError::LinkLost),
+            Err(_) => Err(ReplicaError::State("replication stopped".into())),
         }
     }
 }

@@ -9,6 +9,7 @@
 //!          ─▶ the next commit completes the sync (BlockParticipant::commit)
 //! ```
 
+use crate::replica::error::ReplicaError;
 use std::time::Instant;
 
 use roaring::RoaringTreemap;
@@ -189,13 +190,15 @@ impl Primary {
     /// Send every dirty block to the secondary through the forward queue (in the current
     /// epoch, ordered with client writes by the block locks). Returns the bytes sent; an
     /// error when replication stopped meanwhile.
-    pub async fn resync(&self) -> std::result::Result<u64, String> {
+    pub async fn resync(&self) -> std::result::Result<u64, ReplicaError> {
         let mut sent = 0u64;
         loop {
             let run = {
                 let st = self.st();
                 if st.mode != PrimaryMode::Replicating {
-                    return Err("replication stopped during the resync".into());
+                    return Err(ReplicaError::State(
+                        "replication stopped during the resync".into(),
+                    ));
                 }
                 st.first_dirty_run()
             };
@@ -213,7 +216,7 @@ impl Primary {
 
     /// Send the dirty blocks `first..=last` (read under their block lock, so ordered with
     /// client writes) and forget them. Returns the bytes sent.
-    async fn resync_run(&self, first: u64, last: u64) -> std::result::Result<u64, String> {
+    async fn resync_run(&self, first: u64, last: u64) -> std::result::Result<u64, ReplicaError> {
         let off = first * DIGEST_BLOCK;
         let end = ((last + 1) * DIGEST_BLOCK).min(self.local.size());
         if end <= off {
@@ -222,16 +225,16 @@ impl Primary {
         }
         let len = end - off;
         let _l = self.locks.lock(first, last).await;
-        let data = self
-            .local
-            .read_at(off, len as usize)
-            .await
-            .map_err(|e| format!("reading the local disk for the resync: {e}"))?;
+        let data = self.local.read_at(off, len as usize).await.map_err(|e| {
+            ReplicaError::Disk(format!("reading the local disk for the resync: {e}"))
+        })?;
         let permit = self.space.clone().acquire_many_owned(cost(len)).await.ok();
         let _gate = self.gate.read().await;
         let mut st = self.st();
         if st.mode != PrimaryMode::Replicating {
-            return Err("replication stopped during the resync".into());
+            return Err(ReplicaError::State(
+                "replication stopped during the resync".into(),
+            ));
         }
         st.dirty.remove_range(first..=last);
         st.account(first, last, len);

@@ -27,6 +27,7 @@ use crate::digest;
 use crate::nbd::server::ControlHandler;
 use crate::nbd::transport::{ReadHalf, WriteHalf};
 use crate::replica::admission::{self, Claim, Local, Standing};
+use crate::replica::error::ReplicaError;
 use crate::replica::frame::{read_message, send, SharedWriter};
 use crate::replica::refusal::Refusal;
 use crate::replica::wire::{self, Message, SyncKind};
@@ -232,16 +233,16 @@ impl Session {
         &mut self,
         rd: &mut BufReader<ReadHalf>,
         patience: Duration,
-    ) -> std::result::Result<String, String> {
+    ) -> std::result::Result<String, ReplicaError> {
         loop {
             let m = match tokio::time::timeout(patience, read_message(rd)).await {
                 Ok(Ok(m)) => m,
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
-                    return Err(format!(
-                        "no message for {patience:?} ({} missed heartbeats)",
-                        self.s.opts.heartbeat_misses
-                    ))
+                    return Err(ReplicaError::Timeout {
+                        what: "message from the primary (missed heartbeats)",
+                        after: patience,
+                    })
                 }
             };
             let reply = match m {
@@ -276,8 +277,8 @@ impl Session {
         }
     }
 
-    /// Refuse, and return the reason that ends the session.
-    async fn fail(&self, r: Refusal) -> String {
+    /// Refuse, and return the error that ends the session.
+    async fn fail(&self, r: Refusal) -> ReplicaError {
         let _ = send(
             &self.wr,
             &Message::Refused {
@@ -286,7 +287,10 @@ impl Session {
             },
         )
         .await;
-        r.local()
+        ReplicaError::Refused {
+            code: Some(r.code()),
+            reason: r.local(),
+        }
     }
 
     /// Commit in the background: the flush may take a while and heartbeats go on meanwhile
@@ -315,7 +319,7 @@ impl Session {
         id: u64,
         unit_blocks: u32,
         units: roaring::RoaringTreemap,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), ReplicaError> {
         let nblocks = digest::blocks(self.s.disk.size());
         if let Err(e) = digest::check_units(&units, u64::from(unit_blocks), nblocks) {
             return Err(self
@@ -357,18 +361,18 @@ impl Session {
         Ok(())
     }
 
-    async fn on_resume(&self, epoch: u64) -> std::result::Result<Message, String> {
+    async fn on_resume(&self, epoch: u64) -> std::result::Result<Message, ReplicaError> {
         match self.s.resume(epoch, self.key).await {
             Ok(()) => {
                 tracing::info!(peer = %self.peer, epoch, "replication resumed");
                 Ok(Message::ResumeAck { epoch })
             }
-            Err(reason) => Err(self.fail(Refusal::Protocol(reason)).await),
+            Err(e) => Err(self.fail(Refusal::Protocol(e.to_string())).await),
         }
     }
 
     /// After GOODBYE (Ok) or a lost link (Err).
-    async fn end(&self, end: std::result::Result<String, String>) {
+    async fn end(&self, end: std::result::Result<String, ReplicaError>) {
         let s = &self.s;
         let peer = &self.peer;
         match end {
@@ -489,16 +493,23 @@ impl Secondary {
 
     /// RESUME: the sync's comparison is done; take forwarded writes again from `epoch` on,
     /// on data connections that prove `key` when the port authenticates peers.
-    async fn resume(&self, epoch: u64, key: Option<SessionKey>) -> std::result::Result<(), String> {
+    async fn resume(
+        &self,
+        epoch: u64,
+        key: Option<SessionKey>,
+    ) -> std::result::Result<(), ReplicaError> {
         // No forwarded request of an earlier connection is in progress after this.
         let _x = self.barrier.write().await;
         {
             let mut i = self.inner();
             if i.mode != Mode::Syncing {
-                return Err(format!("RESUME while {}", i.mode.name()));
+                return Err(ReplicaError::State(format!(
+                    "RESUME while {}",
+                    i.mode.name()
+                )));
             }
             if epoch == 0 {
-                return Err("RESUME to epoch 0".into());
+                return Err(ReplicaError::Protocol("RESUME to epoch 0".into()));
             }
             // The interrupted epochs were rolled back at HELLO: no originals are left.
             debug_assert_eq!(i.buffer.stats().epochs, 0);

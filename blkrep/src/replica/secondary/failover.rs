@@ -5,6 +5,7 @@
 //! - roll-back, when a new session starts after an interrupted one, writes back the
 //!   originals of the open epochs so that the disk is the last checkpoint again.
 
+use crate::replica::error::ReplicaError;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -21,19 +22,19 @@ impl Secondary {
     pub async fn failover(
         &self,
         target: FailoverTarget,
-    ) -> std::result::Result<FailoverReport, String> {
+    ) -> std::result::Result<FailoverReport, ReplicaError> {
         let start = Instant::now();
         {
             let mut i = self.inner();
             match i.mode {
                 Mode::Primary | Mode::FailingOver => {
-                    return Err(format!("this node is already {}", i.mode.name()))
+                    return Err(ReplicaError::State(format!("this node is already {}", i.mode.name())))
                 }
                 _ if target == FailoverTarget::Checkpoint && !i.consistent => {
-                    return Err("this secondary restarted while it was replicating: its disk holds writes of uncommitted epochs whose originals were lost, so it has no checkpoint to go back to. Let the primary reconnect and resync it, or fail over --to latest to take the disk as it is".into())
+                    return Err(ReplicaError::State("this secondary restarted while it was replicating: its disk holds writes of uncommitted epochs whose originals were lost, so it has no checkpoint to go back to. Let the primary reconnect and resync it, or fail over --to latest to take the disk as it is".into()))
                 }
                 _ if target == FailoverTarget::Latest && i.sync.is_some() && i.mode != Mode::Waiting => {
-                    return Err("a resync is in progress: the disk is a mix of old and new data; fail over --to checkpoint (the last checkpoint is intact)".into())
+                    return Err(ReplicaError::State("a resync is in progress: the disk is a mix of old and new data; fail over --to checkpoint (the last checkpoint is intact)".into()))
                 }
                 _ => {
                     i.mode = Mode::FailingOver;
@@ -56,7 +57,7 @@ impl Secondary {
                 let mut i = self.inner();
                 i.mode = Mode::Paused;
                 i.last_error = Some(msg.clone());
-                return Err(msg);
+                return Err(ReplicaError::Disk(msg));
             }
         }
         let mut i = self.inner();
@@ -87,10 +88,10 @@ impl Secondary {
     }
 
     /// Compare the disk with the committed checkpoint's digest: Ok(true) when equal.
-    pub async fn verify_checkpoint(&self) -> std::result::Result<(u64, Option<u64>), String> {
+    pub async fn verify_checkpoint(&self) -> std::result::Result<(u64, Option<u64>), ReplicaError> {
         let d = digest::disk_digest(&*self.disk)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ReplicaError::Disk(e.to_string()))?;
         Ok((d, self.inner().committed_digest))
     }
 

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+use super::error::ReplicaError;
 use super::peer::{Hello, LinkOptions, PeerLink};
 use super::primary::{Primary, PrimaryMode};
 use super::wire::{AckMode, SyncKind};
@@ -60,23 +61,6 @@ pub struct ReplicatorOptions {
     pub tls: Option<ClientTls>,
 }
 
-/// Why an attempt failed.
-#[derive(Debug, Clone)]
-pub enum AttemptError {
-    /// Nobody answered, or the connection broke.
-    Unreachable(String),
-    /// The secondary refused us (split-brain, a newer disk, another primary, sizes).
-    Refused(String),
-}
-
-impl std::fmt::Display for AttemptError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AttemptError::Unreachable(e) | AttemptError::Refused(e) => f.write_str(e),
-        }
-    }
-}
-
 #[derive(Debug, Default)]
 struct SessionState {
     attempts: u64,
@@ -85,7 +69,7 @@ struct SessionState {
     lost_at: Option<Instant>,
     last_resume_s: Option<f64>,
     last_sync: Option<&'static str>,
-    verify: Option<Value>,
+    verify: Option<crate::replica::status::VerifyReport>,
 }
 
 /// Keeps a [`Primary`] replicating to its secondary.
@@ -144,7 +128,7 @@ impl Replicator {
 
     /// One attempt: connect, sync, resume. On success replication runs and the resync of
     /// the dirty blocks goes on in the background.
-    pub async fn attempt(self: &Arc<Self>) -> Result<SyncKind, AttemptError> {
+    pub async fn attempt(self: &Arc<Self>) -> Result<SyncKind, ReplicaError> {
         self.st().attempts += 1;
         let m = self.primary.meta().get();
         let hello = Hello {
@@ -186,10 +170,16 @@ impl Replicator {
                 Ok(welcome.sync)
             }
             Err(e) => {
-                link.close(&e);
-                let e = format!("{ep}: {e}");
-                self.st().last_attempt_error = Some(e.clone());
-                Err(AttemptError::Unreachable(e))
+                link.close(&e.to_string());
+                let e = match e {
+                    ReplicaError::Refused { code, reason } => ReplicaError::Refused {
+                        code,
+                        reason: format!("{ep}: {reason}"),
+                    },
+                    other => ReplicaError::Unreachable(format!("{ep}: {other}")),
+                };
+                self.st().last_attempt_error = Some(e.to_string());
+                Err(e)
             }
         }
     }
@@ -228,8 +218,10 @@ impl Replicator {
                         break;
                     }
                     Err(e) => {
-                        let refused = matches!(e, AttemptError::Refused(_));
-                        if refused {
+                        // A busy secondary may take us later: only a permanent refusal
+                        // (split-brain, sizes, a wrong key) gives up at once.
+                        let refused = e.is_permanent_refusal();
+                        if e.is_refusal() {
                             tracing::warn!("reconnecting: {e}");
                         } else {
                             tracing::debug!("reconnecting: {e}");

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use roaring::RoaringTreemap;
 
 use super::{Replicator, CHUNK_BLOCKS};
+use crate::replica::error::ReplicaError;
 use crate::replica::peer::{PeerLink, Welcome};
 use crate::replica::primary::open_replica_connection;
 use crate::replica::wire::{SyncKind, MAX_SUM_UNITS};
@@ -28,7 +29,7 @@ impl Replicator {
         self: &Arc<Self>,
         link: &Arc<PeerLink>,
         welcome: Welcome,
-    ) -> Result<(), String> {
+    ) -> Result<(), ReplicaError> {
         let p = &self.primary;
         let kind = welcome.sync;
         let unit = match kind {
@@ -43,7 +44,7 @@ impl Replicator {
             SyncKind::Full => p
                 .mark_allocated_dirty()
                 .await
-                .map_err(|e| format!("reading the local disk: {e}"))?,
+                .map_err(|e| ReplicaError::Disk(format!("reading the local disk: {e}")))?,
             SyncKind::Incremental => {}
         }
         if unit > 0 {
@@ -66,7 +67,7 @@ impl Replicator {
 
     /// Ask the secondary for the digests of every dirty unit (of `unit` blocks), in
     /// batches, and forget the units it holds alike.
-    async fn compare_units(&self, link: &PeerLink, unit: u64) -> Result<(), String> {
+    async fn compare_units(&self, link: &PeerLink, unit: u64) -> Result<(), ReplicaError> {
         let p = &self.primary;
         let units = p.dirty_units(unit);
         let mut batch = RoaringTreemap::new();
@@ -84,7 +85,7 @@ impl Replicator {
 
     /// RESUME was acknowledged: open the replication connection, replicate again, start
     /// the forwarder.
-    async fn resume_forwarding(&self, link: &Arc<PeerLink>) -> Result<(), String> {
+    async fn resume_forwarding(&self, link: &Arc<PeerLink>) -> Result<(), ReplicaError> {
         let p = &self.primary;
         // Opened after RESUME_ACK: the secondary binds it to the resumed session.
         let client = open_replica_connection(

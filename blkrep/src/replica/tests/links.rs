@@ -263,17 +263,22 @@ fn online_verify_finds_a_block_that_differs_and_only_that() {
         fill_blocks(&p.primary, 0..40, 7).await;
         p.coord.checkpoint().await.unwrap();
         let v = p.repl.verify().await.unwrap();
-        assert_eq!(v["differing_chunks"], 0, "{v}");
-        assert_eq!(v["total_chunks"], 5, "{v}");
+        assert_eq!(v.differing_chunks, 0, "{v:?}");
+        assert_eq!(v.total_chunks, 5, "{v:?}");
         // Damage the secondary's disk behind replication's back: chunk 2 (blocks 32..48).
         s.disk
             .write_at(33 * 4096 + 17, IoBuf::from_slice(&[0xee; 3]), false)
             .await
             .unwrap();
         let v = p.repl.verify().await.unwrap();
-        assert_eq!(v["differing_chunks"], 1, "{v}");
-        assert_eq!(v["differing"][0]["offset"], 32 * 4096, "{v}");
-        assert_eq!(v["differing"][0]["len"], 16 * 4096, "{v}");
+        assert_eq!(v.differing_chunks, 1, "{v:?}");
+        assert_eq!(
+            v.differing,
+            vec![crate::replica::status::ByteRange {
+                offset: 32 * 4096,
+                len: 16 * 4096
+            }]
+        );
     });
 }
 
