@@ -24,6 +24,7 @@ use crate::nbd::client::{connect_control, ClientOptions, NbdClient};
 use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::nbd::{Endpoint, Listener};
 use crate::storage::{Backend, IoBuf, MemoryBackend};
+use lockstep_tests::proxy::CutProxy;
 
 mod fuzz;
 mod powercut;
@@ -1169,55 +1170,15 @@ fn not_a_secondary_is_a_clear_error() {
     });
 }
 
-/// A TCP proxy between the primary and the secondary that can cut every connection.
-struct CutProxy {
-    ep: Endpoint,
-    up: Arc<std::sync::atomic::AtomicBool>,
-    generation: Arc<watch::Sender<u64>>,
-}
-
-impl CutProxy {
-    async fn start(target: &Endpoint) -> CutProxy {
-        let Endpoint::Tcp(target) = target.clone() else {
-            panic!("tcp only")
-        };
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ep = Endpoint::Tcp(l.local_addr().unwrap().to_string());
-        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let generation = Arc::new(watch::Sender::new(0u64));
-        let (u, g) = (up.clone(), generation.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((c, _)) = l.accept().await else { return };
-                if !u.load(std::sync::atomic::Ordering::SeqCst) {
-                    continue; // dropped: connection refused in effect
-                }
-                let target = target.clone();
-                let mut cut = g.subscribe();
-                let mine = *cut.borrow();
-                tokio::spawn(async move {
-                    let Ok(s) = tokio::net::TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    let (mut a, mut b) = (c, s);
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
-                        _ = cut.wait_for(|g| *g != mine) => {}
-                    }
-                });
-            }
-        });
-        CutProxy { ep, up, generation }
-    }
-
-    fn cut(&self) {
-        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
-        self.generation.send_modify(|g| *g += 1);
-    }
-
-    fn heal(&self) {
-        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
+/// The cutting proxy of the end-to-end harness (the one copy, `tests/src/proxy.rs`) in front
+/// of the secondary at `target`: the proxy, and the endpoint the primary connects to instead.
+fn cut_proxy(target: &Endpoint) -> (CutProxy, Endpoint) {
+    let Endpoint::Tcp(target) = target else {
+        panic!("tcp only")
+    };
+    let proxy = CutProxy::start(target);
+    let via = Endpoint::Tcp(proxy.addr.clone());
+    (proxy, via)
 }
 
 async fn fill_blocks(p: &Primary, blocks: impl Iterator<Item = u64>, fill: u8) {
@@ -1233,8 +1194,8 @@ async fn fill_blocks(p: &Primary, blocks: impl Iterator<Item = u64>, fill: u8) {
 fn a_cut_link_pauses_both_sides_and_an_incremental_resync_restores_them() {
     rt().block_on(async {
         let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
-        let proxy = CutProxy::start(&s.ep).await;
-        let p = start_primary(&proxy.ep, AckMode::Received).await;
+        let (proxy, via) = cut_proxy(&s.ep);
+        let p = start_primary(&via, AckMode::Received).await;
         tokio::spawn(p.repl.clone().run());
         fill_blocks(&p.primary, 0..8, 1).await;
         p.coord.checkpoint().await.unwrap();
@@ -1559,8 +1520,8 @@ async fn an_authenticated_pair_replicates_and_strangers_get_nothing() {
 fn a_block_written_by_a_stranger_is_rolled_back_by_the_next_session() {
     rt().block_on(async {
         let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
-        let proxy = CutProxy::start(&s.ep).await;
-        let p = start_primary(&proxy.ep, AckMode::Received).await;
+        let (proxy, via) = cut_proxy(&s.ep);
+        let p = start_primary(&via, AckMode::Received).await;
         tokio::spawn(p.repl.clone().run());
         fill_blocks(&p.primary, 0..8, 1).await;
         p.coord.checkpoint().await.unwrap();
