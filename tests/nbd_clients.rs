@@ -51,19 +51,7 @@ fn qemu_img_info_convert_and_compare() {
         T,
     );
     let back = dir.path().join("back.raw");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &u,
-            back.to_str().unwrap(),
-        ],
-        T,
-    );
+    read_export(&u, &back, T);
     assert!(
         std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap(),
         "round trip through the export changed the data"

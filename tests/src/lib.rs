@@ -4,8 +4,15 @@
 //! `target/release/lockstep` and `target/debug/lockstep`. `tests/run-all` builds it first.
 //! A missing tool or binary fails the test loudly: nothing here skips.
 
+pub mod control;
+pub mod fio;
 pub mod guest;
+pub mod images;
+pub mod pair;
+pub mod proxy;
+pub mod security;
 pub mod tls;
+pub mod trials;
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -144,6 +151,12 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM, then wait for the exit (see [`Daemon::wait`]).
+    pub fn stop(&mut self, deadline: Duration) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait(deadline)
+    }
+
     /// Everything the process printed so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -252,115 +265,32 @@ pub fn scratch() -> tempfile::TempDir {
         .expect("scratch dir")
 }
 
-/// A TCP proxy on loopback that can cut every connection through it (like the socat bridge
-/// in QEMU's postcopy recovery tests): `cut` closes what is open and refuses new
-/// connections until `heal`.
-#[derive(Debug)]
-pub struct CutProxy {
-    /// Where to connect instead of the target.
-    pub addr: String,
-    state: std::sync::Arc<ProxyState>,
-    accept: Option<std::thread::JoinHandle<()>>,
+/// Sleep for `ms` milliseconds.
+pub fn sleep_ms(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
 }
 
-#[derive(Debug, Default)]
-struct ProxyState {
-    down: std::sync::atomic::AtomicBool,
-    stop: std::sync::atomic::AtomicBool,
-    open: Mutex<Vec<TcpStream>>,
-    cuts: std::sync::atomic::AtomicU64,
+/// Owned copies of string arguments (to extend a command line with computed ones).
+pub fn owned(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
 }
 
-impl CutProxy {
-    /// Forward a free loopback port to `target` (ADDR:PORT).
-    pub fn start(target: &str) -> CutProxy {
-        use std::sync::atomic::Ordering;
-        let l = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
-        let addr = l.local_addr().expect("addr").to_string();
-        let state = std::sync::Arc::new(ProxyState::default());
-        let st = state.clone();
-        let target = target.to_string();
-        let accept = std::thread::spawn(move || {
-            for c in l.incoming() {
-                if st.stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(c) = c else { continue };
-                if st.down.load(Ordering::SeqCst) {
-                    let _ = c.shutdown(std::net::Shutdown::Both);
-                    continue;
-                }
-                let Ok(s) = TcpStream::connect_timeout(
-                    &target.parse().expect("target addr"),
-                    Duration::from_secs(2),
-                ) else {
-                    continue;
-                };
-                let _ = c.set_nodelay(true);
-                let _ = s.set_nodelay(true);
-                {
-                    let mut open = st.open.lock().unwrap_or_else(|e| e.into_inner());
-                    open.retain(|x| x.peer_addr().is_ok());
-                    open.push(c.try_clone().expect("clone"));
-                    open.push(s.try_clone().expect("clone"));
-                }
-                for (mut from, mut to) in [
-                    (c.try_clone().expect("clone"), s.try_clone().expect("clone")),
-                    (s, c),
-                ] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                        let _ = from.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        CutProxy {
-            addr,
-            state,
-            accept: Some(accept),
-        }
-    }
-
-    /// Close every connection and refuse new ones.
-    pub fn cut(&self) {
-        use std::sync::atomic::Ordering;
-        self.state.down.store(true, Ordering::SeqCst);
-        self.state.cuts.fetch_add(1, Ordering::SeqCst);
-        for s in self
-            .state
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
-
-    /// Accept connections again.
-    pub fn heal(&self) {
-        self.state
-            .down
-            .store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// How many times the link was cut.
-    pub fn cuts(&self) -> u64 {
-        self.state.cuts.load(std::sync::atomic::Ordering::SeqCst)
-    }
+/// Borrowed views of owned arguments, for [`Daemon::start`] and [`run`].
+pub fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
-impl Drop for CutProxy {
-    fn drop(&mut self) {
-        self.cut();
-        self.state
-            .stop
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let _ = TcpStream::connect(&self.addr);
-        if let Some(h) = self.accept.take() {
-            let _ = h.join();
-        }
-    }
+/// What a finished command printed, stdout then stderr, as text.
+pub fn output_text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// Copy a whole NBD export (`nbd://…`) to the raw file `dest` with `qemu-img convert`.
+pub fn read_export(uri: &str, dest: &Path, deadline: Duration) {
+    let dest = dest.to_str().expect("utf-8 path");
+    run_ok(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", uri, dest],
+        deadline,
+    );
 }

@@ -125,8 +125,8 @@ async fn an_authenticated_pair_replicates_and_strangers_get_nothing() {
 fn a_block_written_by_a_stranger_is_rolled_back_by_the_next_session() {
     rt().block_on(async {
         let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
-        let proxy = CutProxy::start(&s.ep).await;
-        let p = start_primary(&proxy.ep, AckMode::Received).await;
+        let (proxy, via) = cut_proxy(&s.ep);
+        let p = start_primary(&via, AckMode::Received).await;
         tokio::spawn(p.repl.clone().run());
         fill_blocks(&p.primary, 0..8, 1).await;
         p.coord.checkpoint().await.unwrap();

@@ -76,8 +76,8 @@ fn the_primary_survives_a_vanished_secondary() {
 fn a_cut_link_pauses_both_sides_and_an_incremental_resync_restores_them() {
     rt().block_on(async {
         let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
-        let proxy = CutProxy::start(&s.ep).await;
-        let p = start_primary(&proxy.ep, AckMode::Received).await;
+        let (proxy, via) = cut_proxy(&s.ep);
+        let p = start_primary(&via, AckMode::Received).await;
         tokio::spawn(p.repl.clone().run());
         fill_blocks(&p.primary, 0..8, 1).await;
         p.coord.checkpoint().await.unwrap();

@@ -24,6 +24,7 @@ use crate::nbd::client::{connect_control, ClientOptions, NbdClient};
 use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::nbd::{Endpoint, Listener};
 use crate::storage::{Backend, IoBuf, MemoryBackend};
+use lockstep_tests::proxy::CutProxy;
 
 mod auth;
 mod durability;
@@ -335,55 +336,15 @@ async fn fill_blocks(p: &Primary, blocks: impl Iterator<Item = u64>, fill: u8) {
     }
 }
 
-/// A TCP proxy between the primary and the secondary that can cut every connection.
-struct CutProxy {
-    ep: Endpoint,
-    up: Arc<std::sync::atomic::AtomicBool>,
-    generation: Arc<watch::Sender<u64>>,
-}
-
-impl CutProxy {
-    async fn start(target: &Endpoint) -> CutProxy {
-        let Endpoint::Tcp(target) = target.clone() else {
-            panic!("tcp only")
-        };
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ep = Endpoint::Tcp(l.local_addr().unwrap().to_string());
-        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let generation = Arc::new(watch::Sender::new(0u64));
-        let (u, g) = (up.clone(), generation.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((c, _)) = l.accept().await else { return };
-                if !u.load(std::sync::atomic::Ordering::SeqCst) {
-                    continue; // dropped: connection refused in effect
-                }
-                let target = target.clone();
-                let mut cut = g.subscribe();
-                let mine = *cut.borrow();
-                tokio::spawn(async move {
-                    let Ok(s) = tokio::net::TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    let (mut a, mut b) = (c, s);
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
-                        _ = cut.wait_for(|g| *g != mine) => {}
-                    }
-                });
-            }
-        });
-        CutProxy { ep, up, generation }
-    }
-
-    fn cut(&self) {
-        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
-        self.generation.send_modify(|g| *g += 1);
-    }
-
-    fn heal(&self) {
-        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
+/// The cutting proxy of the end-to-end harness (the one copy, `tests/src/proxy.rs`) in front
+/// of the secondary at `target`: the proxy, and the endpoint the primary connects to instead.
+fn cut_proxy(target: &Endpoint) -> (CutProxy, Endpoint) {
+    let Endpoint::Tcp(target) = target else {
+        panic!("tcp only")
+    };
+    let proxy = CutProxy::start(target);
+    let via = Endpoint::Tcp(proxy.addr.clone());
+    (proxy, via)
 }
 
 fn pattern(off: u64, len: u64, fill: u8) -> Vec<u8> {
