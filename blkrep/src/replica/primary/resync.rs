@@ -156,7 +156,10 @@ impl Primary {
 
     /// The secondary's digests of `units`: forget the dirty blocks of every unit whose digest
     /// equals ours now (the secondary holds exactly our data there). Under the gate, so no
-    /// write slips between the comparison and the removal. Returns how many were equal.
+    /// write slips between the comparison and the removal. A unit holding a block whose
+    /// digest entry is unknown (a local write failed part way) is never equal: our entry
+    /// may still be the hash of the old data, which the secondary holds. Returns how many
+    /// were equal.
     pub async fn forget_equal(
         &self,
         unit_blocks: u64,
@@ -168,9 +171,10 @@ impl Primary {
         let n = self.digest.len();
         let mut equal = 0;
         for (u, theirs) in units.iter().zip(sums) {
-            if self.digest.unit_sum(u, unit_blocks) == *theirs {
-                let a = (u * unit_blocks).min(n);
-                let b = ((u + 1) * unit_blocks).min(n);
+            let a = (u * unit_blocks).min(n);
+            let b = ((u + 1) * unit_blocks).min(n);
+            let unknown = !st.unknown.is_empty() && (a..b).any(|x| st.unknown.contains(x));
+            if !unknown && self.digest.unit_sum(u, unit_blocks) == *theirs {
                 if b > a {
                     st.dirty.remove_range(a..b);
                 }
@@ -215,7 +219,8 @@ impl Primary {
     }
 
     /// Send the dirty blocks `first..=last` (read under their block lock, so ordered with
-    /// client writes) and forget them. Returns the bytes sent.
+    /// client writes) and forget them; the unknown digest entries among them become the
+    /// hashes of the bytes sent. Returns the bytes sent.
     async fn resync_run(&self, first: u64, last: u64) -> std::result::Result<u64, ReplicaError> {
         let off = first * DIGEST_BLOCK;
         let end = ((last + 1) * DIGEST_BLOCK).min(self.local.size());
@@ -237,6 +242,17 @@ impl Primary {
             ));
         }
         st.dirty.remove_range(first..=last);
+        if !st.unknown.is_empty() {
+            // The block lock has kept client writes out since the read: these are the
+            // bytes the disk holds, and the secondary is about to hold.
+            for b in first..=last {
+                if st.unknown.remove(b) {
+                    let s = ((b - first) * DIGEST_BLOCK) as usize;
+                    let e = (s + DIGEST_BLOCK as usize).min(data.len());
+                    self.digest.set(b, digest::block_hash(b, &data[s..e]));
+                }
+            }
+        }
         st.account(first, last, len);
         st.resync.sent_blocks += last - first + 1;
         st.resync.sent_bytes += len;

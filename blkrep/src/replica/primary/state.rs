@@ -5,13 +5,15 @@
 //!           ▲  │                                                  │
 //!           │  └──────── resumed(): RESUME acknowledged ──────────┴─▶ Replicating
 //!           │                                                            │
-//!           └── link_lost(): a forward, flush or checkpoint failed ──────┘
+//!           └── link_lost(): a forward, flush or checkpoint failed, ─────┘
+//!                            or a local write failed part way
 //! ```
 //!
 //! While not replicating, writes stay local and their blocks are recorded as dirty; the
 //! first such write starts a new data generation.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::MutexGuard;
 use std::time::Instant;
 
 use roaring::RoaringTreemap;
@@ -64,6 +66,12 @@ pub(super) struct State {
     /// Blocks written per open epoch: what the secondary may lack if it is lost.
     pub(super) written: BTreeMap<u64, RoaringTreemap>,
     pub(super) dirty: RoaringTreemap,
+    /// Dirty blocks whose digest entry may not match the disk: a local modification of them
+    /// failed after it was started (a torn write, or a failed read-back of an edge block).
+    /// A digest comparison never forgets them (the secondary may hold the very hash our
+    /// stale entry has); the resync rehashes them from the bytes it reads and sends.
+    /// Always a subset of `dirty`.
+    pub(super) unknown: RoaringTreemap,
     pub(super) marks: HashMap<
         u64,
         (
@@ -95,6 +103,7 @@ impl State {
             counts: BTreeMap::new(),
             written: BTreeMap::new(),
             dirty: RoaringTreemap::new(),
+            unknown: RoaringTreemap::new(),
             marks: HashMap::new(),
             unprotected_reason: Some(NOT_CONNECTED_YET.into()),
             unprotected_since: Some(Instant::now()),
@@ -128,7 +137,12 @@ impl Primary {
     /// secondary has not committed; the primary is `paused` until a resync. Idempotent.
     pub async fn link_lost(&self, reason: &str) {
         let _g = self.gate.write().await;
-        let mut st = self.st();
+        self.stop_replicating(self.st(), reason);
+    }
+
+    /// [`Primary::link_lost`]'s transition, for a caller that holds the gate for writing
+    /// (and so can record more in the same step).
+    pub(super) fn stop_replicating(&self, mut st: MutexGuard<'_, State>, reason: &str) {
         if st.mode != PrimaryMode::Replicating {
             return;
         }

@@ -7,6 +7,8 @@
 //!          ─▶ queue budget ─▶ gate(read): digest table; replicating: account + enqueue,
 //!                                                       otherwise: dirty (+ new generation)
 //!          ─▶ ack (local: now; received / durable: after the secondary's reply)
+//!  the local write or a read-back fails ─▶ gate(write): dirty + digest unknown, and the
+//!          session ends (link_lost) ─▶ the client's error
 //! ```
 
 use tokio::sync::oneshot;
@@ -50,9 +52,20 @@ impl Primary {
         let last = (offset + len - 1) / DIGEST_BLOCK;
         let _g = self.locks.lock(first, last).await;
         let (mut hashes, edges) = self.covered_hashes(offset, len, &kind);
-        local.await?;
+        if let Err(e) = local.await {
+            self.local_failed(op, offset, first, last, &e.to_string())
+                .await;
+            return Err(e);
+        }
         for b in edges {
-            hashes.push((b, self.read_block_hash(b).await?));
+            match self.read_block_hash(b).await {
+                Ok(h) => hashes.push((b, h)),
+                Err(e) => {
+                    let what = format!("reading back block {b}: {e}");
+                    self.local_failed(op, offset, first, last, &what).await;
+                    return Err(e);
+                }
+            }
         }
         let permit = if self.mode() == PrimaryMode::Replicating {
             self.space.clone().acquire_many_owned(cost(len)).await.ok()
@@ -96,6 +109,44 @@ impl Primary {
             }
         }
         Ok(())
+    }
+
+    /// A local modification of blocks `first..=last` failed after it was started. The
+    /// primary cannot tell how much of it reached the disk: a request that fails may have
+    /// been applied in part or in full (a torn write), and a failed read-back of an edge
+    /// block follows a write that did succeed. Either way the disk may now hold bytes that
+    /// were neither forwarded nor hashed, and a checkpoint committed on top of that would
+    /// let a failover silently change data the primary served (with a digest that cannot
+    /// tell, the table being stale too). So, in one step under the gate (and still under
+    /// the block lock): the blocks become dirty and their digest entries unknown (a digest
+    /// comparison cannot forget them; the resync sends and rehashes what the disk holds),
+    /// and a replicating session ends, so that no epoch commits before that resync.
+    ///
+    /// A request that failed before touching the disk (ENOSPC up front, say) looks the
+    /// same from here and costs a needless reconnect and resync of its blocks; that is the
+    /// price of never committing a checkpoint that may differ from the disk.
+    async fn local_failed(&self, op: Op, offset: u64, first: u64, last: u64, err: &str) {
+        let reason = format!("local {op} at {offset} failed: {err}");
+        let disconnected = {
+            let _gate = self.gate.write().await;
+            let mut st = self.st();
+            st.dirty.insert_range(first..=last);
+            st.unknown.insert_range(first..=last);
+            match st.mode {
+                PrimaryMode::Replicating => {
+                    self.stop_replicating(st, &reason);
+                    false
+                }
+                PrimaryMode::Paused | PrimaryMode::Unprotected => {
+                    tracing::warn!(%reason, first, last, "recording the blocks as dirty");
+                    !st.bumped
+                }
+            }
+        };
+        // The disk may have changed while disconnected, as for a write that succeeded.
+        if disconnected {
+            self.note_disconnected_write().await;
+        }
     }
 
     /// Hashes of blocks the request covers completely; edges are read back afterwards (the

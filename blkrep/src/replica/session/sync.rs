@@ -119,7 +119,11 @@ impl Replicator {
                         }
                     }
                 }
-                Err(e) => tracing::info!("resync interrupted: {e}"),
+                // Replication stopped meanwhile: the next session resyncs.
+                Err(e @ ReplicaError::State(_)) => tracing::info!("resync interrupted: {e}"),
+                // The local disk failed a read: the blocks stay dirty, and without a new
+                // session no checkpoint could complete. End this one; the next retries.
+                Err(e) => me.primary.link_lost(&format!("resync failed: {e}")).await,
             }
         });
     }
