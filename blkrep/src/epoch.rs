@@ -239,6 +239,31 @@ pub struct CoordinatorStats {
     pub last_error: Option<String>,
 }
 
+/// The coordinator's share of a primary's status.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointStatus {
+    /// The epoch writes belong to now.
+    pub epoch: u64,
+    /// The last epoch the secondary committed.
+    pub committed_epoch: u64,
+    /// Checkpoints committed.
+    pub checkpoints: u64,
+    /// Checkpoints that failed.
+    pub checkpoint_failures: u64,
+    /// How long the guest was paused per checkpoint.
+    pub checkpoint_pause_us: crate::latency::LatencySummary,
+    /// How long each checkpoint took, to COMMITTED.
+    pub checkpoint_total_us: crate::latency::LatencySummary,
+    /// The checkpoint period, if any.
+    pub checkpoint_interval_ms: Option<u64>,
+    /// The byte threshold (0: none).
+    pub checkpoint_bytes: u64,
+    /// Why the last checkpoint failed.
+    pub last_checkpoint_error: Option<String>,
+    /// Each participant's share, by name.
+    pub participants: serde_json::Map<String, serde_json::Value>,
+}
+
 /// Runs checkpoints on the primary.
 pub struct EpochCoordinator {
     participants: Vec<Arc<dyn Participant>>,
@@ -322,23 +347,25 @@ impl EpochCoordinator {
     }
 
     /// Status: epoch, counters, pause and total latencies, participants.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> CheckpointStatus {
         let s = self.stats();
         let opts = self.options();
-        serde_json::json!({
-            "epoch": self.current().0,
-            "committed_epoch": self.committed.load(Ordering::Acquire),
-            "checkpoints": s.checkpoints,
-            "checkpoint_failures": s.failures,
-            "checkpoint_pause_us": s.pause.summary(),
-            "checkpoint_total_us": s.total.summary(),
-            "checkpoint_interval_ms": opts.interval.map(|d| d.as_millis() as u64),
-            "checkpoint_bytes": opts.bytes,
-            "last_checkpoint_error": s.last_error,
-            "participants": self.participants.iter()
+        CheckpointStatus {
+            epoch: self.current().0,
+            committed_epoch: self.committed.load(Ordering::Acquire),
+            checkpoints: s.checkpoints,
+            checkpoint_failures: s.failures,
+            checkpoint_pause_us: s.pause.summary(),
+            checkpoint_total_us: s.total.summary(),
+            checkpoint_interval_ms: opts.interval.map(|d| d.as_millis() as u64),
+            checkpoint_bytes: opts.bytes,
+            last_checkpoint_error: s.last_error.clone(),
+            participants: self
+                .participants
+                .iter()
                 .map(|p| (p.name().to_string(), p.status()))
-                .collect::<serde_json::Map<_, _>>(),
-        })
+                .collect(),
+        }
     }
 
     /// Run one checkpoint of the current epoch now. Checkpoints never overlap: callers other
@@ -579,7 +606,7 @@ mod tests {
         let (stop_tx, stop) = watch::channel(false);
         let h = tokio::spawn(c.clone().run(stop));
         let deadline = Instant::now() + Duration::from_secs(5);
-        while c.status()["checkpoints"].as_u64() < Some(3) {
+        while c.status().checkpoints < 3 {
             assert!(
                 Instant::now() < deadline,
                 "checkpoints stopped after the failure"
@@ -607,7 +634,7 @@ mod tests {
             ]
         );
         let st = c.status();
-        assert_eq!(st["checkpoint_failures"], 1);
+        assert_eq!(st.checkpoint_failures, 1);
         assert_eq!(
             c.trigger().request().await.unwrap_err().to_string(),
             "not replicating: the coordinator has stopped"

@@ -2,6 +2,21 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
+/// Latency percentiles over a sliding window, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Largest sample ever.
+    pub max: u64,
+    /// Samples ever recorded.
+    pub samples: u64,
+}
+
 /// Latency samples with percentiles over a sliding window.
 #[derive(Debug)]
 pub struct Latencies {
@@ -50,8 +65,8 @@ impl Latencies {
     }
 
     /// p50, p99 and max, in microseconds.
-    pub fn summary(&self) -> crate::replica::status::LatencySummary {
-        crate::replica::status::LatencySummary {
+    pub fn summary(&self) -> LatencySummary {
+        LatencySummary {
             p50: self.percentile(50.0),
             p99: self.percentile(99.0),
             max: self.max,

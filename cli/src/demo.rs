@@ -20,9 +20,10 @@ use anyhow::{anyhow, bail, Context};
 use blkrep::nbd::{ClientOptions, Endpoint, NbdClient};
 use blkrep::replica::admin;
 use blkrep::replica::primary::PrimaryOptions;
+use blkrep::replica::status::{DigestCheck, FailoverReport, PrimaryStatus};
 use blkrep::replica::wire::AckMode;
 use clap::Args;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::units::{parse_size, DurationArg};
 
@@ -312,7 +313,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     // Progress, with the primary's own numbers.
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();
-    let mut last_status = Value::Null;
+    let mut last_status: Option<PrimaryStatus> = None;
     let mut last_print = Instant::now() - Duration::from_secs(1);
     while start.elapsed() < a.duration.0 {
         std::thread::sleep(Duration::from_millis(100));
@@ -321,7 +322,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             &json!({"cmd": "status"}),
             Duration::from_secs(2),
         )) {
-            last_status = v;
+            last_status = serde_json::from_value(v).ok().or(last_status);
         }
         let t = start.elapsed().as_secs_f64();
         let frac = (t / a.duration.0.as_secs_f64()).min(1.0);
@@ -333,8 +334,12 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             "  [{bar}] {t:4.1}s  {:>7} writes  {:6.1} MiB/s  checkpoint {:>4}  pause p99 {} µs",
             counters.writes.load(Ordering::Relaxed),
             mib / t.max(0.001),
-            last_status["committed_epoch"],
-            last_status["checkpoint_pause_us"]["p99"],
+            last_status
+                .as_ref()
+                .map_or(0, |s| s.checkpoints.committed_epoch),
+            last_status
+                .as_ref()
+                .map_or(0, |s| s.checkpoints.checkpoint_pause_us.p99),
         );
         if tty {
             eprint!("\r{line}");
@@ -349,7 +354,8 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     }
 
     // SIGKILL the primary in the middle of the workload.
-    let committed_seen = last_status["committed_epoch"].as_u64().unwrap_or(0);
+    let st = last_status.ok_or_else(|| anyhow!("the primary never answered status"))?;
+    let committed_seen = st.checkpoints.committed_epoch;
     let elapsed = start.elapsed();
     let (_, pri) = cleanup
         .children
@@ -378,6 +384,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             Duration::from_secs(120),
         ))
         .map_err(|e| anyhow!("failover: {e}\nsecondary log:\n{}", read_log(&s_log)))?;
+    let failover: FailoverReport = serde_json::from_value(failover)?;
     let failover_time = t.elapsed();
     let verify = rt
         .block_on(admin::request(
@@ -386,9 +393,9 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             Duration::from_secs(300),
         ))
         .map_err(|e| anyhow!("verify: {e}"))?;
-    let digest_ok =
-        verify["image_digest"] == verify["checkpoint_digest"] && !verify["image_digest"].is_null();
-    let committed = failover["committed_epoch"].as_u64().unwrap_or(0);
+    let verify: DigestCheck = serde_json::from_value(verify)?;
+    let digest_ok = verify.equal();
+    let committed = failover.committed_epoch;
     // Independent of the digest: every block is untouched or one whole write.
     let mut bad = Vec::new();
     let mut written_blocks = 0u64;
@@ -413,13 +420,9 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let st = &last_status;
     let ok = digest_ok && bad.is_empty() && committed >= committed_seen && committed > 0;
-    let ms = |v: &Value| {
-        v.as_u64().map_or("-".to_string(), |us| {
-            format!("{:.2} ms", us as f64 / 1000.0)
-        })
-    };
+    let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
+    let c = &st.checkpoints;
     println!();
     println!(
         "  {:<34} {writes} writes of 4 KiB, {} in flight",
@@ -431,36 +434,36 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64(),
         writes as f64 / elapsed.as_secs_f64()
     );
-    println!("  {:<34} {}", "checkpoints committed", st["checkpoints"]);
+    println!("  {:<34} {}", "checkpoints committed", c.checkpoints);
     println!(
         "  {:<34} p50 {}  p99 {}",
         "checkpoint pause (I/O cut)",
-        ms(&st["checkpoint_pause_us"]["p50"]),
-        ms(&st["checkpoint_pause_us"]["p99"])
+        ms(c.checkpoint_pause_us.p50),
+        ms(c.checkpoint_pause_us.p99)
     );
     println!(
         "  {:<34} p50 {}  p99 {}",
         "checkpoint round trip",
-        ms(&st["checkpoint_total_us"]["p50"]),
-        ms(&st["checkpoint_total_us"]["p99"])
+        ms(c.checkpoint_total_us.p50),
+        ms(c.checkpoint_total_us.p99)
     );
     println!(
         "  {:<34} {:.1} MiB",
         "bytes forwarded",
-        st["forwarded_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64
+        st.block.forwarded_bytes as f64 / (1 << 20) as f64
     );
     println!(
         "  {:<34} {:.1} ms ({} blocks rolled back to checkpoint {committed})",
         "failover time",
         failover_time.as_secs_f64() * 1000.0,
-        failover["restored_blocks"]
+        failover.restored_blocks
     );
     println!(
         "  {:<34} {} (image {}, checkpoint {})",
         "crc64 digest vs. checkpoint",
         if digest_ok { "EQUAL" } else { "DIFFERENT" },
-        verify["image_digest"],
-        verify["checkpoint_digest"]
+        verify.image_digest,
+        verify.checkpoint_digest.as_deref().unwrap_or("-")
     );
     println!(
         "  {:<34} {}",

@@ -7,6 +7,7 @@ mod daemon;
 mod demo;
 mod export;
 mod replicate;
+mod report;
 mod secure;
 mod units;
 

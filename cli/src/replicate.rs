@@ -11,6 +11,7 @@ use blkrep::replica::admin;
 use blkrep::replica::node::{self, PrimaryConfig, SecondaryConfig};
 use blkrep::replica::primary::PrimaryOptions;
 use blkrep::replica::secondary::{PeerLossPolicy, SecondaryOptions};
+use blkrep::replica::status::{FailoverReport, NodeStatus, VerifyReport};
 use blkrep::replica::wire::AckMode;
 use blkrep::replica::FailoverTarget;
 use blkrep::storage::DiskOptions;
@@ -18,6 +19,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use crate::daemon::{runtime, shutdown_signal, UblkArgs};
+use crate::report;
 use crate::units::{parse_size, DurationArg, SizeArg, ENDPOINT};
 
 /// Flags both daemons share.
@@ -283,156 +285,14 @@ fn call_printing_json(
     Ok(v)
 }
 
-fn us(v: &Value) -> String {
-    match v.as_u64() {
-        Some(n) if n >= 10_000 => format!("{:.1} ms", n as f64 / 1000.0),
-        Some(n) => format!("{n} µs"),
-        None => "-".into(),
-    }
-}
-
-fn bytes(v: &Value) -> String {
-    let Some(n) = v.as_u64() else {
-        return "-".into();
-    };
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut x = n as f64;
-    let mut u = 0;
-    while x >= 1024.0 && u + 1 < units.len() {
-        x /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{x:.1} {}", units[u])
-    }
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     let req = json!({"cmd": "status"});
     let v = call_printing_json(&a.control, req, Duration::from_secs(10), a.json)?;
-    if a.json {
-        return Ok(());
+    if !a.json {
+        let st: NodeStatus =
+            serde_json::from_value(v).context("the daemon's status is not one this CLI reads")?;
+        report::status(&st);
     }
-    let row = |k: &str, val: String| println!("{k:<22} {val}");
-    row("role", text(&v["role"]));
-    row("mode", text(&v["mode"]));
-    row(
-        "epoch",
-        format!(
-            "{} (committed {})",
-            text(&v["epoch"]),
-            text(&v["committed_epoch"])
-        ),
-    );
-    row(
-        "peer",
-        format!("{} ({})", text(&v["peer"]), text(&v["peer_state"])),
-    );
-    let forwarded = format!(
-        "{} writes, {}",
-        text(&v["forwarded_writes"]),
-        bytes(&v["forwarded_bytes"])
-    );
-    let percentiles = |key: &str| format!("p50 {}  p99 {}", us(&v[key]["p50"]), us(&v[key]["p99"]));
-    let is_primary = v["role"] == "primary" && v.get("forward_queue").is_some();
-    // What holds writes on their way: the primary's forward queue, the secondary's buffer.
-    let (held, held_summary, failed, failed_key) = if is_primary {
-        row("ack", text(&v["ack"]));
-        let q = &v["forward_queue"];
-        let summary = format!("{} requests, {}", text(&q["depth"]), bytes(&q["bytes"]));
-        ("forward queue", summary, "failed", "checkpoint_failures")
-    } else {
-        let b = &v["buffer"];
-        let summary = format!(
-            "{} blocks: {} in memory, {} spilled, {} open epochs",
-            text(&b["blocks"]),
-            bytes(&b["memory_bytes"]),
-            bytes(&b["spill_bytes"]),
-            text(&b["epochs"])
-        );
-        ("buffer", summary, "aborted", "checkpoints_aborted")
-    };
-    row(held, held_summary);
-    row("forwarded", forwarded);
-    let checkpoints = text(&v["checkpoints"]);
-    row(
-        "checkpoints",
-        format!("{checkpoints} ({} {failed})", text(&v[failed_key])),
-    );
-    if is_primary {
-        row("checkpoint pause", percentiles("checkpoint_pause_us"));
-        row("checkpoint total", percentiles("checkpoint_total_us"));
-        row("dirty blocks", text(&v["dirty_blocks"]));
-        let r = &v["resync"];
-        if !r["kind"].is_null() {
-            row(
-                "resync",
-                format!(
-                    "{} {}: {} of {} units equal, {} of {} blocks sent ({}), {:.1} MB/s",
-                    text(&r["kind"]),
-                    text(&r["state"]),
-                    text(&r["equal_units"]),
-                    text(&r["compared_units"]),
-                    text(&r["sent_blocks"]),
-                    text(&r["to_send_blocks"]),
-                    bytes(&r["sent_bytes"]),
-                    r["throughput_mb_s"].as_f64().unwrap_or(0.0)
-                ),
-            );
-        }
-        row("generation", text(&v["generation"]));
-    } else {
-        row("epoch-mark stall", percentiles("mark_drain_us"));
-        row(
-            "consistent",
-            format!(
-                "{}{}",
-                text(&v["consistent"]),
-                match &v["resyncing"] {
-                    Value::String(k) => format!(" (resyncing: {k})"),
-                    _ => String::new(),
-                }
-            ),
-        );
-        row("generation", text(&v["generation"]));
-        let pa = &v["peer_auth"];
-        if pa.is_object() {
-            let how = match (pa["tls"].as_bool(), pa["psk"].as_bool()) {
-                (Some(true), Some(true)) => "TLS certificates and peer key",
-                (Some(true), _) => "TLS certificates",
-                (_, Some(true)) => "peer key (--psk-file)",
-                _ => "none",
-            };
-            row("peer authentication", how.to_string());
-            for r in pa["risks"].as_array().into_iter().flatten() {
-                row("RISK", text(r));
-            }
-        }
-        if !v["failover"].is_null() {
-            row(
-                "failover",
-                format!(
-                    "to {} at epoch {}, {} blocks restored in {}",
-                    text(&v["failover"]["target"]),
-                    text(&v["failover"]["committed_epoch"]),
-                    text(&v["failover"]["restored_blocks"]),
-                    us(&v["failover"]["duration_us"])
-                ),
-            );
-            row("dirty blocks", text(&v["dirty_blocks"]));
-        }
-    }
-    row("last error", text(&v["last_error"]));
     Ok(())
 }
 
@@ -442,11 +302,12 @@ pub fn checkpoint(a: CheckpointArgs) -> anyhow::Result<()> {
         json!({"cmd": "checkpoint"}),
         Duration::from_secs(60),
     )?;
+    let num = |k: &str| v[k].as_u64().unwrap_or(0);
     println!(
         "checkpoint of epoch {} committed: pause {}, total {}",
-        text(&v["epoch"]),
-        us(&v["pause_us"]),
-        us(&v["total_us"])
+        num("epoch"),
+        report::us(num("pause_us")),
+        report::us(num("total_us"))
     );
     Ok(())
 }
@@ -455,23 +316,12 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
     // Reads both disks whole: allow an hour.
     let req = json!({"cmd": "verify"});
     let v = call_printing_json(&a.control, req, Duration::from_secs(3600), a.json)?;
+    let v: VerifyReport = serde_json::from_value(v)
+        .context("the daemon's verify report is not one this CLI reads")?;
     if !a.json {
-        let (compared, chunk) = (bytes(&v["bytes_compared"]), bytes(&v["chunk_bytes"]));
-        let (chunks, differ) = (text(&v["total_chunks"]), text(&v["differing_chunks"]));
-        let secs = v["duration_s"].as_f64().unwrap_or(0.0);
-        let rate = v["mb_per_s"].as_f64().unwrap_or(0.0);
-        println!(
-            "compared {compared} in {chunks} chunks of {chunk} in {secs:.2} s ({rate:.0} MB/s): {differ} differ"
-        );
-        for d in v["differing"].as_array().into_iter().flatten() {
-            println!(
-                "  differs: offset {} length {}",
-                text(&d["offset"]),
-                text(&d["len"])
-            );
-        }
+        report::verify(&v);
     }
-    if v["differing_chunks"].as_u64() != Some(0) {
+    if v.differing_chunks != 0 {
         return Err(anyhow!("the primary's and the secondary's disks differ"));
     }
     Ok(())
@@ -480,33 +330,17 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
 pub fn failover(a: FailoverArgs) -> anyhow::Result<()> {
     let req = json!({"cmd": "failover", "to": a.to.name(), "verify": a.verify});
     let v = call_printing_json(&a.control, req, Duration::from_secs(600), a.json)?;
+    let report: FailoverReport = serde_json::from_value(v.clone())
+        .context("the daemon's failover report is not one this CLI reads")?;
+    let verified: Option<report::Verified> = if a.verify {
+        Some(serde_json::from_value(v).context("reading the verify result")?)
+    } else {
+        None
+    };
     if !a.json {
-        println!(
-            "failed over to {} (epoch {}): {} blocks restored in {}",
-            text(&v["target"]),
-            text(&v["committed_epoch"]),
-            text(&v["restored_blocks"]),
-            us(&v["duration_us"])
-        );
-        if a.verify {
-            match v["verified"].as_bool() {
-                Some(true) => println!(
-                    "verified: the disk equals checkpoint {} (digest {})",
-                    text(&v["committed_epoch"]),
-                    text(&v["image_digest"])
-                ),
-                Some(false) => println!(
-                    "VERIFY FAILED: disk digest {} differs from the checkpoint's {}",
-                    text(&v["image_digest"]),
-                    text(&v["checkpoint_digest"])
-                ),
-                None => println!(
-                    "not verifiable (failover to latest, or the secondary wrote to its disk)"
-                ),
-            }
-        }
+        report::failover(&report, verified.as_ref());
     }
-    if v["verified"] == json!(false) {
+    if verified.and_then(|v| v.verified) == Some(false) {
         return Err(anyhow!("the disk does not match the checkpoint"));
     }
     Ok(())

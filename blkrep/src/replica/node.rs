@@ -17,7 +17,7 @@ use super::peer::LinkOptions;
 use super::primary::{BlockParticipant, Primary, PrimaryMode, PrimaryOptions};
 use super::secondary::{PeerLossPolicy, Secondary, SecondaryOptions};
 use super::session::{Replicator, ReplicatorOptions};
-use super::status::PeerAuth;
+use super::status::{DigestCheck, PeerAuth, PrimaryStatus};
 use super::wire::AckMode;
 use super::{FailoverTarget, REPLICA_EXPORT};
 use crate::auth::{listen_policy, PeerKey};
@@ -276,21 +276,20 @@ impl AdminHandler for PrimaryAdmin {
         Box::pin(async move {
             match cmd.as_str() {
                 "status" => {
-                    let mut v = json!({
-                        "role": "primary",
-                        "peer": self.secondary,
-                        "uptime_s": self.started.elapsed().as_secs_f64(),
-                    });
-                    merge(&mut v, self.repl.status());
-                    merge(&mut v, self.primary.status());
-                    merge(&mut v, self.coord.status());
-                    let last = v
-                        .get("last_checkpoint_error")
-                        .cloned()
-                        .unwrap_or(Value::Null);
-                    let unprot = v.get("unprotected_reason").cloned().unwrap_or(Value::Null);
-                    v["last_error"] = if unprot.is_null() { last } else { unprot };
-                    Ok(v)
+                    let block = self.primary.status();
+                    let checkpoints = self.coord.status();
+                    to_json(PrimaryStatus {
+                        role: "primary".into(),
+                        peer: self.secondary.clone(),
+                        uptime_s: self.started.elapsed().as_secs_f64(),
+                        last_error: block
+                            .unprotected_reason
+                            .clone()
+                            .or_else(|| checkpoints.last_checkpoint_error.clone()),
+                        link: self.repl.status(),
+                        block,
+                        checkpoints,
+                    })
                 }
                 "checkpoint" => {
                     let r = self
@@ -348,14 +347,6 @@ impl AdminHandler for PrimaryAdmin {
 /// A typed report as the JSON the control socket answers with.
 fn to_json(t: impl serde::Serialize) -> Result<Value, String> {
     serde_json::to_value(t).map_err(|e| e.to_string())
-}
-
-fn merge(into: &mut Value, from: Value) {
-    if let (Value::Object(a), Value::Object(b)) = (into, from) {
-        for (k, v) in b {
-            a.entry(k).or_insert(v);
-        }
-    }
 }
 
 /// Run a secondary until `shutdown` resolves.
@@ -498,10 +489,10 @@ impl AdminHandler for SecondaryAdmin {
                         return Err("online verify runs on the primary (lockstep verify --control PRIMARY.sock); on a secondary, verify compares a failed-over disk with its checkpoint digest".into());
                     }
                     let (image, checkpoint) = self.sec.verify_checkpoint().await?;
-                    Ok(json!({
-                        "image_digest": format!("{image:016x}"),
-                        "checkpoint_digest": checkpoint.map(|c| format!("{c:016x}")),
-                    }))
+                    to_json(DigestCheck {
+                        image_digest: format!("{image:016x}"),
+                        checkpoint_digest: checkpoint.map(|c| format!("{c:016x}")),
+                    })
                 }
                 "checkpoint" => Err("checkpoints are run by the primary".into()),
                 other => Err(format!(

@@ -6,20 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::buffer::BufferStats;
+pub use crate::epoch::CheckpointStatus;
+pub use crate::latency::LatencySummary;
 
-/// Latency percentiles over a sliding window, in microseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LatencySummary {
-    /// Median.
-    pub p50: u64,
-    /// 99th percentile.
-    pub p99: u64,
-    /// Largest sample ever.
-    pub max: u64,
-    /// Samples ever recorded.
-    pub samples: u64,
-}
+use super::buffer::BufferStats;
 
 /// What a failover did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,4 +130,149 @@ pub struct VerifyReport {
     /// Compare rate; when done.
     #[serde(default)]
     pub mb_per_s: f64,
+}
+
+/// Progress of the current (or last) resync, for status.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResyncStats {
+    /// incremental, checksum or full.
+    pub kind: Option<String>,
+    /// comparing, sending, checkpointing, done, interrupted.
+    pub state: String,
+    /// Units compared by digest, and how many of them were equal (not sent).
+    pub compared_units: u64,
+    /// Of those, equal on both sides.
+    pub equal_units: u64,
+    /// Blocks per compared unit.
+    pub unit_blocks: u64,
+    /// Dirty blocks when the sync began (written since the last commit, plus every block
+    /// for a checksum sync, every allocated one for a full sync).
+    pub dirty_at_start: u64,
+    /// Blocks to send after the comparison.
+    pub to_send_blocks: u64,
+    /// Blocks sent so far.
+    pub sent_blocks: u64,
+    /// Bytes sent so far.
+    pub sent_bytes: u64,
+    /// Seconds since the resync started.
+    pub elapsed_s: f64,
+    /// Seconds the comparison took.
+    pub compare_s: f64,
+    /// Seconds from the start until the resync's checkpoint committed.
+    pub total_s: Option<f64>,
+    /// Sent bytes per second, while sending.
+    pub throughput_mb_s: f64,
+    /// Resyncs completed since start.
+    pub completed: u64,
+}
+
+/// The forward queue to the secondary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardQueue {
+    /// Requests queued or in flight.
+    pub depth: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// The queue's limit in bytes (`--forward-queue`).
+    pub limit_bytes: u64,
+}
+
+/// The primary's block layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockStatus {
+    /// replicating, paused, unprotected, stopped.
+    pub mode: String,
+    /// A resync is sending dirty blocks.
+    pub resyncing: bool,
+    /// The current (or last) resync.
+    pub resync: ResyncStats,
+    /// This node's data generation.
+    pub generation: String,
+    /// The secondary generation the dirty bitmap is relative to.
+    pub tracked_generation: String,
+    /// local, received or durable.
+    pub ack: String,
+    /// The forward queue.
+    pub forward_queue: ForwardQueue,
+    /// Writes forwarded to the secondary.
+    pub forwarded_writes: u64,
+    /// Their bytes.
+    pub forwarded_bytes: u64,
+    /// Blocks the secondary lacks (or may lack).
+    pub dirty_blocks: u64,
+    /// Why the disk is not protected, when it is not.
+    pub unprotected_reason: Option<String>,
+    /// For how long.
+    pub unprotected_for_s: Option<f64>,
+    /// The digest of the whole disk.
+    pub digest: String,
+}
+
+/// The primary's link to its secondary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    /// connected, or why not.
+    pub peer_state: String,
+    /// Sessions started.
+    pub sessions: u64,
+    /// Connection attempts.
+    pub connect_attempts: u64,
+    /// Why the last attempt failed.
+    pub last_attempt_error: Option<String>,
+    /// Seconds from the last loss to the resumed session.
+    pub last_resume_s: Option<f64>,
+    /// The kind of the last sync.
+    pub last_sync: Option<String>,
+    /// Seconds since replication paused, while paused.
+    pub paused_for_s: Option<f64>,
+    /// The running or last online verify.
+    pub verify: Option<VerifyReport>,
+}
+
+/// A primary's status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrimaryStatus {
+    /// Always "primary".
+    pub role: String,
+    /// The secondary's address.
+    pub peer: String,
+    /// Seconds since the daemon started.
+    pub uptime_s: f64,
+    /// Why the disk is unprotected, else the last checkpoint error.
+    pub last_error: Option<String>,
+    /// The link.
+    #[serde(flatten)]
+    pub link: LinkStatus,
+    /// The block layer.
+    #[serde(flatten)]
+    pub block: BlockStatus,
+    /// Checkpoints.
+    #[serde(flatten)]
+    pub checkpoints: CheckpointStatus,
+}
+
+/// Either node's status, as `lockstep status` reads it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum NodeStatus {
+    /// A secondary (also after it failed over).
+    Secondary(Box<SecondaryStatus>),
+    /// A primary.
+    Primary(Box<PrimaryStatus>),
+}
+
+/// A failed-over disk compared with its checkpoint (`lockstep verify` on a secondary).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestCheck {
+    /// The disk's digest now.
+    pub image_digest: String,
+    /// The primary's digest of the committed checkpoint, if known.
+    pub checkpoint_digest: Option<String>,
+}
+
+impl DigestCheck {
+    /// Whether the disk is the checkpoint.
+    pub fn equal(&self) -> bool {
+        self.checkpoint_digest.as_deref() == Some(self.image_digest.as_str())
+    }
 }

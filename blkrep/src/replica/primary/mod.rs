@@ -22,7 +22,7 @@
 //! | `write.rs` | the client write path ([`Backend`] impl: write, trim, zeroes, flush) |
 //! | `queue.rs` | the forward queue: what the secondary must see, in order; barrier |
 //! | `forward.rs` | the forwarder task draining it: connection, start, run loop, stop |
-//! | `resync.rs` | dirty units, the digest comparison, sending dirty blocks, [`ResyncStats`] |
+//! | `resync.rs` | dirty units, the digest comparison, sending dirty blocks, progress for status |
 //! | `participant.rs` | [`BlockParticipant`]: cutting, preparing and committing epochs |
 
 mod forward;
@@ -32,10 +32,11 @@ mod resync;
 mod state;
 mod write;
 
+pub use crate::replica::status::ResyncStats;
+use crate::replica::status::{BlockStatus, ForwardQueue};
 pub use forward::open_replica_connection;
 pub use participant::BlockParticipant;
 pub use queue::wait_idle;
-pub use resync::ResyncStats;
 pub use state::PrimaryMode;
 pub use write::BlockLock;
 
@@ -197,27 +198,27 @@ impl Primary {
     }
 
     /// Status as JSON.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> BlockStatus {
         let st = self.st();
         let m = self.meta.get();
-        serde_json::json!({
-            "mode": st.mode.name(),
-            "resyncing": st.resyncing,
-            "resync": st.resync_view(),
-            "generation": format!("{:016x}", m.generation),
-            "tracked_generation": format!("{:016x}", self.tracked()),
-            "ack": self.opts.ack.name(),
-            "forward_queue": {
-                "depth": self.queued_ops.load(Ordering::Relaxed),
-                "bytes": self.queued_bytes.load(Ordering::Relaxed),
-                "limit_bytes": self.opts.queue_bytes,
+        BlockStatus {
+            mode: st.mode.name().into(),
+            resyncing: st.resyncing,
+            resync: st.resync_view(),
+            generation: format!("{:016x}", m.generation),
+            tracked_generation: format!("{:016x}", self.tracked()),
+            ack: self.opts.ack.name().into(),
+            forward_queue: ForwardQueue {
+                depth: self.queued_ops.load(Ordering::Relaxed),
+                bytes: self.queued_bytes.load(Ordering::Relaxed),
+                limit_bytes: self.opts.queue_bytes,
             },
-            "forwarded_writes": self.forwarded_ops.load(Ordering::Relaxed),
-            "forwarded_bytes": self.forwarded_bytes.load(Ordering::Relaxed),
-            "dirty_blocks": st.dirty.len(),
-            "unprotected_reason": st.unprotected_reason,
-            "unprotected_for_s": st.unprotected_since.map(|t| t.elapsed().as_secs_f64()),
-            "digest": format!("{:016x}", self.digest.sum()),
-        })
+            forwarded_writes: self.forwarded_ops.load(Ordering::Relaxed),
+            forwarded_bytes: self.forwarded_bytes.load(Ordering::Relaxed),
+            dirty_blocks: st.dirty.len(),
+            unprotected_reason: st.unprotected_reason.clone(),
+            unprotected_for_s: st.unprotected_since.map(|t| t.elapsed().as_secs_f64()),
+            digest: format!("{:016x}", self.digest.sum()),
+        }
     }
 }

@@ -109,7 +109,7 @@ impl Participant for BlockParticipant {
             self.0
                 .tracked
                 .store(self.0.meta.get().generation, Ordering::Release);
-            st.resync.state = "done";
+            st.resync.state = "done".into();
             st.resync.completed += 1;
             if let Some(t) = st.resync_started {
                 st.resync.total_s = Some(t.elapsed().as_secs_f64());

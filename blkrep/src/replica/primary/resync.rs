@@ -10,6 +10,7 @@
 //! ```
 
 use crate::replica::error::ReplicaError;
+use crate::replica::status::ResyncStats;
 use std::time::Instant;
 
 use roaring::RoaringTreemap;
@@ -22,40 +23,6 @@ use crate::storage::Result;
 
 /// Most blocks one resync request carries (1 MiB; 4 MiB measured no faster).
 const RESYNC_RUN_BLOCKS: u64 = 256;
-
-/// Progress of the current (or last) resync, for status.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct ResyncStats {
-    /// incremental, checksum or full.
-    pub kind: Option<&'static str>,
-    /// comparing, sending, checkpointing, done, interrupted.
-    pub state: &'static str,
-    /// Units compared by digest, and how many of them were equal (not sent).
-    pub compared_units: u64,
-    /// Of those, equal on both sides.
-    pub equal_units: u64,
-    /// Blocks per compared unit.
-    pub unit_blocks: u64,
-    /// Dirty blocks when the sync began (written since the last commit, plus every block
-    /// for a checksum sync, every allocated one for a full sync).
-    pub dirty_at_start: u64,
-    /// Blocks to send after the comparison.
-    pub to_send_blocks: u64,
-    /// Blocks sent so far.
-    pub sent_blocks: u64,
-    /// Bytes sent so far.
-    pub sent_bytes: u64,
-    /// Seconds since the resync started.
-    pub elapsed_s: f64,
-    /// Seconds the comparison took.
-    pub compare_s: f64,
-    /// Seconds from the start until the resync's checkpoint committed.
-    pub total_s: Option<f64>,
-    /// Sent bytes per second, while sending.
-    pub throughput_mb_s: f64,
-    /// Resyncs completed since start.
-    pub completed: u64,
-}
 
 impl State {
     /// The resync's progress with its running times filled in.
@@ -123,8 +90,8 @@ impl Primary {
     pub fn begin_sync(&self, kind: &'static str, unit_blocks: u64) {
         let mut st = self.st();
         st.resync = ResyncStats {
-            kind: Some(kind),
-            state: "comparing",
+            kind: Some(kind.into()),
+            state: "comparing".into(),
             unit_blocks,
             dirty_at_start: st.dirty.len(),
             completed: st.resync.completed,
@@ -212,7 +179,7 @@ impl Primary {
         let mut st = self.st();
         if st.mode == PrimaryMode::Replicating {
             st.resyncing = false;
-            st.resync.state = "checkpointing";
+            st.resync.state = "checkpointing".into();
             st.sending_ended = Some(Instant::now());
         }
         Ok(sent)

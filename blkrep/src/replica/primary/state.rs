@@ -19,8 +19,9 @@ use std::time::Instant;
 use roaring::RoaringTreemap;
 use tokio::sync::oneshot;
 
-use super::{Primary, ResyncStats};
+use super::Primary;
 use crate::epoch::EpochSummary;
+use crate::replica::status::ResyncStats;
 
 /// The reason given while no secondary has been synced since start.
 pub(super) const NOT_CONNECTED_YET: &str = "no secondary connected yet";
@@ -156,7 +157,7 @@ impl Primary {
         st.marks.clear();
         st.counts.clear();
         if st.resyncing {
-            st.resync.state = "interrupted";
+            st.resync.state = "interrupted".into();
         }
         st.resyncing = false;
         st.sync_commit_pending = false;
@@ -226,7 +227,7 @@ impl Primary {
         st.resyncing = true;
         st.sync_commit_pending = true;
         st.bumped = false;
-        st.resync.state = "sending";
+        st.resync.state = "sending".into();
         st.resync.to_send_blocks = st.dirty.len();
         if let Some(t) = st.resync_started {
             st.resync.compare_s = t.elapsed().as_secs_f64();

@@ -25,12 +25,12 @@ use crate::sync::Locked;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use super::error::ReplicaError;
 use super::peer::{Hello, LinkOptions, PeerLink};
 use super::primary::{Primary, PrimaryMode};
+use super::status::LinkStatus;
 use super::wire::{AckMode, SyncKind};
 use crate::auth::PeerKey;
 use crate::epoch::{BoxFuture, CheckpointLink, CheckpointTrigger, Epoch, EpochError, EpochSummary};
@@ -276,24 +276,32 @@ impl Replicator {
     }
 
     /// Status of the sessions.
-    pub fn status(&self) -> Value {
+    pub fn status(&self) -> LinkStatus {
         let st = self.st();
         let link = self.current_link();
-        json!({
-            "peer_state": match (self.primary.mode(), link.as_ref().and_then(|l| l.dead_reason())) {
+        let mode = self.primary.mode();
+        LinkStatus {
+            peer_state: match (mode, link.as_ref().and_then(|l| l.dead_reason())) {
                 (PrimaryMode::Replicating, None) if link.is_some() => "connected".to_string(),
                 (PrimaryMode::Replicating, Some(r)) => format!("lost: {r}"),
-                (mode, _) => format!("{}: {}", mode.name(), st.last_attempt_error.clone().unwrap_or_else(|| "reconnecting".into())),
+                (mode, _) => format!(
+                    "{}: {}",
+                    mode.name(),
+                    st.last_attempt_error
+                        .clone()
+                        .unwrap_or_else(|| "reconnecting".into())
+                ),
             },
-            "sessions": st.sessions,
-            "connect_attempts": st.attempts,
-            "last_attempt_error": st.last_attempt_error,
-            "last_resume_s": st.last_resume_s,
-            "last_sync": st.last_sync,
-            "paused_for_s": (self.primary.mode() != PrimaryMode::Replicating)
-                .then(|| st.lost_at.map(|t| t.elapsed().as_secs_f64())).flatten(),
-            "verify": st.verify,
-        })
+            sessions: st.sessions,
+            connect_attempts: st.attempts,
+            last_attempt_error: st.last_attempt_error.clone(),
+            last_resume_s: st.last_resume_s,
+            last_sync: st.last_sync.map(Into::into),
+            paused_for_s: (mode != PrimaryMode::Replicating)
+                .then(|| st.lost_at.map(|t| t.elapsed().as_secs_f64()))
+                .flatten(),
+            verify: st.verify.clone(),
+        }
     }
 }
 

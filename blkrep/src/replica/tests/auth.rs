@@ -150,9 +150,9 @@ fn a_block_written_by_a_stranger_is_rolled_back_by_the_next_session() {
         assert!(p.coord.checkpoint().await.is_err());
         // The abort pauses the primary, which reconnects: a second session.
         wait_for("a second session, resynced", || {
-            p.repl.status()["sessions"].as_u64() >= Some(2)
+            p.repl.status().sessions >= 2
                 && p.primary.mode() == PrimaryMode::Replicating
-                && p.primary.status()["resyncing"] == serde_json::Value::Bool(false)
+                && !p.primary.status().resyncing
         })
         .await;
         p.coord.checkpoint().await.unwrap();

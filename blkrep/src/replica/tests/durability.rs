@@ -151,7 +151,7 @@ fn a_client_flush_completes_with_the_secondarys_flush() {
             p.primary.flush().await.unwrap();
             if ack != AckMode::Local {
                 assert_eq!(p.primary.mode(), PrimaryMode::Paused, "{ack:?}");
-                assert!(p.primary.status()["dirty_blocks"].as_u64().unwrap() >= 1);
+                assert!(p.primary.status().dirty_blocks >= 1);
             }
             wait_for("the primary to pause", || {
                 p.primary.mode() == PrimaryMode::Paused

@@ -104,12 +104,11 @@ fn a_cut_link_pauses_both_sides_and_an_incremental_resync_restores_them() {
         assert!(!dirty.contains(0), "committed blocks are not dirty");
         proxy.heal();
         wait_for("resumed and resynced", || {
-            p.primary.mode() == PrimaryMode::Replicating
-                && p.primary.status()["resyncing"] == serde_json::Value::Bool(false)
+            p.primary.mode() == PrimaryMode::Replicating && !p.primary.status().resyncing
         })
         .await;
         let r = p.primary.resync_stats();
-        assert_eq!(r.kind, Some("incremental"));
+        assert_eq!(r.kind.as_deref(), Some("incremental"));
         assert!(
             r.sent_bytes <= 18 * 4096,
             "resent more than what was dirty: {r:?}"
@@ -200,7 +199,7 @@ fn split_brain_is_refused_and_discard_my_data_converges_by_checksum() {
             .unwrap();
         let p = start_primary_on(&s.ep, AckMode::Received, pdisk.clone(), mine).await;
         let r = p.primary.resync_stats();
-        assert_eq!(r.kind, Some("checksum"));
+        assert_eq!(r.kind.as_deref(), Some("checksum"));
         let chunk = 16 * 4096;
         assert_eq!(
             r.sent_bytes,

@@ -246,10 +246,7 @@ async fn start_primary_joined(
             bytes: 0,
         },
     );
-    wait_for("the initial sync", || {
-        primary.status()["resyncing"] == serde_json::Value::Bool(false)
-    })
-    .await;
+    wait_for("the initial sync", || !primary.status().resyncing).await;
     // The checkpoint that completes the initial sync (the daemon requests it by itself).
     coord.checkpoint().await.unwrap();
     PrimarySide {

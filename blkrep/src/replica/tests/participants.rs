@@ -159,10 +159,7 @@ fn a_second_participant_commits_and_aborts_together_with_the_block_layer() {
             s.sec.mode() == Mode::Replicating && shared.locked().resumed.len() >= 2
         })
         .await;
-        wait_for("the resync", || {
-            p.primary.status()["resyncing"] == serde_json::Value::Bool(false)
-        })
-        .await;
+        wait_for("the resync", || !p.primary.status().resyncing).await;
         let mut last = Err(EpochError::NotReplicating("not yet".into()));
         for _ in 0..100 {
             last = p.coord.checkpoint().await.map(|_| ());

@@ -101,7 +101,7 @@ async fn power_cut_trial(seed: u64) -> String {
     proxy.heal();
     wait_for("resumed and resynced", || {
         p.primary.mode() == PrimaryMode::Replicating
-            && p.primary.status()["resyncing"] == serde_json::Value::Bool(false)
+            && !p.primary.status().resyncing
             && sec2.mode() == Mode::Replicating
     })
     .await;

@@ -1,0 +1,232 @@
+//! Printing what the daemons answer on their control socket, from the typed reports in
+//! `blkrep::replica::status`: `status`, `verify` and `failover`.
+
+use blkrep::replica::status::{
+    FailoverReport, LatencySummary, NodeStatus, PrimaryStatus, SecondaryStatus, VerifyReport,
+};
+
+/// A duration in microseconds, readable.
+pub fn us(n: u64) -> String {
+    if n >= 10_000 {
+        format!("{:.1} ms", n as f64 / 1000.0)
+    } else {
+        format!("{n} µs")
+    }
+}
+
+/// A byte count, in binary units.
+pub fn bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < units.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.1} {}", units[u])
+    }
+}
+
+fn opt(v: &Option<String>) -> &str {
+    v.as_deref().unwrap_or("-")
+}
+
+fn percentiles(l: &LatencySummary) -> String {
+    format!("p50 {}  p99 {}", us(l.p50), us(l.p99))
+}
+
+fn row(k: &str, val: impl std::fmt::Display) {
+    println!("{k:<22} {val}");
+}
+
+/// `lockstep status`, as text.
+pub fn status(st: &NodeStatus) {
+    match st {
+        NodeStatus::Primary(p) => primary(p),
+        NodeStatus::Secondary(s) => secondary(s),
+    }
+}
+
+fn primary(p: &PrimaryStatus) {
+    let (b, c) = (&p.block, &p.checkpoints);
+    row("role", &p.role);
+    row("mode", &b.mode);
+    row(
+        "epoch",
+        format!("{} (committed {})", c.epoch, c.committed_epoch),
+    );
+    row("peer", format!("{} ({})", p.peer, p.link.peer_state));
+    row("ack", &b.ack);
+    let q = &b.forward_queue;
+    row(
+        "forward queue",
+        format!("{} requests, {}", q.depth, bytes(q.bytes)),
+    );
+    row(
+        "forwarded",
+        format!(
+            "{} writes, {}",
+            b.forwarded_writes,
+            bytes(b.forwarded_bytes)
+        ),
+    );
+    row(
+        "checkpoints",
+        format!("{} ({} failed)", c.checkpoints, c.checkpoint_failures),
+    );
+    row("checkpoint pause", percentiles(&c.checkpoint_pause_us));
+    row("checkpoint total", percentiles(&c.checkpoint_total_us));
+    row("dirty blocks", b.dirty_blocks);
+    let r = &b.resync;
+    if let Some(kind) = &r.kind {
+        row(
+            "resync",
+            format!(
+                "{kind} {}: {} of {} units equal, {} of {} blocks sent ({}), {:.1} MB/s",
+                r.state,
+                r.equal_units,
+                r.compared_units,
+                r.sent_blocks,
+                r.to_send_blocks,
+                bytes(r.sent_bytes),
+                r.throughput_mb_s
+            ),
+        );
+    }
+    row("generation", &b.generation);
+    row("last error", opt(&p.last_error));
+}
+
+fn secondary(s: &SecondaryStatus) {
+    row("role", &s.role);
+    row("mode", &s.mode);
+    row(
+        "epoch",
+        format!("{} (committed {})", s.epoch, s.committed_epoch),
+    );
+    row("peer", format!("{} ({})", opt(&s.peer), s.peer_state));
+    let b = &s.buffer;
+    row(
+        "buffer",
+        format!(
+            "{} blocks: {} in memory, {} spilled, {} open epochs",
+            b.blocks,
+            bytes(b.memory_bytes),
+            bytes(b.spill_bytes),
+            b.epochs
+        ),
+    );
+    row(
+        "forwarded",
+        format!(
+            "{} writes, {}",
+            s.forwarded_writes,
+            bytes(s.forwarded_bytes)
+        ),
+    );
+    row(
+        "checkpoints",
+        format!("{} ({} aborted)", s.checkpoints, s.checkpoints_aborted),
+    );
+    row("epoch-mark stall", percentiles(&s.mark_drain_us));
+    let resyncing = match &s.resyncing {
+        Some(k) => format!(" (resyncing: {k})"),
+        None => String::new(),
+    };
+    row("consistent", format!("{}{resyncing}", s.consistent));
+    row("generation", &s.generation);
+    if let Some(pa) = &s.peer_auth {
+        let how = match (pa.tls, pa.psk) {
+            (true, true) => "TLS certificates and peer key",
+            (true, false) => "TLS certificates",
+            (false, true) => "peer key (--psk-file)",
+            (false, false) => "none",
+        };
+        row("peer authentication", how);
+        for r in &pa.risks {
+            row("RISK", r);
+        }
+    }
+    if let Some(f) = &s.failover {
+        row(
+            "failover",
+            format!(
+                "to {} at epoch {}, {} blocks restored in {}",
+                f.target,
+                f.committed_epoch,
+                f.restored_blocks,
+                us(f.duration_us)
+            ),
+        );
+        row("dirty blocks", s.dirty_blocks);
+    }
+    row("last error", opt(&s.last_error));
+}
+
+/// `lockstep verify`, as text.
+pub fn verify(v: &VerifyReport) {
+    println!(
+        "compared {} in {} chunks of {} in {:.2} s ({:.0} MB/s): {} differ",
+        bytes(v.bytes_compared),
+        v.total_chunks,
+        bytes(v.chunk_bytes),
+        v.duration_s,
+        v.mb_per_s,
+        v.differing_chunks
+    );
+    for d in &v.differing {
+        println!("  differs: offset {} length {}", d.offset, d.len);
+    }
+}
+
+/// What `failover --verify` adds to the failover report.
+#[derive(Debug, serde::Deserialize)]
+pub struct Verified {
+    /// The failed-over disk's digest.
+    pub image_digest: Option<String>,
+    /// Whether it equals the checkpoint's (None: not comparable).
+    pub verified: Option<bool>,
+}
+
+/// `lockstep failover`, as text.
+pub fn failover(f: &FailoverReport, v: Option<&Verified>) {
+    println!(
+        "failed over to {} (epoch {}): {} blocks restored in {}",
+        f.target,
+        f.committed_epoch,
+        f.restored_blocks,
+        us(f.duration_us)
+    );
+    let Some(v) = v else { return };
+    match v.verified {
+        Some(true) => println!(
+            "verified: the disk equals checkpoint {} (digest {})",
+            f.committed_epoch,
+            opt(&v.image_digest)
+        ),
+        Some(false) => println!(
+            "VERIFY FAILED: disk digest {} differs from the checkpoint's {}",
+            opt(&v.image_digest),
+            opt(&f.checkpoint_digest)
+        ),
+        None => {
+            println!("not verifiable (failover to latest, or the secondary wrote to its disk)")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_read_well() {
+        assert_eq!(us(950), "950 µs");
+        assert_eq!(us(12_500), "12.5 ms");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(3 << 20), "3.0 MiB");
+    }
+}
