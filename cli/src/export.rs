@@ -106,11 +106,11 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         }
         let (stop_tx, stop_rx) = watch::channel(false);
         let serving = tokio::spawn(server.clone().serve(listener, stop_rx));
-        let device = blkrep::replica::node::start_ublk(&ublk, exports[0].backend.clone())
+        let device = blkrep::ublk::start_if(&ublk, exports[0].backend.clone())
             .map_err(|e| anyhow::anyhow!(e))?;
         let signal = wait_for_signal().await?;
         tracing::info!("{signal}: finishing requests in flight, flushing, exiting");
-        blkrep::replica::node::stop_ublk(device).await;
+        blkrep::ublk::stop_if(device).await;
         let _ = stop_tx.send(true);
         serving.await.context("server task")?;
         for (e, path) in exports.iter().zip(&paths) {

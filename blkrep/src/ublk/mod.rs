@@ -97,3 +97,30 @@ pub use driver::{delete, probe, start, UblkDevice, UblkFeatures};
 mod absent;
 #[cfg(not(feature = "ublk"))]
 pub use absent::{delete, start, UblkDevice};
+
+/// Start a ublk device over `backend` if asked to.
+pub fn start_if(
+    opts: &Option<UblkOptions>,
+    backend: std::sync::Arc<dyn crate::storage::Backend>,
+) -> Result<Option<UblkDevice>, String> {
+    let Some(o) = opts else { return Ok(None) };
+    // Starting the device issues I/O (partition scan) that runs on this runtime: wait for it
+    // without holding up a worker.
+    let handle = tokio::runtime::Handle::current();
+    let dev =
+        tokio::task::block_in_place(|| start(backend, handle, o)).map_err(|e| e.to_string())?;
+    tracing::info!(device = %dev.path(), "block device ready");
+    Ok(Some(dev))
+}
+
+/// Stop and delete a ublk device (its requests in flight finish first).
+pub async fn stop_if(dev: Option<UblkDevice>) {
+    if let Some(d) = dev {
+        let path = d.path();
+        match tokio::task::spawn_blocking(move || d.stop()).await {
+            Ok(Ok(())) => tracing::info!(device = %path, "block device removed"),
+            Ok(Err(e)) => tracing::warn!(device = %path, "removing the block device: {e}"),
+            Err(e) => tracing::warn!(device = %path, "removing the block device: {e}"),
+        }
+    }
+}

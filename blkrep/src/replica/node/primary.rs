@@ -1,0 +1,255 @@
+//! The primary daemon: open the disk, connect to the secondary, serve clients, checkpoint,
+//! and on shutdown a last checkpoint and GOODBYE; its control-socket commands.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::{bind, stop_pair, to_json, PrimaryConfig};
+use crate::digest::DigestTable;
+use crate::epoch::{BoxFuture, Epoch, EpochCoordinator, NoGuest};
+use crate::nbd::server::{Export, NbdServer, ServerOptions};
+use crate::nbd::transport::Endpoint;
+use crate::replica::admin::{self, AdminHandler};
+use crate::replica::meta::{meta_path, MetaStore};
+use crate::replica::peer::LinkOptions;
+use crate::replica::primary::{BlockParticipant, Primary, PrimaryMode};
+use crate::replica::session::{Replicator, ReplicatorOptions};
+use crate::replica::status::PrimaryStatus;
+use crate::storage::open_disk;
+use crate::tls::ClientTls;
+use crate::ublk;
+
+/// Run a primary until `shutdown` resolves; then stop serving, run a last checkpoint, say
+/// goodbye to the secondary and flush.
+pub async fn run_primary(
+    cfg: PrimaryConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    // The secondary refuses a period outside this range: say so before touching anything.
+    let heartbeat_ms = u32::try_from(cfg.heartbeat.as_millis()).unwrap_or(u32::MAX);
+    crate::replica::wire::check_heartbeat_ms(heartbeat_ms)
+        .map_err(|e| format!("--heartbeat: {e}"))?;
+    let local = open_disk(&cfg.disk).map_err(|e| e.to_string())?;
+    let (meta, _) = MetaStore::open(meta_path(&cfg.disk.path)).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let table = DigestTable::scan(&*local)
+        .await
+        .map_err(|e| format!("reading {} for its digest: {e}", cfg.disk.path.display()))?;
+    tracing::info!(digest = format!("{:016x}", table.sum()), generation = format!("{:016x}", meta.get().generation), took = ?started.elapsed(), "local disk scanned");
+    let primary = Primary::new(local.clone(), table, 0, cfg.primary.clone(), Arc::new(meta));
+    let link_opts = LinkOptions {
+        heartbeat: cfg.heartbeat,
+        misses: cfg.heartbeat_misses,
+        commit_timeout: Duration::from_secs(30),
+    };
+    let (stop_tx, stop_rx) = stop_pair();
+    let repl = Replicator::new(
+        primary.clone(),
+        ReplicatorOptions {
+            secondary: cfg.secondary.clone(),
+            link: link_opts,
+            ack: cfg.primary.ack,
+            connect_timeout: Duration::from_secs(10),
+            reconnect_timeout: cfg.reconnect_timeout,
+            retry: Duration::from_millis(250),
+            key: cfg.key.clone(),
+            tls: match (&cfg.tls, &cfg.secondary) {
+                (Some(f), Endpoint::Tcp(addr)) => {
+                    Some(ClientTls::new(f, addr).map_err(|e| e.to_string())?)
+                }
+                (Some(_), Endpoint::Unix(_)) => {
+                    return Err("TLS to a unix-socket secondary: use --psk-file there".into())
+                }
+                (None, _) => None,
+            },
+        },
+        stop_rx.clone(),
+    );
+    // Before the first session: its resync asks for the checkpoint that completes it.
+    let coord = EpochCoordinator::new(
+        vec![Arc::new(BlockParticipant(primary.clone()))],
+        Arc::new(NoGuest),
+        repl.clone(),
+        Epoch(primary.resume_epoch()),
+        cfg.checkpoints,
+    );
+    primary.set_trigger(coord.trigger());
+    repl.set_trigger(coord.trigger());
+    // The secondary may still be starting (or busy): retry until the deadline; a permanent
+    // refusal is final.
+    let deadline = Instant::now() + cfg.connect_timeout;
+    loop {
+        match repl.attempt().await {
+            Ok(_) => break,
+            Err(e) if !e.is_permanent_refusal() && Instant::now() < deadline => {
+                tracing::debug!("secondary not reachable yet: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot start replication with {}: {e}",
+                    cfg.secondary
+                ))
+            }
+        }
+    }
+    let repl_task = tokio::spawn(repl.clone().run());
+    let (coord_stop_tx, coord_stop_rx) = stop_pair();
+    let coord_task = tokio::spawn({
+        let c = coord.clone();
+        async move {
+            if let Err(e) = c.run(coord_stop_rx).await {
+                tracing::warn!("checkpoints stopped: {e}");
+            }
+        }
+    });
+
+    let server = Arc::new(
+        NbdServer::new(
+            vec![Export {
+                name: cfg.export_name.clone(),
+                // Anyone who can list exports sees it: the role, not the disk's path.
+                description: "lockstep primary".into(),
+                backend: primary.clone(),
+                read_only: false,
+                epochs: None,
+            }],
+            ServerOptions::default(),
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    let listener = bind(&cfg.export).await?;
+    let (srv_stop_tx, srv_stop_rx) = stop_pair();
+    let srv = tokio::spawn(server.serve(listener, srv_stop_rx));
+    let handler = Arc::new(PrimaryAdmin {
+        primary: primary.clone(),
+        coord: coord.clone(),
+        repl: repl.clone(),
+        secondary: cfg.secondary.to_string(),
+        started: Instant::now(),
+    });
+    let admin_task = admin::serve(cfg.control.clone(), handler, stop_rx.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let device = ublk::start_if(&cfg.ublk, primary.clone())?;
+    tracing::info!(export = %cfg.export, secondary = %cfg.secondary, ack = cfg.primary.ack.name(), "primary replicating");
+
+    shutdown.await;
+    tracing::info!("shutting down: draining clients");
+    ublk::stop_if(device).await;
+    srv_stop_tx.send_replace(true);
+    let _ = srv.await;
+    // A resync in progress cannot end in a checkpoint: give it a moment to finish.
+    let until = Instant::now() + Duration::from_secs(30);
+    while primary.is_resyncing() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if primary.mode() == PrimaryMode::Replicating {
+        match tokio::time::timeout(Duration::from_secs(30), coord.trigger().request()).await {
+            Ok(Ok(r)) => {
+                tracing::info!(epoch = r.epoch.0, "final checkpoint committed");
+                repl.goodbye("primary shutting down").await;
+            }
+            Ok(Err(e)) => tracing::warn!("final checkpoint failed: {e}"),
+            Err(_) => tracing::warn!("final checkpoint timed out"),
+        }
+    }
+    coord_stop_tx.send_replace(true);
+    let _ = coord_task.await;
+    stop_tx.send_replace(true);
+    let _ = repl_task.await;
+    repl.shutdown().await;
+    let _ = admin_task.await;
+    local
+        .flush()
+        .await
+        .map_err(|e| format!("final flush: {e}"))?;
+    tracing::info!("primary stopped");
+    Ok(())
+}
+
+struct PrimaryAdmin {
+    primary: Arc<Primary>,
+    coord: Arc<EpochCoordinator>,
+    repl: Arc<Replicator>,
+    secondary: String,
+    started: Instant,
+}
+
+impl AdminHandler for PrimaryAdmin {
+    fn handle(&self, cmd: &str, req: &Value) -> BoxFuture<'_, Result<Value, String>> {
+        let cmd = cmd.to_string();
+        let req = req.clone();
+        Box::pin(async move {
+            match cmd.as_str() {
+                "status" => {
+                    let block = self.primary.status();
+                    let checkpoints = self.coord.status();
+                    to_json(PrimaryStatus {
+                        role: "primary".into(),
+                        peer: self.secondary.clone(),
+                        uptime_s: self.started.elapsed().as_secs_f64(),
+                        last_error: block
+                            .unprotected_reason
+                            .clone()
+                            .or_else(|| checkpoints.last_checkpoint_error.clone()),
+                        link: self.repl.status(),
+                        block,
+                        checkpoints,
+                    })
+                }
+                "checkpoint" => {
+                    let r = self
+                        .coord
+                        .trigger()
+                        .request()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(json!({
+                        "epoch": r.epoch.0,
+                        "pause_us": r.pause.as_micros() as u64,
+                        "total_us": r.total.as_micros() as u64,
+                    }))
+                }
+                "set" => {
+                    let key = req
+                        .get("key")
+                        .and_then(Value::as_str)
+                        .ok_or("set needs \"key\"")?;
+                    let value = req.get("value").ok_or("set needs \"value\"")?;
+                    match key {
+                        "checkpoint-interval-ms" => {
+                            let ms = value
+                                .as_u64()
+                                .ok_or("checkpoint-interval-ms takes a number (0: off)")?;
+                            self.coord
+                                .set_interval((ms > 0).then(|| Duration::from_millis(ms)));
+                        }
+                        "checkpoint-bytes" => {
+                            let b = value
+                                .as_u64()
+                                .ok_or("checkpoint-bytes takes a number (0: off)")?;
+                            self.coord.set_bytes(b);
+                        }
+                        other => {
+                            return Err(format!(
+                            "unknown setting {other:?} (checkpoint-interval-ms, checkpoint-bytes)"
+                        ))
+                        }
+                    }
+                    Ok(json!({}))
+                }
+                "failover" => {
+                    Err("failover runs on the secondary (this node is the primary)".into())
+                }
+                "verify" => to_json(self.repl.verify().await?),
+                other => Err(format!(
+                    "unknown command {other:?} (status, checkpoint, verify, set)"
+                )),
+            }
+        })
+    }
+}

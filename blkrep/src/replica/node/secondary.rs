@@ -1,0 +1,222 @@
+//! The secondary daemon: serve the replication export and the control protocol on the
+//! listen port, the secondary's own view on its export, and its control-socket commands.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use super::{bind, stop_pair, to_json, SecondaryConfig};
+use crate::auth::listen_policy;
+use crate::epoch::BoxFuture;
+use crate::nbd::server::{Export, NbdServer, ServerOptions};
+use crate::replica::admin::{self, AdminHandler};
+use crate::replica::meta::{meta_path, MetaStore};
+use crate::replica::secondary::{Mode, PeerLossPolicy, Secondary};
+use crate::replica::status::{DigestCheck, PeerAuth};
+use crate::replica::{FailoverTarget, REPLICA_EXPORT};
+use crate::storage::{open_disk, Backend};
+use crate::tls;
+use crate::ublk;
+
+/// Run a secondary until `shutdown` resolves.
+pub async fn run_secondary(
+    cfg: SecondaryConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let notice = listen_policy(
+        &cfg.listen,
+        cfg.key.is_some() || cfg.tls.is_some(),
+        cfg.insecure_no_auth,
+    )?;
+    let tls = cfg
+        .tls
+        .as_ref()
+        .map(|f| tls::acceptor(f, true))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let disk = open_disk(&cfg.disk).map_err(|e| e.to_string())?;
+    let (meta, known) = MetaStore::open(meta_path(&cfg.disk.path)).map_err(|e| e.to_string())?;
+    let sec = Secondary::with_meta(disk.clone(), cfg.secondary.clone(), meta, known);
+    let sink = sec.replica_sink();
+    let mut replica = NbdServer::new(
+        vec![Export {
+            name: REPLICA_EXPORT.into(),
+            description: "lockstep replication target (primary only)".into(),
+            backend: sink.clone(),
+            read_only: false,
+            epochs: Some(sink),
+        }],
+        ServerOptions::default(),
+    )
+    .map_err(|e| e.to_string())?
+    .with_control(sec.control());
+    if let Some(t) = tls {
+        replica = replica.with_tls(t);
+    }
+    if let Some(k) = cfg.key.clone() {
+        replica = replica.with_auth(k, sec.clone());
+    }
+    let replica = Arc::new(replica);
+    match notice {
+        Some(n) if cfg.insecure_no_auth => tracing::warn!("{n}"),
+        Some(n) => tracing::info!("{n}"),
+        None => tracing::info!(
+            listen = %cfg.listen,
+            tls = cfg.tls.is_some(),
+            key = cfg.key.is_some(),
+            "peers must present a certificate of our CA and/or prove the --psk-file key"
+        ),
+    }
+    let (stop_tx, stop_rx) = stop_pair();
+    let listener = bind(&cfg.listen).await?;
+    let mut tasks = vec![tokio::spawn(replica.serve(listener, stop_rx.clone()))];
+    tasks.push(tokio::spawn(push_writeback(
+        sec.clone(),
+        disk.clone(),
+        stop_rx.clone(),
+    )));
+    if let Some(ep) = &cfg.export {
+        let view = Arc::new(
+            NbdServer::new(
+                vec![Export {
+                    name: cfg.export_name.clone(),
+                    description: "lockstep secondary".into(),
+                    backend: sec.view(),
+                    read_only: false,
+                    epochs: None,
+                }],
+                ServerOptions::default(),
+            )
+            .map_err(|e| e.to_string())?,
+        );
+        let l = bind(ep).await?;
+        tasks.push(tokio::spawn(view.serve(l, stop_rx.clone())));
+    }
+    let handler = Arc::new(SecondaryAdmin {
+        sec: sec.clone(),
+        peer_auth: peer_auth_status(&cfg),
+    });
+    let admin_task = admin::serve(cfg.control.clone(), handler, stop_rx.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let device = ublk::start_if(&cfg.ublk, sec.view())?;
+    tracing::info!(listen = %cfg.listen, export = ?cfg.export.as_ref().map(|e| e.to_string()), "secondary waiting for a primary");
+    shutdown.await;
+    tracing::info!("shutting down");
+    ublk::stop_if(device).await;
+    stop_tx.send_replace(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = admin_task.await;
+    disk.flush()
+        .await
+        .map_err(|e| format!("final flush: {e}"))?;
+    tracing::info!("secondary stopped");
+    Ok(())
+}
+
+struct SecondaryAdmin {
+    sec: Arc<Secondary>,
+    /// How primaries prove themselves on the listen port, for `status`.
+    peer_auth: PeerAuth,
+}
+
+impl AdminHandler for SecondaryAdmin {
+    fn handle(&self, cmd: &str, req: &Value) -> BoxFuture<'_, Result<Value, String>> {
+        let cmd = cmd.to_string();
+        let req = req.clone();
+        Box::pin(async move {
+            match cmd.as_str() {
+                "status" => {
+                    let mut st = self.sec.status();
+                    st.peer_auth = Some(self.peer_auth.clone());
+                    to_json(st)
+                }
+                "failover" => {
+                    let to: FailoverTarget = req
+                        .get("to")
+                        .and_then(Value::as_str)
+                        .unwrap_or("checkpoint")
+                        .parse()?;
+                    let report = self.sec.failover(to).await?;
+                    let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+                    if req.get("verify").and_then(Value::as_bool) == Some(true) {
+                        let t = Instant::now();
+                        let (image, checkpoint) = self.sec.verify_checkpoint().await?;
+                        v["image_digest"] = json!(format!("{image:016x}"));
+                        v["verify_us"] = json!(t.elapsed().as_micros() as u64);
+                        v["verified"] = match checkpoint {
+                            Some(c) if report.comparable => json!(c == image),
+                            _ => Value::Null,
+                        };
+                    }
+                    Ok(v)
+                }
+                "verify" => {
+                    if self.sec.mode() != Mode::Primary {
+                        return Err("online verify runs on the primary (lockstep verify --control PRIMARY.sock); on a secondary, verify compares a failed-over disk with its checkpoint digest".into());
+                    }
+                    let (image, checkpoint) = self.sec.verify_checkpoint().await?;
+                    to_json(DigestCheck {
+                        image_digest: format!("{image:016x}"),
+                        checkpoint_digest: checkpoint.map(|c| format!("{c:016x}")),
+                    })
+                }
+                "checkpoint" => Err("checkpoints are run by the primary".into()),
+                other => Err(format!(
+                    "unknown command {other:?} (status, failover, verify)"
+                )),
+            }
+        })
+    }
+}
+
+/// While replicating, keep the secondary's page cache written back: each checkpoint flushes
+/// the disk before COMMITTED, and that flush then only waits for the last few milliseconds of
+/// writes instead of a whole epoch's.
+async fn push_writeback(
+    sec: Arc<Secondary>,
+    disk: Arc<dyn Backend>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(WRITEBACK_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if sec.mode() == Mode::Replicating {
+            let d = disk.clone();
+            let _ = tokio::task::spawn_blocking(move || d.start_writeback()).await;
+        }
+    }
+}
+
+/// How often a replicating secondary starts writeback.
+const WRITEBACK_PERIOD: Duration = Duration::from_millis(50);
+
+/// What `status` says about who may become this secondary's primary, and what automatic
+/// failover risks.
+fn peer_auth_status(cfg: &SecondaryConfig) -> PeerAuth {
+    let mut risks = Vec::new();
+    if cfg.key.is_none() && cfg.tls.is_none() {
+        risks.push(if cfg.insecure_no_auth {
+            "no peer authentication (--insecure-no-auth): anyone who reaches the listen address can write this disk, pose as its primary or make it fail over"
+        } else {
+            "no peer authentication: any local process can reach the loopback listen port"
+        });
+    }
+    if cfg.secondary.on_peer_loss == PeerLossPolicy::Failover {
+        risks.push("--on-peer-loss failover cannot tell a dead primary from a cut link: if the primary is alive, this makes two writable nodes; prefer fencing or a cluster manager's quorum");
+    }
+    PeerAuth {
+        psk: cfg.key.is_some(),
+        tls: cfg.tls.is_some(),
+        risks: risks.into_iter().map(Into::into).collect(),
+    }
+}
