@@ -34,3 +34,13 @@ pub mod storage;
 pub mod sync;
 pub mod tls;
 pub mod ublk;
+
+/// The runtime the unit tests run on: two workers, like the machines lockstep is tested on.
+#[cfg(test)]
+pub(crate) fn test_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}

@@ -121,11 +121,7 @@ fn suite_through_nbd_over_direct_io() {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    crate::test_runtime()
 }
 
 /// A raw client that has finished negotiation with NBD_OPT_GO.

@@ -22,7 +22,7 @@ const MAX_LINE: usize = 64 << 10;
 /// Answers control requests.
 pub trait AdminHandler: Send + Sync + 'static {
     /// Handle one request (a JSON object with "cmd"); return the answer's fields, or an error.
-    fn handle(&self, cmd: &str, req: &Value) -> BoxFuture<'_, Result<Value, String>>;
+    fn handle(&self, cmd: String, req: Value) -> BoxFuture<'_, Result<Value, String>>;
 }
 
 /// Bind the control socket at `path` (replacing a stale socket file, refusing to replace
@@ -108,10 +108,10 @@ async fn answer(h: &dyn AdminHandler, line: &[u8]) -> Value {
         Ok(v) => v,
         Err(e) => return json!({"ok": false, "error": format!("not a JSON request: {e}")}),
     };
-    let Some(cmd) = req.get("cmd").and_then(Value::as_str) else {
+    let Some(cmd) = req.get("cmd").and_then(Value::as_str).map(str::to_string) else {
         return json!({"ok": false, "error": "the request has no \"cmd\" string"});
     };
-    match h.handle(cmd, &req).await {
+    match h.handle(cmd, req).await {
         Ok(Value::Object(mut m)) => {
             m.insert("ok".into(), Value::Bool(true));
             Value::Object(m)

@@ -16,11 +16,7 @@ pub(crate) type Factory = fn(u64) -> (Arc<dyn Backend>, Guard);
 pub(crate) type Guard = Box<dyn std::any::Any>;
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    crate::test_runtime()
 }
 
 fn pattern(seed: u8, len: usize) -> IoBuf {

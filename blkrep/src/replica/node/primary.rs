@@ -180,9 +180,7 @@ struct PrimaryAdmin {
 }
 
 impl AdminHandler for PrimaryAdmin {
-    fn handle(&self, cmd: &str, req: &Value) -> BoxFuture<'_, Result<Value, String>> {
-        let cmd = cmd.to_string();
-        let req = req.clone();
+    fn handle(&self, cmd: String, req: Value) -> BoxFuture<'_, Result<Value, String>> {
         Box::pin(async move {
             match cmd.as_str() {
                 "status" => {

@@ -126,9 +126,7 @@ struct SecondaryAdmin {
 }
 
 impl AdminHandler for SecondaryAdmin {
-    fn handle(&self, cmd: &str, req: &Value) -> BoxFuture<'_, Result<Value, String>> {
-        let cmd = cmd.to_string();
-        let req = req.clone();
+    fn handle(&self, cmd: String, req: Value) -> BoxFuture<'_, Result<Value, String>> {
         Box::pin(async move {
             match cmd.as_str() {
                 "status" => {

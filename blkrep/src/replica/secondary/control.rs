@@ -52,6 +52,14 @@ impl ControlHandler for SecondaryControl {
     }
 }
 
+/// REFUSED with `r`'s code and the sentence the peer may read.
+fn refused(r: &Refusal) -> Message {
+    Message::Refused {
+        code: r.code(),
+        reason: r.reason(),
+    }
+}
+
 /// What the primary's HELLO asked for, once admitted.
 struct Admitted {
     heartbeat_ms: u32,
@@ -103,14 +111,7 @@ impl Session {
     async fn refuse(&self, r: &Refusal) {
         self.s
             .set_error(format!("refusing primary {}: {}", self.peer, r.local()));
-        let _ = send(
-            &self.wr,
-            &Message::Refused {
-                code: r.code(),
-                reason: r.reason(),
-            },
-        )
-        .await;
+        let _ = send(&self.wr, &refused(r)).await;
     }
 
     /// A session that had taken the node ends before replicating: pause it again.
@@ -279,14 +280,7 @@ impl Session {
 
     /// Refuse, and return the error that ends the session.
     async fn fail(&self, r: Refusal) -> ReplicaError {
-        let _ = send(
-            &self.wr,
-            &Message::Refused {
-                code: r.code(),
-                reason: r.reason(),
-            },
-        )
-        .await;
+        let _ = send(&self.wr, &refused(&r)).await;
         ReplicaError::Refused {
             code: Some(r.code()),
             reason: r.local(),
@@ -348,13 +342,9 @@ impl Session {
             };
             let m = match digest::unit_sums(&*s.disk, &units, u64::from(unit_blocks)).await {
                 Ok(sums) => Message::Sums { id, sums },
-                Err(e) => {
-                    let r = Refusal::Disk(format!("reading the secondary disk for digests: {e}"));
-                    Message::Refused {
-                        code: r.code(),
-                        reason: r.reason(),
-                    }
-                }
+                Err(e) => refused(&Refusal::Disk(format!(
+                    "reading the secondary disk for digests: {e}"
+                ))),
             };
             let _ = send(&wr, &m).await;
         });

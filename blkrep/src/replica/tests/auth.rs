@@ -46,16 +46,10 @@ async fn an_authenticated_pair_replicates_and_strangers_get_nothing() {
     // export can be reached.
     let e = control_refusal(&s.ep, None).await;
     assert!(e.contains("--psk-file"), "{e}");
-    let e = NbdClient::connect(
-        &s.ep,
-        &ClientOptions {
-            export: REPLICA_EXPORT.into(),
-            ..ClientOptions::default()
-        },
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let e = NbdClient::connect(&s.ep, &export(REPLICA_EXPORT))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("--psk-file"), "{e}");
     // A wrong key.
     let wrong = peer_key("another key of at least 16 bytes");
@@ -124,23 +118,12 @@ async fn an_authenticated_pair_replicates_and_strangers_get_nothing() {
 #[test]
 fn a_block_written_by_a_stranger_is_rolled_back_by_the_next_session() {
     rt().block_on(async {
-        let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
-        let (proxy, via) = cut_proxy(&s.ep);
-        let p = start_primary(&via, AckMode::Received).await;
-        tokio::spawn(p.repl.clone().run());
-        fill_blocks(&p.primary, 0..8, 1).await;
-        p.coord.checkpoint().await.unwrap();
+        let (s, proxy, p) = pair_behind_proxy().await;
         // The stranger: a data connection of the running session, one 4 KiB write to a
         // block the primary never touches.
-        let c = NbdClient::connect(
-            &s.ep,
-            &ClientOptions {
-                export: REPLICA_EXPORT.into(),
-                ..ClientOptions::default()
-            },
-        )
-        .await
-        .unwrap();
+        let c = NbdClient::connect(&s.ep, &export(REPLICA_EXPORT))
+            .await
+            .unwrap();
         c.write_at(40 * 4096, IoBuf::from_slice(&[0x55; 4096]), false)
             .await
             .unwrap();

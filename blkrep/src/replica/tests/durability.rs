@@ -29,15 +29,9 @@ fn metadata_claims_about_the_disk_follow_its_flush() {
         let (mut rd, mut wr) = control_conn(&ep).await;
         raw_session(&mut rd, &mut wr).await;
         assert!(!stored().clean, "RESUME marks the disk unclean at once");
-        let c = NbdClient::connect(
-            &ep,
-            &ClientOptions {
-                export: REPLICA_EXPORT.into(),
-                ..ClientOptions::default()
-            },
-        )
-        .await
-        .unwrap();
+        let c = NbdClient::connect(&ep, &export(REPLICA_EXPORT))
+            .await
+            .unwrap();
         c.write(0, &[1; 4096], false).await.unwrap();
         let mark = c.submit_epoch_mark(2).await.unwrap();
         c.send_submitted().await.unwrap();

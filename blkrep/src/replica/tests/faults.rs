@@ -188,14 +188,6 @@ async fn nbd_client(backend: Arc<dyn Backend>) -> (NbdClient, watch::Sender<bool
     (NbdClient::connect(&ep, &export("x")).await.unwrap(), stop)
 }
 
-/// Client options for export `name`.
-fn export(name: &str) -> ClientOptions {
-    ClientOptions {
-        export: name.into(),
-        ..ClientOptions::default()
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // (a) The primary's own disk fails.
 

@@ -206,7 +206,7 @@ fn lying_checkpoints_are_aborted_never_committed() {
         let sync = raw_session(&mut rd, &mut wr).await;
         assert!(matches!(sync, SyncKind::Full | SyncKind::Checksum), "a fresh disk: {sync:?}");
         // One real forwarded write in epoch 1.
-        let c = NbdClient::connect(&s.ep, &ClientOptions { export: REPLICA_EXPORT.into(), ..ClientOptions::default() })
+        let c = NbdClient::connect(&s.ep, &export(REPLICA_EXPORT))
             .await
             .unwrap();
         c.write(0, &[1; 4096], false).await.unwrap();

@@ -10,15 +10,9 @@ fn a_silent_primary_is_lost_and_the_policy_fails_over() {
         let s = start_secondary(PeerLossPolicy::Failover, 1 << 20).await;
         let (mut rd, mut wr) = control_conn(&s.ep).await;
         raw_session(&mut rd, &mut wr).await;
-        let c = NbdClient::connect(
-            &s.ep,
-            &ClientOptions {
-                export: REPLICA_EXPORT.into(),
-                ..ClientOptions::default()
-            },
-        )
-        .await
-        .unwrap();
+        let c = NbdClient::connect(&s.ep, &export(REPLICA_EXPORT))
+            .await
+            .unwrap();
         c.write(8192, &[3; 4096], false).await.unwrap();
         // No heartbeats: 3 misses of 50 ms.
         wait_for("failover", || s.sec.mode() == Mode::Primary).await;
@@ -75,12 +69,7 @@ fn the_primary_survives_a_vanished_secondary() {
 #[test]
 fn a_cut_link_pauses_both_sides_and_an_incremental_resync_restores_them() {
     rt().block_on(async {
-        let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
-        let (proxy, via) = cut_proxy(&s.ep);
-        let p = start_primary(&via, AckMode::Received).await;
-        tokio::spawn(p.repl.clone().run());
-        fill_blocks(&p.primary, 0..8, 1).await;
-        p.coord.checkpoint().await.unwrap();
+        let (s, proxy, p) = pair_behind_proxy().await;
         let committed = s.disk.snapshot();
         // Writes of an epoch that will never commit, then the cut.
         fill_blocks(&p.primary, 4..12, 2).await;

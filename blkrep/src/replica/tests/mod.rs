@@ -39,11 +39,7 @@ mod powercut;
 const SIZE: u64 = 64 * 4096 + 1000;
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    crate::test_runtime()
 }
 
 struct SecondarySide {
@@ -331,6 +327,26 @@ async fn fill_blocks(p: &Primary, blocks: impl Iterator<Item = u64>, fill: u8) {
             .await
             .unwrap();
     }
+}
+
+/// Client options for export `name`.
+fn export(name: &str) -> ClientOptions {
+    ClientOptions {
+        export: name.into(),
+        ..ClientOptions::default()
+    }
+}
+
+/// A pair whose link runs through a cutting proxy, replicating (with reconnection), with
+/// blocks 0..8 written and committed.
+async fn pair_behind_proxy() -> (SecondarySide, CutProxy, PrimarySide) {
+    let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
+    let (proxy, via) = cut_proxy(&s.ep);
+    let p = start_primary(&via, AckMode::Received).await;
+    tokio::spawn(p.repl.clone().run());
+    fill_blocks(&p.primary, 0..8, 1).await;
+    p.coord.checkpoint().await.unwrap();
+    (s, proxy, p)
 }
 
 /// The cutting proxy of the end-to-end harness (the one copy, `tests/src/proxy.rs`) in front
