@@ -638,11 +638,17 @@ def lockstep_status(tmp):
         raise RunError(f"{' '.join(cmd)}: not JSON: {text[:500]!r}") from None
 
 
+def meta_of(img):
+    """The replication metadata lockstep keeps beside a disk (DISK.lockstep-meta)."""
+    return img.with_name(img.name + ".lockstep-meta")
+
+
 def run_lockstep(cfg, rw, bs, args, tmp, files):
     port = free_port()
     link_port = free_port()
     for f in ("pri", "sec"):
         files[f].unlink(missing_ok=True)  # lockstep creates them (sparse) from --size
+        meta_of(files[f]).unlink(missing_ok=True)  # a fresh disk has no replication metadata
     for s in ("sec.sock", "pri.sock"):
         (tmp / s).unlink(missing_ok=True)
     if cfg in TLS_MODES:
@@ -864,6 +870,7 @@ def main():
     finally:
         for f in ("pri", "sec", "active", "hidden"):
             files[f].unlink(missing_ok=True)
+            meta_of(files[f]).unlink(missing_ok=True)
 
     print()
     print(table(results, args.configs, unavailable))
