@@ -472,7 +472,7 @@ impl Secondary {
         // No forwarded request is in progress after this, and no RESUME (which marks the
         // disk unclean) runs until the metadata is stored.
         let _x = self.barrier.write().await;
-        if let Err(e) = self.sync.sync(&*self.disk).await {
+        if let Err(e) = self.flush_disk().await {
             self.set_error(format!(
                 "flushing the disk after the primary's GOODBYE: {e}; it stays marked unclean"
             ));
