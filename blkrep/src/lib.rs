@@ -33,4 +33,5 @@ pub mod replica;
 pub mod storage;
 pub mod sync;
 pub mod tls;
+pub mod transport;
 pub mod ublk;

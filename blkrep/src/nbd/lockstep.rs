@@ -21,11 +21,11 @@ use super::client::{authenticate, secure_connect, NbdClient, Ticket};
 use super::proto::*;
 use super::server::negotiate::{ack, refuse, Answer, Negotiated, Negotiation};
 use super::server::reply::ReplyBody;
-use super::transport::{Endpoint, ReadHalf, WriteHalf};
 use super::NbdError;
 use crate::auth::{Credential, PeerKey, SessionKey};
 use crate::storage::Backend;
 use crate::tls::ClientTls;
+use crate::transport::{Endpoint, ReadHalf, WriteHalf};
 
 // ---------------------------------------------------------------------------------------------
 // Epoch marks

@@ -43,10 +43,10 @@ pub use self::transmission::Ticket;
 use super::codec::Request;
 pub use super::lockstep::{connect_control, ControlConnection};
 use super::proto::*;
-use super::transport::{self, Endpoint, ReadHalf, WriteHalf};
 use super::NbdError;
 use crate::auth::{Credential, SessionKey};
 use crate::tls::ClientTls;
+use crate::transport::{self, Endpoint, ReadHalf, WriteHalf};
 
 /// How to connect.
 #[derive(Debug, Clone)]

@@ -38,11 +38,11 @@ use self::negotiate::Negotiated;
 use super::guard::{Handshake, PortAuth};
 pub use super::lockstep::{ControlHandler, EpochSink};
 use super::proto::*;
-use super::transport::{Listener, ReadHalf, WriteHalf};
 use super::NbdError;
 use crate::auth::{self, Accepted, PeerKey, SessionKeys};
 use crate::storage::Backend;
 use crate::tls::{self, ServerTls};
+use crate::transport::{Listener, ReadHalf, WriteHalf};
 
 /// Largest request payload the server accepts (advertised as NBD_INFO_BLOCK_SIZE maximum).
 pub const MAX_PAYLOAD: u32 = 32 << 20;

@@ -15,9 +15,9 @@ use super::{stopped, NbdServer, MAX_PAYLOAD};
 use crate::nbd::codec::{self, Request};
 use crate::nbd::lockstep::mark_epoch;
 use crate::nbd::proto::*;
-use crate::nbd::transport::{ReadHalf, WriteHalf};
 use crate::nbd::NbdError;
 use crate::storage::{Backend, IoBuf};
+use crate::transport::{ReadHalf, WriteHalf};
 
 impl NbdServer {
     /// Serve requests until the client disconnects, breaks the protocol or `shutdown`

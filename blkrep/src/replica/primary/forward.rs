@@ -25,13 +25,13 @@ use tokio::task::JoinSet;
 use super::queue::{FwdKind, FwdOp};
 use super::Primary;
 use crate::nbd::client::{ClientOptions, NbdClient, Ticket};
-use crate::nbd::transport::Endpoint;
 use crate::replica::error::ReplicaError;
 use crate::replica::peer::PeerLink;
 use crate::replica::wire::AckMode;
 use crate::replica::REPLICA_EXPORT;
 use crate::sync::Locked;
 use crate::tls::ClientTls;
+use crate::transport::Endpoint;
 
 impl Primary {
     /// Start forwarding to the secondary over `client` (the session's replication

@@ -25,7 +25,6 @@ use super::{Mode, PeerLossPolicy, Secondary, MAX_QUEUED_SUMS};
 use crate::auth::SessionKey;
 use crate::digest;
 use crate::nbd::server::ControlHandler;
-use crate::nbd::transport::{ReadHalf, WriteHalf};
 use crate::replica::admission::{self, Claim, Local, Standing};
 use crate::replica::error::ReplicaError;
 use crate::replica::frame::{read_message, send, SharedWriter};
@@ -34,6 +33,7 @@ use crate::replica::wire::{self, Message, SyncKind};
 use crate::replica::FailoverTarget;
 use crate::storage::Result;
 use crate::sync::BoxFuture;
+use crate::transport::{ReadHalf, WriteHalf};
 
 /// Serves control connections from the primary (one session at a time).
 #[derive(Debug)]
