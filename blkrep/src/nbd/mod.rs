@@ -5,7 +5,8 @@
 //!   codec      pure bytes ⇄ messages (handshake, requests, simple and structured replies)
 //!   server     many exports, many connections, many requests in flight per connection
 //!   client     async, pipelined; used by the primary to forward writes, and in interop tests
-//!   lockstep   lockstep's extensions: epoch marks and the control option, both sides
+//!   lockstep   lockstep's extensions (epoch marks, the control option): what both sides
+//!              share; each side's code is in server::lockstep and client::lockstep
 //!   guard      admission of peers on an authenticating port
 //! ```
 //!
@@ -23,8 +24,9 @@ pub mod proto;
 pub mod server;
 
 pub use crate::transport::{Endpoint, Listener, DEFAULT_ENDPOINT};
+pub use client::connect_control;
 pub use client::{ClientOptions, NbdClient};
-pub use lockstep::{connect_control, ControlHandler, EpochSink};
+pub use lockstep::{ControlHandler, EpochSink};
 pub use server::{Export, NbdServer, ServerOptions};
 
 use std::io;

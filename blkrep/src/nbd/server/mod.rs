@@ -18,10 +18,13 @@
 //!   negotiate     the handshake: greeting, then one handler per NBD_OPT_*
 //!   transmission  the request loop: check each request, run it against the Backend
 //!   reply         simple and structured replies, written in completion order
+//!   lockstep      lockstep's extensions: epoch marks, the control option
 //! ```
 //!
-//! lockstep's own additions (epoch marks, the control option) are in [`crate::nbd::lockstep`].
+//! lockstep's own additions (epoch marks, the control option) are in `lockstep`; the traits
+//! they hand over to ([`EpochSink`], [`ControlHandler`]) are in [`crate::nbd::lockstep`].
 
+mod lockstep;
 pub(super) mod negotiate;
 pub(super) mod reply;
 mod transmission;

@@ -9,11 +9,11 @@ use tokio::io::{AsyncReadExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
+use super::lockstep::mark_epoch;
 use super::negotiate::Session;
 use super::reply::{storage_error, write_replies, Reply, ReplyBody};
 use super::{stopped, NbdServer, MAX_PAYLOAD};
 use crate::nbd::codec::{self, Request};
-use crate::nbd::lockstep::mark_epoch;
 use crate::nbd::proto::*;
 use crate::nbd::NbdError;
 use crate::storage::{Backend, IoBuf};
