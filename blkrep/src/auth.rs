@@ -357,12 +357,12 @@ where
 /// must be loopback-only (or a unix socket), unless the operator opted out by name
 /// (`insecure`). Returns a notice to log, or why the port may not open.
 pub fn listen_policy(
-    ep: &crate::nbd::Endpoint,
+    ep: &crate::transport::Endpoint,
     has_key: bool,
     insecure: bool,
 ) -> Result<Option<String>, String> {
     use std::net::ToSocketAddrs;
-    let crate::nbd::Endpoint::Tcp(addr) = ep else {
+    let crate::transport::Endpoint::Tcp(addr) = ep else {
         return Ok((!has_key).then(|| {
             format!(
                 "{ep}: no --psk-file; the port accepts any local process that may open the socket"
@@ -512,7 +512,7 @@ mod tests {
 
     #[test]
     fn without_a_key_only_loopback_listens() {
-        use crate::nbd::Endpoint;
+        use crate::transport::Endpoint;
         let tcp = |a: &str| Endpoint::Tcp(a.into());
         assert!(listen_policy(&tcp("127.0.0.1:1"), false, false)
             .unwrap()

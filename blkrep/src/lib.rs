@@ -33,6 +33,7 @@ pub mod replica;
 pub mod storage;
 pub mod sync;
 pub mod tls;
+pub mod transport;
 pub mod ublk;
 
 /// The runtime the unit tests run on: two workers, like the machines lockstep is tested on.

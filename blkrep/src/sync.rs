@@ -13,8 +13,6 @@ use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use crate::storage::{Backend, Result};
-
 /// A boxed, sendable future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -91,8 +89,16 @@ struct SyncState {
 }
 
 impl GroupSync {
-    /// Return once a flush of `disk` that started after this call has completed.
-    pub async fn sync(&self, disk: &dyn Backend) -> Result<()> {
+    /// Return once a flush that started after this call has completed.
+    ///
+    /// `flush` starts one flush (of a disk, say); it is called only by the caller that
+    /// runs the next flush, and its error is returned to that caller alone, while the
+    /// callers waiting on it try again.
+    pub async fn run<E, F, Fut>(&self, flush: F) -> Result<(), E>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+    {
         let need = self.state.locked().started + 1;
         loop {
             // Either we run the next flush (Ok(gen)) or wait for the running one (Err).
@@ -112,7 +118,7 @@ impl GroupSync {
             match step {
                 Err(notified) => notified.await,
                 Ok(gen) => {
-                    let r = disk.flush().await;
+                    let r = flush().await;
                     {
                         let mut s = self.state.locked();
                         s.running = false;
@@ -148,6 +154,20 @@ mod tests {
             .await
             .expect("released range is taken")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn group_sync_runs_the_flush_it_is_given() {
+        let flushes = std::sync::atomic::AtomicU32::new(0);
+        let sync = GroupSync::default();
+        let flush = || async {
+            flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok::<(), &str>(())
+        };
+        sync.run(flush).await.unwrap();
+        sync.run(flush).await.unwrap();
+        assert_eq!(flushes.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(sync.run(|| async { Err("failed") }).await, Err("failed"));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::AsyncReadExt;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::nbd::transport::{ReadHalf, WriteHalf};
+use crate::transport::{ReadHalf, WriteHalf};
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]

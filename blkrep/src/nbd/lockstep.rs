@@ -7,25 +7,27 @@
 //!                             which the server hands to its ControlHandler
 //! ```
 //!
-//! Everything else in `nbd/` is standard NBD; the server and client call in here at the one
-//! place each extension begins.
+//! Everything else in `nbd/` is standard NBD. This module holds what both sides share: the
+//! traits the server hands each extension to ([`EpochSink`], [`ControlHandler`]) and the
+//! control channel's type; the wire constants are in [`super::proto`]. Each side's code is a
+//! child of that side, called at the one place each extension begins:
+//!
+//! ```text
+//!   server::lockstep   waiting out an epoch mark; acknowledging the control option
+//!   client::lockstep   submitting an epoch mark; connect_control
+//! ```
+//!
+//! Neither side is used from here, so the dependencies run one way: server and client on this
+//! module, never back.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{BufReader, BufWriter};
-use tokio::task::JoinSet;
 
-use super::client::negotiate::{greet, negotiation_refused, read_option_reply, send_option};
-use super::client::{authenticate, secure_connect, NbdClient, Ticket};
-use super::proto::*;
-use super::server::negotiate::{ack, refuse, Answer, Negotiated, Negotiation};
-use super::server::reply::ReplyBody;
-use super::transport::{Endpoint, ReadHalf, WriteHalf};
-use super::NbdError;
-use crate::auth::{Credential, PeerKey, SessionKey};
+use crate::auth::SessionKey;
 use crate::storage::Backend;
-use crate::tls::ClientTls;
+use crate::transport::{ReadHalf, WriteHalf};
 
 // ---------------------------------------------------------------------------------------------
 // Epoch marks
@@ -51,40 +53,6 @@ pub trait EpochSink: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// The server's side of an epoch mark on a connection whose export takes them: wait until
-/// every request read before the mark has finished (`inflight`), then begin `epoch`.
-pub(super) async fn mark_epoch(
-    sink: &dyn EpochSink,
-    epoch: u64,
-    inflight: &mut JoinSet<()>,
-) -> ReplyBody {
-    // A barrier: everything read before the mark finishes first.
-    let t = Instant::now();
-    while inflight.join_next().await.is_some() {}
-    match sink.begin_epoch(epoch, t.elapsed()) {
-        Ok(()) => ReplyBody::Ok,
-        Err(message) => ReplyBody::Error {
-            errno: EINVAL,
-            message,
-        },
-    }
-}
-
-impl NbdClient {
-    /// Submit lockstep's epoch mark (a lockstep extension, see `docs/protocol.md`): every
-    /// request sent before it belongs to the epoch before `epoch`. Its reply arrives once
-    /// the server has finished every earlier request of this connection.
-    pub async fn submit_epoch_mark(&self, epoch: u64) -> Result<Ticket, NbdError> {
-        self.submit(
-            Self::req(CMD_LOCKSTEP_EPOCH, 0, epoch, 0),
-            None,
-            None,
-            false,
-        )
-        .await
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The control option
 
@@ -102,18 +70,6 @@ pub trait ControlHandler: Send + Sync + std::fmt::Debug {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 }
 
-impl Negotiation<'_> {
-    /// `NBD_OPT_LOCKSTEP_CONTROL` (offered only with a [`ControlHandler`]): acknowledge;
-    /// negotiation ends and the handler takes the connection over.
-    pub(super) fn lockstep_control(&self, data: &[u8]) -> Answer {
-        if !data.is_empty() {
-            let why = "the control option takes no data";
-            return refuse(OPT_LOCKSTEP_CONTROL, REP_ERR_INVALID, why);
-        }
-        Answer::End(ack(OPT_LOCKSTEP_CONTROL), Some(Negotiated::Control))
-    }
-}
-
 /// The connection halves of a control channel, and the session key its data connections
 /// prove (with a peer key).
 pub type ControlConnection = (
@@ -121,41 +77,3 @@ pub type ControlConnection = (
     BufWriter<WriteHalf>,
     Option<SessionKey>,
 );
-
-/// Open a connection to a lockstep secondary and switch it to the replication control
-/// protocol (`NBD_OPT_LOCKSTEP_CONTROL`), with TLS and then the peer key first when given.
-/// Returns the two halves, ready for control frames, and the session key.
-pub async fn connect_control(
-    ep: &Endpoint,
-    timeout: Duration,
-    key: Option<&PeerKey>,
-    tls: Option<&ClientTls>,
-) -> Result<ControlConnection, NbdError> {
-    let peer = ep.to_string();
-    let fut = async {
-        let (rd, wr) = secure_connect(ep, tls, &peer).await?;
-        let mut rd = BufReader::new(rd);
-        let mut wr = BufWriter::new(wr);
-        let session = match key {
-            Some(k) => authenticate(&mut rd, &mut wr, Credential::Control(k), &peer).await?,
-            None => None,
-        };
-        greet(&mut rd, &mut wr, &peer).await?;
-        send_option(&mut wr, OPT_LOCKSTEP_CONTROL, &[]).await?;
-        let (kind, data) = read_option_reply(&mut rd, OPT_LOCKSTEP_CONTROL, &peer).await?;
-        if kind != REP_ACK {
-            let mut e = negotiation_refused(&peer, "lockstep control", kind, &data);
-            if kind == REP_ERR_UNSUP {
-                e = NbdError::Negotiation {
-                    peer: peer.clone(),
-                    reason: "not a lockstep secondary (the control option is unsupported)".into(),
-                };
-            }
-            return Err(e);
-        }
-        Ok((rd, wr, session))
-    };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| NbdError::Timeout(format!("connecting to {peer}")))?
-}

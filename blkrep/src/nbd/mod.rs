@@ -5,9 +5,13 @@
 //!   codec      pure bytes ⇄ messages (handshake, requests, simple and structured replies)
 //!   server     many exports, many connections, many requests in flight per connection
 //!   client     async, pipelined; used by the primary to forward writes, and in interop tests
-//!   lockstep   lockstep's extensions: epoch marks and the control option, both sides
-//!   transport  TCP and Unix sockets; guard: admission of peers on an authenticating port
+//!   lockstep   lockstep's extensions (epoch marks, the control option): what both sides
+//!              share; each side's code is in server::lockstep and client::lockstep
+//!   guard      admission of peers on an authenticating port
 //! ```
+//!
+//! Connections come from [`crate::transport`] (TCP and Unix sockets); its [`Endpoint`],
+//! [`Listener`] and [`DEFAULT_ENDPOINT`] are re-exported here.
 //!
 //! The protocol itself is described in `docs/protocol.md`; what lockstep supports of it is
 //! listed there too.
@@ -18,14 +22,16 @@ mod guard;
 pub mod lockstep;
 pub mod proto;
 pub mod server;
-pub mod transport;
 
+pub use crate::transport::{Endpoint, Listener, DEFAULT_ENDPOINT};
+pub use client::connect_control;
 pub use client::{ClientOptions, NbdClient};
-pub use lockstep::{connect_control, ControlHandler, EpochSink};
+pub use lockstep::{ControlHandler, EpochSink};
 pub use server::{Export, NbdServer, ServerOptions};
-pub use transport::{Endpoint, Listener, DEFAULT_ENDPOINT};
 
 use std::io;
+
+use crate::transport::TransportError;
 
 /// Errors of NBD connections (both sides).
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +101,15 @@ pub enum NbdError {
         #[source]
         source: crate::auth::AuthError,
     },
+}
+
+impl From<TransportError> for NbdError {
+    fn from(e: TransportError) -> Self {
+        match e {
+            TransportError::Io { context, source } => NbdError::Io { context, source },
+            TransportError::Refused(why) => NbdError::Invalid(why),
+        }
+    }
 }
 
 impl NbdError {

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 
 use super::error::ReplicaError;
 use super::wire::{self, Message};
-use crate::nbd::transport::WriteHalf;
+use crate::transport::WriteHalf;
 
 type Result<T> = std::result::Result<T, ReplicaError>;
 

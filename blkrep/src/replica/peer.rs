@@ -15,9 +15,9 @@ use super::wire::{AckMode, Message, SyncKind};
 use crate::auth::{AuthError, PeerKey, SessionKey};
 use crate::epoch::{BoxFuture, CheckpointLink, Epoch, EpochError, EpochSummary};
 use crate::nbd::client::connect_control;
-use crate::nbd::transport::{Endpoint, ReadHalf, WriteHalf};
 use crate::nbd::NbdError;
 use crate::tls::ClientTls;
+use crate::transport::{Endpoint, ReadHalf, WriteHalf};
 
 /// What the primary says about itself in HELLO.
 #[derive(Debug, Clone)]

@@ -21,13 +21,15 @@
 //!   transmission  cookies, sending requests, the reader task matching replies to them
 //!   commands      one method per NBD command (read, write, flush, trim, ...)
 //!   backend       a remote export as a storage Backend
+//!   lockstep      lockstep's extensions: epoch marks, connect_control
 //! ```
 //!
-//! lockstep's own additions (epoch marks, the control connection) are in
-//! [`crate::nbd::lockstep`].
+//! lockstep's own additions (epoch marks, the control connection) are in `lockstep`; what
+//! they share with the server's side is in [`crate::nbd::lockstep`].
 
 mod backend;
 mod commands;
+mod lockstep;
 pub(super) mod negotiate;
 mod transmission;
 
@@ -36,17 +38,18 @@ use std::time::Duration;
 
 use tokio::io::{BufReader, BufWriter};
 
+pub use self::lockstep::connect_control;
 pub use self::negotiate::list_exports;
 use self::negotiate::negotiate;
 use self::transmission::Shared;
 pub use self::transmission::Ticket;
 use super::codec::Request;
-pub use super::lockstep::{connect_control, ControlConnection};
+pub use super::lockstep::ControlConnection;
 use super::proto::*;
-use super::transport::{self, Endpoint, ReadHalf, WriteHalf};
 use super::NbdError;
 use crate::auth::{Credential, SessionKey};
 use crate::tls::ClientTls;
+use crate::transport::{self, Endpoint, ReadHalf, WriteHalf};
 
 /// How to connect.
 #[derive(Debug, Clone)]

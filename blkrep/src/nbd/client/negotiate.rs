@@ -7,8 +7,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use super::{ClientOptions, ExportInfo};
 use crate::nbd::codec::{self, Info, InfoRequest, MetaContextRequest};
 use crate::nbd::proto::*;
-use crate::nbd::transport::{self, Endpoint, ReadHalf, WriteHalf};
 use crate::nbd::NbdError;
+use crate::transport::{self, Endpoint, ReadHalf, WriteHalf};
 
 /// List the exports of a server (NBD_OPT_LIST).
 pub async fn list_exports(ep: &Endpoint) -> Result<Vec<String>, NbdError> {

@@ -6,7 +6,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{ClientOptions, NbdClient};
 use crate::nbd::codec::{self, Request};
 use crate::nbd::proto::*;
-use crate::nbd::transport::Endpoint;
+use crate::transport::Endpoint;
 
 /// Serve one client on `l` with an export of transmission `flags`: negotiation through
 /// NBD_OPT_GO (every other option is unsupported), then a success reply to every request.

@@ -14,10 +14,10 @@ use tokio::sync::oneshot;
 use super::{command_name, NbdClient};
 use crate::nbd::codec::{self, ReplyHeader, Request};
 use crate::nbd::proto::*;
-use crate::nbd::transport::{ReadHalf, WriteHalf};
 use crate::nbd::{errno_name, NbdError};
 use crate::storage::IoBuf;
 use crate::sync::Locked;
+use crate::transport::{ReadHalf, WriteHalf};
 
 /// A request already on the wire; [`Ticket::wait`] waits for its reply. Dropping a ticket
 /// forgets the reply (the request still runs on the server).

@@ -18,10 +18,13 @@
 //!   negotiate     the handshake: greeting, then one handler per NBD_OPT_*
 //!   transmission  the request loop: check each request, run it against the Backend
 //!   reply         simple and structured replies, written in completion order
+//!   lockstep      lockstep's extensions: epoch marks, the control option
 //! ```
 //!
-//! lockstep's own additions (epoch marks, the control option) are in [`crate::nbd::lockstep`].
+//! lockstep's own additions (epoch marks, the control option) are in `lockstep`; the traits
+//! they hand over to ([`EpochSink`], [`ControlHandler`]) are in [`crate::nbd::lockstep`].
 
+mod lockstep;
 pub(super) mod negotiate;
 pub(super) mod reply;
 mod transmission;
@@ -38,11 +41,11 @@ use self::negotiate::Negotiated;
 use super::guard::{Handshake, PortAuth};
 pub use super::lockstep::{ControlHandler, EpochSink};
 use super::proto::*;
-use super::transport::{Listener, ReadHalf, WriteHalf};
 use super::NbdError;
 use crate::auth::{self, Accepted, PeerKey, SessionKeys};
 use crate::storage::Backend;
 use crate::tls::{self, ServerTls};
+use crate::transport::{Listener, ReadHalf, WriteHalf};
 
 /// Largest request payload the server accepts (advertised as NBD_INFO_BLOCK_SIZE maximum).
 pub const MAX_PAYLOAD: u32 = 32 << 20;

@@ -10,9 +10,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use super::{Export, NbdServer, BASE_ALLOCATION_ID, MAX_PAYLOAD, PREFERRED_BLOCK};
 use crate::nbd::codec::{self, CodecError, InfoRequest, MetaContextRequest};
 use crate::nbd::proto::*;
-use crate::nbd::transport::{ReadHalf, WriteHalf};
 use crate::nbd::NbdError;
 use crate::tls;
+use crate::transport::{ReadHalf, WriteHalf};
 
 /// Option payloads above this are refused with NBD_REP_ERR_TOO_BIG.
 const MAX_OPTION_LEN: u32 = 64 << 10;

@@ -9,8 +9,8 @@ use super::BASE_ALLOCATION_ID;
 use crate::nbd::codec;
 use crate::nbd::errno_to_nbd;
 use crate::nbd::proto::*;
-use crate::nbd::transport::WriteHalf;
 use crate::storage::{IoBuf, StorageError};
+use crate::transport::WriteHalf;
 
 /// One reply on its way to the writer task; the permit returns the byte budget once written.
 #[derive(Debug)]

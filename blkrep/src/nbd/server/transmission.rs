@@ -9,15 +9,15 @@ use tokio::io::{AsyncReadExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
+use super::lockstep::mark_epoch;
 use super::negotiate::Session;
 use super::reply::{storage_error, write_replies, Reply, ReplyBody};
 use super::{stopped, NbdServer, MAX_PAYLOAD};
 use crate::nbd::codec::{self, Request};
-use crate::nbd::lockstep::mark_epoch;
 use crate::nbd::proto::*;
-use crate::nbd::transport::{ReadHalf, WriteHalf};
 use crate::nbd::NbdError;
 use crate::storage::{Backend, IoBuf};
+use crate::transport::{ReadHalf, WriteHalf};
 
 impl NbdServer {
     /// Serve requests until the client disconnects, breaks the protocol or `shutdown`

@@ -22,9 +22,9 @@ use super::secondary::{PeerLossPolicy, SecondaryOptions};
 use super::wire::AckMode;
 use crate::auth::PeerKey;
 use crate::epoch::CoordinatorOptions;
-use crate::nbd::transport::{Endpoint, Listener};
 use crate::storage::{Backend, DiskOptions};
 use crate::tls::TlsFiles;
+use crate::transport::{Endpoint, Listener};
 use crate::ublk::UblkOptions;
 
 /// The default heartbeat period of the primary (`--heartbeat`).

@@ -11,7 +11,6 @@ use super::{bind, stop_pair, to_json, PrimaryConfig};
 use crate::digest::DigestTable;
 use crate::epoch::{BoxFuture, Epoch, EpochCoordinator, NoGuest};
 use crate::nbd::server::{Export, NbdServer, ServerOptions};
-use crate::nbd::transport::Endpoint;
 use crate::replica::admin::{self, AdminHandler};
 use crate::replica::meta::{meta_path, MetaStore};
 use crate::replica::peer::LinkOptions;
@@ -20,6 +19,7 @@ use crate::replica::session::{Replicator, ReplicatorOptions};
 use crate::replica::status::PrimaryStatus;
 use crate::storage::open_disk;
 use crate::tls::ClientTls;
+use crate::transport::Endpoint;
 use crate::ublk;
 
 /// Run a primary until `shutdown` resolves; then stop serving, run a last checkpoint, say

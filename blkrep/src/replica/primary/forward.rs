@@ -24,14 +24,14 @@ use tokio::task::JoinSet;
 
 use super::queue::{FwdKind, FwdOp};
 use super::Primary;
+use crate::auth::SessionKey;
 use crate::nbd::client::{ClientOptions, NbdClient, Ticket};
-use crate::nbd::transport::Endpoint;
 use crate::replica::error::ReplicaError;
-use crate::replica::peer::PeerLink;
 use crate::replica::wire::AckMode;
 use crate::replica::REPLICA_EXPORT;
 use crate::sync::Locked;
 use crate::tls::ClientTls;
+use crate::transport::Endpoint;
 
 impl Primary {
     /// Start forwarding to the secondary over `client` (the session's replication
@@ -94,10 +94,11 @@ impl Primary {
 }
 
 /// Open the replication connection of a session to `secondary`: after RESUME_ACK, since the
-/// secondary binds it to the resumed session (`link`'s session key).
+/// secondary binds it to the resumed session, whose key (the control link's, when the port
+/// authenticates peers) the connection proves.
 pub async fn open_replica_connection(
     secondary: &Endpoint,
-    link: &PeerLink,
+    session: Option<SessionKey>,
     connect_timeout: Duration,
     tls: Option<ClientTls>,
 ) -> std::result::Result<NbdClient, ReplicaError> {
@@ -108,7 +109,7 @@ pub async fn open_replica_connection(
             structured: true,
             connect_timeout,
             request_timeout: Some(Duration::from_secs(30)),
-            session: link.session_key(),
+            session,
             tls,
         },
     )

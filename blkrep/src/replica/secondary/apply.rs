@@ -212,7 +212,7 @@ impl Backend for ReplicaSink {
         Box::pin(async { Err(no_session()) })
     }
     fn flush(&self) -> IoFuture<'_, ()> {
-        Box::pin(self.0.sync.sync(&*self.0.disk))
+        Box::pin(self.0.flush_disk())
     }
     fn discard(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
         Box::pin(async { Err(no_session()) })
@@ -247,7 +247,7 @@ impl Backend for ReplicaConn {
             let apply = Box::pin(async move {
                 s.disk.write_at(offset, data, false).await?;
                 if fua {
-                    s.sync.sync(&*s.disk).await?;
+                    s.flush_disk().await?;
                 }
                 Ok(())
             });
@@ -255,7 +255,7 @@ impl Backend for ReplicaConn {
         })
     }
     fn flush(&self) -> IoFuture<'_, ()> {
-        Box::pin(self.sec.sync.sync(&*self.sec.disk))
+        Box::pin(self.sec.flush_disk())
     }
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         let s = &self.sec;

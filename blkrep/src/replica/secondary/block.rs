@@ -88,8 +88,7 @@ impl SecondaryParticipant for BlockShare<'_> {
             // is on this disk: flush it first. Every write of the epoch finished before its
             // mark was answered, so one flush covers it.
             self.sec
-                .sync
-                .sync(&*self.sec.disk)
+                .flush_disk()
                 .await
                 .map_err(|e| format!("flushing the secondary disk: {e}"))?;
             self.check(epoch, summary)?;

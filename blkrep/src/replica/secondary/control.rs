@@ -25,7 +25,6 @@ use super::{Mode, PeerLossPolicy, Secondary, MAX_QUEUED_SUMS};
 use crate::auth::SessionKey;
 use crate::digest;
 use crate::nbd::server::ControlHandler;
-use crate::nbd::transport::{ReadHalf, WriteHalf};
 use crate::replica::admission::{self, Claim, Local, Standing};
 use crate::replica::error::ReplicaError;
 use crate::replica::frame::{read_message, send, SharedWriter};
@@ -34,6 +33,7 @@ use crate::replica::wire::{self, Message, SyncKind};
 use crate::replica::FailoverTarget;
 use crate::storage::Result;
 use crate::sync::BoxFuture;
+use crate::transport::{ReadHalf, WriteHalf};
 
 /// Serves control connections from the primary (one session at a time).
 #[derive(Debug)]
@@ -462,7 +462,7 @@ impl Secondary {
         // No forwarded request is in progress after this, and no RESUME (which marks the
         // disk unclean) runs until the metadata is stored.
         let _x = self.barrier.write().await;
-        if let Err(e) = self.sync.sync(&*self.disk).await {
+        if let Err(e) = self.flush_disk().await {
             self.set_error(format!(
                 "flushing the disk after the primary's GOODBYE: {e}; it stays marked unclean"
             ));

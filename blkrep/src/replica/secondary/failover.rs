@@ -129,7 +129,7 @@ impl Secondary {
         self.write_back(&blocks, |buf, b| buf.oldest_original(b))
             .await?;
         if !blocks.is_empty() {
-            self.sync.sync(&*self.disk).await?;
+            self.flush_disk().await?;
             self.inner().buffer.drop_originals();
         }
         Ok(blocks.len() as u64)

@@ -279,6 +279,12 @@ impl Secondary {
         }
     }
 
+    /// Return once a flush of the disk that started after this call has completed; flushes
+    /// requested meanwhile share one.
+    async fn flush_disk(&self) -> crate::storage::Result<()> {
+        self.sync.run(|| self.disk.flush()).await
+    }
+
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.locked()
     }

@@ -34,8 +34,8 @@ use super::status::LinkStatus;
 use super::wire::{AckMode, SyncKind};
 use crate::auth::PeerKey;
 use crate::epoch::{BoxFuture, CheckpointLink, CheckpointTrigger, Epoch, EpochError, EpochSummary};
-use crate::nbd::transport::Endpoint;
 use crate::tls::ClientTls;
+use crate::transport::Endpoint;
 
 /// Blocks per unit of a checksum sync and of `verify` (64 KiB chunks).
 pub const CHUNK_BLOCKS: u64 = 16;

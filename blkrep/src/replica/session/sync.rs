@@ -90,7 +90,7 @@ impl Replicator {
         // Opened after RESUME_ACK: the secondary binds it to the resumed session.
         let client = open_replica_connection(
             &self.opts.secondary,
-            link,
+            link.session_key(),
             self.opts.connect_timeout,
             self.opts.tls.clone(),
         )

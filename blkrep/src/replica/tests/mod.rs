@@ -260,8 +260,8 @@ async fn start_primary_joined(
 async fn control_conn(
     ep: &Endpoint,
 ) -> (
-    tokio::io::BufReader<crate::nbd::transport::ReadHalf>,
-    tokio::io::BufWriter<crate::nbd::transport::WriteHalf>,
+    tokio::io::BufReader<crate::transport::ReadHalf>,
+    tokio::io::BufWriter<crate::transport::WriteHalf>,
 ) {
     let (rd, wr, _) = connect_control(ep, Duration::from_secs(5), None, None)
         .await
@@ -303,8 +303,8 @@ fn hello() -> Message {
 
 /// Say HELLO, expect WELCOME, RESUME in epoch 1: forwarded writes are taken from now on.
 async fn raw_session(
-    rd: &mut tokio::io::BufReader<crate::nbd::transport::ReadHalf>,
-    wr: &mut tokio::io::BufWriter<crate::nbd::transport::WriteHalf>,
+    rd: &mut tokio::io::BufReader<crate::transport::ReadHalf>,
+    wr: &mut tokio::io::BufWriter<crate::transport::WriteHalf>,
 ) -> SyncKind {
     write_message(wr, &hello()).await.unwrap();
     let Message::Welcome { sync, .. } = read_message(rd).await.unwrap() else {

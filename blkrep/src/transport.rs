@@ -1,12 +1,39 @@
-//! Where NBD connections come from: TCP or unix sockets, behind one type.
+//! Where connections come from: TCP or unix sockets, behind one type.
+//!
+//! NBD ([`crate::nbd`]), the peer key exchange ([`crate::auth`]) and TLS ([`crate::tls`])
+//! all run over these; none of them is needed here, so each may depend on this module.
+//! Failures are a [`TransportError`], which [`crate::nbd::NbdError`] converts from.
 
 use std::fmt;
+use std::io;
 use std::path::PathBuf;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
-use super::NbdError;
+/// Why a listener could not be bound or a connection not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The socket failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The address may not be used (a unix socket path that is not a stale socket).
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl TransportError {
+    fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> TransportError {
+        let context = context.into();
+        move |source| TransportError::Io { context, source }
+    }
+}
 
 /// An address to listen on or connect to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,18 +117,18 @@ pub enum Listener {
 impl Listener {
     /// Bind `ep`. A stale unix socket file is replaced; a path held by a live server is not,
     /// and neither is anything that is not a socket (a typo must not delete a file).
-    pub async fn bind(ep: &Endpoint) -> Result<Self, NbdError> {
+    pub async fn bind(ep: &Endpoint) -> Result<Self, TransportError> {
         match ep {
             Endpoint::Tcp(a) => TcpListener::bind(a)
                 .await
                 .map(Listener::Tcp)
-                .map_err(NbdError::io(format!("cannot listen on {a}"))),
+                .map_err(TransportError::io(format!("cannot listen on {a}"))),
             Endpoint::Unix(p) => {
                 // Not followed: a symlink is not ours to replace either.
                 if let Ok(m) = std::fs::symlink_metadata(p) {
                     use std::os::unix::fs::FileTypeExt;
                     if !m.file_type().is_socket() {
-                        return Err(NbdError::Invalid(format!(
+                        return Err(TransportError::Refused(format!(
                             "{} exists and is not a socket: refusing to replace it",
                             p.display()
                         )));
@@ -109,7 +136,7 @@ impl Listener {
                 }
                 if p.exists() {
                     if UnixStream::connect(p).await.is_ok() {
-                        return Err(NbdError::Invalid(format!(
+                        return Err(TransportError::Refused(format!(
                             "{} is in use by a running server",
                             p.display()
                         )));
@@ -118,7 +145,10 @@ impl Listener {
                 }
                 UnixListener::bind(p)
                     .map(|l| Listener::Unix(l, p.clone()))
-                    .map_err(NbdError::io(format!("cannot listen on {}", p.display())))
+                    .map_err(TransportError::io(format!(
+                        "cannot listen on {}",
+                        p.display()
+                    )))
             }
         }
     }
@@ -160,21 +190,24 @@ impl Drop for Listener {
 }
 
 /// Connect to `ep`: (read half, write half).
-pub async fn connect(ep: &Endpoint) -> Result<(ReadHalf, WriteHalf), NbdError> {
+pub async fn connect(ep: &Endpoint) -> Result<(ReadHalf, WriteHalf), TransportError> {
     match ep {
         Endpoint::Tcp(a) => {
             let s = TcpStream::connect(a)
                 .await
-                .map_err(NbdError::io(format!("cannot connect to {a}")))?;
+                .map_err(TransportError::io(format!("cannot connect to {a}")))?;
             s.set_nodelay(true)
-                .map_err(NbdError::io("setting TCP_NODELAY"))?;
+                .map_err(TransportError::io("setting TCP_NODELAY"))?;
             let (r, w) = s.into_split();
             Ok((Box::new(r), Box::new(w)))
         }
         Endpoint::Unix(p) => {
             let s = UnixStream::connect(p)
                 .await
-                .map_err(NbdError::io(format!("cannot connect to {}", p.display())))?;
+                .map_err(TransportError::io(format!(
+                    "cannot connect to {}",
+                    p.display()
+                )))?;
             let (r, w) = s.into_split();
             Ok((Box::new(r), Box::new(w)))
         }
