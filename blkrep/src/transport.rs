@@ -224,27 +224,18 @@ mod tests {
 
     #[test]
     fn endpoints_parse() {
-        assert_eq!(
-            parse("127.0.0.1:10809"),
-            Ok(Endpoint::Tcp("127.0.0.1:10809".into()))
-        );
-        assert_eq!(
-            parse("node-b:10900"),
-            Ok(Endpoint::Tcp("node-b:10900".into()))
-        );
-        assert_eq!(parse("[::1]:0"), Ok(Endpoint::Tcp("[::1]:0".into())));
-        assert_eq!(
-            parse("unix:/run/l.sock"),
-            Ok(Endpoint::Unix("/run/l.sock".into()))
-        );
-        assert_eq!(
-            parse("unix:rel.sock"),
-            Ok(Endpoint::Unix("rel.sock".into()))
-        );
-        assert_eq!(
-            parse(DEFAULT_ENDPOINT),
-            Ok(Endpoint::Tcp(DEFAULT_ENDPOINT.into()))
-        );
+        let tcp = |a: &str| Endpoint::Tcp(a.into());
+        let unix = |p: &str| Endpoint::Unix(p.into());
+        for (s, want) in [
+            ("127.0.0.1:10809", tcp("127.0.0.1:10809")),
+            ("node-b:10900", tcp("node-b:10900")),
+            ("[::1]:0", tcp("[::1]:0")),
+            ("unix:/run/l.sock", unix("/run/l.sock")),
+            ("unix:rel.sock", unix("rel.sock")),
+            (DEFAULT_ENDPOINT, tcp(DEFAULT_ENDPOINT)),
+        ] {
+            assert_eq!(parse(s), Ok(want), "{s}");
+        }
     }
 
     #[test]
