@@ -3,6 +3,8 @@
 //! ```text
 //!   NBD_CMD_LOCKSTEP_EPOCH    an epoch mark: a barrier in a replication connection's request
 //!                             stream; the server hands it to the export's EpochSink
+//!   NBD_CMD_LOCKSTEP_PARTICIPANT  a message for a participant's secondary half; the server
+//!                             hands it to the export's EpochSink and sends back its answer
 //!   NBD_OPT_LOCKSTEP_CONTROL  during negotiation: leave NBD for lockstep's control protocol,
 //!                             which the server hands to its ControlHandler
 //! ```
@@ -13,8 +15,8 @@
 //! child of that side, called at the one place each extension begins:
 //!
 //! ```text
-//!   server::lockstep   waiting out an epoch mark; acknowledging the control option
-//!   client::lockstep   submitting an epoch mark; connect_control
+//!   server::lockstep   waiting out an epoch mark; a participant message; the control option
+//!   client::lockstep   submitting an epoch mark; call_participant; connect_control
 //! ```
 //!
 //! Neither side is used from here, so the dependencies run one way: server and client on this
@@ -27,6 +29,7 @@ use tokio::io::{BufReader, BufWriter};
 
 use crate::auth::SessionKey;
 use crate::storage::Backend;
+use crate::sync::BoxFuture;
 use crate::transport::{ReadHalf, WriteHalf};
 
 // ---------------------------------------------------------------------------------------------
@@ -50,6 +53,14 @@ pub trait EpochSink: Send + Sync + std::fmt::Debug {
     fn connect(&self, session: Option<u64>) -> Option<(Arc<dyn Backend>, Arc<dyn EpochSink>)> {
         let _ = session;
         None
+    }
+
+    /// A message for participant `id`'s secondary half (`NBD_CMD_LOCKSTEP_PARTICIPANT`);
+    /// the answer goes back to the client. The server reads no later request of the
+    /// connection until it returns, so messages are handled in the order they were sent.
+    fn participant(&self, id: u16, message: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, String>> {
+        let _ = (id, message);
+        Box::pin(async { Err("this export takes no participant messages".to_string()) })
     }
 }
 

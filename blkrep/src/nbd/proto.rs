@@ -88,6 +88,11 @@ pub const CMD_BLOCK_STATUS: u16 = 7;
 /// lockstep extension: epoch mark on a replication connection (offset = the new epoch).
 /// Accepted only on exports that carry an epoch sink; see `docs/protocol.md`.
 pub const CMD_LOCKSTEP_EPOCH: u16 = 0x4c45;
+/// lockstep extension: a message for a checkpoint participant's secondary half on a
+/// replication connection (offset = participant id, payload = the message, at most
+/// `epoch::MAX_PEER_MESSAGE` bytes); answered with one `NBD_REPLY_TYPE_OFFSET_DATA` chunk at
+/// offset 0 holding the answer, or an error. Needs structured replies.
+pub const CMD_LOCKSTEP_PARTICIPANT: u16 = 0x4c50;
 
 /// lockstep extension: switch this connection to the replication control protocol
 /// (option data: empty). Answered with `NBD_REP_ACK` by a secondary, `NBD_REP_ERR_UNSUP`

@@ -34,37 +34,7 @@ pub const REPLICA_EXPORT: &str = "lockstep-replica";
 /// Participant id of the block layer in checkpoint summaries.
 pub const PARTICIPANT_BLOCK: u16 = 1;
 
-/// Which state a failover leaves on the secondary's disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailoverTarget {
-    /// The last committed checkpoint (plus the secondary's own writes): COLO's semantic.
-    Checkpoint,
-    /// Every primary write the secondary acknowledged: DRBD's semantic.
-    Latest,
-}
-
-impl FailoverTarget {
-    /// The name used on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            FailoverTarget::Checkpoint => "checkpoint",
-            FailoverTarget::Latest => "latest",
-        }
-    }
-}
-
-impl std::str::FromStr for FailoverTarget {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "checkpoint" => Ok(Self::Checkpoint),
-            "latest" => Ok(Self::Latest),
-            _ => Err(format!(
-                "unknown failover target {s:?} (checkpoint or latest)"
-            )),
-        }
-    }
-}
+pub use crate::epoch::FailoverTarget;
 
 #[cfg(test)]
 mod tests;

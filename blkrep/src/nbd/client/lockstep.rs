@@ -9,6 +9,7 @@ use tokio::io::{BufReader, BufWriter};
 use super::negotiate::{greet, negotiation_refused, read_option_reply, send_option};
 use super::{authenticate, secure_connect, NbdClient, Ticket};
 use crate::auth::{Credential, PeerKey};
+use crate::epoch::MAX_PEER_MESSAGE;
 use crate::nbd::lockstep::ControlConnection;
 use crate::nbd::proto::*;
 use crate::nbd::NbdError;
@@ -27,6 +28,25 @@ impl NbdClient {
             false,
         )
         .await
+    }
+
+    /// Send a message to participant `id`'s secondary half (a lockstep extension, see
+    /// `docs/protocol.md`) and wait for its answer. Needs structured replies.
+    pub async fn call_participant(&self, id: u16, message: &[u8]) -> Result<Vec<u8>, NbdError> {
+        if message.len() > MAX_PEER_MESSAGE {
+            return Err(NbdError::Invalid(format!(
+                "a participant message of {} bytes (at most {MAX_PEER_MESSAGE})",
+                message.len()
+            )));
+        }
+        let req = Self::req(
+            CMD_LOCKSTEP_PARTICIPANT,
+            0,
+            u64::from(id),
+            message.len() as u32,
+        );
+        let out = self.request(req, Some(message), None).await?;
+        Ok(out.data.map(|d| d.to_vec()).unwrap_or_default())
     }
 }
 

@@ -119,6 +119,7 @@ fn command_name(c: u16) -> &'static str {
         CMD_WRITE_ZEROES => "write-zeroes",
         CMD_BLOCK_STATUS => "block-status",
         CMD_LOCKSTEP_EPOCH => "epoch-mark",
+        CMD_LOCKSTEP_PARTICIPANT => "participant-message",
         _ => "command",
     }
 }

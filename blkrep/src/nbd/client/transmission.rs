@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::oneshot;
 
 use super::{command_name, NbdClient};
+use crate::epoch::MAX_PEER_MESSAGE;
 use crate::nbd::codec::{self, ReplyHeader, Request};
 use crate::nbd::proto::*;
 use crate::nbd::{errno_name, NbdError};
@@ -309,6 +310,16 @@ async fn reply_loop(rd: &mut BufReader<ReadHalf>, shared: &Shared) -> Result<(),
                             bad(format!("read chunk at {off}+{n} outside the request"))
                         })?;
                         rd.read_exact(buf).await.map_err(io())?;
+                    }
+                    REPLY_TYPE_OFFSET_DATA
+                        if p.command == CMD_LOCKSTEP_PARTICIPANT
+                            && p.data.is_none()
+                            && (8..=MAX_PEER_MESSAGE as u64 + 8).contains(&u64::from(length)) =>
+                    {
+                        let _offset = rd.read_u64().await.map_err(io())?;
+                        let mut buf = IoBuf::zeroed(length as usize - 8);
+                        rd.read_exact(&mut buf).await.map_err(io())?;
+                        p.data = Some(buf);
                     }
                     REPLY_TYPE_OFFSET_HOLE if p.command == CMD_READ && length == 12 => {
                         let off = rd.read_u64().await.map_err(io())?;

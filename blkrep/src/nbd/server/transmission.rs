@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
-use super::lockstep::mark_epoch;
+use super::lockstep::{mark_epoch, participant_message};
 use super::negotiate::Session;
 use super::reply::{storage_error, write_replies, Reply, ReplyBody};
 use super::{stopped, NbdServer, MAX_PAYLOAD};
@@ -68,6 +68,20 @@ impl NbdServer {
                 epochs.filter(|_| req.command == CMD_LOCKSTEP_EPOCH && req.length == 0)
             {
                 let body = mark_epoch(&**sink, req.offset, &mut inflight).await;
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                let _ = tx.send(Reply {
+                    cookie: req.cookie,
+                    body,
+                    _permit: None,
+                });
+                continue;
+            }
+            if req.command == CMD_LOCKSTEP_PARTICIPANT {
+                let body = match participant_message(&mut rd, &req, epochs, structured, peer).await
+                {
+                    Ok(b) => b,
+                    Err(e) => break Err(e),
+                };
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
                 let _ = tx.send(Reply {
                     cookie: req.cookie,

@@ -7,8 +7,8 @@
 mod primary;
 mod secondary;
 
-pub use primary::run_primary;
-pub use secondary::run_secondary;
+pub use primary::{run_primary, run_primary_with};
+pub use secondary::{run_secondary, run_secondary_with};
 
 use std::path::PathBuf;
 use std::sync::Arc;

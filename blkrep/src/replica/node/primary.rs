@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::{bind, stop_pair, to_json, PrimaryConfig};
 use crate::digest::DigestTable;
-use crate::epoch::{BoxFuture, Epoch, EpochCoordinator, NoGuest};
+use crate::epoch::{BoxFuture, Epoch, EpochCoordinator, NoGuest, Participant};
 use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::replica::admin::{self, AdminHandler};
 use crate::replica::meta::{meta_path, MetaStore};
@@ -26,6 +26,16 @@ use crate::ublk;
 /// goodbye to the secondary and flush.
 pub async fn run_primary(
     cfg: PrimaryConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    run_primary_with(cfg, Vec::new(), shutdown).await
+}
+
+/// [`run_primary`] with checkpoint participants besides the block layer (memory regions):
+/// they cut, prepare and commit in the same epochs as the disk, after it.
+pub async fn run_primary_with(
+    cfg: PrimaryConfig,
+    others: Vec<Arc<dyn Participant>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     // The secondary refuses a period outside this range: say so before touching anything.
@@ -69,8 +79,11 @@ pub async fn run_primary(
         stop_rx.clone(),
     );
     // Before the first session: its resync asks for the checkpoint that completes it.
+    let mut participants: Vec<Arc<dyn Participant>> =
+        vec![Arc::new(BlockParticipant(primary.clone()))];
+    participants.extend(others);
     let coord = EpochCoordinator::new(
-        vec![Arc::new(BlockParticipant(primary.clone()))],
+        participants,
         Arc::new(NoGuest),
         repl.clone(),
         Epoch(primary.resume_epoch()),
@@ -78,6 +91,7 @@ pub async fn run_primary(
     );
     primary.set_trigger(coord.trigger());
     repl.set_trigger(coord.trigger());
+    repl.set_participants(coord.participants().to_vec());
     // The secondary may still be starting (or busy): retry until the deadline; a permanent
     // refusal is final.
     let deadline = Instant::now() + cfg.connect_timeout;

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::{bind, stop_pair, to_json, SecondaryConfig};
 use crate::auth::listen_policy;
-use crate::epoch::BoxFuture;
+use crate::epoch::{BoxFuture, SecondaryParticipant};
 use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::replica::admin::{self, AdminHandler};
 use crate::replica::meta::{meta_path, MetaStore};
@@ -24,6 +24,16 @@ use crate::ublk;
 /// Run a secondary until `shutdown` resolves.
 pub async fn run_secondary(
     cfg: SecondaryConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    run_secondary_with(cfg, Vec::new(), shutdown).await
+}
+
+/// [`run_secondary`] with checkpoint participants besides the block layer (memory regions):
+/// each commits all-or-nothing with the disk.
+pub async fn run_secondary_with(
+    cfg: SecondaryConfig,
+    others: Vec<Arc<dyn SecondaryParticipant>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     let notice = listen_policy(
@@ -40,6 +50,9 @@ pub async fn run_secondary(
     let disk = open_disk(&cfg.disk).map_err(|e| e.to_string())?;
     let (meta, known) = MetaStore::open(meta_path(&cfg.disk.path)).map_err(|e| e.to_string())?;
     let sec = Secondary::with_meta(disk.clone(), cfg.secondary.clone(), meta, known);
+    for p in others {
+        sec.add_participant(p)?;
+    }
     let sink = sec.replica_sink();
     let mut replica = NbdServer::new(
         vec![Export {

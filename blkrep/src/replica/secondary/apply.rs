@@ -16,6 +16,7 @@ use super::{blocks_of, spill_error, Mode, Secondary};
 use crate::nbd::server::EpochSink;
 use crate::replica::buffer::BUFFER_BLOCK;
 use crate::storage::{check_range, Backend, Extent, IoBuf, IoFuture, Op, Result, StorageError};
+use crate::sync::BoxFuture;
 
 impl Secondary {
     /// Copy the originals of blocks `first..=last` into `epoch` where not yet kept. The
@@ -192,6 +193,13 @@ impl EpochSink for ReplicaConn {
     fn begin_epoch(&self, epoch: u64, drain: Duration) -> std::result::Result<(), String> {
         self.sec.inner().mark_drain.record(drain);
         self.sec.begin_epoch(self.token, epoch)
+    }
+    fn participant(
+        &self,
+        id: u16,
+        message: Vec<u8>,
+    ) -> BoxFuture<'_, std::result::Result<Vec<u8>, String>> {
+        Box::pin(self.sec.participant_message(self.token, id, message))
     }
 }
 

@@ -9,9 +9,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::participant::SecondaryParticipant;
 use super::Secondary;
 use crate::epoch::EpochSummary;
+use crate::epoch::SecondaryParticipant;
 use crate::replica::{FailoverTarget, PARTICIPANT_BLOCK};
 use crate::sync::BoxFuture;
 

@@ -12,9 +12,9 @@
 use std::sync::Arc;
 
 use super::block::BlockShare;
-use super::participant::SecondaryParticipant;
 use super::{Mode, Secondary};
 use crate::epoch::EpochSummary;
+use crate::epoch::SecondaryParticipant;
 use crate::replica::PARTICIPANT_BLOCK;
 use crate::sync::Locked;
 
@@ -40,6 +40,26 @@ impl Secondary {
     /// The participants besides the block layer.
     pub(super) fn others(&self) -> Vec<Arc<dyn SecondaryParticipant>> {
         self.participants.locked().clone()
+    }
+
+    /// A message for participant `id` from a replication connection of the session of
+    /// `token`: handed to it while that session replicates (never across a failover or a
+    /// RESUME), refused otherwise.
+    pub(super) async fn participant_message(
+        &self,
+        token: u64,
+        id: u16,
+        message: Vec<u8>,
+    ) -> std::result::Result<Vec<u8>, String> {
+        let _b = self.barrier.read().await;
+        self.session_is(token)
+            .map_err(|e| format!("participant message refused: {e}"))?;
+        let p = self
+            .others()
+            .into_iter()
+            .find(|p| p.id() == id)
+            .ok_or_else(|| format!("this secondary has no participant {id}"))?;
+        p.receive(&message)
     }
 
     /// Whether the session of `token` is still the one replicating here.

@@ -10,9 +10,9 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::block::BlockShare;
-use super::participant::SecondaryParticipant;
 use super::{spill_error, FailoverReport, Mode, Secondary};
 use crate::digest;
+use crate::epoch::SecondaryParticipant;
 use crate::replica::buffer::{DiskBuffer, BUFFER_BLOCK};
 use crate::replica::FailoverTarget;
 use crate::storage::{IoBuf, Result};

@@ -16,7 +16,7 @@
 //! | `mod.rs` | the [`Secondary`]: modes, state, status |
 //! | [`apply`] | forwarded writes: copy-before-write, epoch marks, the replication export |
 //! | [`commit`] | committing an epoch, all participants or none |
-//! | [`participant`] | the seam other participants (memory, network) implement |
+//! | [`crate::epoch::SecondaryParticipant`] | the seam other participants (memory, network) implement |
 //! | [`block`] | the block layer's half of the checkpoint |
 //! | [`view`] | the secondary's own view (local clients) |
 //! | [`failover`] | failover and roll-back to the last checkpoint |
@@ -30,12 +30,11 @@ mod block;
 mod commit;
 mod control;
 mod failover;
-pub mod participant;
 mod view;
 
+pub use crate::epoch::SecondaryParticipant;
 pub use apply::{ReplicaConn, ReplicaSink};
 pub use control::SecondaryControl;
-pub use participant::SecondaryParticipant;
 pub use view::SecondaryView;
 
 use std::collections::BTreeMap;

@@ -17,7 +17,9 @@
 //! | `mod.rs` | [`Replicator`]: one attempt, the reconnect loop, shutdown, status |
 //! | `sync.rs` | after WELCOME: mark dirty, compare digests, RESUME, forward, resync |
 //! | `verify.rs` | online comparison of both disks by digest |
+//! | `channel.rs` | the other participants' channels to their secondary halves |
 
+mod channel;
 mod sync;
 mod verify;
 
@@ -33,7 +35,9 @@ use super::primary::{Primary, PrimaryMode};
 use super::status::LinkStatus;
 use super::wire::{AckMode, SyncKind};
 use crate::auth::PeerKey;
-use crate::epoch::{BoxFuture, CheckpointLink, CheckpointTrigger, Epoch, EpochError, EpochSummary};
+use crate::epoch::{
+    BoxFuture, CheckpointLink, CheckpointTrigger, Epoch, EpochError, EpochSummary, Participant,
+};
 use crate::tls::ClientTls;
 use crate::transport::Endpoint;
 
@@ -78,6 +82,7 @@ pub struct Replicator {
     opts: ReplicatorOptions,
     link: Mutex<Option<Arc<PeerLink>>>,
     trigger: OnceLock<CheckpointTrigger>,
+    participants: OnceLock<Vec<Arc<dyn Participant>>>,
     state: Mutex<SessionState>,
     stop: watch::Receiver<bool>,
 }
@@ -102,6 +107,7 @@ impl Replicator {
             opts,
             link: Mutex::new(None),
             trigger: OnceLock::new(),
+            participants: OnceLock::new(),
             state: Mutex::new(SessionState::default()),
             stop,
         })
@@ -110,6 +116,12 @@ impl Replicator {
     /// Where the checkpoint that completes a resync is requested.
     pub fn set_trigger(&self, t: CheckpointTrigger) {
         let _ = self.trigger.set(t);
+    }
+
+    /// The checkpoint participants; those with a secondary half of their own
+    /// ([`Participant::peer_id`]) get a channel to it in every session.
+    pub fn set_participants(&self, all: Vec<Arc<dyn Participant>>) {
+        let _ = self.participants.set(all);
     }
 
     fn st(&self) -> std::sync::MutexGuard<'_, SessionState> {

@@ -3,7 +3,8 @@
 //! ```text
 //!  begin_sync ─▶ mark dirty (checksum: every block; full: every allocated block)
 //!             ─▶ compare_units: SUMS_REQUEST per batch of dirty units; equal ones forgotten
-//!             ─▶ RESUME(epoch) ⇄ RESUME_ACK ─▶ resume_forwarding: data connection, forwarder
+//!             ─▶ RESUME(epoch) ⇄ RESUME_ACK ─▶ connect_participants (channel.rs)
+//!             ─▶ resume_forwarding: data connection, forwarder
 //!             ─▶ spawn_resync: every dirty block, then the checkpoint that completes the sync
 //! ```
 //!
@@ -52,6 +53,7 @@ impl Replicator {
         }
         let epoch = p.resume_epoch();
         link.resume(epoch).await?;
+        self.connect_participants(link, epoch).await?;
         self.resume_forwarding(link).await?;
         let stats = p.resync_stats();
         tracing::info!(

@@ -228,7 +228,6 @@ async fn start_primary_joined(
         },
         stop_rx,
     );
-    repl.attempt().await.unwrap();
     let mut participants: Vec<Arc<dyn crate::epoch::Participant>> =
         vec![Arc::new(BlockParticipant(primary.clone()))];
     participants.extend(others);
@@ -242,6 +241,8 @@ async fn start_primary_joined(
             bytes: 0,
         },
     );
+    repl.set_participants(coord.participants().to_vec());
+    repl.attempt().await.unwrap();
     wait_for("the initial sync", || !primary.status().resyncing).await;
     // The checkpoint that completes the initial sync (the daemon requests it by itself).
     coord.checkpoint().await.unwrap();

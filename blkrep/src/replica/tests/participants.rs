@@ -1,12 +1,14 @@
-//! A second checkpoint participant beside the block layer, with its own transport (as
-//! memrep's will be): its share of an epoch commits exactly when the block layer's does, an
-//! incomplete share aborts the checkpoint for both, and failover hands it the committed epoch.
+//! A second checkpoint participant beside the block layer, whose halves talk over the
+//! session's participant channel (as memrep's do): its share of an epoch commits exactly when
+//! the block layer's does, an incomplete share aborts the checkpoint for both, messages of an
+//! ended session are refused, a permanent refusal at connect ends the attempt for good, and
+//! failover hands it the committed epoch.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::*;
-use crate::epoch::{EpochError, Participant};
+use crate::epoch::{EpochError, Participant, PeerChannel};
 use crate::replica::secondary::SecondaryParticipant;
 use crate::sync::{BoxFuture, Locked};
 
@@ -29,9 +31,19 @@ struct Shared {
     resumed: Vec<u64>,
     /// (target, committed epoch) of each failover.
     failovers: Vec<(FailoverTarget, u64)>,
+    /// The channel of each session, in order.
+    channels: Vec<Arc<dyn PeerChannel>>,
+    /// Refuse the next connect for good (as two halves of different sizes would).
+    refuse_next: bool,
 }
 
 struct PrimaryHalf(Arc<Mutex<Shared>>);
+
+impl PrimaryHalf {
+    fn channel(&self) -> Arc<dyn PeerChannel> {
+        self.0.locked().channels.last().cloned().expect("connected")
+    }
+}
 struct SecondaryHalf(Arc<Mutex<Shared>>);
 
 impl Participant for PrimaryHalf {
@@ -43,19 +55,44 @@ impl Participant for PrimaryHalf {
     }
     fn prepare(&self, epoch: Epoch) -> BoxFuture<'_, Result<EpochSummary, EpochError>> {
         Box::pin(async move {
-            let mut s = self.0.locked();
-            let sent = if std::mem::take(&mut s.lose_next) {
+            let sent = if std::mem::take(&mut self.0.locked().lose_next) {
                 ITEMS - 1
             } else {
                 ITEMS
             };
-            s.arrived.insert(epoch.0, sent);
+            let channel = self.channel();
+            for _ in 0..sent {
+                let answer = channel
+                    .call(epoch.0.to_le_bytes().to_vec())
+                    .await
+                    .map_err(|reason| EpochError::PeerLost { epoch, reason })?;
+                assert_eq!(answer, b"ok");
+            }
             Ok(EpochSummary {
                 participant: TEST_PARTICIPANT,
                 items: ITEMS,
                 bytes: 0,
                 digest: 0,
             })
+        })
+    }
+    fn peer_id(&self) -> Option<u16> {
+        Some(TEST_PARTICIPANT)
+    }
+    fn connected(
+        &self,
+        channel: Arc<dyn PeerChannel>,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<(), EpochError>> {
+        Box::pin(async move {
+            if std::mem::take(&mut self.0.locked().refuse_next) {
+                return Err(EpochError::Refused {
+                    epoch,
+                    reason: "regions of 1 and 2 pages".into(),
+                });
+            }
+            self.0.locked().channels.push(channel);
+            Ok(())
         })
     }
     fn commit(&self, _epoch: Epoch) {}
@@ -75,7 +112,12 @@ impl SecondaryParticipant for SecondaryHalf {
     fn resume(&self, epoch: u64) {
         let mut s = self.0.locked();
         s.resumed.push(epoch);
-        s.arrived.retain(|&e, _| e >= epoch);
+        s.arrived.retain(|&e, _| e < epoch);
+    }
+    fn receive(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        let epoch = u64::from_le_bytes(message.try_into().map_err(|_| "not an epoch")?);
+        *self.0.locked().arrived.entry(epoch).or_default() += 1;
+        Ok(b"ok".to_vec())
     }
     fn prepare<'a>(
         &'a self,
@@ -154,11 +196,16 @@ fn a_second_participant_commits_and_aborts_together_with_the_block_layer() {
         assert_eq!(shared.locked().aborted, vec![good + 1]);
         assert_eq!(shared.locked().committed.last(), Some(&good));
 
-        // The primary reconnects and resyncs; the next session commits on both again.
+        // The primary reconnects and resyncs; the next session commits on both again. The
+        // old session's channel is fenced off.
         wait_for("the next session", || {
-            s.sec.mode() == Mode::Replicating && shared.locked().resumed.len() >= 2
+            s.sec.mode() == Mode::Replicating && shared.locked().channels.len() >= 2
         })
         .await;
+        let old = shared.locked().channels[0].clone();
+        let e = old.call(9u64.to_le_bytes().to_vec()).await.unwrap_err();
+        assert!(e.contains("the session"), "{e}");
+        assert!(!shared.locked().arrived.contains_key(&9));
         wait_for("the resync", || !p.primary.status().resyncing).await;
         let mut last = Err(EpochError::NotReplicating("not yet".into()));
         for _ in 0..100 {
@@ -185,5 +232,52 @@ fn a_second_participant_commits_and_aborts_together_with_the_block_layer() {
         );
         assert_eq!(s.disk.snapshot(), at_after);
         assert_ne!(at_after, at_good);
+    });
+}
+
+#[test]
+fn a_participant_refusal_at_connect_is_permanent_and_says_why() {
+    rt().block_on(async {
+        let shared = Arc::new(Mutex::new(Shared {
+            refuse_next: true,
+            ..Shared::default()
+        }));
+        let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
+        s.sec
+            .add_participant(Arc::new(SecondaryHalf(shared.clone())))
+            .unwrap();
+        let table = DigestTable::scan(&MemoryBackend::new(SIZE)).await.unwrap();
+        let primary = Primary::new(
+            Arc::new(MemoryBackend::new(SIZE)),
+            table,
+            0,
+            PrimaryOptions::default(),
+            Arc::new(MetaStore::in_memory(NodeMeta::fresh())),
+        );
+        let (_stop, stop_rx) = watch::channel(false);
+        let repl = Replicator::new(
+            primary.clone(),
+            ReplicatorOptions {
+                secondary: s.ep.clone(),
+                link: link_options(),
+                ack: AckMode::Received,
+                connect_timeout: Duration::from_secs(5),
+                reconnect_timeout: Duration::from_secs(5),
+                retry: Duration::from_millis(50),
+                key: None,
+                tls: None,
+            },
+            stop_rx,
+        );
+        repl.set_participants(vec![Arc::new(PrimaryHalf(shared.clone()))]);
+        let e = repl.attempt().await.unwrap_err();
+        assert!(e.is_permanent_refusal(), "{e}");
+        assert!(
+            e.to_string().contains("test: regions of 1 and 2 pages"),
+            "{e}"
+        );
+        // Refused once; the next attempt joins.
+        repl.attempt().await.unwrap();
+        assert_eq!(shared.locked().channels.len(), 1);
     });
 }

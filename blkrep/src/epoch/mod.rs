@@ -20,6 +20,10 @@
 //! ([`CheckpointTrigger::add_bytes`]), and explicit requests (operator command, or netcmp
 //! seeing diverging output) through [`CheckpointTrigger::request`].
 
+mod peer;
+
+pub use peer::{FailoverTarget, PeerChannel, SecondaryParticipant, MAX_PEER_MESSAGE};
+
 use crate::sync::Locked;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,6 +115,35 @@ pub trait Participant: Send + Sync {
     fn abort(&self, epoch: Epoch, reason: &EpochError);
     /// This participant's share of the status report.
     fn status(&self) -> serde_json::Value;
+    /// Whether a checkpoint may start now. An error (a resync still in progress, say) means
+    /// no checkpoint runs this time: nothing is paused or cut, and the error is the reason.
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// The coordinator this participant joined hands it its trigger, so that it can ask for
+    /// checkpoints itself (a threshold of dirty bytes, say).
+    fn set_trigger(&self, trigger: CheckpointTrigger) {
+        let _ = trigger;
+    }
+    /// The id of this participant's secondary half ([`SecondaryParticipant::id`]) if it
+    /// talks to it over a [`PeerChannel`]; such participants get a channel from every
+    /// replication session ([`Participant::connected`]).
+    fn peer_id(&self) -> Option<u16> {
+        None
+    }
+    /// A replication session began: the secondary resumed at `epoch` (it holds checkpoint
+    /// `epoch - 1`), and `channel` reaches this participant's secondary half until the
+    /// session ends. Bring the secondary half up to date here or in the background.
+    /// [`EpochError::Refused`] is permanent (the two halves cannot work together, e.g.
+    /// different sizes) and ends the attempt for good; other errors end this attempt only.
+    fn connected(
+        &self,
+        channel: std::sync::Arc<dyn PeerChannel>,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<(), EpochError>> {
+        let _ = (channel, epoch);
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Pauses and resumes whatever produces writes, around `cut`. For a bare block device there
@@ -301,6 +334,9 @@ impl EpochCoordinator {
             threshold: Arc::new(AtomicU64::new(opts.bytes)),
             kick: Arc::new(Notify::new()),
         };
+        for p in &participants {
+            p.set_trigger(trigger.clone());
+        }
         Arc::new(Self {
             participants,
             guest,
@@ -312,6 +348,11 @@ impl EpochCoordinator {
             trigger,
             requests: tokio::sync::Mutex::new(Some(rx)),
         })
+    }
+
+    /// The participants, in the order they cut.
+    pub fn participants(&self) -> &[Arc<dyn Participant>] {
+        &self.participants
     }
 
     /// A handle that requests checkpoints.
@@ -409,6 +450,10 @@ impl EpochCoordinator {
             participant: "guest".into(),
             reason,
         };
+        for p in &self.participants {
+            p.ready()
+                .map_err(|why| EpochError::NotReplicating(format!("{}: {why}", p.name())))?;
+        }
         self.guest.pause().await.map_err(guest)?;
         let mut cut = Ok(());
         for p in &self.participants {
