@@ -1,9 +1,9 @@
 //! # memrep — memory checkpoints for lockstep
 //!
-//! **Status: not built yet.** This crate holds its documentation only; its issue comes after the
-//! block layer's replication (see `docs/architecture.md`).
+//! **Status: the low-level layer is built** (regions, digests, dirty tracking, writer hand-over);
+//! the epoch participant and the transport that use it come next (see `docs/architecture.md`).
 //!
-//! What it will be: a participant in blkrep's checkpoint epochs that replicates a shared-memory
+//! What it is for: a participant in blkrep's checkpoint epochs that replicates a shared-memory
 //! region (a file in `/dev/shm`, a memfd, QEMU guest RAM created with
 //! `memory-backend-file,share=on`) from the primary to the secondary.
 //!
@@ -18,4 +18,36 @@
 //! Dirty pages cross in epoch batches, zero pages travel as a flag, and pages may be pre-sent
 //! between checkpoints to shorten the pause. memrep depends on blkrep only for its `epoch`
 //! coordination API.
-#![forbid(unsafe_code)]
+//!
+//! ## Modules
+//!
+//! - [`region`]: [`region::Region`], a file (regular, `/dev/shm`, hugetlbfs) mapped `MAP_SHARED`.
+//!   All access is by raw copies (never a `&[u8]` over memory others write), which is why it is
+//!   `Send + Sync`. Page unit everywhere: [`PAGE_SIZE`] (4 KiB), also on hugetlbfs.
+//! - [`digest`]: [`digest::page_hash`] (xxh3_64), [`digest::is_zero`], and
+//!   [`digest::PageTable`], one digest per page plus a position-mixed fold of them all.
+//! - [`track`]: the [`track::Tracker`] trait, which reports the pages that may have changed since
+//!   the previous collect, with two backends: [`track::uffd::UffdTracker`] (userfaultfd
+//!   asynchronous write-protect + the `PAGEMAP_SCAN` ioctl, kernel 6.7+; cost proportional to the
+//!   pages written) and [`track::scan::ScanTracker`] (hash every page and compare with the table;
+//!   works everywhere, cost proportional to the region). [`track::probe_uffd`] says whether the
+//!   first is usable.
+//! - [`handoff`]: a cooperating writer in another process registers its mapping with userfaultfd
+//!   and passes the userfaultfd and its `/proc/self/pagemap` to lockstep over a unix socket
+//!   (`SCM_RIGHTS`); [`track::uffd::UffdTracker::from_handover`] then tracks its writes.
+//!
+//! `unsafe` is denied crate-wide and allowed only on the items that make syscalls (`mmap`,
+//! `ioctl`, `sendmsg`/`recvmsg`) or copy through the raw mapping; each block states why it is
+//! sound.
+#![deny(unsafe_code)]
+
+pub mod digest;
+pub mod handoff;
+pub mod region;
+pub mod track;
+
+/// The page unit of memrep: page index `i` covers bytes `[i * 4096, (i + 1) * 4096)`.
+pub const PAGE_SIZE: usize = 4096;
+
+#[cfg(test)]
+pub(crate) mod testutil;
