@@ -43,8 +43,11 @@
 
 pub mod digest;
 pub mod handoff;
+pub mod primary;
 pub mod region;
+pub mod secondary;
 pub mod track;
+pub mod wire;
 
 /// The page unit of memrep: page index `i` covers bytes `[i * 4096, (i + 1) * 4096)`.
 pub const PAGE_SIZE: usize = 4096;

@@ -1,0 +1,604 @@
+//! A region's primary half: the epoch participant that brings a shared-memory region to the
+//! secondary at every checkpoint.
+//!
+//! ```text
+//!  connected(channel, e) ─▶ HELLO (sizes) ─▶ DIGESTS: pages that differ from the secondary's
+//!                           committed region, plus pages of uncommitted epochs ─▶ unsent
+//!  pre-send (between checkpoints, guest running):
+//!      collect dirty pages ─▶ unsent; read a batch of unsent pages (they are write-protected
+//!      again first, so a later write shows up at the next collect) ─▶ PAGES(current epoch)
+//!  ready()   ─▶ refuse a checkpoint while more than `ready_pages` are unsent (a resync)
+//!  cut(n)    ─▶ guest paused: collect, copy every unsent page ─▶ the batch of epoch n
+//!  prepare(n)─▶ wait for pre-sends of n, send the batch; summary: pages, bytes, region digest
+//!  commit(n) ─▶ forget the pages sent for n;  abort(n) ─▶ they are unsent again
+//! ```
+//!
+//! Invariant: every page either holds on the secondary (committed or staged) what the region
+//! holds now, or is in `unsent`, or was written since the last collect (the tracker reports it
+//! next). The digest table holds, for every page, the hash of the content last read for
+//! sending, so the region's digest at a cut is the table's fold, at no extra cost.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use blkrep::epoch::{
+    BoxFuture, CheckpointTrigger, Epoch, EpochError, EpochSummary, Latencies, Participant,
+    PeerChannel,
+};
+use roaring::RoaringTreemap;
+use serde_json::json;
+
+use crate::digest::{default_threads, is_zero, page_hash, zero_hash, PageTable};
+use crate::region::Region;
+use crate::track::scan::ScanTracker;
+use crate::track::{TrackError, Tracker, TrackerKind};
+use crate::wire::{self, PagesBuilder, MAX_BATCH_PAGES, MAX_DIGESTS};
+use crate::PAGE_SIZE;
+
+/// Settings of a region's primary half.
+#[derive(Debug, Clone)]
+pub struct MemoryOptions {
+    /// Participant id, shared with the secondary half (see [`participant_id`]).
+    pub id: u16,
+    /// Name in logs and status.
+    pub name: String,
+    /// How often the pre-send collects dirty pages between checkpoints (None: never; every
+    /// dirty page then waits for the pause).
+    pub presend: Option<Duration>,
+    /// A checkpoint is refused while more pages than this wait to be sent (a resync): the
+    /// pause would have to copy them all.
+    pub ready_pages: u64,
+}
+
+/// The participant id of memory region `index` (0-based) of a node.
+pub fn participant_id(index: usize) -> u16 {
+    16 + index as u16
+}
+
+impl MemoryOptions {
+    /// Defaults for region `index`: pre-send every 10 ms, checkpoints wait while more than
+    /// 64 MiB are unsent.
+    pub fn for_region(index: usize) -> MemoryOptions {
+        MemoryOptions {
+            id: participant_id(index),
+            name: format!("memory{index}"),
+            presend: Some(Duration::from_millis(10)),
+            ready_pages: (64 << 20) / PAGE_SIZE as u64,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    cuts: u64,
+    zero_pages_sent: u64,
+    bytes_sent: u64,
+    presend_pages: u64,
+    cut_pages: u64,
+    /// Pages resent at the start of a session because the secondary lacked them.
+    resync_pages: u64,
+    sessions: u64,
+    collect_us: u64,
+    last_error: Option<String>,
+}
+
+struct State {
+    tracker: Box<dyn Tracker>,
+    /// Why this tracker runs.
+    tracker_note: String,
+    table: PageTable,
+    unsent: RoaringTreemap,
+    /// The part of `unsent` that was collected as written and not read since: the table
+    /// does not describe it.
+    stale: RoaringTreemap,
+    /// The epoch pages read now belong to.
+    epoch: u64,
+    committed: u64,
+    seq: u64,
+    /// Pages sent per uncommitted epoch.
+    sent_in: BTreeMap<u64, RoaringTreemap>,
+    /// Pages and data bytes sent per uncommitted epoch.
+    items: BTreeMap<u64, (u64, u64)>,
+    /// The pause's copy of epoch n and the region's digest at the cut, waiting for
+    /// prepare(n).
+    batches: BTreeMap<u64, (Vec<Batch>, u64)>,
+    /// Pre-send messages in flight per epoch.
+    inflight: BTreeMap<u64, u64>,
+    channel: Option<Arc<dyn PeerChannel>>,
+    /// Bumped at every session start and abort: a pre-send of an older one stops.
+    session: u64,
+    pause: Latencies,
+    counters: Counters,
+}
+
+struct Shared {
+    opts: MemoryOptions,
+    region: Arc<Region>,
+    st: Mutex<State>,
+    changed: tokio::sync::Notify,
+    trigger: OnceLock<CheckpointTrigger>,
+}
+
+/// A region's primary half: give it to the primary's epoch coordinator
+/// (`blkrep::replica::node::run_primary_with`).
+#[derive(Clone)]
+pub struct MemoryParticipant(Arc<Shared>);
+
+impl std::fmt::Debug for MemoryParticipant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryParticipant")
+            .field("name", &self.0.opts.name)
+            .field("region", &self.0.region.path())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What one read of pages produced.
+struct Batch {
+    message: Vec<u8>,
+    pages: u64,
+    data_pages: u64,
+}
+
+impl State {
+    /// Collect dirty pages into `unsent`; a writer that is gone ends uffd tracking for scan.
+    fn collect(&mut self, region: &Region) -> Result<u64, TrackError> {
+        let mut out = RoaringTreemap::new();
+        let r = self.tracker.collect(region, &self.table, &mut out);
+        let stats = match r {
+            Ok(s) => s,
+            Err(TrackError::WriterGone { pid }) => {
+                self.tracker = Box::new(ScanTracker::new(default_threads()));
+                self.tracker_note = format!(
+                    "scan: the writer (pid {pid}) that handed over its userfaultfd is gone"
+                );
+                tracing::warn!(region = %region.path().display(), "{}", self.tracker_note);
+                self.tracker.collect(region, &self.table, &mut out)?
+            }
+            Err(e) => return Err(e),
+        };
+        self.counters.collect_us = stats.elapsed.as_micros() as u64;
+        let n = out.len();
+        self.stale |= &out;
+        self.unsent |= out;
+        Ok(n)
+    }
+
+    /// Read up to `max` unsent pages (all of them with None) into PAGES messages of the
+    /// current epoch, updating the digest table.
+    fn read_unsent(&mut self, region: &Region, max: Option<u64>) -> Vec<Batch> {
+        let take: Vec<u64> = match max {
+            Some(m) => self.unsent.iter().take(m as usize).collect(),
+            None => self.unsent.iter().collect(),
+        };
+        let epoch = self.epoch;
+        let mut out = Vec::new();
+        let mut b = PagesBuilder::new(epoch);
+        let mut page = Box::new([0u8; PAGE_SIZE]);
+        let sent = self.sent_in.entry(epoch).or_default();
+        for &p in &take {
+            region.read_page(p, &mut page);
+            self.seq += 1;
+            let d = if is_zero(&page[..]) {
+                b.push(p, self.seq, None);
+                zero_hash()
+            } else {
+                b.push(p, self.seq, Some(&page));
+                page_hash(&page[..])
+            };
+            self.table.set(p, d);
+            sent.insert(p);
+            self.unsent.remove(p);
+            self.stale.remove(p);
+            if b.len() == MAX_BATCH_PAGES {
+                let full = std::mem::replace(&mut b, PagesBuilder::new(epoch));
+                out.push(finish(full));
+            }
+        }
+        if !b.is_empty() {
+            out.push(finish(b));
+        }
+        let it = self.items.entry(epoch).or_default();
+        for m in &out {
+            it.0 += m.pages;
+            it.1 += m.data_pages * PAGE_SIZE as u64;
+        }
+        out
+    }
+
+    /// Everything sent in uncommitted epochs must be sent again (a new session, an abort).
+    fn requeue_uncommitted(&mut self) {
+        for (_, pages) in std::mem::take(&mut self.sent_in) {
+            self.unsent |= pages;
+        }
+        self.items.clear();
+        self.batches.clear();
+        self.inflight.clear();
+    }
+}
+
+fn finish(b: PagesBuilder) -> Batch {
+    let pages = b.len() as u64;
+    let data_pages = b.data_pages();
+    Batch {
+        message: b.finish(),
+        pages,
+        data_pages,
+    }
+}
+
+impl MemoryParticipant {
+    /// The primary half of a region, tracked by `tracker` (`note` says why that one). The
+    /// region is hashed once here; until the first session every page counts as unsent.
+    pub fn new(
+        region: Arc<Region>,
+        tracker: Box<dyn Tracker>,
+        note: impl Into<String>,
+        opts: MemoryOptions,
+    ) -> MemoryParticipant {
+        let table = PageTable::hash_region(&region, default_threads());
+        let mut unsent = RoaringTreemap::new();
+        unsent.insert_range(0..region.pages());
+        MemoryParticipant(Arc::new(Shared {
+            st: Mutex::new(State {
+                tracker,
+                tracker_note: note.into(),
+                table,
+                unsent,
+                stale: RoaringTreemap::new(),
+                epoch: 0,
+                committed: 0,
+                seq: 0,
+                sent_in: BTreeMap::new(),
+                items: BTreeMap::new(),
+                batches: BTreeMap::new(),
+                inflight: BTreeMap::new(),
+                channel: None,
+                session: 0,
+                pause: Latencies::default(),
+                counters: Counters::default(),
+            }),
+            opts,
+            region,
+            changed: tokio::sync::Notify::new(),
+            trigger: OnceLock::new(),
+        }))
+    }
+
+    /// The region.
+    pub fn region(&self) -> &Arc<Region> {
+        &self.0.region
+    }
+
+    /// Which tracker runs.
+    pub fn tracker(&self) -> TrackerKind {
+        lock(&self.0.st).tracker.kind()
+    }
+
+    /// Replace the tracker (a writer handed over its userfaultfd). The old tracker collects
+    /// once more after the new one is in place, so no write between the two is missed.
+    pub fn set_tracker(&self, tracker: Box<dyn Tracker>, note: impl Into<String>) {
+        let mut st = lock(&self.0.st);
+        let mut old = std::mem::replace(&mut st.tracker, tracker);
+        st.tracker_note = note.into();
+        let mut out = RoaringTreemap::new();
+        match old.collect(&self.0.region, &st.table, &mut out) {
+            Ok(_) => {
+                st.stale |= &out;
+                st.unsent |= out;
+            }
+            Err(e) => {
+                // Nothing is known about the pages since: compare them all at the next scan.
+                tracing::warn!("the previous tracker failed its last collect: {e}");
+                st.unsent.insert_range(0..self.0.region.pages());
+                st.stale.insert_range(0..self.0.region.pages());
+            }
+        }
+        tracing::info!(region = %self.0.region.path().display(), note = %st.tracker_note, "memory tracker");
+    }
+
+    /// The region's digest as last read (equal to the secondary's after a commit).
+    pub fn fold(&self) -> u64 {
+        lock(&self.0.st).table.fold()
+    }
+
+    fn err(&self, epoch: Epoch, reason: String) -> EpochError {
+        EpochError::Participant {
+            epoch,
+            participant: self.0.opts.name.clone(),
+            reason,
+        }
+    }
+
+    async fn handshake(
+        &self,
+        channel: Arc<dyn PeerChannel>,
+        epoch: Epoch,
+    ) -> Result<(), EpochError> {
+        let pages = self.0.region.pages();
+        let lost = |reason: String| EpochError::PeerLost { epoch, reason };
+        let a = channel.call(wire::hello(pages)).await.map_err(lost)?;
+        let (theirs, _) = wire::decode_hello_answer(&a).map_err(lost)?;
+        if theirs != pages {
+            return Err(EpochError::Refused {
+                epoch,
+                reason: format!(
+                    "the secondary's memory region has {} bytes, this one ({}) {}",
+                    theirs * PAGE_SIZE as u64,
+                    self.0.region.path().display(),
+                    self.0.region.len()
+                ),
+            });
+        }
+        // What the secondary lacks: pages whose committed digest differs from ours.
+        let mut differ = RoaringTreemap::new();
+        let mut first = 0u64;
+        while first < pages {
+            let count = (pages - first).min(u64::from(MAX_DIGESTS)) as u32;
+            let a = channel
+                .call(wire::digests(first, count))
+                .await
+                .map_err(lost)?;
+            let theirs = wire::decode_digests_answer(&a, count).map_err(lost)?;
+            let st = lock(&self.0.st);
+            for (k, d) in theirs.into_iter().enumerate() {
+                let p = first + k as u64;
+                if st.table.get(p) != d {
+                    differ.insert(p);
+                }
+            }
+            first += u64::from(count);
+        }
+        let mut st = lock(&self.0.st);
+        st.requeue_uncommitted();
+        // Pages the secondary holds alike need not be sent, unless written since they were
+        // last read (the table does not describe those).
+        let keep = &st.stale | &differ;
+        st.unsent &= keep;
+        st.unsent |= differ;
+        st.counters.resync_pages += st.unsent.len();
+        st.counters.sessions += 1;
+        st.epoch = epoch.0;
+        st.committed = epoch.0.saturating_sub(1);
+        st.session += 1;
+        st.channel = Some(channel);
+        tracing::info!(
+            region = %self.0.region.path().display(),
+            to_send = st.unsent.len(),
+            "memory session started"
+        );
+        Ok(())
+    }
+
+    /// Between checkpoints: collect and send dirty and unsent pages while the guest runs.
+    async fn presend(self, session: u64, every: Duration) {
+        let mut last_collect = Instant::now() - every;
+        loop {
+            let next = {
+                let mut st = lock(&self.0.st);
+                if st.session != session {
+                    return;
+                }
+                if last_collect.elapsed() >= every {
+                    last_collect = Instant::now();
+                    match st.collect(&self.0.region) {
+                        Ok(n) => {
+                            if let Some(t) = self.0.trigger.get() {
+                                t.add_bytes(n * PAGE_SIZE as u64);
+                            }
+                        }
+                        Err(e) => {
+                            st.counters.last_error = Some(format!("collect: {e}"));
+                        }
+                    }
+                }
+                if st.unsent.is_empty() {
+                    None
+                } else {
+                    let b = st.read_unsent(&self.0.region, Some(MAX_BATCH_PAGES as u64));
+                    let epoch = st.epoch;
+                    *st.inflight.entry(epoch).or_default() += 1;
+                    Some((epoch, b, st.channel.clone()))
+                }
+            };
+            let Some((epoch, batches, Some(channel))) = next else {
+                tokio::time::sleep(every.min(Duration::from_millis(5))).await;
+                continue;
+            };
+            let mut r = Ok(());
+            let mut sent = (0, 0, 0);
+            for b in batches {
+                let bytes = b.message.len() as u64;
+                r = channel.call(b.message).await.map(drop);
+                if r.is_err() {
+                    break;
+                }
+                sent.0 += b.pages;
+                sent.1 += b.pages - b.data_pages;
+                sent.2 += bytes;
+            }
+            {
+                let mut st = lock(&self.0.st);
+                if let Some(n) = st.inflight.get_mut(&epoch) {
+                    *n -= 1;
+                }
+                st.counters.presend_pages += sent.0;
+                st.counters.zero_pages_sent += sent.1;
+                st.counters.bytes_sent += sent.2;
+                if let Err(e) = &r {
+                    st.counters.last_error = Some(format!("pre-send: {e}"));
+                }
+            }
+            self.0.changed.notify_waiters();
+            if r.is_err() {
+                // The session is gone: the next one resends what this one did not commit.
+                return;
+            }
+        }
+    }
+}
+
+impl Participant for MemoryParticipant {
+    fn name(&self) -> &str {
+        &self.0.opts.name
+    }
+
+    fn peer_id(&self) -> Option<u16> {
+        Some(self.0.opts.id)
+    }
+
+    fn set_trigger(&self, trigger: CheckpointTrigger) {
+        let _ = self.0.trigger.set(trigger);
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        let st = lock(&self.0.st);
+        if st.channel.is_none() {
+            return Err("no session with the secondary".into());
+        }
+        let n = st.unsent.len();
+        if n > self.0.opts.ready_pages {
+            return Err(format!(
+                "a memory resync is in progress ({n} pages left to send)"
+            ));
+        }
+        Ok(())
+    }
+
+    fn connected(
+        &self,
+        channel: Arc<dyn PeerChannel>,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<(), EpochError>> {
+        Box::pin(async move {
+            self.handshake(channel, epoch).await?;
+            if let Some(every) = self.0.opts.presend {
+                let session = lock(&self.0.st).session;
+                tokio::spawn(self.clone().presend(session, every));
+            }
+            Ok(())
+        })
+    }
+
+    fn cut(&self, epoch: Epoch) -> BoxFuture<'_, Result<(), EpochError>> {
+        Box::pin(async move {
+            let t = Instant::now();
+            let mut st = lock(&self.0.st);
+            if st.epoch != epoch.0 {
+                return Err(self.err(
+                    epoch,
+                    format!("the memory participant is in epoch {}", st.epoch),
+                ));
+            }
+            self.0
+                .region
+                .check()
+                .map_err(|e| self.err(epoch, e.to_string()))?;
+            st.collect(&self.0.region)
+                .map_err(|e| self.err(epoch, format!("collecting dirty pages: {e}")))?;
+            let batches = st.read_unsent(&self.0.region, None);
+            st.counters.cuts += 1;
+            let fold = st.table.fold();
+            st.batches.insert(epoch.0, (batches, fold));
+            st.epoch = epoch.0 + 1;
+            st.pause.record(t.elapsed());
+            Ok(())
+        })
+    }
+
+    fn prepare(&self, epoch: Epoch) -> BoxFuture<'_, Result<EpochSummary, EpochError>> {
+        Box::pin(async move {
+            // Pre-sends of this epoch first: the secondary counts every page.
+            loop {
+                let notified = self.0.changed.notified();
+                if lock(&self.0.st).inflight.get(&epoch.0).copied().unwrap_or(0) == 0 {
+                    break;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+            }
+            let (batches, channel) = {
+                let mut st = lock(&self.0.st);
+                (st.batches.remove(&epoch.0), st.channel.clone())
+            };
+            let Some((batches, digest)) = batches else {
+                return Err(self.err(epoch, "the epoch was not cut".into()));
+            };
+            let channel = channel.ok_or_else(|| EpochError::PeerLost {
+                epoch,
+                reason: "no session with the secondary".into(),
+            })?;
+            let mut sent = (0, 0, 0);
+            for b in batches {
+                let bytes = b.message.len() as u64;
+                channel
+                    .call(b.message)
+                    .await
+                    .map_err(|reason| EpochError::PeerLost { epoch, reason })?;
+                sent.0 += b.pages;
+                sent.1 += b.pages - b.data_pages;
+                sent.2 += bytes;
+            }
+            let mut st = lock(&self.0.st);
+            st.counters.cut_pages += sent.0;
+            st.counters.zero_pages_sent += sent.1;
+            st.counters.bytes_sent += sent.2;
+            let (items, data) = st.items.get(&epoch.0).copied().unwrap_or((0, 0));
+            Ok(EpochSummary {
+                participant: self.0.opts.id,
+                items,
+                bytes: data,
+                digest,
+            })
+        })
+    }
+
+    fn commit(&self, epoch: Epoch) {
+        let mut st = lock(&self.0.st);
+        st.committed = epoch.0;
+        let later = st.sent_in.split_off(&(epoch.0 + 1));
+        st.sent_in = later;
+        let later = st.items.split_off(&(epoch.0 + 1));
+        st.items = later;
+    }
+
+    fn abort(&self, epoch: Epoch, reason: &EpochError) {
+        let mut st = lock(&self.0.st);
+        st.requeue_uncommitted();
+        st.session += 1;
+        st.channel = None;
+        st.epoch = st.epoch.max(epoch.0 + 1);
+        st.counters.last_error = Some(reason.to_string());
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let st = lock(&self.0.st);
+        let c = &st.counters;
+        json!({
+            "region": self.0.region.path(),
+            "bytes": self.0.region.len(),
+            "tracker": st.tracker.kind().to_string(),
+            "tracker_note": st.tracker_note,
+            "connected": st.channel.is_some(),
+            "epoch": st.epoch,
+            "committed_epoch": st.committed,
+            "unsent_pages": st.unsent.len(),
+            "cut_pause_us": st.pause.summary(),
+            "cuts": c.cuts,
+            "pages_sent": c.presend_pages + c.cut_pages,
+            "presend_pages": c.presend_pages,
+            "cut_pages": c.cut_pages,
+            "zero_pages_sent": c.zero_pages_sent,
+            "bytes_sent": c.bytes_sent,
+            "resync_pages": c.resync_pages,
+            "sessions": c.sessions,
+            "last_collect_us": c.collect_us,
+            "digest": format!("{:016x}", st.table.fold()),
+            "last_error": c.last_error,
+        })
+    }
+}
