@@ -6,6 +6,7 @@
 mod daemon;
 mod demo;
 mod export;
+mod memory;
 mod replicate;
 mod report;
 mod secure;

@@ -19,6 +19,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use crate::daemon::{runtime, shutdown_signal, UblkArgs};
+use crate::memory::MemoryArg;
 use crate::report;
 use crate::units::{parse_size, DurationArg, SizeArg, ENDPOINT};
 
@@ -116,6 +117,14 @@ pub struct PrimaryArgs {
     /// How long to keep trying to reach the secondary at start.
     #[arg(long, default_value_t = DurationArg(node::DEFAULT_CONNECT_TIMEOUT))]
     connect_timeout: DurationArg,
+    /// A shared-memory region replicated with the disk, at the same checkpoints (a file in
+    /// /dev/shm or on hugetlbfs, e.g. QEMU's memory-backend-file,share=on). With
+    /// writer=SOCKET, a writer process may hand over its userfaultfd there (memrep's
+    /// hand-over); dirty pages are then tracked by write-protect and the writer is paused
+    /// at each cut. Repeat for several regions; the secondary lists its copies in the same
+    /// order.
+    #[arg(long = "memory", value_name = "PATH[,writer=SOCKET]")]
+    memory: Vec<MemoryArg>,
     /// After losing the secondary, how long to stay `paused` (expecting it back) before
     /// calling this node unprotected; reconnection attempts go on either way, and what is
     /// written meanwhile is resynced incrementally when the secondary returns.
@@ -160,9 +169,15 @@ pub struct SecondaryArgs {
     /// over.
     #[arg(long)]
     insecure_no_auth: bool,
+    /// This node's copy of a primary's --memory region (same size): it holds the last
+    /// committed checkpoint's memory, and after failover whatever takes over maps it. Repeat
+    /// in the primary's order.
+    #[arg(long = "memory", value_name = "PATH")]
+    memory: Vec<MemoryArg>,
 }
 
 pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
+    let memory = crate::memory::primary(&a.memory)?;
     let key = a.disk.key()?;
     let tls = a.disk.tls.link_files()?;
     let cfg = PrimaryConfig {
@@ -188,12 +203,16 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
         key,
         tls,
     };
-    runtime()?
-        .block_on(node::run_primary(cfg, shutdown_signal()))
-        .map_err(|e| anyhow!(e))
+    runtime()?.block_on(async {
+        memory.serve_writers().await?;
+        node::run_primary_with(cfg, memory.participants, memory.pause, shutdown_signal())
+            .await
+            .map_err(|e| anyhow!(e))
+    })
 }
 
 pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
+    let memory = crate::memory::secondary(&a.memory)?;
     let mut opts = node::default_secondary_options(&a.disk.disk);
     opts.buffer_memory = a.buffer_memory.0;
     opts.on_peer_loss = a.on_peer_loss;
@@ -214,7 +233,7 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
         insecure_no_auth: a.insecure_no_auth,
     };
     runtime()?
-        .block_on(node::run_secondary(cfg, shutdown_signal()))
+        .block_on(node::run_secondary_with(cfg, memory, shutdown_signal()))
         .map_err(|e| anyhow!(e))
 }
 

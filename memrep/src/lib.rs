@@ -43,6 +43,7 @@
 
 pub mod digest;
 pub mod handoff;
+pub mod pause;
 pub mod primary;
 pub mod region;
 pub mod secondary;

@@ -302,6 +302,15 @@ impl MemoryParticipant {
         tracing::info!(region = %self.0.region.path().display(), note = %st.tracker_note, "memory tracker");
     }
 
+    /// Say why the scan tracker still runs (a refused hand-over, say); ignored once another
+    /// tracker runs.
+    pub fn note(&self, why: impl Into<String>) {
+        let mut st = lock(&self.0.st);
+        if st.tracker.kind() == TrackerKind::Scan {
+            st.tracker_note = why.into();
+        }
+    }
+
     /// The region's digest as last read (equal to the secondary's after a commit).
     pub fn fold(&self) -> u64 {
         lock(&self.0.st).table.fold()

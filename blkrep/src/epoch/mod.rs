@@ -454,7 +454,11 @@ impl EpochCoordinator {
             p.ready()
                 .map_err(|why| EpochError::NotReplicating(format!("{}: {why}", p.name())))?;
         }
-        self.guest.pause().await.map_err(guest)?;
+        // Nothing is cut yet: a guest that cannot pause means no checkpoint this time.
+        self.guest
+            .pause()
+            .await
+            .map_err(|e| EpochError::NotReplicating(format!("the guest did not pause: {e}")))?;
         let mut cut = Ok(());
         for p in &self.participants {
             if let Err(e) = p.cut(epoch).await {

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::{bind, stop_pair, to_json, PrimaryConfig};
 use crate::digest::DigestTable;
-use crate::epoch::{BoxFuture, Epoch, EpochCoordinator, NoGuest, Participant};
+use crate::epoch::{BoxFuture, Epoch, EpochCoordinator, GuestHook, NoGuest, Participant};
 use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::replica::admin::{self, AdminHandler};
 use crate::replica::meta::{meta_path, MetaStore};
@@ -28,14 +28,16 @@ pub async fn run_primary(
     cfg: PrimaryConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    run_primary_with(cfg, Vec::new(), shutdown).await
+    run_primary_with(cfg, Vec::new(), Arc::new(NoGuest), shutdown).await
 }
 
-/// [`run_primary`] with checkpoint participants besides the block layer (memory regions):
-/// they cut, prepare and commit in the same epochs as the disk, after it.
+/// [`run_primary`] with checkpoint participants besides the block layer (memory regions),
+/// which cut, prepare and commit in the same epochs as the disk, after it, and with `guest`
+/// paused around every cut (the writers of those regions and of the disk).
 pub async fn run_primary_with(
     cfg: PrimaryConfig,
     others: Vec<Arc<dyn Participant>>,
+    guest: Arc<dyn GuestHook>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     // The secondary refuses a period outside this range: say so before touching anything.
@@ -84,7 +86,7 @@ pub async fn run_primary_with(
     participants.extend(others);
     let coord = EpochCoordinator::new(
         participants,
-        Arc::new(NoGuest),
+        guest,
         repl.clone(),
         Epoch(primary.resume_epoch()),
         cfg.checkpoints,
