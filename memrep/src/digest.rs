@@ -252,7 +252,10 @@ mod tests {
                 }
                 best = best.min(t.elapsed().as_secs_f64());
             }
-            println!("{name}: {:.1} GB/s (acc {acc:x})", data.len() as f64 / best / 1e9);
+            println!(
+                "{name}: {:.1} GB/s (acc {acc:x})",
+                data.len() as f64 / best / 1e9
+            );
         };
         gbs("xxh3_64", &|p| xxhash_rust::xxh3::xxh3_64(p), &buf);
         gbs(

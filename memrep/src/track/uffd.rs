@@ -171,7 +171,10 @@ pub(crate) mod sys {
 /// The features memrep requests.
 const FEATURES: [(u64, &str); 3] = [
     (sys::UFFD_FEATURE_WP_ASYNC, "UFFD_FEATURE_WP_ASYNC"),
-    (sys::UFFD_FEATURE_WP_UNPOPULATED, "UFFD_FEATURE_WP_UNPOPULATED"),
+    (
+        sys::UFFD_FEATURE_WP_UNPOPULATED,
+        "UFFD_FEATURE_WP_UNPOPULATED",
+    ),
     (
         sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
         "UFFD_FEATURE_WP_HUGETLBFS_SHMEM",
@@ -276,7 +279,8 @@ impl UffdTracker {
     /// Track writes made in this process through `region.as_ptr()`.
     pub fn register_self(region: &Region) -> Result<UffdTracker, TrackError> {
         let uffd = arm(region.as_ptr(), region.len() as usize)?;
-        let pagemap = File::open("/proc/self/pagemap").map_err(sys_err("open /proc/self/pagemap"))?;
+        let pagemap =
+            File::open("/proc/self/pagemap").map_err(sys_err("open /proc/self/pagemap"))?;
         Ok(UffdTracker::new(
             uffd,
             pagemap,
@@ -378,22 +382,23 @@ impl UffdTracker {
         };
         // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg`; `vec` points to `vec_len` writable
         // `struct page_region`s that stay alive (and unaliased: `&mut self`) during the call.
-        let n = unsafe { sys::ioctl(&self.pagemap, sys::PAGEMAP_SCAN, &mut arg) }.map_err(|e| {
-            match e.raw_os_error() {
-                Some(libc::ESRCH) => self.gone(),
-                Some(libc::ENOTTY) | Some(libc::EINVAL) if start == self.start => {
-                    TrackError::Unsupported(format!("PAGEMAP_SCAN: {e}"))
-                }
-                Some(libc::EPERM) => TrackError::Mismatch(format!(
-                    "PAGEMAP_SCAN found pages of {:#x}+{} without async write-protect: {e}",
-                    self.start, self.len
-                )),
-                _ => TrackError::Sys {
-                    what: "PAGEMAP_SCAN",
-                    source: e,
+        let n =
+            unsafe { sys::ioctl(&self.pagemap, sys::PAGEMAP_SCAN, &mut arg) }.map_err(
+                |e| match e.raw_os_error() {
+                    Some(libc::ESRCH) => self.gone(),
+                    Some(libc::ENOTTY) | Some(libc::EINVAL) if start == self.start => {
+                        TrackError::Unsupported(format!("PAGEMAP_SCAN: {e}"))
+                    }
+                    Some(libc::EPERM) => TrackError::Mismatch(format!(
+                        "PAGEMAP_SCAN found pages of {:#x}+{} without async write-protect: {e}",
+                        self.start, self.len
+                    )),
+                    _ => TrackError::Sys {
+                        what: "PAGEMAP_SCAN",
+                        source: e,
+                    },
                 },
-            }
-        })?;
+            )?;
         Ok((n as usize, arg.walk_end))
     }
 }
