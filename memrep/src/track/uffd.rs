@@ -429,11 +429,7 @@ impl Tracker for UffdTracker {
         while pos < end {
             let (n, walk_end) = self.scan_once(pos, end)?;
             for r in &self.buf[..n] {
-                let a = r.start.clamp(self.start, end) - self.start;
-                let b = r.end.clamp(self.start, end) - self.start;
-                let first = a / PAGE_SIZE as u64;
-                let last = b.div_ceil(PAGE_SIZE as u64);
-                pages += out.insert_range(first..last);
+                pages += out.insert_range(page_indices(r.start, r.end, self.start, end));
             }
             if walk_end <= pos {
                 return Err(TrackError::Mismatch(format!(
@@ -450,6 +446,15 @@ impl Tracker for UffdTracker {
             elapsed: t0.elapsed(),
         })
     }
+}
+
+/// The 4 KiB page indices, relative to `base`, that the address range `start..end` reported by
+/// `PAGEMAP_SCAN` covers, clipped to `base..limit`. Huge-page ranges (hugetlbfs: 2 MiB units)
+/// become all the 4 KiB pages inside them; a partial page counts as a whole one.
+fn page_indices(start: u64, end: u64, base: u64, limit: u64) -> std::ops::Range<u64> {
+    let a = start.clamp(base, limit) - base;
+    let b = end.clamp(base, limit) - base;
+    a / PAGE_SIZE as u64..b.div_ceil(PAGE_SIZE as u64)
 }
 
 /// See [`super::probe_uffd`].
@@ -489,4 +494,29 @@ pub(crate) fn probe() -> Result<(), TrackError> {
     })();
     let _ = std::fs::remove_file(&path);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page_indices;
+
+    #[test]
+    fn huge_page_ranges_become_4k_indices() {
+        const M2: u64 = 2 << 20;
+        let base = 0x7f00_0000_0000;
+        let limit = base + 8 * M2;
+        assert_eq!(page_indices(base, base + 4096, base, limit), 0..1);
+        assert_eq!(
+            page_indices(base + M2, base + 3 * M2, base, limit),
+            512..1536
+        );
+        // Clipped to the tracked range on both sides.
+        assert_eq!(page_indices(base - M2, base + M2, base, limit), 0..512);
+        assert_eq!(
+            page_indices(limit - M2, limit + M2, base, limit),
+            3584..4096
+        );
+        // A partial page counts whole.
+        assert_eq!(page_indices(base + 100, base + 4097, base, limit), 0..2);
+    }
 }
