@@ -229,7 +229,9 @@ pub enum HandoffError {
 }
 
 /// Receive one hand-over message from `stream` within `timeout` and check it. Descriptors that
-/// arrive with a refused message are closed.
+/// arrive with a refused message are closed. Leaves a read timeout set on `stream`. The caller
+/// then builds the tracker ([`crate::track::uffd::UffdTracker::from_handover`]) and sends the
+/// outcome with [`answer`]; the writer waits for it.
 pub fn receive_handover(stream: &UnixStream, timeout: Duration) -> Result<Handover, HandoffError> {
     let deadline = Instant::now() + timeout;
     let mut data: Vec<u8> = Vec::with_capacity(HEADER);

@@ -4,9 +4,15 @@
 //! [`crate::handoff::WriterRegistration::register`]): a userfaultfd with the features
 //! `UFFD_FEATURE_WP_ASYNC` (the kernel resolves write-protect faults itself, marking the page
 //! written, without a handler thread), `UFFD_FEATURE_WP_UNPOPULATED` (pages not yet populated are
-//! protected too) and `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` (needed to register shmem and hugetlbfs
-//! mappings, which is what regions are); `UFFDIO_REGISTER` in `UFFDIO_REGISTER_MODE_WP` over the
-//! mapping; `UFFDIO_WRITEPROTECT` over it, so nothing counts as written yet.
+//! protected too) and `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` (the feature that announces
+//! write-protect support for shmem and hugetlbfs mappings, which is what regions are; 6.18
+//! registers shmem without it, but it has existed since 5.19, so asking costs nothing);
+//! `UFFDIO_REGISTER` in `UFFDIO_REGISTER_MODE_WP` over the mapping; `UFFDIO_WRITEPROTECT` over
+//! it, so nothing counts as written yet.
+//!
+//! With a hand-over, the tracker scans the *writer's* addresses; the caller maps the same file
+//! itself (`Region::open(&handover.path)`) to read pages, and `collect` checks that its length
+//! equals the handed-over range.
 //!
 //! Collect: `ioctl(pagemap_fd, PAGEMAP_SCAN)` with `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC`
 //! and `category_mask = return_mask = PAGE_IS_WRITTEN` returns the written ranges and
