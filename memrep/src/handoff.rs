@@ -68,16 +68,22 @@ impl WriterRegistration {
         let mut stream = UnixStream::connect(socket)?;
         stream.set_read_timeout(Some(WRITER_TIMEOUT))?;
         stream.set_write_timeout(Some(WRITER_TIMEOUT))?;
-        let path = region_path
-            .to_str()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "region path is not UTF-8"))?;
+        let path = region_path.to_str().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "region path is not UTF-8")
+        })?;
         let msg = encode(self.addr, self.len, std::process::id(), path)?;
-        send_with_fds(&stream, &msg, &[self.uffd.as_raw_fd(), self.pagemap.as_raw_fd()])?;
+        send_with_fds(
+            &stream,
+            &msg,
+            &[self.uffd.as_raw_fd(), self.pagemap.as_raw_fd()],
+        )?;
         let line = read_line(&mut stream, 1024)?;
         if line == "ok" {
             Ok(())
         } else if let Some(text) = line.strip_prefix("error: ") {
-            Err(io::Error::other(format!("lockstep refused the hand-over: {text}")))
+            Err(io::Error::other(format!(
+                "lockstep refused the hand-over: {text}"
+            )))
         } else {
             Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -90,7 +96,10 @@ impl WriterRegistration {
 /// Encode a hand-over message (also used by tests to build bad ones).
 pub fn encode(addr: u64, len: u64, pid: u32, path: &str) -> io::Result<Vec<u8>> {
     if HEADER + path.len() > MAX_MESSAGE {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "region path too long"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "region path too long",
+        ));
     }
     let mut msg = Vec::with_capacity(HEADER + path.len());
     msg.extend_from_slice(MAGIC);
@@ -117,10 +126,14 @@ fn read_line(stream: &mut UnixStream, max: usize) -> io::Result<String> {
         }
         line.push(byte[0]);
         if line.len() > max {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "answer line too long"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "answer line too long",
+            ));
         }
     }
-    String::from_utf8(line).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "answer not UTF-8"))
+    String::from_utf8(line)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "answer not UTF-8"))
 }
 
 /// Send `data` with `fds` attached as `SCM_RIGHTS` (all of `data`, looping on short writes;
@@ -216,7 +229,9 @@ pub enum HandoffError {
 }
 
 /// Receive one hand-over message from `stream` within `timeout` and check it. Descriptors that
-/// arrive with a refused message are closed.
+/// arrive with a refused message are closed. Leaves a read timeout set on `stream`. The caller
+/// then builds the tracker ([`crate::track::uffd::UffdTracker::from_handover`]) and sends the
+/// outcome with [`answer`]; the writer waits for it.
 pub fn receive_handover(stream: &UnixStream, timeout: Duration) -> Result<Handover, HandoffError> {
     let deadline = Instant::now() + timeout;
     let mut data: Vec<u8> = Vec::with_capacity(HEADER);
@@ -231,7 +246,12 @@ pub fn receive_handover(stream: &UnixStream, timeout: Duration) -> Result<Handov
         let mut buf = vec![0u8; want - data.len()];
         let n = match recv_with_fds(stream, &mut buf, &mut fds) {
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(HandoffError::Timeout(timeout));
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -46,7 +46,9 @@ pub enum RegionError {
     },
     #[error("{path}: fstat failed: {source}")]
     Stat { path: PathBuf, source: io::Error },
-    #[error("{path}: access of {len} bytes at offset {offset} is outside the region of {region} bytes")]
+    #[error(
+        "{path}: access of {len} bytes at offset {offset} is outside the region of {region} bytes"
+    )]
     OutOfRange {
         path: PathBuf,
         offset: u64,
@@ -150,7 +152,8 @@ impl Region {
             len,
             source,
         };
-        let size = usize::try_from(len).map_err(|_| mmap_err(io::Error::from_raw_os_error(libc::ENOMEM)))?;
+        let size = usize::try_from(len)
+            .map_err(|_| mmap_err(io::Error::from_raw_os_error(libc::ENOMEM)))?;
         // SAFETY: a fresh mapping at an address the kernel chooses (no existing memory is
         // replaced); the fd is valid for the duration of the call; the result is checked.
         let p = unsafe {
@@ -209,13 +212,21 @@ impl Region {
     /// Copy page `i` into `dst`. A concurrent writer may tear the copy; tracking reports the page
     /// again. Panics if `i` is out of range.
     pub fn read_page(&self, i: u64, dst: &mut [u8; PAGE_SIZE]) {
-        assert!(i < self.pages(), "page {i} out of range ({} pages)", self.pages());
+        assert!(
+            i < self.pages(),
+            "page {i} out of range ({} pages)",
+            self.pages()
+        );
         self.copy_out(i * PAGE_SIZE as u64, dst);
     }
 
     /// Copy `src` into page `i`. Panics if `i` is out of range.
     pub fn write_page(&self, i: u64, src: &[u8; PAGE_SIZE]) {
-        assert!(i < self.pages(), "page {i} out of range ({} pages)", self.pages());
+        assert!(
+            i < self.pages(),
+            "page {i} out of range ({} pages)",
+            self.pages()
+        );
         self.copy_in(i * PAGE_SIZE as u64, src);
     }
 
@@ -309,7 +320,9 @@ impl Region {
             if data >= self.len {
                 break;
             }
-            let hole = seek(fd, data, libc::SEEK_HOLE).unwrap_or(self.len).min(self.len);
+            let hole = seek(fd, data, libc::SEEK_HOLE)
+                .unwrap_or(self.len)
+                .min(self.len);
             let start = data / PAGE_SIZE as u64;
             let end = hole.div_ceil(PAGE_SIZE as u64);
             if hole <= data {
@@ -390,7 +403,10 @@ mod tests {
         assert!(matches!(e, RegionError::Unaligned { len: 100, .. }), "{e}");
 
         let e = Region::open(Path::new("/dev/shm")).unwrap_err();
-        assert!(matches!(e, RegionError::Open { .. } | RegionError::NotRegular { .. }), "{e}");
+        assert!(
+            matches!(e, RegionError::Open { .. } | RegionError::NotRegular { .. }),
+            "{e}"
+        );
         let e = Region::open(Path::new("/dev/null")).unwrap_err();
         assert!(matches!(e, RegionError::NotRegular { .. }), "{e}");
     }
@@ -434,7 +450,10 @@ mod tests {
             .set_len(PAGE_SIZE as u64)
             .unwrap();
         let e = r.check().unwrap_err();
-        assert!(matches!(e, RegionError::SizeMismatch { actual: 4096, .. }), "{e}");
+        assert!(
+            matches!(e, RegionError::SizeMismatch { actual: 4096, .. }),
+            "{e}"
+        );
     }
 
     #[test]

@@ -4,9 +4,15 @@
 //! [`crate::handoff::WriterRegistration::register`]): a userfaultfd with the features
 //! `UFFD_FEATURE_WP_ASYNC` (the kernel resolves write-protect faults itself, marking the page
 //! written, without a handler thread), `UFFD_FEATURE_WP_UNPOPULATED` (pages not yet populated are
-//! protected too) and `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` (needed to register shmem and hugetlbfs
-//! mappings, which is what regions are); `UFFDIO_REGISTER` in `UFFDIO_REGISTER_MODE_WP` over the
-//! mapping; `UFFDIO_WRITEPROTECT` over it, so nothing counts as written yet.
+//! protected too) and `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` (the feature that announces
+//! write-protect support for shmem and hugetlbfs mappings, which is what regions are; 6.18
+//! registers shmem without it, but it has existed since 5.19, so asking costs nothing);
+//! `UFFDIO_REGISTER` in `UFFDIO_REGISTER_MODE_WP` over the mapping; `UFFDIO_WRITEPROTECT` over
+//! it, so nothing counts as written yet.
+//!
+//! With a hand-over, the tracker scans the *writer's* addresses; the caller maps the same file
+//! itself (`Region::open(&handover.path)`) to read pages, and `collect` checks that its length
+//! equals the handed-over range.
 //!
 //! Collect: `ioctl(pagemap_fd, PAGEMAP_SCAN)` with `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC`
 //! and `category_mask = return_mask = PAGE_IS_WRITTEN` returns the written ranges and
@@ -171,7 +177,10 @@ pub(crate) mod sys {
 /// The features memrep requests.
 const FEATURES: [(u64, &str); 3] = [
     (sys::UFFD_FEATURE_WP_ASYNC, "UFFD_FEATURE_WP_ASYNC"),
-    (sys::UFFD_FEATURE_WP_UNPOPULATED, "UFFD_FEATURE_WP_UNPOPULATED"),
+    (
+        sys::UFFD_FEATURE_WP_UNPOPULATED,
+        "UFFD_FEATURE_WP_UNPOPULATED",
+    ),
     (
         sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
         "UFFD_FEATURE_WP_HUGETLBFS_SHMEM",
@@ -276,7 +285,8 @@ impl UffdTracker {
     /// Track writes made in this process through `region.as_ptr()`.
     pub fn register_self(region: &Region) -> Result<UffdTracker, TrackError> {
         let uffd = arm(region.as_ptr(), region.len() as usize)?;
-        let pagemap = File::open("/proc/self/pagemap").map_err(sys_err("open /proc/self/pagemap"))?;
+        let pagemap =
+            File::open("/proc/self/pagemap").map_err(sys_err("open /proc/self/pagemap"))?;
         Ok(UffdTracker::new(
             uffd,
             pagemap,
@@ -378,22 +388,23 @@ impl UffdTracker {
         };
         // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg`; `vec` points to `vec_len` writable
         // `struct page_region`s that stay alive (and unaliased: `&mut self`) during the call.
-        let n = unsafe { sys::ioctl(&self.pagemap, sys::PAGEMAP_SCAN, &mut arg) }.map_err(|e| {
-            match e.raw_os_error() {
-                Some(libc::ESRCH) => self.gone(),
-                Some(libc::ENOTTY) | Some(libc::EINVAL) if start == self.start => {
-                    TrackError::Unsupported(format!("PAGEMAP_SCAN: {e}"))
-                }
-                Some(libc::EPERM) => TrackError::Mismatch(format!(
-                    "PAGEMAP_SCAN found pages of {:#x}+{} without async write-protect: {e}",
-                    self.start, self.len
-                )),
-                _ => TrackError::Sys {
-                    what: "PAGEMAP_SCAN",
-                    source: e,
+        let n =
+            unsafe { sys::ioctl(&self.pagemap, sys::PAGEMAP_SCAN, &mut arg) }.map_err(
+                |e| match e.raw_os_error() {
+                    Some(libc::ESRCH) => self.gone(),
+                    Some(libc::ENOTTY) | Some(libc::EINVAL) if start == self.start => {
+                        TrackError::Unsupported(format!("PAGEMAP_SCAN: {e}"))
+                    }
+                    Some(libc::EPERM) => TrackError::Mismatch(format!(
+                        "PAGEMAP_SCAN found pages of {:#x}+{} without async write-protect: {e}",
+                        self.start, self.len
+                    )),
+                    _ => TrackError::Sys {
+                        what: "PAGEMAP_SCAN",
+                        source: e,
+                    },
                 },
-            }
-        })?;
+            )?;
         Ok((n as usize, arg.walk_end))
     }
 }
@@ -424,11 +435,7 @@ impl Tracker for UffdTracker {
         while pos < end {
             let (n, walk_end) = self.scan_once(pos, end)?;
             for r in &self.buf[..n] {
-                let a = r.start.clamp(self.start, end) - self.start;
-                let b = r.end.clamp(self.start, end) - self.start;
-                let first = a / PAGE_SIZE as u64;
-                let last = b.div_ceil(PAGE_SIZE as u64);
-                pages += out.insert_range(first..last);
+                pages += out.insert_range(page_indices(r.start, r.end, self.start, end));
             }
             if walk_end <= pos {
                 return Err(TrackError::Mismatch(format!(
@@ -445,6 +452,15 @@ impl Tracker for UffdTracker {
             elapsed: t0.elapsed(),
         })
     }
+}
+
+/// The 4 KiB page indices, relative to `base`, that the address range `start..end` reported by
+/// `PAGEMAP_SCAN` covers, clipped to `base..limit`. Huge-page ranges (hugetlbfs: 2 MiB units)
+/// become all the 4 KiB pages inside them; a partial page counts as a whole one.
+fn page_indices(start: u64, end: u64, base: u64, limit: u64) -> std::ops::Range<u64> {
+    let a = start.clamp(base, limit) - base;
+    let b = end.clamp(base, limit) - base;
+    a / PAGE_SIZE as u64..b.div_ceil(PAGE_SIZE as u64)
 }
 
 /// See [`super::probe_uffd`].
@@ -484,4 +500,29 @@ pub(crate) fn probe() -> Result<(), TrackError> {
     })();
     let _ = std::fs::remove_file(&path);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page_indices;
+
+    #[test]
+    fn huge_page_ranges_become_4k_indices() {
+        const M2: u64 = 2 << 20;
+        let base = 0x7f00_0000_0000;
+        let limit = base + 8 * M2;
+        assert_eq!(page_indices(base, base + 4096, base, limit), 0..1);
+        assert_eq!(
+            page_indices(base + M2, base + 3 * M2, base, limit),
+            512..1536
+        );
+        // Clipped to the tracked range on both sides.
+        assert_eq!(page_indices(base - M2, base + M2, base, limit), 0..512);
+        assert_eq!(
+            page_indices(limit - M2, limit + M2, base, limit),
+            3584..4096
+        );
+        // A partial page counts whole.
+        assert_eq!(page_indices(base + 100, base + 4097, base, limit), 0..2);
+    }
 }
