@@ -72,7 +72,9 @@ pub fn primary(args: &[MemoryArg]) -> anyhow::Result<PrimaryMemory> {
         writers: Vec::new(),
     };
     for (i, a) in args.iter().enumerate() {
-        let region = Arc::new(Region::open(&a.path).with_context(|| format!("--memory {}", a.path.display()))?);
+        let region = Arc::new(
+            Region::open(&a.path).with_context(|| format!("--memory {}", a.path.display()))?,
+        );
         let note = match (&a.writer, &uffd) {
             (Some(s), Ok(())) => format!(
                 "scan: waiting for the writer to hand over its userfaultfd on {}",
@@ -109,7 +111,11 @@ impl PrimaryMemory {
     }
 }
 
-async fn accept_writers(l: tokio::net::UnixListener, p: MemoryParticipant, pause: Arc<WriterPause>) {
+async fn accept_writers(
+    l: tokio::net::UnixListener,
+    p: MemoryParticipant,
+    pause: Arc<WriterPause>,
+) {
     loop {
         let Ok((s, _)) = l.accept().await else {
             return;

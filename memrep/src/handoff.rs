@@ -64,7 +64,14 @@ impl WriterRegistration {
 
     /// Send the descriptors to lockstep listening on `socket`, naming the region file, and wait
     /// (bounded) for its answer: `Ok` for `ok`, an error carrying lockstep's text otherwise.
-    pub fn hand_over(&self, socket: &Path, region_path: &Path) -> io::Result<()> {
+    /// The connection stays open: lockstep pauses the writer through it around every
+    /// checkpoint's cut, at the points where the writer calls
+    /// [`WriterLink::pause_point`](crate::pause::WriterLink::pause_point).
+    pub fn hand_over(
+        &self,
+        socket: &Path,
+        region_path: &Path,
+    ) -> io::Result<crate::pause::WriterLink> {
         let mut stream = UnixStream::connect(socket)?;
         stream.set_read_timeout(Some(WRITER_TIMEOUT))?;
         stream.set_write_timeout(Some(WRITER_TIMEOUT))?;
@@ -79,7 +86,7 @@ impl WriterRegistration {
         )?;
         let line = read_line(&mut stream, 1024)?;
         if line == "ok" {
-            Ok(())
+            Ok(crate::pause::WriterLink::new(stream))
         } else if let Some(text) = line.strip_prefix("error: ") {
             Err(io::Error::other(format!(
                 "lockstep refused the hand-over: {text}"

@@ -525,7 +525,13 @@ impl Participant for MemoryParticipant {
             // Pre-sends of this epoch first: the secondary counts every page.
             loop {
                 let notified = self.0.changed.notified();
-                if lock(&self.0.st).inflight.get(&epoch.0).copied().unwrap_or(0) == 0 {
+                if lock(&self.0.st)
+                    .inflight
+                    .get(&epoch.0)
+                    .copied()
+                    .unwrap_or(0)
+                    == 0
+                {
                     break;
                 }
                 let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;

@@ -106,7 +106,8 @@ impl MemoryReplica {
             ));
         }
         let n = entries.len() as u64;
-        let incoming = entries.iter().filter(|e| e.data.is_some()).count() as u64 * PAGE_SIZE as u64;
+        let incoming =
+            entries.iter().filter(|e| e.data.is_some()).count() as u64 * PAGE_SIZE as u64;
         if i.staged_bytes + incoming > self.max_staged {
             return Err(format!(
                 "the staging cache is full ({} bytes staged, at most {})",
@@ -267,7 +268,8 @@ impl SecondaryParticipant for MemoryReplica {
         let zero = [0u8; PAGE_SIZE];
         let mut applied = 0u64;
         for (p, s) in Self::merged(&i, epoch) {
-            self.region.write_page(p, s.data.as_deref().unwrap_or(&zero));
+            self.region
+                .write_page(p, s.data.as_deref().unwrap_or(&zero));
             table.set(p, s.digest);
             applied += 1;
         }

@@ -230,7 +230,9 @@ pub fn decode(m: &[u8], pages: u64) -> Result<Message<'_>, String> {
             let epoch = le64(&rest[..8]);
             let count = le32(&rest[8..12]) as usize;
             if count > MAX_BATCH_PAGES {
-                return Err(format!("PAGES of {count} pages (at most {MAX_BATCH_PAGES})"));
+                return Err(format!(
+                    "PAGES of {count} pages (at most {MAX_BATCH_PAGES})"
+                ));
             }
             let mut body = &rest[12..];
             let mut entries = Vec::with_capacity(count);
@@ -260,7 +262,10 @@ pub fn decode(m: &[u8], pages: u64) -> Result<Message<'_>, String> {
                 entries.push(Entry { page, seq, data });
             }
             if !body.is_empty() {
-                return Err(format!("{} bytes after the last of {count} pages", body.len()));
+                return Err(format!(
+                    "{} bytes after the last of {count} pages",
+                    body.len()
+                ));
             }
             Ok(Message::Pages { epoch, entries })
         }
@@ -298,7 +303,10 @@ mod tests {
         assert_eq!(epoch, 9);
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].data, Some(&page[..]));
-        assert_eq!((entries[1].page, entries[1].seq, entries[1].data), (4, 12, None));
+        assert_eq!(
+            (entries[1].page, entries[1].seq, entries[1].data),
+            (4, 12, None)
+        );
         assert_eq!(decode_hello_answer(&hello_answer(7, 99)).unwrap(), (7, 99));
         assert_eq!(
             decode_digests_answer(&digests_answer(&[1, 2]), 2).unwrap(),
@@ -315,42 +323,60 @@ mod tests {
             (digests(0, MAX_DIGESTS + 1), "at most"),
             (digests(5, 3), "beyond the region"),
             (digests(u64::MAX, 2), "beyond the region"),
-            ({
-                let mut m = PagesBuilder::new(1).finish();
-                m[9..13].copy_from_slice(&(MAX_BATCH_PAGES as u32 + 1).to_le_bytes());
-                m
-            }, "at most"),
-            ({
-                let mut m = PagesBuilder::new(1).finish();
-                m[9..13].copy_from_slice(&2u32.to_le_bytes());
-                m
-            }, "cut short"),
-            ({
-                let mut b = PagesBuilder::new(1);
-                b.push(7, 1, None);
-                b.finish()
-            }, "beyond the region"),
-            ({
-                let mut b = PagesBuilder::new(1);
-                b.push(0, 1, Some(&[1; PAGE_SIZE]));
-                let mut m = b.finish();
-                m.truncate(m.len() - 1);
-                m
-            }, "cut short in the data"),
-            ({
-                let mut b = PagesBuilder::new(1);
-                b.push(0, 1, None);
-                let mut m = b.finish();
-                *m.last_mut().unwrap() = 5;
-                m
-            }, "unknown kind 5"),
-            ({
-                let mut b = PagesBuilder::new(1);
-                b.push(0, 1, None);
-                let mut m = b.finish();
-                m.push(0);
-                m
-            }, "after the last"),
+            (
+                {
+                    let mut m = PagesBuilder::new(1).finish();
+                    m[9..13].copy_from_slice(&(MAX_BATCH_PAGES as u32 + 1).to_le_bytes());
+                    m
+                },
+                "at most",
+            ),
+            (
+                {
+                    let mut m = PagesBuilder::new(1).finish();
+                    m[9..13].copy_from_slice(&2u32.to_le_bytes());
+                    m
+                },
+                "cut short",
+            ),
+            (
+                {
+                    let mut b = PagesBuilder::new(1);
+                    b.push(7, 1, None);
+                    b.finish()
+                },
+                "beyond the region",
+            ),
+            (
+                {
+                    let mut b = PagesBuilder::new(1);
+                    b.push(0, 1, Some(&[1; PAGE_SIZE]));
+                    let mut m = b.finish();
+                    m.truncate(m.len() - 1);
+                    m
+                },
+                "cut short in the data",
+            ),
+            (
+                {
+                    let mut b = PagesBuilder::new(1);
+                    b.push(0, 1, None);
+                    let mut m = b.finish();
+                    *m.last_mut().unwrap() = 5;
+                    m
+                },
+                "unknown kind 5",
+            ),
+            (
+                {
+                    let mut b = PagesBuilder::new(1);
+                    b.push(0, 1, None);
+                    let mut m = b.finish();
+                    m.push(0);
+                    m
+                },
+                "after the last",
+            ),
         ];
         for (m, want) in cases {
             let e = decode(&m, 7).unwrap_err();
