@@ -55,3 +55,6 @@ pub const PAGE_SIZE: usize = 4096;
 
 #[cfg(test)]
 pub(crate) mod testutil;
+
+#[cfg(test)]
+mod tests;

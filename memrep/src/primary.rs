@@ -19,6 +19,7 @@
 //! sending, so the region's digest at a cut is the table's fold, at no extra cost.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,9 @@ use crate::track::scan::ScanTracker;
 use crate::track::{TrackError, Tracker, TrackerKind};
 use crate::wire::{self, PagesBuilder, MAX_BATCH_PAGES, MAX_DIGESTS};
 use crate::PAGE_SIZE;
+
+/// Pages one pre-send step reads (while it holds the state a cut needs): 1 MiB.
+const PRESEND_BATCH: u64 = 256;
 
 /// Settings of a region's primary half.
 #[derive(Debug, Clone)]
@@ -118,6 +122,8 @@ struct Shared {
     st: Mutex<State>,
     changed: tokio::sync::Notify,
     trigger: OnceLock<CheckpointTrigger>,
+    /// A cut wants the state: the pre-send stands back, so the pause never waits for it.
+    cutting: AtomicBool,
 }
 
 /// A region's primary half: give it to the primary's epoch coordinator
@@ -267,6 +273,7 @@ impl MemoryParticipant {
             region,
             changed: tokio::sync::Notify::new(),
             trigger: OnceLock::new(),
+            cutting: AtomicBool::new(false),
         }))
     }
 
@@ -388,6 +395,12 @@ impl MemoryParticipant {
     async fn presend(self, session: u64, every: Duration) {
         let mut last_collect = Instant::now() - every;
         loop {
+            // Let others (a cut above all) have the state between batches.
+            tokio::task::yield_now().await;
+            if self.0.cutting.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                continue;
+            }
             let next = {
                 let mut st = lock(&self.0.st);
                 if st.session != session {
@@ -406,16 +419,16 @@ impl MemoryParticipant {
                         }
                     }
                 }
-                if st.unsent.is_empty() {
+                if st.unsent.is_empty() || st.channel.is_none() {
                     None
                 } else {
-                    let b = st.read_unsent(&self.0.region, Some(MAX_BATCH_PAGES as u64));
+                    let b = st.read_unsent(&self.0.region, Some(PRESEND_BATCH));
                     let epoch = st.epoch;
                     *st.inflight.entry(epoch).or_default() += 1;
-                    Some((epoch, b, st.channel.clone()))
+                    Some((epoch, b, st.channel.clone().expect("checked")))
                 }
             };
-            let Some((epoch, batches, Some(channel))) = next else {
+            let Some((epoch, batches, channel)) = next else {
                 tokio::time::sleep(every.min(Duration::from_millis(5))).await;
                 continue;
             };
@@ -433,8 +446,12 @@ impl MemoryParticipant {
             }
             {
                 let mut st = lock(&self.0.st);
+                if st.session != session {
+                    // A new session began meanwhile and counts afresh.
+                    return;
+                }
                 if let Some(n) = st.inflight.get_mut(&epoch) {
-                    *n -= 1;
+                    *n = n.saturating_sub(1);
                 }
                 st.counters.presend_pages += sent.0;
                 st.counters.zero_pages_sent += sent.1;
@@ -497,7 +514,9 @@ impl Participant for MemoryParticipant {
     fn cut(&self, epoch: Epoch) -> BoxFuture<'_, Result<(), EpochError>> {
         Box::pin(async move {
             let t = Instant::now();
+            self.0.cutting.store(true, Ordering::Release);
             let mut st = lock(&self.0.st);
+            self.0.cutting.store(false, Ordering::Release);
             if st.epoch != epoch.0 {
                 return Err(self.err(
                     epoch,

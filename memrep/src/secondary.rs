@@ -80,7 +80,12 @@ impl MemoryReplica {
         MemoryReplica {
             id,
             name: name.into(),
-            max_staged: region.len().saturating_mul(2),
+            // Two epochs at most are staged (the one being committed and the next one's
+            // pre-send), each at most the region, plus a message in flight.
+            max_staged: region
+                .len()
+                .saturating_mul(2)
+                .saturating_add((wire::MAX_BATCH_PAGES * PAGE_SIZE) as u64),
             region,
             table: Mutex::new(table),
             inner: Mutex::new(Inner::default()),
