@@ -123,7 +123,10 @@ impl Rig {
     }
 
     /// One checkpoint as the coordinator runs it, the writers paused around the cut;
-    /// on success the secondary's region is the primary's at the cut.
+    /// on success the secondary's region is the primary's at the cut. (The writers are
+    /// threads, not tasks, and the cut never suspends: holding their gate across it is the
+    /// pause.)
+    #[allow(clippy::await_holding_lock)]
     async fn checkpoint(&mut self) -> Result<(), String> {
         let e = Epoch(self.epoch);
         for _ in 0..500 {
