@@ -180,6 +180,24 @@ pub fn verify(v: &VerifyReport) {
     for d in &v.differing {
         println!("  differs: offset {} length {}", d.offset, d.len);
     }
+    for (name, r) in &v.participants {
+        let n = |k: &str| r.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        match r.get("error").and_then(serde_json::Value::as_str) {
+            Some(e) => println!("{name}: not compared: {e}"),
+            None => println!(
+                "{name}: compared {} pages: {} differ ({} changed since the last checkpoint, {} diverged{})",
+                n("pages"),
+                n("differing_pages"),
+                n("pending_pages"),
+                n("diverged_pages"),
+                if n("diverged_pages") > 0 {
+                    ": sent again before the next commit"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
 }
 
 /// What `failover --verify` adds to the failover report.

@@ -103,7 +103,7 @@ impl PageTable {
                 s.spawn(move || {
                     let mut buf = Box::new([0u8; PAGE_SIZE]);
                     for (slot, i) in mine.iter_mut().zip(r) {
-                        region.read_page(i, &mut buf);
+                        region.load_page(i, &mut buf);
                         *slot = page_hash(&buf[..]);
                     }
                 });

@@ -17,7 +17,6 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use blkrep::epoch::{BoxFuture, GuestHook};
@@ -70,10 +69,19 @@ impl WriterLink {
     }
 }
 
+/// One writer lockstep pauses.
+#[derive(Debug)]
+struct Writer {
+    pid: u32,
+    stream: tokio::net::UnixStream,
+    /// Paused by the pause in progress: only such writers are sent a resume.
+    paused: bool,
+}
+
 /// lockstep's end: a guest hook that pauses every writer that handed over.
 #[derive(Debug)]
 pub struct WriterPause {
-    writers: Mutex<Vec<(u32, Option<tokio::net::UnixStream>)>>,
+    writers: tokio::sync::Mutex<Vec<Writer>>,
     patience: Duration,
 }
 
@@ -81,41 +89,28 @@ impl WriterPause {
     /// No writers yet; a writer that does not answer a pause within `patience` fails it.
     pub fn new(patience: Duration) -> WriterPause {
         WriterPause {
-            writers: Mutex::new(Vec::new()),
+            writers: tokio::sync::Mutex::new(Vec::new()),
             patience,
         }
     }
 
     /// Pause writer `pid` at every checkpoint from now on, over the hand-over connection.
+    /// Called from a blocking thread (it waits for a pause in progress to end, so that a
+    /// writer joining mid-checkpoint is not sent the resume of a pause it never saw).
     pub fn add(&self, pid: u32, stream: UnixStream) -> io::Result<()> {
         stream.set_nonblocking(true)?;
-        let s = tokio::net::UnixStream::from_std(stream)?;
-        self.lock().push((pid, Some(s)));
+        let stream = tokio::net::UnixStream::from_std(stream)?;
+        self.writers.blocking_lock().push(Writer {
+            pid,
+            stream,
+            paused: false,
+        });
         Ok(())
     }
 
     /// Writers paused at checkpoints now.
-    pub fn writers(&self) -> Vec<u32> {
-        self.lock().iter().map(|(p, _)| *p).collect()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u32, Option<tokio::net::UnixStream>)>> {
-        self.writers.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Take the streams out (the lock is not held across awaits), and put back those whose
-    /// writer is still there.
-    fn take(&self) -> Vec<(u32, tokio::net::UnixStream)> {
-        self.lock()
-            .iter_mut()
-            .filter_map(|(p, s)| s.take().map(|s| (*p, s)))
-            .collect()
-    }
-
-    fn put_back(&self, alive: Vec<(u32, tokio::net::UnixStream)>) {
-        let mut w = self.lock();
-        w.retain(|(_, s)| s.is_some());
-        w.extend(alive.into_iter().map(|(p, s)| (p, Some(s))));
+    pub async fn writers(&self) -> Vec<u32> {
+        self.writers.lock().await.iter().map(|w| w.pid).collect()
     }
 }
 
@@ -135,49 +130,59 @@ async fn pause_one(s: &mut tokio::net::UnixStream) -> io::Result<()> {
 impl GuestHook for WriterPause {
     fn pause(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            let mut alive = Vec::new();
+            let mut all = self.writers.lock().await;
             let mut failed = None;
-            for (pid, mut s) in self.take() {
-                match tokio::time::timeout(self.patience, pause_one(&mut s)).await {
-                    Ok(Ok(())) => alive.push((pid, s)),
+            let mut keep = Vec::new();
+            for mut w in all.drain(..) {
+                match tokio::time::timeout(self.patience, pause_one(&mut w.stream)).await {
+                    Ok(Ok(())) => {
+                        w.paused = true;
+                        keep.push(w);
+                    }
                     // Gone: nothing of it writes any more.
-                    Ok(Err(e)) => tracing::info!(pid, "writer left: {e}"),
+                    Ok(Err(e)) => tracing::info!(pid = w.pid, "writer left: {e}"),
                     // Not cooperating: let it go (closing the connection resumes it) and
                     // say so; it is not paused at later checkpoints.
                     Err(_) => {
                         failed.get_or_insert(format!(
-                            "writer pid {pid} did not pause within {:?}; it is no longer paused at checkpoints",
-                            self.patience
+                            "writer pid {} did not pause within {:?}; it is no longer paused at checkpoints",
+                            w.pid, self.patience
                         ));
                     }
                 }
             }
-            let r = match failed {
+            *all = keep;
+            match failed {
                 // Let those that did pause go again.
                 Some(why) => {
-                    for (_, s) in &mut alive {
-                        let _ = s.write_all(&[RESUME]).await;
-                    }
+                    resume_all(&mut all).await;
                     Err(why)
                 }
                 None => Ok(()),
-            };
-            self.put_back(alive);
-            r
+            }
         })
     }
 
     fn resume(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            let mut alive = Vec::new();
-            for (pid, mut s) in self.take() {
-                match s.write_all(&[RESUME]).await {
-                    Ok(()) => alive.push((pid, s)),
-                    Err(e) => tracing::info!(pid, "writer left: {e}"),
-                }
-            }
-            self.put_back(alive);
+            resume_all(&mut *self.writers.lock().await).await;
             Ok(())
         })
     }
+}
+
+/// Resume the writers the last pause paused; drop those that are gone.
+async fn resume_all(all: &mut Vec<Writer>) {
+    let mut keep = Vec::new();
+    for mut w in all.drain(..) {
+        if !std::mem::take(&mut w.paused) {
+            keep.push(w);
+            continue;
+        }
+        match w.stream.write_all(&[RESUME]).await {
+            Ok(()) => keep.push(w),
+            Err(e) => tracing::info!(pid = w.pid, "writer left: {e}"),
+        }
+    }
+    *all = keep;
 }

@@ -50,8 +50,8 @@ pub struct MemoryOptions {
     /// How often the pre-send collects dirty pages between checkpoints (None: never; every
     /// dirty page then waits for the pause).
     pub presend: Option<Duration>,
-    /// A checkpoint is refused while more pages than this wait to be sent (a resync): the
-    /// pause would have to copy them all.
+    /// A checkpoint is refused while more pages than this, found lacking on the secondary
+    /// when a session started, wait to be sent (a resync): the pause would copy them all.
     pub ready_pages: u64,
 }
 
@@ -96,6 +96,10 @@ struct State {
     /// The part of `unsent` that was collected as written and not read since: the table
     /// does not describe it.
     stale: RoaringTreemap,
+    /// The part of `unsent` that a session start found the secondary lacking (a resync):
+    /// checkpoints wait while it is large. Pages written between checkpoints never hold a
+    /// checkpoint back; the pause copies them, however many.
+    resync: RoaringTreemap,
     /// The epoch pages read now belong to.
     epoch: u64,
     committed: u64,
@@ -188,7 +192,7 @@ impl State {
         let mut page = Box::new([0u8; PAGE_SIZE]);
         let sent = self.sent_in.entry(epoch).or_default();
         for &p in &take {
-            region.read_page(p, &mut page);
+            region.load_page(p, &mut page);
             self.seq += 1;
             let d = if is_zero(&page[..]) {
                 b.push(p, self.seq, None);
@@ -201,6 +205,7 @@ impl State {
             sent.insert(p);
             self.unsent.remove(p);
             self.stale.remove(p);
+            self.resync.remove(p);
             if b.len() == MAX_BATCH_PAGES {
                 let full = std::mem::replace(&mut b, PagesBuilder::new(epoch));
                 out.push(finish(full));
@@ -225,6 +230,17 @@ impl State {
         self.items.clear();
         self.batches.clear();
         self.inflight.clear();
+    }
+}
+
+/// Run `f`, which may take long, without starving the other tasks of a multi-threaded
+/// runtime's worker (they move to another worker meanwhile).
+pub(crate) fn heavy<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 
@@ -257,6 +273,7 @@ impl MemoryParticipant {
                 table,
                 unsent,
                 stale: RoaringTreemap::new(),
+                resync: RoaringTreemap::new(),
                 epoch: 0,
                 committed: 0,
                 seq: 0,
@@ -376,7 +393,8 @@ impl MemoryParticipant {
         // last read (the table does not describe those).
         let keep = &st.stale | &differ;
         st.unsent &= keep;
-        st.unsent |= differ;
+        st.unsent |= &differ;
+        st.resync = differ;
         st.counters.resync_pages += st.unsent.len();
         st.counters.sessions += 1;
         st.epoch = epoch.0;
@@ -389,6 +407,55 @@ impl MemoryParticipant {
             "memory session started"
         );
         Ok(())
+    }
+
+    /// `lockstep verify`: compare every page's digest with the secondary's committed one.
+    /// Pages that differ because they changed since the last commit are expected; any other
+    /// difference is a divergence, and such pages are sent again before the next commit.
+    async fn compare(&self) -> Result<serde_json::Value, String> {
+        let t = Instant::now();
+        let channel = lock(&self.0.st)
+            .channel
+            .clone()
+            .ok_or("no session with the secondary")?;
+        {
+            let mut st = lock(&self.0.st);
+            st.collect(&self.0.region).map_err(|e| e.to_string())?;
+        }
+        let pages = self.0.region.pages();
+        let (mut differ, mut diverged) = (0u64, Vec::new());
+        let mut first = 0u64;
+        while first < pages {
+            let count = (pages - first).min(u64::from(MAX_DIGESTS)) as u32;
+            let a = channel.call(wire::verify(first, count)).await?;
+            let theirs = wire::decode_digests_answer(&a, count)?;
+            let mut st = lock(&self.0.st);
+            for (k, d) in theirs.into_iter().enumerate() {
+                let p = first + k as u64;
+                if st.table.get(p) == d {
+                    continue;
+                }
+                differ += 1;
+                let pending = st.unsent.contains(p) || st.sent_in.values().any(|s| s.contains(p));
+                if !pending {
+                    diverged.push(p);
+                    st.unsent.insert(p);
+                }
+            }
+            first += u64::from(count);
+        }
+        if !diverged.is_empty() {
+            tracing::error!(region = %self.0.region.path().display(), pages = diverged.len(), "memory verify: the secondary's region diverged; those pages are sent again");
+        }
+        Ok(json!({
+            "region": self.0.region.path(),
+            "pages": pages,
+            "differing_pages": differ,
+            "pending_pages": differ - diverged.len() as u64,
+            "diverged_pages": diverged.len(),
+            "diverged_first": diverged.iter().take(16).collect::<Vec<_>>(),
+            "duration_s": t.elapsed().as_secs_f64(),
+        }))
     }
 
     /// Between checkpoints: collect and send dirty and unsent pages while the guest runs.
@@ -482,12 +549,19 @@ impl Participant for MemoryParticipant {
         let _ = self.0.trigger.set(trigger);
     }
 
+    fn verify(&self) -> BoxFuture<'_, Result<serde_json::Value, String>> {
+        Box::pin(self.compare())
+    }
+
     fn ready(&self) -> Result<(), String> {
+        // A region whose file is gone or cut short cannot be checkpointed: no checkpoint,
+        // for the disk either, rather than a disk without its memory.
+        self.0.region.check().map_err(|e| e.to_string())?;
         let st = lock(&self.0.st);
         if st.channel.is_none() {
             return Err("no session with the secondary".into());
         }
-        let n = st.unsent.len();
+        let n = st.resync.len();
         if n > self.0.opts.ready_pages {
             return Err(format!(
                 "a memory resync is in progress ({n} pages left to send)"
@@ -529,7 +603,9 @@ impl Participant for MemoryParticipant {
                 .map_err(|e| self.err(epoch, e.to_string()))?;
             st.collect(&self.0.region)
                 .map_err(|e| self.err(epoch, format!("collecting dirty pages: {e}")))?;
-            let batches = st.read_unsent(&self.0.region, None);
+            // A large copy must not hold up the runtime's other tasks (heartbeats).
+            let region = &self.0.region;
+            let batches = heavy(|| st.read_unsent(region, None));
             st.counters.cuts += 1;
             let fold = st.table.fold();
             st.batches.insert(epoch.0, (batches, fold));

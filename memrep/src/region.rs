@@ -44,6 +44,8 @@ pub enum RegionError {
         len: u64,
         source: io::Error,
     },
+    #[error("{path}: the file was removed while mapped: nothing could map it after a failover")]
+    Removed { path: PathBuf },
     #[error("{path}: fstat failed: {source}")]
     Stat { path: PathBuf, source: io::Error },
     #[error(
@@ -209,6 +211,41 @@ impl Region {
         self.ptr
     }
 
+    /// Read page `i` through the file (`pread`), not the mapping: a file cut short since it
+    /// was mapped yields zeros past its end instead of a SIGBUS. What lockstep itself reads
+    /// (to send, to hash) goes this way; the file and the mapping share their pages.
+    pub fn load_page(&self, i: u64, dst: &mut [u8; PAGE_SIZE]) {
+        use std::os::unix::fs::FileExt;
+        assert!(
+            i < self.pages(),
+            "page {i} out of range ({} pages)",
+            self.pages()
+        );
+        let mut done = 0;
+        while done < PAGE_SIZE {
+            match self
+                .file
+                .read_at(&mut dst[done..], i * PAGE_SIZE as u64 + done as u64)
+            {
+                Ok(0) | Err(_) => break,
+                Ok(n) => done += n,
+            }
+        }
+        dst[done..].fill(0);
+    }
+
+    /// Write page `i` through the file (`pwrite`), not the mapping (the secondary applying a
+    /// checkpoint): a file cut short since is extended rather than faulting.
+    pub fn store_page(&self, i: u64, src: &[u8; PAGE_SIZE]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        assert!(
+            i < self.pages(),
+            "page {i} out of range ({} pages)",
+            self.pages()
+        );
+        self.file.write_all_at(src, i * PAGE_SIZE as u64)
+    }
+
     /// Copy page `i` into `dst`. A concurrent writer may tear the copy; tracking reports the page
     /// again. Panics if `i` is out of range.
     pub fn read_page(&self, i: u64, dst: &mut [u8; PAGE_SIZE]) {
@@ -281,6 +318,11 @@ impl Region {
     /// truncated file's end raises SIGBUS, so callers check before a long pass.
     pub fn check(&self) -> Result<(), RegionError> {
         let actual = check_file(&self.file, &self.path)?;
+        if self.file.metadata().map(|m| m.nlink()).unwrap_or(0) == 0 {
+            return Err(RegionError::Removed {
+                path: self.path.clone(),
+            });
+        }
         if actual != self.len {
             return Err(RegionError::SizeMismatch {
                 path: self.path.clone(),

@@ -6,7 +6,11 @@
 //!  DIGESTS  2 | first u64 | count u32                            answer: count × digest u64
 //!  PAGES    3 | epoch u64 | count u32 | count × entry            answer: empty
 //!           entry: page u64 | seq u64 | kind u8 (0 data, 1 zero) | 4096 bytes if data
+//!  VERIFY   4 | first u64 | count u32                            answer: count × digest u64
 //! ```
+//!
+//! VERIFY is DIGESTS with every page hashed from the region as it is, not taken from the
+//! table (`lockstep verify`: it finds a region changed behind lockstep's back).
 //!
 //! HELLO compares the two regions before anything is sent (sizes must match). DIGESTS reads
 //! the secondary's committed page digests, so that a new session resends only the pages that
@@ -27,6 +31,7 @@ pub const MAX_DIGESTS: u32 = 1 << 20;
 const HELLO: u8 = 1;
 const DIGESTS: u8 = 2;
 const PAGES: u8 = 3;
+const VERIFY: u8 = 4;
 /// Bytes of an entry's header (page, seq, kind).
 const ENTRY_HEADER: usize = 17;
 
@@ -44,6 +49,13 @@ pub enum Message<'a> {
     },
     /// Read committed digests `first..first + count`.
     Digests {
+        /// First page.
+        first: u64,
+        /// How many.
+        count: u32,
+    },
+    /// Hash pages `first..first + count` of the region as it is.
+    Verify {
         /// First page.
         first: u64,
         /// How many.
@@ -98,6 +110,13 @@ pub fn digests(first: u64, count: u32) -> Vec<u8> {
     let mut m = vec![DIGESTS];
     m.extend_from_slice(&first.to_le_bytes());
     m.extend_from_slice(&count.to_le_bytes());
+    m
+}
+
+/// VERIFY (answered like DIGESTS).
+pub fn verify(first: u64, count: u32) -> Vec<u8> {
+    let mut m = digests(first, count);
+    m[0] = VERIFY;
     m
 }
 
@@ -204,7 +223,7 @@ pub fn decode(m: &[u8], pages: u64) -> Result<Message<'_>, String> {
                 pages: le64(&rest[6..14]),
             })
         }
-        DIGESTS => {
+        DIGESTS | VERIFY => {
             if rest.len() != 12 {
                 return Err(format!("DIGESTS of {} bytes (expected 13)", m.len()));
             }
@@ -221,7 +240,11 @@ pub fn decode(m: &[u8], pages: u64) -> Result<Message<'_>, String> {
                     "DIGESTS of pages {first}+{count} beyond the region's {pages} pages"
                 ));
             }
-            Ok(Message::Digests { first, count })
+            Ok(if kind == VERIFY {
+                Message::Verify { first, count }
+            } else {
+                Message::Digests { first, count }
+            })
         }
         PAGES => {
             if rest.len() < 12 {

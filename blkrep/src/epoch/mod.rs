@@ -115,6 +115,11 @@ pub trait Participant: Send + Sync {
     fn abort(&self, epoch: Epoch, reason: &EpochError);
     /// This participant's share of the status report.
     fn status(&self) -> serde_json::Value;
+    /// Compare this participant's state with its secondary half's without moving the data
+    /// (`lockstep verify`); Null when it has nothing to compare.
+    fn verify(&self) -> BoxFuture<'_, Result<serde_json::Value, String>> {
+        Box::pin(async { Ok(serde_json::Value::Null) })
+    }
     /// Whether a checkpoint may start now. An error (a resync still in progress, say) means
     /// no checkpoint runs this time: nothing is paused or cut, and the error is the reason.
     fn ready(&self) -> Result<(), String> {
@@ -460,13 +465,25 @@ impl EpochCoordinator {
             .await
             .map_err(|e| EpochError::NotReplicating(format!("the guest did not pause: {e}")))?;
         let mut cut = Ok(());
+        let mut any_cut = false;
         for p in &self.participants {
             if let Err(e) = p.cut(epoch).await {
-                cut = Err(e);
+                cut = Err(match e {
+                    // Others have cut: this is a failed checkpoint, to abort everywhere.
+                    EpochError::NotReplicating(reason) if any_cut => EpochError::Participant {
+                        epoch,
+                        participant: p.name().to_string(),
+                        reason,
+                    },
+                    e => e,
+                });
                 break;
             }
+            any_cut = true;
         }
-        if cut.is_ok() {
+        // Once one participant has cut, the epoch is closed for all, whatever happens next:
+        // a later participant's failure aborts it everywhere, and the next epoch begins.
+        if cut.is_ok() || any_cut {
             // Writes from here on belong to the next epoch.
             self.current.store(epoch.next().0, Ordering::Release);
             self.trigger.bytes.store(0, Ordering::Relaxed);

@@ -130,6 +130,9 @@ pub struct VerifyReport {
     /// Compare rate; when done.
     #[serde(default)]
     pub mb_per_s: f64,
+    /// The other participants' own comparisons (memory regions), by name; when done.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub participants: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Progress of the current (or last) resync, for status.

@@ -88,7 +88,7 @@ impl Tracker for ScanTracker {
                             let hi = part.end.min(seen + n);
                             if lo < hi {
                                 for i in r.start + (lo - seen)..r.start + (hi - seen) {
-                                    region.read_page(i, &mut buf);
+                                    region.load_page(i, &mut buf);
                                     if page_hash(&buf[..]) != table.get(i) {
                                         changed.push(i);
                                     }

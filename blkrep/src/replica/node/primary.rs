@@ -259,7 +259,22 @@ impl AdminHandler for PrimaryAdmin {
                 "failover" => {
                     Err("failover runs on the secondary (this node is the primary)".into())
                 }
-                "verify" => to_json(self.repl.verify().await?),
+                "verify" => {
+                    let mut v = self.repl.verify().await?;
+                    for p in self.coord.participants() {
+                        match p.verify().await {
+                            Ok(Value::Null) => {}
+                            Ok(r) => {
+                                v.participants.insert(p.name().into(), r);
+                            }
+                            Err(e) => {
+                                v.participants
+                                    .insert(p.name().into(), json!({ "error": e }));
+                            }
+                        }
+                    }
+                    to_json(v)
+                }
                 other => Err(format!(
                     "unknown command {other:?} (status, checkpoint, verify, set)"
                 )),

@@ -49,6 +49,7 @@ impl Replicator {
             bytes_compared: 0,
             duration_s: 0.0,
             mb_per_s: 0.0,
+            participants: serde_json::Map::new(),
         };
         let mut last_log = Instant::now();
         let mut u0 = 0;
