@@ -30,7 +30,6 @@ use lockstep_tests::pair::{primary_cmd, secondary_cmd, start_secondary};
 use lockstep_tests::proxy::CutProxy;
 use lockstep_tests::trials::{trials, Rng};
 use lockstep_tests::{free_port, heavy, lockstep_bin, owned, refs, scratch, sleep_ms, Daemon};
-use memrep::region::Region;
 
 const DISK: &str = "16M";
 const MIB: u64 = 1 << 20;
@@ -155,19 +154,24 @@ impl MemPair {
         };
         p.proxy = o.via_proxy.then(|| CutProxy::start(&p.listen));
         if start_primary {
-            let args = p.primary_args(o);
-            let mut primary = Daemon::start("primary", &lockstep_bin(), &refs(&args), d);
-            let v = wait_status(
-                &mut primary,
-                &p.p_sock,
-                Duration::from_secs(40),
-                "primary",
-                |v| v["mode"].is_string() && !mem(v).is_null(),
-            );
-            assert_eq!(v["mode"], "replicating", "{v}");
-            p.primary = Some(primary);
+            p.start_primary(o);
         }
         p
+    }
+
+    /// Start the primary and wait until it replicates.
+    fn start_primary(&mut self, o: &Opts) {
+        let args = self.primary_args(o);
+        let mut primary = Daemon::start("primary", &lockstep_bin(), &refs(&args), self.dir.path());
+        let v = wait_status(
+            &mut primary,
+            &self.p_sock,
+            Duration::from_secs(40),
+            "primary",
+            |v| v["mode"].is_string() && !mem(v).is_null(),
+        );
+        assert_eq!(v["mode"], "replicating", "{v}");
+        self.primary = Some(primary);
     }
 
     fn primary_args(&self, o: &Opts) -> Vec<String> {
@@ -297,30 +301,21 @@ impl MemPair {
     /// Request checkpoints until the region's committed epoch is one opened after now (nothing
     /// writes any more), then both regions must be equal byte for byte and the disks' block 0.
     fn final_checkpoint_and_compare(&mut self, what: &str) -> String {
-        let epoch = u(&self.p_status(), "epoch");
-        let start = Instant::now();
-        loop {
-            let _ = checkpoint(&self.p_sock);
-            let v = self.p_status();
-            if u(&v, "committed_epoch") >= epoch {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{what}: no checkpoint of the region committed after the writer stopped: {v}\n{}",
-                self.logs()
-            );
-            sleep_ms(50);
-        }
+        self.checkpoint_after_now(what);
         let p = std::fs::read(&self.p_region.path).expect("primary region");
+        self.compare_regions(&p, what)
+    }
+
+    /// The secondary's region must equal `p` (the primary's region as read by the caller) and
+    /// the disks' block 0 must be equal.
+    fn compare_regions(&self, p: &[u8], what: &str) -> String {
         let s = std::fs::read(&self.s_region.path).expect("secondary region");
-        if let Some(at) = first_difference(&p, &s) {
+        if let Some(at) = first_difference(p, &s) {
             panic!(
-                "{what}: the regions differ at byte {at} (page {}): primary {}, secondary {}\nprimary status: {}\n{}",
+                "{what}: the regions differ at byte {at} (page {}): primary {}, secondary {}\n{}",
                 at / PAGE,
                 mem(&self.p_status()),
                 mem(&control_status(&self.s_sock, T).unwrap_or_default()),
-                self.p_status(),
                 self.logs()
             );
         }
@@ -337,6 +332,25 @@ impl MemPair {
             p.len() / PAGE,
             read_header(&pb)
         )
+    }
+
+    /// Request checkpoints until the region's committed epoch is one opened after now.
+    fn checkpoint_after_now(&mut self, what: &str) {
+        let epoch = u(&self.p_status(), "epoch");
+        let start = Instant::now();
+        loop {
+            let _ = checkpoint(&self.p_sock);
+            let v = self.p_status();
+            if u(&v, "committed_epoch") >= epoch {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{what}: no checkpoint of the region committed: {v}\n{}",
+                self.logs()
+            );
+            sleep_ms(50);
+        }
     }
 }
 
@@ -425,4 +439,344 @@ fn crash_of_the_primary_fails_over_to_memory_and_disk_of_the_same_checkpoint() {
         20,
         |_, rng| crash_trial(rng),
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Link cuts.
+
+/// Cut the replication link while pages are being pre-sent, and right after a requested
+/// checkpoint (while it prepares), with the counter writer running throughout; every time the
+/// primary reconnects, resends and commits again, and with the writer stopped the two regions
+/// end equal.
+#[test]
+fn link_cuts_during_presend_and_prepare_reconnect_resend_and_end_equal() {
+    let _g = heavy();
+    let (mut rng, seed) = Rng::from_env("link_cuts_during_presend_and_prepare");
+    let mut o = Opts::new(16 * MIB);
+    o.via_proxy = true;
+    o.extra_primary = owned(&["--heartbeat", "100ms"]);
+    let mut p = MemPair::start(&o, true);
+    p.start_counter_writer();
+    let first = p.wait_uffd_and_commits();
+    let mut report = Vec::new();
+    let mut resent = 0;
+    let cuts = 6;
+    for k in 0..cuts {
+        let before = p.p_status();
+        let when = if k % 2 == 0 { "pre-send" } else { "prepare" };
+        let proxy = p.proxy.as_ref().expect("proxy");
+        let mut answer = None;
+        if when == "pre-send" {
+            // Cut at a moment the pre-send count has just grown.
+            let mut last = u(&before, "presend_pages");
+            let start = Instant::now();
+            loop {
+                let n = u(&p.p_status(), "presend_pages");
+                if n > last {
+                    break;
+                }
+                last = n;
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "cut {k}: the pre-send does not grow (seed {seed})\n{}",
+                    p.logs()
+                );
+                sleep_ms(rng.range(1, 8));
+            }
+            proxy.cut();
+        } else {
+            let sock = p.p_sock.clone();
+            let h = std::thread::spawn(move || {
+                control(&sock, r#"{"cmd":"checkpoint"}"#, Duration::from_secs(20))
+            });
+            sleep_ms(rng.range(0, 4));
+            proxy.cut();
+            answer = Some(h.join().expect("checkpoint thread"));
+        }
+        let down = rng.range(50, 800);
+        sleep_ms(down);
+        let during = p.p_status();
+        p.proxy.as_ref().unwrap().heal();
+        let s0 = u(&before, "sessions");
+        let v = p.wait_primary(
+            Duration::from_secs(60),
+            "primary (reconnected after a cut)",
+            |v| {
+                v["mode"] == "replicating"
+                    && mem(v)["connected"] == true
+                    && u(v, "sessions") > s0
+            },
+        );
+        let v = p.wait_mem_committed(u(&v, "committed_epoch"));
+        let r = u(&v, "resync_pages") - u(&before, "resync_pages");
+        resent += r;
+        report.push(format!(
+            "cut {k} during {when} ({down} ms down{}, primary mode while down: {}): session {} resent {r} pages",
+            answer.map_or(String::new(), |a| match a {
+                Ok(_) => ", the requested checkpoint committed".into(),
+                Err(_) => ", the requested checkpoint failed".into(),
+            }),
+            during["mode"],
+            u(&v, "sessions"),
+        ));
+    }
+    let v = p.p_status();
+    assert!(
+        u(&v, "sessions") > u(&first, "sessions") + cuts - 1,
+        "{cuts} cuts but the region's sessions went from {} to {}: {v}",
+        u(&first, "sessions"),
+        u(&v, "sessions")
+    );
+    assert!(
+        resent > 0,
+        "the writer ran throughout, yet no page was resent after {cuts} cuts: {}\n{}",
+        mem(&v),
+        report.join("\n")
+    );
+    p.kill_writer();
+    let r = p.final_checkpoint_and_compare("after the link cuts");
+    eprintln!(
+        "link cuts (seed {seed}):\n{}\n{r}; region: {}",
+        report.join("\n"),
+        mem(&p.p_status())
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Restart of the secondary.
+
+/// Kill -9 the secondary and start it again on the same files: the primary reconnects and the
+/// resync compares page digests, so it resends only what changed, not the region.
+#[test]
+fn restarted_secondary_resyncs_only_the_pages_that_changed() {
+    let _g = heavy();
+    let (mut rng, seed) = Rng::from_env("restarted_secondary_resyncs_only_the_pages_that_changed");
+    let o = Opts::new(16 * MIB);
+    let mut p = MemPair::start(&o, false);
+    // Every page of the primary's region differs from the fresh secondary's: the first session
+    // resends them all, the yardstick of a full resync.
+    fill_region(&p.p_region.path, seed);
+    p.start_primary(&o);
+    let pages = p.pages();
+    let (r, s) = (p.p_region.path.clone(), p.w_sock.clone());
+    // A slow writer (0.5 % of the pages every 100 ms) so that what changes while the secondary
+    // is away is a small part of the region.
+    let w = p.start_writer(
+        "memwriter",
+        &r,
+        &[
+            "--handover",
+            s.to_str().unwrap(),
+            "--dirty",
+            "0.5",
+            "--period-ms",
+            "100",
+        ],
+    );
+    p.writer = Some(w);
+    let before = p.wait_uffd_and_commits();
+    let full = u(&before, "resync_pages");
+    assert!(
+        full >= pages * 9 / 10,
+        "the first session should resend (nearly) every page of {pages}: {}",
+        mem(&before)
+    );
+    sleep_ms(rng.range(200, 1000));
+    p.secondary.signal(libc::SIGKILL);
+    p.secondary.wait(Duration::from_secs(10));
+    let away = rng.range(100, 800);
+    sleep_ms(away);
+    let killed = p.p_status();
+    p.restart_secondary("secondary2");
+    let s0 = u(&before, "sessions");
+    let v = p.wait_primary(
+        Duration::from_secs(60),
+        "primary (reconnected to the restarted secondary)",
+        |v| v["mode"] == "replicating" && mem(v)["connected"] == true && u(v, "sessions") > s0,
+    );
+    let v = p.wait_mem_committed(u(&v, "committed_epoch"));
+    let resync = u(&v, "resync_pages") - u(&killed, "resync_pages");
+    assert!(
+        resync < pages / 4,
+        "the restarted secondary got {resync} of {pages} pages resent: not a digest resync of what changed (first session: {full})\n{}\n{}",
+        mem(&v),
+        p.logs()
+    );
+    p.kill_writer();
+    let r = p.final_checkpoint_and_compare("after the secondary's restart");
+    eprintln!(
+        "restart (seed {seed}, secondary away {away} ms): first session resent {full} pages, the restart's session {resync} of {pages}; {r}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Bad input.
+
+/// Regions of different sizes: the primary gives up within its connect timeout, naming them.
+#[test]
+fn regions_of_different_sizes_stop_the_primary_with_an_error_naming_the_sizes() {
+    let mut o = Opts::new(8 * MIB);
+    o.s_len = 12 * MIB;
+    let p = MemPair::start(&o, false);
+    let mut args = p.primary_args(&o);
+    args.extend(owned(&["--connect-timeout", "5s"]));
+    let t = Instant::now();
+    let (ok, out, err) = lockstep(&refs(&args), Duration::from_secs(60));
+    let took = t.elapsed();
+    let text = lockstep_tests::control::strip_ansi(&format!("{out}{err}"));
+    assert!(!ok, "the primary accepted regions of 8 and 12 MiB:\n{text}\n{}", p.logs());
+    assert!(
+        took < Duration::from_secs(20),
+        "the primary took {took:?} to give up (connect timeout 5 s):\n{text}"
+    );
+    assert!(
+        text.contains(&(8 * MIB).to_string()) && text.contains(&(12 * MIB).to_string()),
+        "the error does not name both region sizes ({} and {}):\n{text}",
+        8 * MIB,
+        12 * MIB
+    );
+    eprintln!("different sizes: exit after {took:?}: {}", text.trim().lines().last().unwrap_or(""));
+}
+
+/// Write pages of `region` (the file, through pwrite: no mapping in this process) from `c`.
+fn scribble(f: &File, pages: u64, c: u64, n: u64) {
+    let mut page = vec![0u8; PAGE];
+    for j in 0..n {
+        let p = (c * 7919 + j * 104_729) % pages;
+        page.fill((c as u8) ^ (j as u8) | 1);
+        page[..8].copy_from_slice(&c.to_le_bytes());
+        f.write_all_at(&page, p * PAGE as u64).expect("write the region");
+    }
+}
+
+/// A writer socket but no hand-over: the primary tracks by scanning, says it waits for the
+/// writer, and replicates anyway: first a writer that is this test (writing the file), then
+/// `lockstep-memwriter` run without `--handover`.
+#[test]
+fn a_writer_that_never_hands_over_leaves_scan_tracking_that_still_replicates() {
+    let _g = heavy();
+    let mut p = MemPair::start(&Opts::new(8 * MIB), true);
+    let pages = p.pages();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p.p_region.path)
+        .expect("region");
+    let v0 = p.p_status();
+    assert_eq!(mem(&v0)["tracker"], "scan", "{}", mem(&v0));
+    let note = mem(&v0)["tracker_note"].as_str().unwrap_or("").to_string();
+    assert!(
+        note.contains("waiting for the writer") && note.contains(p.w_sock.to_str().unwrap()),
+        "the note does not say it waits for the writer on its socket: {note:?}"
+    );
+    let c0 = u(&v0, "committed_epoch");
+    for c in 1..=50 {
+        scribble(&f, pages, c, 16);
+        sleep_ms(20);
+    }
+    let v = p.wait_mem_committed(c0 + 3);
+    assert!(u(&v, "pages_sent") > 0, "nothing sent: {}", mem(&v));
+    let r1 = p.final_checkpoint_and_compare("with this test writing the region");
+    // Now the memwriter without --handover: nothing pauses it, scan tracking sees its pages.
+    let r = p.p_region.path.clone();
+    let w = p.start_writer("memwriter-nohandover", &r, &["--steps", "3000"]);
+    p.writer = Some(w);
+    let w = p.writer.as_mut().unwrap();
+    let st = w.wait(Duration::from_secs(60));
+    assert!(st.success(), "memwriter --steps 3000: {st}\n{}", w.log_text());
+    let v = p.p_status();
+    assert_eq!(mem(&v)["tracker"], "scan", "{}", mem(&v));
+    let r2 = p.final_checkpoint_and_compare("after the memwriter without hand-over");
+    let region = std::fs::read(&p.p_region.path).expect("region");
+    assert_eq!(read_header(&region[..PAGE]), Some(3000));
+    eprintln!("no hand-over: note {note:?}; {r1}; then the memwriter: {r2}; {}", mem(&p.p_status()));
+}
+
+/// Hand-overs that must be refused: garbage on the writer socket, and a writer that maps
+/// another file. Each is answered with an error, the status note says so, replication goes
+/// on; a good writer afterwards is accepted.
+#[test]
+fn bad_hand_overs_are_refused_and_replication_continues() {
+    use std::io::{BufRead, BufReader, Write};
+    let _g = heavy();
+    let mut p = MemPair::start(&Opts::new(8 * MIB), true);
+    // Garbage.
+    let mut s = std::os::unix::net::UnixStream::connect(&p.w_sock).expect("writer socket");
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(b"this is not a hand-over\n").unwrap();
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut line = String::new();
+    let _ = BufReader::new(&s).read_line(&mut line);
+    assert!(
+        line.starts_with("error:"),
+        "garbage on the writer socket was answered {line:?}\n{}",
+        p.logs()
+    );
+    let v = p.wait_primary(Duration::from_secs(10), "primary (refusal noted)", |v| {
+        mem(v)["tracker_note"]
+            .as_str()
+            .is_some_and(|n| n.contains("refused"))
+    });
+    assert_eq!(mem(&v)["tracker"], "scan", "{}", mem(&v));
+    let garbage_note = mem(&v)["tracker_note"].clone();
+    p.wait_mem_committed(u(&v, "committed_epoch") + 2);
+    // A writer that registered another file of the same size.
+    let other = ShmFile::new("other", 8 * MIB);
+    let w_sock = p.w_sock.clone();
+    let mut w = Daemon::start(
+        "memwriter-other",
+        memwriter(),
+        &[
+            "--region",
+            other.s(),
+            "--handover",
+            w_sock.to_str().unwrap(),
+        ],
+        p.dir.path(),
+    );
+    let st = w.wait(Duration::from_secs(30));
+    let wlog = w.log_text();
+    assert!(
+        !st.success() && wlog.contains(other.s()),
+        "a writer of another file was not refused ({st}):\n{wlog}\n{}",
+        p.logs()
+    );
+    let v = p.wait_primary(Duration::from_secs(10), "primary (refusal noted)", |v| {
+        mem(v)["tracker_note"]
+            .as_str()
+            .is_some_and(|n| n.contains("refused") && n.contains("maps"))
+    });
+    assert_eq!(mem(&v)["tracker"], "scan", "{}", mem(&v));
+    let other_note = mem(&v)["tracker_note"].clone();
+    p.wait_mem_committed(u(&v, "committed_epoch") + 2);
+    // A good writer is still accepted.
+    p.start_counter_writer();
+    p.wait_uffd_and_commits();
+    p.kill_writer();
+    let r = p.final_checkpoint_and_compare("after refused hand-overs and a good one");
+    eprintln!(
+        "garbage: answered {:?}, note {garbage_note}\nother file: writer said {:?}, note {other_note}\n{r}",
+        line.trim(),
+        wlog.trim()
+    );
+}
+
+/// The primary's region file unlinked while it runs: the mappings keep the memory, replication
+/// goes on, and the secondary ends equal to what the writer wrote.
+#[test]
+fn an_unlinked_region_file_keeps_replicating() {
+    let _g = heavy();
+    let mut p = MemPair::start(&Opts::new(8 * MIB), true);
+    p.start_counter_writer();
+    p.wait_uffd_and_commits();
+    let f = File::open(&p.p_region.path).expect("region");
+    std::fs::remove_file(&p.p_region.path).expect("unlink the region");
+    let v = p.p_status();
+    let v = p.wait_mem_committed(u(&v, "committed_epoch") + 5);
+    assert_eq!(mem(&v)["tracker"], "uffd", "{}", mem(&v));
+    p.kill_writer();
+    p.checkpoint_after_now("after the unlink");
+    let mut region = vec![0u8; 8 * MIB as usize];
+    f.read_exact_at(&mut region, 0).expect("read the unlinked region");
+    let r = p.compare_regions(&region, "after the unlink");
+    eprintln!("unlinked: {r}; {}", mem(&p.p_status()));
 }
