@@ -207,7 +207,10 @@ impl MemPair {
     }
 
     fn pages(&self) -> u64 {
-        std::fs::metadata(&self.p_region.path).expect("region").len() / PAGE as u64
+        std::fs::metadata(&self.p_region.path)
+            .expect("region")
+            .len()
+            / PAGE as u64
     }
 
     /// Start `lockstep-memwriter --region R ARGS…` and wait for its READY.
@@ -270,7 +273,12 @@ impl MemPair {
     }
 
     /// Wait until the primary's status satisfies `ready`.
-    fn wait_primary(&mut self, deadline: Duration, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    fn wait_primary(
+        &mut self,
+        deadline: Duration,
+        what: &str,
+        ready: impl Fn(&Value) -> bool,
+    ) -> Value {
         let sock = self.p_sock.clone();
         wait_status(self.primary(), &sock, deadline, what, ready)
     }
@@ -288,6 +296,26 @@ impl MemPair {
             mem(v)["tracker"] == "uffd"
         });
         self.wait_mem_committed(u(&v, "committed_epoch") + 2)
+    }
+
+    /// The writer must still run, and the region be tracked through its hand-over.
+    fn assert_writer_running(&mut self, what: &str) {
+        let w = self.writer.as_mut().expect("a writer");
+        if let Ok(Some(st)) = w.child.try_wait() {
+            panic!(
+                "{what}: the writer exited ({st}):\n{}\n{}",
+                w.log_text(),
+                self.logs()
+            );
+        }
+        let v = self.p_status();
+        assert_eq!(
+            mem(&v)["tracker"],
+            "uffd",
+            "{what}: {}\n{}",
+            mem(&v),
+            self.logs()
+        );
     }
 
     /// Kill the writer (its last state is whatever it wrote).
@@ -392,14 +420,21 @@ fn crash_trial(rng: &mut Rng) -> String {
     let before = p.wait_uffd_and_commits();
     sleep_ms(run_ms);
     if let Ok(Some(st)) = p.writer.as_mut().unwrap().child.try_wait() {
-        panic!("[{params}] the writer exited ({st}) before the kill:\n{}", p.logs());
+        panic!(
+            "[{params}] the writer exited ({st}) before the kill:\n{}",
+            p.logs()
+        );
     }
     let at_kill = p.p_status();
     p.primary().signal(libc::SIGKILL);
     p.primary().wait(Duration::from_secs(10));
     p.kill_writer();
     let (ok, out, err) = failover(&p.s_sock, "checkpoint", &["--json"]);
-    assert!(ok, "[{params}] failover failed:\n{out}\n{err}\n{}", p.logs());
+    assert!(
+        ok,
+        "[{params}] failover failed:\n{out}\n{err}\n{}",
+        p.logs()
+    );
     let fv = parse_json(&out).unwrap_or_else(|e| panic!("[{params}] {e}"));
     let disk = read_header(&block0(&p.s_img));
     let region = std::fs::read(&p.s_region.path).expect("region");
@@ -501,11 +536,7 @@ fn link_cuts_during_presend_and_prepare_reconnect_resend_and_end_equal() {
         let v = p.wait_primary(
             Duration::from_secs(60),
             "primary (reconnected after a cut)",
-            |v| {
-                v["mode"] == "replicating"
-                    && mem(v)["connected"] == true
-                    && u(v, "sessions") > s0
-            },
+            |v| v["mode"] == "replicating" && mem(v)["connected"] == true && u(v, "sessions") > s0,
         );
         let v = p.wait_mem_committed(u(&v, "committed_epoch"));
         let r = u(&v, "resync_pages") - u(&before, "resync_pages");
@@ -533,6 +564,7 @@ fn link_cuts_during_presend_and_prepare_reconnect_resend_and_end_equal() {
         mem(&v),
         report.join("\n")
     );
+    p.assert_writer_running("after the link cuts");
     p.kill_writer();
     let r = p.final_checkpoint_and_compare("after the link cuts");
     eprintln!(
@@ -602,6 +634,7 @@ fn restarted_secondary_resyncs_only_the_pages_that_changed() {
         mem(&v),
         p.logs()
     );
+    p.assert_writer_running("after the secondary's restart");
     p.kill_writer();
     let r = p.final_checkpoint_and_compare("after the secondary's restart");
     eprintln!(
@@ -624,7 +657,11 @@ fn regions_of_different_sizes_stop_the_primary_with_an_error_naming_the_sizes() 
     let (ok, out, err) = lockstep(&refs(&args), Duration::from_secs(60));
     let took = t.elapsed();
     let text = lockstep_tests::control::strip_ansi(&format!("{out}{err}"));
-    assert!(!ok, "the primary accepted regions of 8 and 12 MiB:\n{text}\n{}", p.logs());
+    assert!(
+        !ok,
+        "the primary accepted regions of 8 and 12 MiB:\n{text}\n{}",
+        p.logs()
+    );
     assert!(
         took < Duration::from_secs(20),
         "the primary took {took:?} to give up (connect timeout 5 s):\n{text}"
@@ -635,7 +672,10 @@ fn regions_of_different_sizes_stop_the_primary_with_an_error_naming_the_sizes() 
         8 * MIB,
         12 * MIB
     );
-    eprintln!("different sizes: exit after {took:?}: {}", text.trim().lines().last().unwrap_or(""));
+    eprintln!(
+        "different sizes: exit after {took:?}: {}",
+        text.trim().lines().last().unwrap_or("")
+    );
 }
 
 /// Write pages of `region` (the file, through pwrite: no mapping in this process) from `c`.
@@ -645,7 +685,8 @@ fn scribble(f: &File, pages: u64, c: u64, n: u64) {
         let p = (c * 7919 + j * 104_729) % pages;
         page.fill((c as u8) ^ (j as u8) | 1);
         page[..8].copy_from_slice(&c.to_le_bytes());
-        f.write_all_at(&page, p * PAGE as u64).expect("write the region");
+        f.write_all_at(&page, p * PAGE as u64)
+            .expect("write the region");
     }
 }
 
@@ -682,13 +723,20 @@ fn a_writer_that_never_hands_over_leaves_scan_tracking_that_still_replicates() {
     p.writer = Some(w);
     let w = p.writer.as_mut().unwrap();
     let st = w.wait(Duration::from_secs(60));
-    assert!(st.success(), "memwriter --steps 3000: {st}\n{}", w.log_text());
+    assert!(
+        st.success(),
+        "memwriter --steps 3000: {st}\n{}",
+        w.log_text()
+    );
     let v = p.p_status();
     assert_eq!(mem(&v)["tracker"], "scan", "{}", mem(&v));
     let r2 = p.final_checkpoint_and_compare("after the memwriter without hand-over");
     let region = std::fs::read(&p.p_region.path).expect("region");
     assert_eq!(read_header(&region[..PAGE]), Some(3000));
-    eprintln!("no hand-over: note {note:?}; {r1}; then the memwriter: {r2}; {}", mem(&p.p_status()));
+    eprintln!(
+        "no hand-over: note {note:?}; {r1}; then the memwriter: {r2}; {}",
+        mem(&p.p_status())
+    );
 }
 
 /// Hand-overs that must be refused: garbage on the writer socket, and a writer that maps
@@ -751,6 +799,7 @@ fn bad_hand_overs_are_refused_and_replication_continues() {
     // A good writer is still accepted.
     p.start_counter_writer();
     p.wait_uffd_and_commits();
+    p.assert_writer_running("after refused hand-overs and a good one");
     p.kill_writer();
     let r = p.final_checkpoint_and_compare("after refused hand-overs and a good one");
     eprintln!(
@@ -771,12 +820,13 @@ fn an_unlinked_region_file_keeps_replicating() {
     let f = File::open(&p.p_region.path).expect("region");
     std::fs::remove_file(&p.p_region.path).expect("unlink the region");
     let v = p.p_status();
-    let v = p.wait_mem_committed(u(&v, "committed_epoch") + 5);
-    assert_eq!(mem(&v)["tracker"], "uffd", "{}", mem(&v));
+    p.wait_mem_committed(u(&v, "committed_epoch") + 5);
+    p.assert_writer_running("after the unlink");
     p.kill_writer();
     p.checkpoint_after_now("after the unlink");
     let mut region = vec![0u8; 8 * MIB as usize];
-    f.read_exact_at(&mut region, 0).expect("read the unlinked region");
+    f.read_exact_at(&mut region, 0)
+        .expect("read the unlinked region");
     let r = p.compare_regions(&region, "after the unlink");
     eprintln!("unlinked: {r}; {}", mem(&p.p_status()));
 }
@@ -855,12 +905,29 @@ fn a_truncated_region_file_leaves_the_secondary_consistent() {
         pr.wait(Duration::from_secs(10));
     }
     let (ok, out, err) = failover(&p.s_sock, "checkpoint", &["--json"]);
-    assert!(ok, "failover after the truncation: {out}{err}\n{}", p.logs());
+    assert!(
+        ok,
+        "failover after the truncation: {out}{err}\n{}",
+        p.logs()
+    );
     let region = std::fs::read(&p.s_region.path).expect("region");
-    assert_eq!(region.len() as u64, 8 * MIB, "the secondary's region changed size");
+    assert_eq!(
+        region.len() as u64,
+        8 * MIB,
+        "the secondary's region changed size"
+    );
     let c = read_header(&region[..PAGE]);
-    assert!(c.is_some(), "no counter in the secondary's region\n{}", p.logs());
-    assert_eq!(read_header(&block0(&p.s_img)), c, "memory and disk disagree\n{}", p.logs());
+    assert!(
+        c.is_some(),
+        "no counter in the secondary's region\n{}",
+        p.logs()
+    );
+    assert_eq!(
+        read_header(&block0(&p.s_img)),
+        c,
+        "memory and disk disagree\n{}",
+        p.logs()
+    );
     let want = expected_region(8 * MIB / PAGE as u64, c.unwrap());
     assert!(
         first_difference(&want, &region).is_none(),
@@ -879,7 +946,10 @@ fn a_truncated_region_file_leaves_the_secondary_consistent() {
     let mut o = Opts::new(8 * MIB);
     o.writer_socket = false;
     let mut p = MemPair::start(&o, true);
-    let f = File::options().write(true).open(&p.p_region.path).expect("region");
+    let f = File::options()
+        .write(true)
+        .open(&p.p_region.path)
+        .expect("region");
     for c in 1..=20 {
         scribble(&f, 2048, c, 16);
         sleep_ms(20);
@@ -893,13 +963,58 @@ fn a_truncated_region_file_leaves_the_secondary_consistent() {
         p.logs()
     );
     let (ok, out, err) = failover(&p.s_sock, "checkpoint", &["--json"]);
-    assert!(ok, "failover after the truncation: {out}{err}\n{}", p.logs());
+    assert!(
+        ok,
+        "failover after the truncation: {out}{err}\n{}",
+        p.logs()
+    );
     let len = std::fs::metadata(&p.s_region.path).expect("region").len();
     assert_eq!(len, 8 * MIB, "the secondary's region changed size");
     eprintln!(
         "truncation:\n{uffd_report}\nscan: primary {}; size error in status: {:?}; sessions {:?}",
-        b.exited.map_or(format!("still up ({})", b.mode), |st| format!("exited: {st}")),
+        b.exited
+            .map_or(format!("still up ({})", b.mode), |st| format!(
+                "exited: {st}"
+            )),
         b.size_error,
         b.sessions
     );
+}
+
+/// Writers that hand over one after another, each run for a moment: each must keep running
+/// until it is killed. A writer whose hand-over lands while a checkpoint's cut is under way
+/// (between the pause and the resume of the writers) must not be sent a resume for a pause it
+/// was never asked for: `WriterLink::pause_point` takes such a stray `R` for a protocol error
+/// and the writer stops.
+#[test]
+fn writers_handing_over_during_checkpoints_keep_running() {
+    let _g = heavy();
+    let mut p = MemPair::start(&Opts::new(32 * MIB), true);
+    let (r, s) = (p.p_region.path.clone(), p.w_sock.clone());
+    let mut failures = Vec::new();
+    let n = 20;
+    for i in 0..n {
+        let mut w = p.start_writer(
+            &format!("memwriter-{i}"),
+            &r,
+            &["--handover", s.to_str().unwrap()],
+        );
+        sleep_ms(400);
+        if let Ok(Some(st)) = w.child.try_wait() {
+            failures.push(format!("writer {i} exited ({st}): {}", w.log_text().trim()));
+        }
+        w.signal(libc::SIGKILL);
+        w.wait(Duration::from_secs(10));
+    }
+    let v = p.p_status();
+    assert!(
+        failures.is_empty(),
+        "{} of {n} writers stopped on their own:\n{}\nregion: {}\n{}",
+        failures.len(),
+        failures.join("\n"),
+        mem(&v),
+        p.logs()
+    );
+    let r = p.final_checkpoint_and_compare("after the writers");
+    eprintln!("{n} writers handed over and kept running; {r}");
 }
