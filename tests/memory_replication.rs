@@ -895,12 +895,14 @@ fn truncate_and_watch(p: &mut MemPair, secs: u64) -> AfterTruncation {
 /// and the secondary still holds the last committed checkpoint, which it fails over to with
 /// memory and disk of the same instant.
 ///
-/// Observed (debug build): with the counter writer (uffd) the writer dies of SIGBUS (its own
-/// mapping, expected) and the primary too (signal 7) about 0.5 s later, after its checkpoint
-/// failed with "has N bytes, expected M" and the new session began to read the pages to resend;
-/// with scan tracking the primary stays up, its checkpoints fail (the size error, then "block:
-/// the block layer is in epoch N+1") and it reconnects in a tight loop (over a hundred sessions
-/// in a few seconds) without committing again.
+/// Observed (debug build, several runs): with the counter writer (uffd) the writer dies of
+/// SIGBUS (its own mapping, expected) and the primary too (signal 7) about 0.5 s later: its
+/// checkpoint fails with "memory0: …: has N bytes, expected M", the link is dropped, and the new
+/// session reads the pages to resend beyond the new end of the file. With scan tracking the
+/// primary either dies of SIGBUS the same way (seen once) or stays up and never commits again:
+/// the block participant cut the failed epoch n (it is in n+1) while the coordinator retries n,
+/// so every checkpoint fails with "block: the block layer is in epoch n+1" and the primary
+/// reconnects in a tight loop (over a hundred sessions in a few seconds).
 #[test]
 fn a_truncated_region_file_leaves_the_secondary_consistent() {
     let _g = heavy();
