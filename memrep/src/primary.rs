@@ -39,6 +39,8 @@ use crate::PAGE_SIZE;
 
 /// Pages one pre-send step reads (while it holds the state a cut needs): 1 MiB.
 const PRESEND_BATCH: u64 = 256;
+/// Pre-send messages in flight at once, and the pause copy's messages in flight in prepare.
+const PRESEND_WINDOW: usize = 4;
 
 /// Settings of a region's primary half.
 #[derive(Debug, Clone)]
@@ -241,6 +243,21 @@ pub(crate) fn heavy<T>(f: impl FnOnce() -> T) -> T {
             tokio::task::block_in_place(f)
         }
         _ => f(),
+    }
+}
+
+/// Wait for one of prepare's sends.
+async fn join_send(
+    flying: &mut tokio::task::JoinSet<Result<Vec<u8>, String>>,
+    epoch: Epoch,
+) -> Result<(), EpochError> {
+    match flying.join_next().await {
+        Some(Ok(Ok(_))) | None => Ok(()),
+        Some(Ok(Err(reason))) => Err(EpochError::PeerLost { epoch, reason }),
+        Some(Err(e)) => Err(EpochError::PeerLost {
+            epoch,
+            reason: format!("a send task failed: {e}"),
+        }),
     }
 }
 
@@ -461,7 +478,21 @@ impl MemoryParticipant {
     /// Between checkpoints: collect and send dirty and unsent pages while the guest runs.
     async fn presend(self, session: u64, every: Duration) {
         let mut last_collect = Instant::now() - every;
+        // Sends in flight: reading the next batch overlaps sending the last ones.
+        let mut flying = tokio::task::JoinSet::new();
         loop {
+            // Reap finished sends; a failed one ends this session's pre-send.
+            while let Some(r) = flying.try_join_next() {
+                if !matches!(r, Ok(true)) {
+                    return;
+                }
+            }
+            if flying.len() >= PRESEND_WINDOW {
+                if !matches!(flying.join_next().await, Some(Ok(true))) {
+                    return;
+                }
+                continue;
+            }
             // Let others (a cut above all) have the state between batches.
             tokio::task::yield_now().await;
             if self.0.cutting.load(Ordering::Acquire) {
@@ -496,43 +527,56 @@ impl MemoryParticipant {
                 }
             };
             let Some((epoch, batches, channel)) = next else {
-                tokio::time::sleep(every.min(Duration::from_millis(5))).await;
-                continue;
-            };
-            let mut r = Ok(());
-            let mut sent = (0, 0, 0);
-            for b in batches {
-                let bytes = b.message.len() as u64;
-                r = channel.call(b.message).await.map(drop);
-                if r.is_err() {
-                    break;
-                }
-                sent.0 += b.pages;
-                sent.1 += b.pages - b.data_pages;
-                sent.2 += bytes;
-            }
-            {
-                let mut st = lock(&self.0.st);
-                if st.session != session {
-                    // A new session began meanwhile and counts afresh.
+                if flying.is_empty() {
+                    tokio::time::sleep(every.min(Duration::from_millis(5))).await;
+                } else if !matches!(flying.join_next().await, Some(Ok(true))) {
                     return;
                 }
-                if let Some(n) = st.inflight.get_mut(&epoch) {
-                    *n = n.saturating_sub(1);
-                }
-                st.counters.presend_pages += sent.0;
-                st.counters.zero_pages_sent += sent.1;
-                st.counters.bytes_sent += sent.2;
-                if let Err(e) = &r {
-                    st.counters.last_error = Some(format!("pre-send: {e}"));
-                }
-            }
-            self.0.changed.notify_waiters();
+                continue;
+            };
+            flying.spawn(self.clone().send_batches(session, epoch, batches, channel));
+        }
+    }
+
+    /// Send pre-send batches of `epoch`; false if the session ended or the send failed.
+    async fn send_batches(
+        self,
+        session: u64,
+        epoch: u64,
+        batches: Vec<Batch>,
+        channel: Arc<dyn PeerChannel>,
+    ) -> bool {
+        let mut r = Ok(());
+        let mut sent = (0, 0, 0);
+        for b in batches {
+            let bytes = b.message.len() as u64;
+            r = channel.call(b.message).await.map(drop);
             if r.is_err() {
-                // The session is gone: the next one resends what this one did not commit.
-                return;
+                break;
+            }
+            sent.0 += b.pages;
+            sent.1 += b.pages - b.data_pages;
+            sent.2 += bytes;
+        }
+        {
+            let mut st = lock(&self.0.st);
+            if st.session != session {
+                // A new session began meanwhile and counts afresh.
+                return false;
+            }
+            if let Some(n) = st.inflight.get_mut(&epoch) {
+                *n = n.saturating_sub(1);
+            }
+            st.counters.presend_pages += sent.0;
+            st.counters.zero_pages_sent += sent.1;
+            st.counters.bytes_sent += sent.2;
+            if let Err(e) = &r {
+                st.counters.last_error = Some(format!("pre-send: {e}"));
             }
         }
+        self.0.changed.notify_waiters();
+        // On failure the session is gone: the next one resends what this one did not commit.
+        r.is_ok()
     }
 }
 
@@ -643,15 +687,19 @@ impl Participant for MemoryParticipant {
                 reason: "no session with the secondary".into(),
             })?;
             let mut sent = (0, 0, 0);
+            let mut flying = tokio::task::JoinSet::new();
             for b in batches {
-                let bytes = b.message.len() as u64;
-                channel
-                    .call(b.message)
-                    .await
-                    .map_err(|reason| EpochError::PeerLost { epoch, reason })?;
                 sent.0 += b.pages;
                 sent.1 += b.pages - b.data_pages;
-                sent.2 += bytes;
+                sent.2 += b.message.len() as u64;
+                if flying.len() >= PRESEND_WINDOW {
+                    join_send(&mut flying, epoch).await?;
+                }
+                let channel = channel.clone();
+                flying.spawn(async move { channel.call(b.message).await });
+            }
+            while !flying.is_empty() {
+                join_send(&mut flying, epoch).await?;
             }
             let mut st = lock(&self.0.st);
             st.counters.cut_pages += sent.0;

@@ -318,16 +318,24 @@ impl Region {
     /// truncated file's end raises SIGBUS, so callers check before a long pass.
     pub fn check(&self) -> Result<(), RegionError> {
         let actual = check_file(&self.file, &self.path)?;
-        if self.file.metadata().map(|m| m.nlink()).unwrap_or(0) == 0 {
-            return Err(RegionError::Removed {
-                path: self.path.clone(),
-            });
-        }
         if actual != self.len {
             return Err(RegionError::SizeMismatch {
                 path: self.path.clone(),
                 expected: self.len,
                 actual,
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Region::check`], and the file still has a name: a copy that must outlive this
+    /// process (the secondary's, mapped by whatever takes over after a failover) is useless
+    /// once unlinked.
+    pub fn check_linked(&self) -> Result<(), RegionError> {
+        self.check()?;
+        if self.file.metadata().map(|m| m.nlink()).unwrap_or(0) == 0 {
+            return Err(RegionError::Removed {
+                path: self.path.clone(),
             });
         }
         Ok(())

@@ -211,7 +211,7 @@ impl MemoryReplica {
     }
 
     fn check(&self, epoch: u64, summary: &EpochSummary) -> Result<(), String> {
-        self.region.check().map_err(|e| e.to_string())?;
+        self.region.check_linked().map_err(|e| e.to_string())?;
         let i = lock(&self.inner);
         let got = i.received.get(&epoch).copied().unwrap_or(0);
         if got != summary.items {

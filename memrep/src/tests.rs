@@ -389,3 +389,41 @@ fn failover_drops_what_is_staged_and_keeps_the_last_commit() {
         assert_eq!(rig.s.status()["staged_pages"], 0);
     });
 }
+
+/// How fast the secondary half stages and commits pages (run in release:
+/// `cargo test --release -p memrep staging_speed -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn staging_speed() {
+    let sf = ShmFile::new("speed-s");
+    let pages = 65536u64;
+    let sregion = Arc::new(Region::create(sf.path(), pages * PAGE_SIZE as u64).unwrap());
+    let s = MemoryReplica::new(p_id(), "memory0", sregion);
+    s.resume(1);
+    let mut msgs = Vec::new();
+    let mut seq = 0;
+    for chunk in 0..pages / crate::wire::MAX_BATCH_PAGES as u64 {
+        let mut b = crate::wire::PagesBuilder::new(1);
+        for k in 0..crate::wire::MAX_BATCH_PAGES as u64 {
+            seq += 1;
+            let p = chunk * crate::wire::MAX_BATCH_PAGES as u64 + k;
+            b.push(p, seq, Some(&[(p as u8) | 1; PAGE_SIZE]));
+        }
+        msgs.push(b.finish());
+    }
+    let t = std::time::Instant::now();
+    for m in &msgs {
+        s.receive(m).unwrap();
+    }
+    let staged = t.elapsed();
+    let t = std::time::Instant::now();
+    s.commit(1);
+    let committed = t.elapsed();
+    let mb = (pages * PAGE_SIZE as u64) as f64 / 1e6;
+    println!(
+        "staging {:.0} MB/s, commit {:.0} MB/s ({} pages)",
+        mb / staged.as_secs_f64(),
+        mb / committed.as_secs_f64(),
+        pages
+    );
+}
