@@ -504,7 +504,11 @@ impl MemoryParticipant {
                 if st.session != session {
                     return;
                 }
-                if last_collect.elapsed() >= every {
+                // Collect every `every`, but while a backlog is being sent no more often
+                // than ten times what a collect costs (a scan hashes the whole region).
+                let since = last_collect.elapsed();
+                let cost = Duration::from_micros(st.counters.collect_us);
+                if since >= every && (st.unsent.len() < PRESEND_BATCH * 4 || since >= cost * 10) {
                     last_collect = Instant::now();
                     match st.collect(&self.0.region) {
                         Ok(n) => {
