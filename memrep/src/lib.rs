@@ -1,7 +1,9 @@
 //! # memrep — memory checkpoints for lockstep
 //!
-//! **Status: the low-level layer is built** (regions, digests, dirty tracking, writer hand-over);
-//! the epoch participant and the transport that use it come next (see `docs/architecture.md`).
+//! **Status:** built: regions, digests, dirty tracking, the writer hand-over and pause, the
+//! epoch participant on the primary ([`primary::MemoryParticipant`]) and its secondary half
+//! ([`secondary::MemoryReplica`]), their messages ([`wire`]), resync by digest and verify.
+//! The `lockstep` daemons use them for `--memory`; `docs/architecture.md` has the picture.
 //!
 //! What it is for: a participant in blkrep's checkpoint epochs that replicates a shared-memory
 //! region (a file in `/dev/shm`, a memfd, QEMU guest RAM created with
@@ -11,7 +13,7 @@
 //!  primary                                     secondary
 //!  region ──dirty tracking──▶ page stream ──▶ RAM cache (staged)
 //!   (uffd-wp + PAGEMAP_SCAN,                     │ applied only when
-//!    or per-page crc64)                          ▼ checkpoint n commits
+//!    or per-page xxh3 scan)                      ▼ checkpoint n commits
 //!                                              region
 //! ```
 //!
@@ -32,6 +34,11 @@
 //!   pages written) and [`track::scan::ScanTracker`] (hash every page and compare with the table;
 //!   works everywhere, cost proportional to the region). [`track::probe_uffd`] says whether the
 //!   first is usable.
+//! - [`primary`], [`secondary`], [`wire`]: the two halves of a region's participant in the
+//!   checkpoint epochs and their messages: pre-send between checkpoints, the pause's copy,
+//!   RAM staging on the secondary, commit all-or-nothing with the disk, resync by digest.
+//! - [`pause`]: cooperating writers stand still around the cut ([`pause::WriterPause`] is a
+//!   `GuestHook`; the writer calls [`pause::WriterLink::pause_point`] between its steps).
 //! - [`handoff`]: a cooperating writer in another process registers its mapping with userfaultfd
 //!   and passes the userfaultfd and its `/proc/self/pagemap` to lockstep over a unix socket
 //!   (`SCM_RIGHTS`); [`track::uffd::UffdTracker::from_handover`] then tracks its writes.
