@@ -39,6 +39,8 @@ use crate::PAGE_SIZE;
 
 /// Pages one pre-send step reads (while it holds the state a cut needs): 1 MiB.
 const PRESEND_BATCH: u64 = 256;
+/// How long prepare waits for the pre-sends of its epoch to be answered.
+const PREPARE_PATIENCE: Duration = Duration::from_secs(30);
 /// Pre-send messages in flight at once, and the pause copy's messages in flight in prepare.
 const PRESEND_WINDOW: usize = 4;
 
@@ -481,14 +483,17 @@ impl MemoryParticipant {
         // Sends in flight: reading the next batch overlaps sending the last ones.
         let mut flying = tokio::task::JoinSet::new();
         loop {
-            // Reap finished sends; a failed one ends this session's pre-send.
+            // Reap finished sends; a failed one ends this session's pre-send (the sends
+            // still in flight finish their own bookkeeping: they are never cancelled).
             while let Some(r) = flying.try_join_next() {
                 if !matches!(r, Ok(true)) {
+                    flying.detach_all();
                     return;
                 }
             }
             if flying.len() >= PRESEND_WINDOW {
                 if !matches!(flying.join_next().await, Some(Ok(true))) {
+                    flying.detach_all();
                     return;
                 }
                 continue;
@@ -502,6 +507,8 @@ impl MemoryParticipant {
             let next = {
                 let mut st = lock(&self.0.st);
                 if st.session != session {
+                    drop(st);
+                    flying.detach_all();
                     return;
                 }
                 // Collect every `every`, but while a backlog is being sent no more often
@@ -534,6 +541,7 @@ impl MemoryParticipant {
                 if flying.is_empty() {
                     tokio::time::sleep(every.min(Duration::from_millis(5))).await;
                 } else if !matches!(flying.join_next().await, Some(Ok(true))) {
+                    flying.detach_all();
                     return;
                 }
                 continue;
@@ -665,17 +673,29 @@ impl Participant for MemoryParticipant {
 
     fn prepare(&self, epoch: Epoch) -> BoxFuture<'_, Result<EpochSummary, EpochError>> {
         Box::pin(async move {
-            // Pre-sends of this epoch first: the secondary counts every page.
+            // Pre-sends of this epoch first: the secondary counts every page. A pre-send
+            // always finishes (it is never cancelled) unless the session ends, which this
+            // checkpoint then cannot survive anyway.
+            let deadline = Instant::now() + PREPARE_PATIENCE;
             loop {
                 let notified = self.0.changed.notified();
-                if lock(&self.0.st)
-                    .inflight
-                    .get(&epoch.0)
-                    .copied()
-                    .unwrap_or(0)
-                    == 0
                 {
-                    break;
+                    let st = lock(&self.0.st);
+                    if st.channel.is_none() {
+                        return Err(EpochError::PeerLost {
+                            epoch,
+                            reason: "the session with the secondary ended".into(),
+                        });
+                    }
+                    if st.inflight.get(&epoch.0).copied().unwrap_or(0) == 0 {
+                        break;
+                    }
+                }
+                if Instant::now() >= deadline {
+                    return Err(self.err(
+                        epoch,
+                        format!("pre-sent pages were not answered within {PREPARE_PATIENCE:?}"),
+                    ));
                 }
                 let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
             }

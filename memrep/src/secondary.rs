@@ -113,7 +113,15 @@ impl MemoryReplica {
         let n = entries.len() as u64;
         let incoming =
             entries.iter().filter(|e| e.data.is_some()).count() as u64 * PAGE_SIZE as u64;
-        if i.staged_bytes + incoming > self.max_staged {
+        // Pages staged again in the same epoch replace their earlier version.
+        let replaced = i.staged.get(&epoch).map_or(0, |m| {
+            entries
+                .iter()
+                .filter(|e| e.data.is_some() && m.get(&e.page).is_some_and(|s| s.data.is_some()))
+                .count() as u64
+                * PAGE_SIZE as u64
+        });
+        if (i.staged_bytes + incoming).saturating_sub(replaced) > self.max_staged {
             return Err(format!(
                 "the staging cache is full ({} bytes staged, at most {})",
                 i.staged_bytes, self.max_staged
