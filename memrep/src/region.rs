@@ -99,17 +99,7 @@ impl Region {
     /// Create a file of `len` bytes and map it, or open an existing one, which must have exactly
     /// `len` bytes.
     pub fn create(path: &Path, len: u64) -> Result<Region, RegionError> {
-        if len == 0 {
-            return Err(RegionError::Empty {
-                path: path.to_owned(),
-            });
-        }
-        if len % PAGE_SIZE as u64 != 0 {
-            return Err(RegionError::Unaligned {
-                path: path.to_owned(),
-                len,
-            });
-        }
+        check_len(path, len)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -405,6 +395,12 @@ fn check_file(file: &File, path: &Path) -> Result<u64, RegionError> {
         });
     }
     let len = meta.size();
+    check_len(path, len)?;
+    Ok(len)
+}
+
+/// A region's size: not 0, and whole pages.
+fn check_len(path: &Path, len: u64) -> Result<(), RegionError> {
     if len == 0 {
         return Err(RegionError::Empty {
             path: path.to_owned(),
@@ -416,7 +412,7 @@ fn check_file(file: &File, path: &Path) -> Result<u64, RegionError> {
             len,
         });
     }
-    Ok(len)
+    Ok(())
 }
 
 impl Drop for Region {

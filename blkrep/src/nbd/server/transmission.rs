@@ -63,22 +63,19 @@ impl NbdServer {
             if req.command == CMD_DISC {
                 break Ok(());
             }
+            // lockstep's extensions run inline: the next request is read only after them.
             let epochs = session.export.epochs.as_ref();
-            if let Some(sink) =
-                epochs.filter(|_| req.command == CMD_LOCKSTEP_EPOCH && req.length == 0)
-            {
-                let body = mark_epoch(&**sink, req.offset, &mut inflight).await;
-                self.stats.requests.fetch_add(1, Ordering::Relaxed);
-                let _ = tx.send(Reply {
-                    cookie: req.cookie,
-                    body,
-                    _permit: None,
-                });
-                continue;
-            }
-            if req.command == CMD_LOCKSTEP_PARTICIPANT {
-                let body = match participant_message(&mut rd, &req, epochs, structured, peer).await
-                {
+            let inline = match epochs {
+                Some(sink) if req.command == CMD_LOCKSTEP_EPOCH && req.length == 0 => {
+                    Some(Ok(mark_epoch(&**sink, req.offset, &mut inflight).await))
+                }
+                _ if req.command == CMD_LOCKSTEP_PARTICIPANT => {
+                    Some(participant_message(&mut rd, &req, epochs, structured, peer).await)
+                }
+                _ => None,
+            };
+            if let Some(body) = inline {
+                let body = match body {
                     Ok(b) => b,
                     Err(e) => break Err(e),
                 };

@@ -153,16 +153,7 @@ fn split_brain_is_refused_and_discard_my_data_converges_by_checksum() {
         let (_stop, stop_rx) = watch::channel(false);
         let repl = Replicator::new(
             primary,
-            ReplicatorOptions {
-                secondary: s.ep.clone(),
-                link: link_options(),
-                ack: AckMode::Received,
-                connect_timeout: Duration::from_secs(5),
-                reconnect_timeout: Duration::from_secs(5),
-                retry: Duration::from_millis(50),
-                key: None,
-                tls: None,
-            },
+            test_options(&s.ep, AckMode::Received, None),
             stop_rx,
         );
         let e = repl.attempt().await.unwrap_err().to_string();

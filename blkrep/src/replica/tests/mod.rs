@@ -193,6 +193,20 @@ async fn start_primary_keyed(
 }
 
 /// A primary whose checkpoints include `others` besides the block layer.
+/// Replicator settings for tests: quick heartbeats, short timeouts and retries.
+fn test_options(ep: &Endpoint, ack: AckMode, key: Option<PeerKey>) -> ReplicatorOptions {
+    ReplicatorOptions {
+        secondary: ep.clone(),
+        link: link_options(),
+        ack,
+        connect_timeout: Duration::from_secs(5),
+        reconnect_timeout: Duration::from_secs(5),
+        retry: Duration::from_millis(50),
+        key,
+        tls: None,
+    }
+}
+
 async fn start_primary_joined(
     ep: &Endpoint,
     ack: AckMode,
@@ -214,20 +228,7 @@ async fn start_primary_joined(
         Arc::new(MetaStore::in_memory(meta)),
     );
     let (stop, stop_rx) = watch::channel(false);
-    let repl = Replicator::new(
-        primary.clone(),
-        ReplicatorOptions {
-            secondary: ep.clone(),
-            link: link_options(),
-            ack,
-            connect_timeout: Duration::from_secs(5),
-            reconnect_timeout: Duration::from_secs(5),
-            retry: Duration::from_millis(50),
-            key,
-            tls: None,
-        },
-        stop_rx,
-    );
+    let repl = Replicator::new(primary.clone(), test_options(ep, ack, key), stop_rx);
     let mut participants: Vec<Arc<dyn crate::epoch::Participant>> =
         vec![Arc::new(BlockParticipant(primary.clone()))];
     participants.extend(others);

@@ -257,16 +257,7 @@ fn a_participant_refusal_at_connect_is_permanent_and_says_why() {
         let (_stop, stop_rx) = watch::channel(false);
         let repl = Replicator::new(
             primary.clone(),
-            ReplicatorOptions {
-                secondary: s.ep.clone(),
-                link: link_options(),
-                ack: AckMode::Received,
-                connect_timeout: Duration::from_secs(5),
-                reconnect_timeout: Duration::from_secs(5),
-                retry: Duration::from_millis(50),
-                key: None,
-                tls: None,
-            },
+            test_options(&s.ep, AckMode::Received, None),
             stop_rx,
         );
         repl.set_participants(vec![Arc::new(PrimaryHalf(shared.clone()))]);
