@@ -47,6 +47,8 @@ import time
 import zlib
 from pathlib import Path
 
+from benchlib import RunError, parse_size, rel
+
 REPO = Path(__file__).resolve().parent.parent
 LOCKSTEP = REPO / "target" / "release" / "lockstep"
 WRITER = REPO / "target" / "release" / "lockstep-memwriter"
@@ -70,26 +72,8 @@ QEMU_COLO_MS = "QEMU COLO's published memory checkpoint: 4.5 ms idle, 24 ms unde
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class RunError(Exception):
-    """One configuration failed; the others still run."""
-
-
 def die(msg):
     sys.exit(f"memory: error: {msg}")
-
-
-def rel(path):
-    try:
-        return Path(path).relative_to(REPO)
-    except ValueError:
-        return path
-
-
-def parse_size(text):
-    m = re.fullmatch(r"(\d+)\s*([KMGT]?)(i?B)?", text.strip(), re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (use e.g. 256M, 1G)")
-    return int(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
 
 
 def _die_with_parent():
@@ -678,8 +662,8 @@ def main():
                         + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_s"].items() if v is not None))
                 print(line, flush=True)
                 if r["stalled"]:
-                    print(f"    STALLED: no checkpoint in {r['seconds']:.1f} s (the primary refuses checkpoints "
-                          f"while more than 64 MiB are unsent)", flush=True)
+                    print(f"    STALLED: no checkpoint in {r['seconds']:.1f} s (see last_checkpoint_error "
+                          f"in the JSON)", flush=True)
                     failures.append(f"{tracker} {rate:g}%: stalled, no checkpoint in {r['seconds']:.1f} s, "
                                     f"{r['unsent_pages_at_end']} pages unsent")
                 if r["checkpoint_failures"]:

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import parse_size
+
 REPO = Path(__file__).resolve().parent.parent
 LOCKSTEP = REPO / "target" / "release" / "lockstep"
 OUT_DIR = REPO / "bench" / "out"
@@ -56,13 +58,6 @@ def die(msg):
 
 def label(peer):
     return LABELS.get(peer, peer)
-
-
-def parse_size(text):
-    m = re.fullmatch(r"(\d+)\s*([KMGT]?)(i?B)?", text.strip(), re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (use e.g. 256M, 1G)")
-    return int(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
 
 
 def check_tools(peers):

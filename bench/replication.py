@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import RunError, parse_size, rel
+
 REPO = Path(__file__).resolve().parent.parent
 LOCKSTEP = REPO / "target" / "release" / "lockstep"
 OUT_DIR = REPO / "bench" / "out"
@@ -132,30 +134,12 @@ QEMU_CHECKPOINT_DOC = [
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class RunError(Exception):
-    """One configuration failed; the others still run."""
-
-
 def die(msg):
     sys.exit(f"replication: error: {msg}")
 
 
-def rel(path):
-    try:
-        return Path(path).relative_to(REPO)
-    except ValueError:
-        return path
-
-
 def label(cfg):
     return LABELS.get(cfg, cfg)
-
-
-def parse_size(text):
-    m = re.fullmatch(r"(\d+)\s*([KMGT]?)(i?B)?", text.strip(), re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (use e.g. 256M, 1G)")
-    return int(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
 
 
 def percentile(values, p):
