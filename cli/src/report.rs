@@ -75,7 +75,13 @@ fn primary(p: &PrimaryStatus) {
     );
     row(
         "checkpoints",
-        format!("{} ({} failed)", c.checkpoints, c.checkpoint_failures),
+        match (&c.last_skip_reason, c.checkpoints_skipped) {
+            (Some(why), n) if n > 0 => format!(
+                "{} ({} failed, {} skipped; last skipped: {why})",
+                c.checkpoints, c.checkpoint_failures, n
+            ),
+            _ => format!("{} ({} failed)", c.checkpoints, c.checkpoint_failures),
+        },
     );
     row("checkpoint pause", percentiles(&c.checkpoint_pause_us));
     row("checkpoint total", percentiles(&c.checkpoint_total_us));

@@ -275,6 +275,11 @@ pub struct CoordinatorStats {
     pub total: Latencies,
     /// The last failure.
     pub last_error: Option<String>,
+    /// Checkpoints due that did not run (not replicating, a resync, a participant not ready,
+    /// a guest that did not pause).
+    pub skipped: u64,
+    /// Why the last of them did not run.
+    pub last_skip: Option<String>,
 }
 
 /// The coordinator's share of a primary's status.
@@ -298,6 +303,12 @@ pub struct CheckpointStatus {
     pub checkpoint_bytes: u64,
     /// Why the last checkpoint failed.
     pub last_checkpoint_error: Option<String>,
+    /// Checkpoints due that did not run.
+    #[serde(default)]
+    pub checkpoints_skipped: u64,
+    /// Why the last of them did not run (a resync, a participant not ready, ...).
+    #[serde(default)]
+    pub last_skip_reason: Option<String>,
     /// Each participant's share, by name.
     pub participants: serde_json::Map<String, serde_json::Value>,
 }
@@ -406,6 +417,8 @@ impl EpochCoordinator {
             checkpoint_interval_ms: opts.interval.map(|d| d.as_millis() as u64),
             checkpoint_bytes: opts.bytes,
             last_checkpoint_error: s.last_error.clone(),
+            checkpoints_skipped: s.skipped,
+            last_skip_reason: s.last_skip.clone(),
             participants: self
                 .participants
                 .iter()
@@ -420,8 +433,11 @@ impl EpochCoordinator {
         let epoch = self.current();
         let start = Instant::now();
         let r = self.checkpoint_inner(epoch, start).await;
-        if let Err(EpochError::NotReplicating(_)) = &r {
+        if let Err(EpochError::NotReplicating(why)) = &r {
             // Nothing was cut (paused, resyncing): no checkpoint to count or abort.
+            let mut s = self.stats();
+            s.skipped += 1;
+            s.last_skip = Some(why.clone());
             return r;
         }
         let mut s = self.stats();
