@@ -132,6 +132,8 @@ struct Shared {
     trigger: OnceLock<CheckpointTrigger>,
     /// A cut wants the state: the pre-send stands back, so the pause never waits for it.
     cutting: AtomicBool,
+    /// The last status report, for requests that come during a cut.
+    last_status: Mutex<serde_json::Value>,
 }
 
 /// A region's primary half: give it to the primary's epoch coordinator
@@ -150,6 +152,26 @@ impl std::fmt::Debug for MemoryParticipant {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Take `m` from async code without blocking the runtime's thread while a cut holds it (a
+/// large pause copy can take hundreds of milliseconds; heartbeats share the threads).
+async fn lock_async<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    loop {
+        if let Some(g) = try_lock(m) {
+            return g;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+/// `m` if nobody holds it.
+fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
 }
 
 /// What one read of pages produced.
@@ -310,6 +332,7 @@ impl MemoryParticipant {
             changed: tokio::sync::Notify::new(),
             trigger: OnceLock::new(),
             cutting: AtomicBool::new(false),
+            last_status: Mutex::new(serde_json::Value::Null),
         }))
     }
 
@@ -505,7 +528,7 @@ impl MemoryParticipant {
                 continue;
             }
             let next = {
-                let mut st = lock(&self.0.st);
+                let mut st = lock_async(&self.0.st).await;
                 if st.session != session {
                     drop(st);
                     flying.detach_all();
@@ -571,7 +594,7 @@ impl MemoryParticipant {
             sent.2 += bytes;
         }
         {
-            let mut st = lock(&self.0.st);
+            let mut st = lock_async(&self.0.st).await;
             if st.session != session {
                 // A new session began meanwhile and counts afresh.
                 return false;
@@ -680,7 +703,7 @@ impl Participant for MemoryParticipant {
             loop {
                 let notified = self.0.changed.notified();
                 {
-                    let st = lock(&self.0.st);
+                    let st = lock_async(&self.0.st).await;
                     if st.channel.is_none() {
                         return Err(EpochError::PeerLost {
                             epoch,
@@ -758,9 +781,22 @@ impl Participant for MemoryParticipant {
     }
 
     fn status(&self) -> serde_json::Value {
-        let st = lock(&self.0.st);
+        // A status request must not wait for a long cut: the last report stands in for it.
+        let st = match try_lock(&self.0.st) {
+            Some(st) => st,
+            None => {
+                let mut last = lock(&self.0.last_status).clone();
+                if last.is_null() {
+                    // No report yet: wait for this first one.
+                    lock(&self.0.st)
+                } else {
+                    last["busy"] = json!(true);
+                    return last;
+                }
+            }
+        };
         let c = &st.counters;
-        json!({
+        let report = json!({
             "region": self.0.region.path(),
             "bytes": self.0.region.len(),
             "tracker": st.tracker.kind().to_string(),
@@ -781,6 +817,9 @@ impl Participant for MemoryParticipant {
             "last_collect_us": c.collect_us,
             "digest": format!("{:016x}", st.table.fold()),
             "last_error": c.last_error,
-        })
+        });
+        drop(st);
+        *lock(&self.0.last_status) = report.clone();
+        report
     }
 }

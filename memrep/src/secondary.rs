@@ -36,7 +36,7 @@ struct Staged {
 #[derive(Debug, Default)]
 struct Inner {
     /// Pages staged per uncommitted epoch.
-    staged: BTreeMap<u64, HashMap<u64, Staged>>,
+    staged: Staging,
     /// Entries received per uncommitted epoch (a page staged twice counts twice).
     received: BTreeMap<u64, u64>,
     /// Bytes of page data staged.
@@ -55,6 +55,8 @@ pub struct MemoryReplica {
     region: Arc<Region>,
     /// Digests of the committed region.
     table: Mutex<PageTable>,
+    /// Its fold, readable while a commit holds the table.
+    fold: std::sync::atomic::AtomicU64,
     inner: Mutex<Inner>,
     /// The most bytes of page data staged at once: two copies of the region.
     max_staged: u64,
@@ -73,6 +75,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Pages staged per epoch.
+type Staging = BTreeMap<u64, HashMap<u64, Staged>>;
+
+/// The newest staged version of every page staged for `epoch` or earlier.
+fn merged(staged: &Staging, epoch: u64) -> HashMap<u64, &Staged> {
+    let mut out: HashMap<u64, &Staged> = HashMap::new();
+    for (_, pages) in staged.range(..=epoch) {
+        for (&p, s) in pages {
+            match out.get(&p) {
+                Some(o) if o.seq >= s.seq => {}
+                _ => {
+                    out.insert(p, s);
+                }
+            }
+        }
+    }
+    out
+}
+
 impl MemoryReplica {
     /// The secondary half of participant `id` over `region`; hashes the region once.
     pub fn new(id: u16, name: impl Into<String>, region: Arc<Region>) -> MemoryReplica {
@@ -87,6 +108,7 @@ impl MemoryReplica {
                 .saturating_mul(2)
                 .saturating_add((wire::MAX_BATCH_PAGES * PAGE_SIZE) as u64),
             region,
+            fold: std::sync::atomic::AtomicU64::new(table.fold()),
             table: Mutex::new(table),
             inner: Mutex::new(Inner::default()),
         }
@@ -99,7 +121,7 @@ impl MemoryReplica {
 
     /// Digest fold of the committed region.
     pub fn fold(&self) -> u64 {
-        lock(&self.table).fold()
+        self.fold.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn stage(&self, epoch: u64, entries: Vec<wire::Entry<'_>>) -> Result<(), String> {
@@ -161,31 +183,23 @@ impl MemoryReplica {
         Ok(())
     }
 
-    /// The newest staged version of every page staged for `epoch` or earlier.
-    fn merged(i: &Inner, epoch: u64) -> HashMap<u64, &Staged> {
-        let mut out: HashMap<u64, &Staged> = HashMap::new();
-        for (_, pages) in i.staged.range(..=epoch) {
-            for (&p, s) in pages {
-                match out.get(&p) {
-                    Some(o) if o.seq >= s.seq => {}
-                    _ => {
-                        out.insert(p, s);
-                    }
-                }
-            }
-        }
-        out
-    }
-
     /// Checkpoint `epoch` commits: copy every page staged for it (or earlier) into the
-    /// region, newest version of each, and update the digest table.
+    /// region, newest version of each, and update the digest table. The staged pages are
+    /// taken out first, so that messages of the next epoch and status requests do not wait
+    /// for the copy.
     fn apply(&self, epoch: u64) {
-        let mut i = lock(&self.inner);
-        let mut table = lock(&self.table);
+        let done = {
+            let mut i = lock(&self.inner);
+            let later = i.staged.split_off(&(epoch + 1));
+            let later_received = i.received.split_off(&(epoch + 1));
+            i.received = later_received;
+            std::mem::replace(&mut i.staged, later)
+        };
         let zero = [0u8; PAGE_SIZE];
         let mut applied = 0u64;
         let mut failed = None;
-        for (p, s) in Self::merged(&i, epoch) {
+        let mut table = lock(&self.table);
+        for (p, s) in merged(&done, epoch) {
             if let Err(e) = self
                 .region
                 .store_page(p, s.data.as_deref().unwrap_or(&zero))
@@ -198,12 +212,13 @@ impl MemoryReplica {
             table.set(p, s.digest);
             applied += 1;
         }
+        self.fold
+            .store(table.fold(), std::sync::atomic::Ordering::Relaxed);
         drop(table);
+        let mut i = lock(&self.inner);
         if failed.is_some() {
             i.last_error = failed;
         }
-        let later = i.staged.split_off(&(epoch + 1));
-        i.staged = later;
         i.staged_bytes = i
             .staged
             .values()
@@ -211,8 +226,6 @@ impl MemoryReplica {
             .filter(|s| s.data.is_some())
             .count() as u64
             * PAGE_SIZE as u64;
-        let later = i.received.split_off(&(epoch + 1));
-        i.received = later;
         i.committed = epoch;
         i.commits += 1;
         i.pages_applied += applied;
@@ -230,7 +243,7 @@ impl MemoryReplica {
         }
         let table = lock(&self.table);
         let mut fold = table.fold();
-        for (p, s) in Self::merged(&i, epoch) {
+        for (p, s) in merged(&i.staged, epoch) {
             fold = fold
                 .wrapping_sub(mix(p, table.get(p)))
                 .wrapping_add(mix(p, s.digest));

@@ -211,8 +211,17 @@ impl Rig {
         (stop, handles)
     }
 
+    /// The primary half's status, taken when no collect or cut holds its state (a status
+    /// request meanwhile gets the last report, marked busy).
     fn status(&self) -> Value {
-        self.p.status()
+        for _ in 0..1000 {
+            let st = self.p.status();
+            if st.get("busy").is_none() {
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("the primary half stayed busy for a second");
     }
 }
 
