@@ -132,8 +132,26 @@ struct Shared {
     trigger: OnceLock<CheckpointTrigger>,
     /// A cut wants the state: the pre-send stands back, so the pause never waits for it.
     cutting: AtomicBool,
-    /// The last status report, for requests that come during a cut.
+    /// A pre-send collect holds the state (a scan can take long).
+    long_hold: AtomicBool,
+    /// The last status report, for requests that come during a cut or a long collect.
     last_status: Mutex<serde_json::Value>,
+}
+
+/// Raises a flag for as long as it lives.
+struct Raised<'a>(&'a AtomicBool);
+
+impl<'a> Raised<'a> {
+    fn new(flag: &'a AtomicBool) -> Raised<'a> {
+        flag.store(true, Ordering::Release);
+        Raised(flag)
+    }
+}
+
+impl Drop for Raised<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// A region's primary half: give it to the primary's epoch coordinator
@@ -332,6 +350,7 @@ impl MemoryParticipant {
             changed: tokio::sync::Notify::new(),
             trigger: OnceLock::new(),
             cutting: AtomicBool::new(false),
+            long_hold: AtomicBool::new(false),
             last_status: Mutex::new(serde_json::Value::Null),
         }))
     }
@@ -540,6 +559,8 @@ impl MemoryParticipant {
                 let cost = Duration::from_micros(st.counters.collect_us);
                 if since >= every && (st.unsent.len() < PRESEND_BATCH * 4 || since >= cost * 10) {
                     last_collect = Instant::now();
+                    // A scan of a large region takes long: status does not wait for it.
+                    let _long = Raised::new(&self.0.long_hold);
                     match st.collect(&self.0.region) {
                         Ok(n) => {
                             if let Some(t) = self.0.trigger.get() {
@@ -667,9 +688,9 @@ impl Participant for MemoryParticipant {
     fn cut(&self, epoch: Epoch) -> BoxFuture<'_, Result<(), EpochError>> {
         Box::pin(async move {
             let t = Instant::now();
-            self.0.cutting.store(true, Ordering::Release);
+            // Raised for the whole cut: the pre-send stands back, status does not wait.
+            let _cutting = Raised::new(&self.0.cutting);
             let mut st = lock(&self.0.st);
-            self.0.cutting.store(false, Ordering::Release);
             if st.epoch != epoch.0 {
                 return Err(self.err(
                     epoch,
@@ -782,8 +803,12 @@ impl Participant for MemoryParticipant {
 
     fn status(&self) -> serde_json::Value {
         // A status request must not wait for a long cut: the last report stands in for it.
+        let long =
+            self.0.cutting.load(Ordering::Acquire) || self.0.long_hold.load(Ordering::Acquire);
         let st = match try_lock(&self.0.st) {
             Some(st) => st,
+            // A pre-send step holds it briefly: wait.
+            None if !long => lock(&self.0.st),
             None => {
                 let mut last = lock(&self.0.last_status).clone();
                 if last.is_null() {
