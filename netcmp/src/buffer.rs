@@ -112,3 +112,109 @@ impl OutputBuffer {
         self.peak
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey::udp(
+            "[2001:db8::1]:53".parse().unwrap(),
+            std::net::SocketAddr::new("2001:db8::2".parse().unwrap(), port),
+        )
+    }
+
+    #[test]
+    fn commit_releases_its_epochs_in_order_and_fail_drops() {
+        let mut b = OutputBuffer::new(100);
+        b.push(Epoch(1), key(1), b"a".to_vec()).unwrap();
+        b.push(Epoch(1), key(2), b"b".to_vec()).unwrap();
+        b.push(Epoch(2), key(1), b"c".to_vec()).unwrap();
+        b.push(Epoch(3), key(1), b"d".to_vec()).unwrap();
+        assert!(b.commit(Epoch(0)).is_empty());
+        assert_eq!(
+            b.commit(Epoch(1)),
+            vec![(key(1), b"a".to_vec()), (key(2), b"b".to_vec())]
+        );
+        assert_eq!(
+            b.push(Epoch(1), key(1), b"late".to_vec()),
+            Err(BufferError::Stale {
+                epoch: Epoch(1),
+                last: Epoch(3)
+            })
+        );
+        assert_eq!(b.held_bytes(), 2);
+        assert_eq!(b.fail(), 2);
+        assert!(b.commit(Epoch(3)).is_empty());
+        assert_eq!(b.held_bytes(), 0);
+    }
+
+    #[test]
+    fn full_buffer_refuses() {
+        let mut b = OutputBuffer::new(10);
+        b.push(Epoch(1), key(1), vec![0; 8]).unwrap();
+        assert_eq!(
+            b.push(Epoch(1), key(1), vec![0; 3]),
+            Err(BufferError::Full {
+                held: 8,
+                len: 3,
+                limit: 10
+            })
+        );
+        b.push(Epoch(1), key(1), vec![0; 2]).unwrap();
+        assert_eq!(b.commit(Epoch(1)).len(), 2);
+        b.push(Epoch(2), key(1), vec![0; 10]).unwrap();
+        assert_eq!(b.peak_held_bytes(), 10);
+    }
+
+    proptest! {
+        /// Random output over epochs and commits: nothing is released before its epoch
+        /// commits, everything is released in the order produced, within the bound, and a
+        /// failure drops exactly what is unreleased.
+        #[test]
+        fn released_only_after_commit_and_in_order(
+            ops in proptest::collection::vec((0u8..4, 1usize..40), 1..200),
+            limit in 1usize..300,
+        ) {
+            let mut b = OutputBuffer::new(limit);
+            let mut epoch = 1u64;
+            let mut committed = 0u64;
+            let mut pushed: Vec<(u64, Vec<u8>)> = Vec::new();
+            let mut released: Vec<Vec<u8>> = Vec::new();
+            for (i, (op, len)) in ops.into_iter().enumerate() {
+                match op {
+                    0 | 1 => {
+                        let data = vec![i as u8; len];
+                        if b.push(Epoch(epoch), key(1), data.clone()).is_ok() {
+                            pushed.push((epoch, data));
+                        }
+                    }
+                    2 => epoch += 1,
+                    _ => {
+                        // Commit some epoch not newer than the current one.
+                        let c = committed.max(epoch - (len as u64 % 2));
+                        committed = c;
+                        for (_, d) in b.commit(Epoch(c)) {
+                            released.push(d);
+                        }
+                        epoch = epoch.max(c + 1);
+                    }
+                }
+                prop_assert!(b.held_bytes() <= limit);
+            }
+            let expect: Vec<Vec<u8>> = pushed
+                .iter()
+                .filter(|(e, _)| *e <= committed)
+                .map(|(_, d)| d.clone())
+                .collect();
+            prop_assert_eq!(&released, &expect);
+            let unreleased: usize = pushed
+                .iter()
+                .filter(|(e, _)| *e > committed)
+                .map(|(_, d)| d.len())
+                .sum();
+            prop_assert_eq!(b.fail(), unreleased);
+        }
+    }
+}

@@ -153,3 +153,102 @@ impl PacketCompare {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn equal_packets_release_in_order() {
+        let t = Instant::now();
+        let mut c = PacketCompare::new(10 * MS);
+        let mut ev = Vec::new();
+        c.primary(b"one", t, &mut ev);
+        c.primary(b"two", t, &mut ev);
+        assert!(ev.is_empty());
+        c.secondary(b"one", &mut ev);
+        assert_eq!(ev, vec![Event::Release(b"one".to_vec())]);
+        c.secondary(b"two", &mut ev);
+        c.secondary(b"three", &mut ev);
+        c.primary(b"three", t, &mut ev);
+        assert_eq!(
+            ev,
+            vec![
+                Event::Release(b"one".to_vec()),
+                Event::Release(b"two".to_vec()),
+                Event::Release(b"three".to_vec())
+            ]
+        );
+        assert_eq!(c.held_bytes(), 0);
+        assert_eq!(c.compared(), 11);
+    }
+
+    #[test]
+    fn different_packet_is_a_mismatch_at_its_number() {
+        let t = Instant::now();
+        let mut c = PacketCompare::new(10 * MS);
+        let mut ev = Vec::new();
+        c.primary(b"a", t, &mut ev);
+        c.secondary(b"a", &mut ev);
+        c.primary(b"b", t, &mut ev);
+        c.primary(b"c", t, &mut ev);
+        c.secondary(b"B", &mut ev);
+        assert_eq!(
+            ev,
+            vec![
+                Event::Release(b"a".to_vec()),
+                Event::Mismatch { offset: 1 },
+                Event::Release(b"b".to_vec()),
+                Event::Release(b"c".to_vec())
+            ]
+        );
+        assert!(c.diverged());
+        ev.clear();
+        c.primary(b"d", t, &mut ev);
+        c.secondary(b"d", &mut ev);
+        assert_eq!(ev, vec![Event::Release(b"d".to_vec())]);
+        c.resync(&mut ev);
+        c.primary(b"e", t, &mut ev);
+        assert_eq!(ev.len(), 1);
+        c.secondary(b"e", &mut ev);
+        assert_eq!(ev[1], Event::Release(b"e".to_vec()));
+    }
+
+    #[test]
+    fn missing_secondary_packet_times_out() {
+        let t = Instant::now();
+        let mut c = PacketCompare::new(10 * MS);
+        let mut ev = Vec::new();
+        c.primary(b"ping", t, &mut ev);
+        c.poll(t + 9 * MS, &mut ev);
+        assert!(ev.is_empty());
+        c.poll(t + 10 * MS, &mut ev);
+        assert_eq!(
+            ev,
+            vec![
+                Event::Timeout { offset: 0 },
+                Event::Release(b"ping".to_vec())
+            ]
+        );
+        c.poll(t + 100 * MS, &mut ev);
+        assert_eq!(ev.len(), 2);
+    }
+
+    #[test]
+    fn extra_secondary_packet_is_a_mismatch() {
+        let t = Instant::now();
+        let mut c = PacketCompare::new(10 * MS);
+        let mut ev = Vec::new();
+        c.secondary(b"spurious", &mut ev);
+        c.primary(b"reply", t, &mut ev);
+        assert_eq!(
+            ev,
+            vec![
+                Event::Mismatch { offset: 0 },
+                Event::Release(b"reply".to_vec())
+            ]
+        );
+    }
+}
