@@ -56,7 +56,7 @@ impl PacketCompare {
             out.push(Event::Release(payload.to_vec()));
             return;
         }
-        self.bytes += payload.len();
+        self.bytes += cost(payload);
         self.held.push_back((payload.to_vec(), now));
         self.compare(out);
     }
@@ -66,7 +66,7 @@ impl PacketCompare {
         if self.diverged {
             return;
         }
-        self.bytes += payload.len();
+        self.bytes += cost(payload);
         self.pending.push_back(payload.to_vec());
         self.compare(out);
     }
@@ -107,7 +107,7 @@ impl PacketCompare {
         was
     }
 
-    /// Payload bytes held (both queues).
+    /// Payload bytes held (both queues), an empty packet counting as one byte.
     pub fn held_bytes(&self) -> usize {
         self.bytes
     }
@@ -139,7 +139,7 @@ impl PacketCompare {
             }
             let (p, _) = self.held.pop_front().expect("not empty");
             let s = self.pending.pop_front().expect("not empty");
-            self.bytes -= p.len() + s.len();
+            self.bytes -= cost(&p) + cost(&s);
             self.compared += p.len() as u64;
             self.next_index += 1;
             out.push(Event::Release(p));
@@ -152,6 +152,12 @@ impl PacketCompare {
             out.push(Event::Release(p));
         }
     }
+}
+
+/// What a held packet counts against the memory budget: its payload, at least one byte, so
+/// that empty packets cannot pile up uncounted.
+fn cost(payload: &[u8]) -> usize {
+    payload.len().max(1)
 }
 
 #[cfg(test)]

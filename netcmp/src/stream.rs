@@ -6,7 +6,12 @@
 //! out-of-order buffer bounded by [`StreamConfig::max_out_of_order`]), and the two streams
 //! are compared byte by byte as they advance, whatever the segment boundaries on either
 //! side. Stream offsets count payload bytes from the first byte after the SYN (or from the
-//! first segment seen, when the SYN was not seen).
+//! first segment seen, when the SYN was not seen: a flow picked up mid-stream must then start
+//! with an in-order segment on each side, or its first bytes are taken for old ones).
+//!
+//! The out-of-order buffers are bounded by the window; the in-order queues (the primary's
+//! unconfirmed bytes, the secondary's bytes ahead of the primary) are bounded by the
+//! compare timeout and, across flows, by the [`crate::Comparator`]'s memory budget.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};

@@ -24,6 +24,10 @@ pub struct Config {
     pub max_held_bytes: usize,
     /// A flow with no input for this long is forgotten (its held output released first).
     pub idle_timeout: Duration,
+    /// How long an ended TCP flow is remembered, so that late segments (a retransmitted FIN)
+    /// are ignored instead of starting a comparison that can only time out. A SYN starts a
+    /// new comparison at once.
+    pub ended_linger: Duration,
     /// Flows released without comparing.
     pub passthrough: Passthrough,
 }
@@ -35,6 +39,7 @@ impl Default for Config {
             max_out_of_order: 256 * 1024,
             max_held_bytes: 64 * 1024 * 1024,
             idle_timeout: Duration::from_secs(300),
+            ended_linger: Duration::from_secs(10),
             passthrough: Passthrough::default(),
         }
     }
@@ -68,8 +73,8 @@ pub enum Action {
         /// The bytes.
         data: Vec<u8>,
     },
-    /// The flow's output ended (TCP FIN or RST, after all its bytes were released); the flow
-    /// is forgotten.
+    /// The flow's output ended (TCP FIN or RST, after all its bytes were released); later
+    /// segments of the flow are ignored (for [`Config::ended_linger`], or until a SYN).
     End {
         /// The flow.
         key: FlowKey,
@@ -90,7 +95,7 @@ pub enum Action {
 /// Counters for status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Flows in the table now.
+    /// Flows being compared (or passed through) now; ended flows not included.
     pub flows: usize,
     /// Bytes found identical on both sides.
     pub bytes_compared: u64,
@@ -116,6 +121,8 @@ pub struct Stats {
 enum Compare {
     Tcp(TcpCompare),
     Packet(PacketCompare),
+    /// A TCP flow that ended, remembered for `ended_linger`.
+    Ended,
 }
 
 impl Compare {
@@ -123,36 +130,42 @@ impl Compare {
         match self {
             Compare::Tcp(c) => c.held_bytes(),
             Compare::Packet(c) => c.held_bytes(),
+            Compare::Ended => 0,
         }
     }
     fn oldest_held(&self) -> Option<Instant> {
         match self {
             Compare::Tcp(c) => c.oldest_held(),
             Compare::Packet(c) => c.oldest_held(),
+            Compare::Ended => None,
         }
     }
     fn counters(&self) -> (u64, u64) {
         match self {
             Compare::Tcp(c) => (c.compared(), c.dropped_segments()),
             Compare::Packet(c) => (c.compared(), 0),
+            Compare::Ended => (0, 0),
         }
     }
     fn poll(&mut self, now: Instant, out: &mut Vec<Event>) {
         match self {
             Compare::Tcp(c) => c.poll(now, out),
             Compare::Packet(c) => c.poll(now, out),
+            Compare::Ended => {}
         }
     }
     fn resync(&mut self, out: &mut Vec<Event>) {
         match self {
             Compare::Tcp(c) => c.resync(out),
             Compare::Packet(c) => c.resync(out),
+            Compare::Ended => {}
         }
     }
     fn shed(&mut self, out: &mut Vec<Event>) -> bool {
         match self {
             Compare::Tcp(c) => c.shed(out),
             Compare::Packet(c) => c.shed(out),
+            Compare::Ended => false,
         }
     }
 }
@@ -197,6 +210,7 @@ impl Comparator {
         payload: &[u8],
         now: Instant,
     ) -> Vec<Action> {
+        self.revive(key, flags);
         self.with_tcp(key, now, |c, out| c.primary(seq, flags, payload, now, out))
     }
 
@@ -209,6 +223,7 @@ impl Comparator {
         payload: &[u8],
         now: Instant,
     ) -> Vec<Action> {
+        self.revive(key, flags);
         self.with_tcp(key, now, |c, out| c.secondary(seq, flags, payload, out))
     }
 
@@ -222,13 +237,17 @@ impl Comparator {
         self.with_packet(key, now, |c, out| c.secondary(payload, out))
     }
 
-    /// Check compare timeouts and forget idle flows. Call it every few milliseconds.
+    /// Check compare timeouts and forget idle and ended flows. Call it every few milliseconds.
     pub fn poll(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         let keys: Vec<FlowKey> = self.flows.keys().copied().collect();
         for key in keys {
             let idle = self.flows.get(&key).is_some_and(|f| {
-                now.saturating_duration_since(f.last_input) >= self.cfg.idle_timeout
+                let limit = match f.cmp {
+                    Compare::Ended => self.cfg.ended_linger,
+                    _ => self.cfg.idle_timeout,
+                };
+                now.saturating_duration_since(f.last_input) >= limit
             });
             if idle {
                 let mut events = Vec::new();
@@ -261,7 +280,11 @@ impl Comparator {
     /// The counters.
     pub fn stats(&self) -> Stats {
         Stats {
-            flows: self.flows.len(),
+            flows: self
+                .flows
+                .values()
+                .filter(|f| !matches!(f.cmp, Compare::Ended))
+                .count(),
             held_bytes: self.held,
             ..self.stats
         }
@@ -299,9 +322,10 @@ impl Comparator {
                     TcpCompare::new(cfg)
                 })
             },
-            |cmp, out| match cmp {
-                Compare::Tcp(c) => f(c, out),
-                Compare::Packet(_) => {}
+            |cmp, out| {
+                if let Compare::Tcp(c) = cmp {
+                    f(c, out)
+                }
             },
         )
     }
@@ -325,11 +349,24 @@ impl Comparator {
                     PacketCompare::new(timeout)
                 })
             },
-            |cmp, out| match cmp {
-                Compare::Packet(c) => f(c, out),
-                Compare::Tcp(_) => {}
+            |cmp, out| {
+                if let Compare::Packet(c) = cmp {
+                    f(c, out)
+                }
             },
         )
+    }
+
+    /// A SYN on an ended flow starts a new connection with the same addresses.
+    fn revive(&mut self, key: FlowKey, flags: TcpFlags) {
+        if flags.syn
+            && self
+                .flows
+                .get(&key)
+                .is_some_and(|f| matches!(f.cmp, Compare::Ended))
+        {
+            self.flows.remove(&key);
+        }
     }
 
     fn input(
@@ -369,10 +406,11 @@ impl Comparator {
         self.stats.segments_dropped += after.1 - before.1;
         let ended = self.apply(key, events, actions);
         if ended {
-            self.remove(key);
-        } else {
-            self.recount(key);
+            if let Some(flow) = self.flows.get_mut(&key) {
+                flow.cmp = Compare::Ended;
+            }
         }
+        self.recount(key);
     }
 
     /// Turn events into actions; returns whether the flow ended.
@@ -682,6 +720,44 @@ mod tests {
             (s.bytes_compared, s.checkpoints_requested, s.held_bytes),
             (0, 0, 0)
         );
+    }
+
+    #[test]
+    fn late_segments_of_an_ended_flow_are_ignored_until_a_syn() {
+        let t = Instant::now();
+        let k = tcp_key(7);
+        let mut c = Comparator::new(cfg());
+        c.primary_tcp(k, 10, TcpFlags::FIN, b"bye", t);
+        let a = c.secondary_tcp(k, 20, TcpFlags::FIN, b"bye", t);
+        assert_eq!(
+            a.last(),
+            Some(&Action::End {
+                key: k,
+                reset: false
+            })
+        );
+        // The primary retransmits its FIN: no new comparison that could only time out.
+        assert!(c
+            .primary_tcp(k, 10, TcpFlags::FIN, b"bye", t + MS)
+            .is_empty());
+        assert!(c.poll(t + Duration::from_secs(1)).is_empty());
+        assert_eq!(c.stats().flows, 0);
+        assert_eq!(c.flows.len(), 1);
+        // A new connection on the same addresses compares from its SYN.
+        assert!(c
+            .primary_tcp(k, 500, TcpFlags::SYN, b"", t + 2 * MS)
+            .is_empty());
+        assert!(c
+            .primary_tcp(k, 501, TcpFlags::NONE, b"hi", t + 2 * MS)
+            .is_empty());
+        let a = c.secondary_tcp(k, 900, TcpFlags::SYN, b"hi", t + 2 * MS);
+        assert_eq!(released(&a, k), b"hi");
+        assert_eq!(c.stats().flows, 1);
+        c.primary_tcp(k, 503, TcpFlags::RST, b"", t + 3 * MS);
+        // Ended flows are forgotten after `ended_linger`.
+        assert!(c.poll(t + Duration::from_secs(11)).is_empty());
+        assert_eq!(c.flows.len(), 0);
+        assert_eq!(c.stats().checkpoints_requested, 0);
     }
 
     #[test]
