@@ -1,11 +1,13 @@
-//! # netcmp — packet comparison for lockstep
+//! # netcmp — output comparison and output buffering for lockstep
 //!
-//! **Status: not built yet.** This crate holds its documentation only; its issue comes after the
-//! block layer's replication (see `docs/architecture.md`).
+//! **Status: the comparator core and the output-buffering core are built; the frontends
+//! (capturing the replicas' packets, mirroring client input, sending released output) are
+//! not built yet.** Neither core does I/O or keeps a clock: packets come in as calls, time as
+//! an [`Instant`](std::time::Instant) argument, and what to do comes back as values, so the
+//! cores are tested deterministically.
 //!
-//! What it will be: client input is mirrored to the primary and the secondary replica, and their
-//! outputs are compared per connection (TCP as a byte stream across segment boundaries, UDP and
-//! ICMP per packet).
+//! Client input is mirrored to the primary and the secondary replica, and their outputs are
+//! compared per flow:
 //!
 //! ```text
 //!  client ──▶ netcmp ──mirror──▶ primary   ──output──┐
@@ -13,6 +15,58 @@
 //!               ◀──── released when both agree ──────┘ diverging/overdue ⇒ checkpoint
 //! ```
 //!
-//! Identical output is released as the secondary confirms it; diverging or overdue output
-//! triggers a checkpoint through blkrep's `epoch` API.
+//! - [`Comparator`] ([`table`]) keeps one comparison per [`FlowKey`] (IPv4 or IPv6; TCP, UDP,
+//!   ICMP) and returns [`Action`]s: release the primary's output, request a checkpoint (once,
+//!   with a [`Reason`]), a flow ended. Its memory is bounded by bytes held
+//!   ([`Config::max_held_bytes`]), not by a number of flows: past the bound, the flows
+//!   holding the oldest output release it unconfirmed and a checkpoint is requested.
+//! - TCP output is compared as a byte stream in sequence order ([`stream::TcpCompare`]), so
+//!   the two replicas may cut it into segments differently (QEMU's colo-compare compares per
+//!   packet and checkpoints when segment boundaries differ; this does not). Each side has its
+//!   own initial sequence number, out-of-order and retransmitted segments are reassembled, and
+//!   the sequence numbers may wrap.
+//! - UDP and ICMP output is compared per packet ([`packet::PacketCompare`]).
+//! - Identical output is released as the secondary confirms it; diverging output, or output
+//!   the secondary has not matched within [`Config::compare_timeout`], is released and a
+//!   checkpoint requested; the flow's output then passes through uncompared until
+//!   [`Comparator::resync_all`] (after the checkpoint committed) restarts comparison.
+//! - Flows matching the [`Passthrough`] list (a clock service, say) are never compared.
+//! - [`OutputBuffer`] ([`buffer`]) is the mode without a secondary to compare with (Remus
+//!   style): output is held until the checkpoint of its epoch (blkrep's
+//!   [`Epoch`](blkrep::epoch::Epoch)) commits, and dropped if the primary fails.
 #![forbid(unsafe_code)]
+
+pub mod buffer;
+pub mod flow;
+pub mod packet;
+pub mod stream;
+pub mod table;
+
+pub use buffer::{BufferError, OutputBuffer};
+pub use flow::{FlowKey, PassRule, Passthrough, Proto};
+pub use stream::TcpFlags;
+pub use table::{Action, Comparator, Config, Reason, Stats};
+
+/// What one flow's comparison reports ([`stream::TcpCompare`], [`packet::PacketCompare`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Release these bytes of the primary's output (TCP: the next bytes of the stream, in
+    /// order; UDP/ICMP: one whole packet).
+    Release(Vec<u8>),
+    /// The outputs differ first at `offset` (TCP: stream offset; UDP/ICMP: packet number). The
+    /// held output is released after this event and comparison stops until resync.
+    Mismatch {
+        /// Where.
+        offset: u64,
+    },
+    /// The output at `offset` waited longer than the compare timeout; as for a mismatch.
+    Timeout {
+        /// Where.
+        offset: u64,
+    },
+    /// The primary's stream ended (FIN, or RST when `reset`) and all of it was released.
+    End {
+        /// RST rather than FIN.
+        reset: bool,
+    },
+}
