@@ -135,8 +135,11 @@ struct Shared {
     /// A pre-send collect holds the state (a scan can take long).
     long_hold: AtomicBool,
     /// The last status report, for requests that come during a cut or a long collect.
-    last_status: Mutex<serde_json::Value>,
+    last_status: Mutex<(Instant, serde_json::Value)>,
 }
+
+/// The oldest report status gives instead of waiting for a cut or a long collect.
+const STATUS_STALE: Duration = Duration::from_millis(500);
 
 /// Raises a flag for as long as it lives.
 struct Raised<'a>(&'a AtomicBool);
@@ -351,7 +354,7 @@ impl MemoryParticipant {
             trigger: OnceLock::new(),
             cutting: AtomicBool::new(false),
             long_hold: AtomicBool::new(false),
-            last_status: Mutex::new(serde_json::Value::Null),
+            last_status: Mutex::new((Instant::now(), serde_json::Value::Null)),
         }))
     }
 
@@ -810,9 +813,9 @@ impl Participant for MemoryParticipant {
             // A pre-send step holds it briefly: wait.
             None if !long => lock(&self.0.st),
             None => {
-                let mut last = lock(&self.0.last_status).clone();
-                if last.is_null() {
-                    // No report yet: wait for this first one.
+                let (at, mut last) = lock(&self.0.last_status).clone();
+                if last.is_null() || at.elapsed() > STATUS_STALE {
+                    // No recent report: wait for a fresh one.
                     lock(&self.0.st)
                 } else {
                     last["busy"] = json!(true);
@@ -844,7 +847,7 @@ impl Participant for MemoryParticipant {
             "last_error": c.last_error,
         });
         drop(st);
-        *lock(&self.0.last_status) = report.clone();
+        *lock(&self.0.last_status) = (Instant::now(), report.clone());
         report
     }
 }
