@@ -26,3 +26,20 @@ def parse_size(text):
     if not m:
         raise argparse.ArgumentTypeError(f"bad size {text!r} (use e.g. 256M, 1G)")
     return int(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
+
+
+def tail(path, lines=20):
+    """The last `lines` lines of a log file ("" if it cannot be read)."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nobody listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

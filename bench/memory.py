@@ -47,7 +47,7 @@ import time
 import zlib
 from pathlib import Path
 
-from benchlib import RunError, parse_size, rel
+from benchlib import RunError, free_port, parse_size, rel, tail
 
 REPO = Path(__file__).resolve().parent.parent
 LOCKSTEP = REPO / "target" / "release" / "lockstep"
@@ -99,13 +99,6 @@ def stop_proc(proc, grace=KILL_GRACE):
             proc.kill()
             proc.wait(grace)
     return proc.returncode
-
-
-def tail(path, lines=15):
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def free_port():

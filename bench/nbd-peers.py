@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import parse_size
+from benchlib import free_port, parse_size, tail
 
 REPO = Path(__file__).resolve().parent.parent
 LOCKSTEP = REPO / "target" / "release" / "lockstep"
@@ -83,12 +83,6 @@ def create_backing_file(path, size):
             n = min(chunk, left)
             f.write(os.urandom(n))
             left -= n
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_cmd(peer, path, port, qemu_cache):

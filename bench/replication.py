@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import RunError, parse_size, rel
+from benchlib import RunError, free_port, parse_size, rel, tail
 
 REPO = Path(__file__).resolve().parent.parent
 LOCKSTEP = REPO / "target" / "release" / "lockstep"
@@ -173,13 +173,6 @@ def stop_proc(proc, grace=KILL_GRACE):
             proc.kill()
             proc.wait()
     return proc.returncode
-
-
-def tail(path, lines=20):
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def free_port():

@@ -27,14 +27,10 @@ import tempfile
 import threading
 import time
 
+from benchlib import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("LOCKSTEP_BIN", os.path.join(ROOT, "target/release/lockstep"))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def control(sock, req, timeout=30):
