@@ -66,6 +66,8 @@ pub struct Region {
     ptr: *mut u8,
     len: u64,
     path: PathBuf,
+    /// The file takes no `write` (hugetlbfs): `store_page` writes through the mapping.
+    map_writes: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: `Region` owns its mapping and file descriptor; the pointer is never used to form Rust
@@ -166,6 +168,7 @@ impl Region {
             ptr: p.cast(),
             len,
             path: path.to_owned(),
+            map_writes: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -225,15 +228,28 @@ impl Region {
     }
 
     /// Write page `i` through the file (`pwrite`), not the mapping (the secondary applying a
-    /// checkpoint): a file cut short since is extended rather than faulting.
+    /// checkpoint): a file cut short since is extended rather than faulting. Files that take
+    /// no `write` (hugetlbfs answers EINVAL) are written through the mapping instead, after a
+    /// size check.
     pub fn store_page(&self, i: u64, src: &[u8; PAGE_SIZE]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
+        use std::sync::atomic::Ordering;
         assert!(
             i < self.pages(),
             "page {i} out of range ({} pages)",
             self.pages()
         );
-        self.file.write_all_at(src, i * PAGE_SIZE as u64)
+        if !self.map_writes.load(Ordering::Relaxed) {
+            match self.file.write_all_at(src, i * PAGE_SIZE as u64) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.map_writes.store(true, Ordering::Relaxed)
+                }
+                r => return r,
+            }
+        }
+        self.check().map_err(io::Error::other)?;
+        self.copy_in(i * PAGE_SIZE as u64, src);
+        Ok(())
     }
 
     /// Copy page `i` into `dst`. A concurrent writer may tear the copy; tracking reports the page
