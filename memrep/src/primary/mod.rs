@@ -17,6 +17,13 @@
 //! holds now, or is in `unsent`, or was written since the last collect (the tracker reports it
 //! next). The digest table holds, for every page, the hash of the content last read for
 //! sending, so the region's digest at a cut is the table's fold, at no extra cost.
+//!
+//! | file | what |
+//! | --- | --- |
+//! | `mod.rs` | options, the participant (cut, prepare, commit, abort, status) |
+//! | `state.rs` | unsent and sent pages, the digest table, reading pages into messages |
+//! | `session.rs` | a session's start (HELLO, resync by digest) and `lockstep verify` |
+//! | `presend.rs` | sending dirty pages between checkpoints |
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +43,12 @@ use crate::track::scan::ScanTracker;
 use crate::track::{TrackError, Tracker, TrackerKind};
 use crate::wire::{self, PagesBuilder, MAX_BATCH_PAGES, MAX_DIGESTS};
 use crate::PAGE_SIZE;
+
+mod presend;
+mod session;
+mod state;
+
+use state::{Batch, Counters, State};
 
 /// Pages one pre-send step reads (while it holds the state a cut needs): 1 MiB.
 const PRESEND_BATCH: u64 = 256;
@@ -75,53 +88,6 @@ impl MemoryOptions {
             ready_pages: (64 << 20) / PAGE_SIZE as u64,
         }
     }
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    cuts: u64,
-    zero_pages_sent: u64,
-    bytes_sent: u64,
-    presend_pages: u64,
-    cut_pages: u64,
-    /// Pages resent at the start of a session because the secondary lacked them.
-    resync_pages: u64,
-    sessions: u64,
-    collect_us: u64,
-    last_error: Option<String>,
-}
-
-struct State {
-    tracker: Box<dyn Tracker>,
-    /// Why this tracker runs.
-    tracker_note: String,
-    table: PageTable,
-    unsent: RoaringTreemap,
-    /// The part of `unsent` that was collected as written and not read since: the table
-    /// does not describe it.
-    stale: RoaringTreemap,
-    /// The part of `unsent` that a session start found the secondary lacking (a resync):
-    /// checkpoints wait while it is large. Pages written between checkpoints never hold a
-    /// checkpoint back; the pause copies them, however many.
-    resync: RoaringTreemap,
-    /// The epoch pages read now belong to.
-    epoch: u64,
-    committed: u64,
-    seq: u64,
-    /// Pages sent per uncommitted epoch.
-    sent_in: BTreeMap<u64, RoaringTreemap>,
-    /// Pages and data bytes sent per uncommitted epoch.
-    items: BTreeMap<u64, (u64, u64)>,
-    /// The pause's copy of epoch n and the region's digest at the cut, waiting for
-    /// prepare(n).
-    batches: BTreeMap<u64, (Vec<Batch>, u64)>,
-    /// Pre-send messages in flight per epoch.
-    inflight: BTreeMap<u64, u64>,
-    channel: Option<Arc<dyn PeerChannel>>,
-    /// Bumped at every session start and abort: a pre-send of an older one stops.
-    session: u64,
-    pause: Latencies,
-    counters: Counters,
 }
 
 struct Shared {
@@ -195,91 +161,6 @@ fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
     }
 }
 
-/// What one read of pages produced.
-struct Batch {
-    message: Vec<u8>,
-    pages: u64,
-    data_pages: u64,
-}
-
-impl State {
-    /// Collect dirty pages into `unsent`; a writer that is gone ends uffd tracking for scan.
-    fn collect(&mut self, region: &Region) -> Result<u64, TrackError> {
-        let mut out = RoaringTreemap::new();
-        let r = self.tracker.collect(region, &self.table, &mut out);
-        let stats = match r {
-            Ok(s) => s,
-            Err(TrackError::WriterGone { pid }) => {
-                self.tracker = Box::new(ScanTracker::new(default_threads()));
-                self.tracker_note = format!(
-                    "scan: the writer (pid {pid}) that handed over its userfaultfd is gone"
-                );
-                tracing::warn!(region = %region.path().display(), "{}", self.tracker_note);
-                self.tracker.collect(region, &self.table, &mut out)?
-            }
-            Err(e) => return Err(e),
-        };
-        self.counters.collect_us = stats.elapsed.as_micros() as u64;
-        let n = out.len();
-        self.stale |= &out;
-        self.unsent |= out;
-        Ok(n)
-    }
-
-    /// Read up to `max` unsent pages (all of them with None) into PAGES messages of the
-    /// current epoch, updating the digest table.
-    fn read_unsent(&mut self, region: &Region, max: Option<u64>) -> Vec<Batch> {
-        let take: Vec<u64> = match max {
-            Some(m) => self.unsent.iter().take(m as usize).collect(),
-            None => self.unsent.iter().collect(),
-        };
-        let epoch = self.epoch;
-        let mut out = Vec::new();
-        let mut b = PagesBuilder::new(epoch);
-        let mut page = Box::new([0u8; PAGE_SIZE]);
-        let sent = self.sent_in.entry(epoch).or_default();
-        for &p in &take {
-            region.load_page(p, &mut page);
-            self.seq += 1;
-            let d = if is_zero(&page[..]) {
-                b.push(p, self.seq, None);
-                zero_hash()
-            } else {
-                b.push(p, self.seq, Some(&page));
-                page_hash(&page[..])
-            };
-            self.table.set(p, d);
-            sent.insert(p);
-            self.unsent.remove(p);
-            self.stale.remove(p);
-            self.resync.remove(p);
-            if b.len() == MAX_BATCH_PAGES {
-                let full = std::mem::replace(&mut b, PagesBuilder::new(epoch));
-                out.push(finish(full));
-            }
-        }
-        if !b.is_empty() {
-            out.push(finish(b));
-        }
-        let it = self.items.entry(epoch).or_default();
-        for m in &out {
-            it.0 += m.pages;
-            it.1 += m.data_pages * PAGE_SIZE as u64;
-        }
-        out
-    }
-
-    /// Everything sent in uncommitted epochs must be sent again (a new session, an abort).
-    fn requeue_uncommitted(&mut self) {
-        for (_, pages) in std::mem::take(&mut self.sent_in) {
-            self.unsent |= pages;
-        }
-        self.items.clear();
-        self.batches.clear();
-        self.inflight.clear();
-    }
-}
-
 /// Run `f`, which may take long, without starving the other tasks of a multi-threaded
 /// runtime's worker (they move to another worker meanwhile).
 pub(crate) fn heavy<T>(f: impl FnOnce() -> T) -> T {
@@ -303,16 +184,6 @@ async fn join_send(
             epoch,
             reason: format!("a send task failed: {e}"),
         }),
-    }
-}
-
-fn finish(b: PagesBuilder) -> Batch {
-    let pages = b.len() as u64;
-    let data_pages = b.data_pages();
-    Batch {
-        message: b.finish(),
-        pages,
-        data_pages,
     }
 }
 
@@ -410,232 +281,6 @@ impl MemoryParticipant {
             participant: self.0.opts.name.clone(),
             reason,
         }
-    }
-
-    async fn handshake(
-        &self,
-        channel: Arc<dyn PeerChannel>,
-        epoch: Epoch,
-    ) -> Result<(), EpochError> {
-        let pages = self.0.region.pages();
-        let lost = |reason: String| EpochError::PeerLost { epoch, reason };
-        let a = channel.call(wire::hello(pages)).await.map_err(lost)?;
-        let (theirs, _) = wire::decode_hello_answer(&a).map_err(lost)?;
-        if theirs != pages {
-            return Err(EpochError::Refused {
-                epoch,
-                reason: format!(
-                    "the secondary's memory region has {} bytes, this one ({}) {}",
-                    theirs * PAGE_SIZE as u64,
-                    self.0.region.path().display(),
-                    self.0.region.len()
-                ),
-            });
-        }
-        // What the secondary lacks: pages whose committed digest differs from ours.
-        let mut differ = RoaringTreemap::new();
-        let mut first = 0u64;
-        while first < pages {
-            let count = (pages - first).min(u64::from(MAX_DIGESTS)) as u32;
-            let a = channel
-                .call(wire::digests(first, count))
-                .await
-                .map_err(lost)?;
-            let theirs = wire::decode_digests_answer(&a, count).map_err(lost)?;
-            let st = lock(&self.0.st);
-            for (k, d) in theirs.into_iter().enumerate() {
-                let p = first + k as u64;
-                if st.table.get(p) != d {
-                    differ.insert(p);
-                }
-            }
-            first += u64::from(count);
-        }
-        let mut st = lock(&self.0.st);
-        st.requeue_uncommitted();
-        // Pages the secondary holds alike need not be sent, unless written since they were
-        // last read (the table does not describe those).
-        let keep = &st.stale | &differ;
-        st.unsent &= keep;
-        st.unsent |= &differ;
-        st.resync = differ;
-        st.counters.resync_pages += st.unsent.len();
-        st.counters.sessions += 1;
-        st.epoch = epoch.0;
-        st.committed = epoch.0.saturating_sub(1);
-        st.session += 1;
-        st.channel = Some(channel);
-        tracing::info!(
-            region = %self.0.region.path().display(),
-            to_send = st.unsent.len(),
-            "memory session started"
-        );
-        Ok(())
-    }
-
-    /// `lockstep verify`: compare every page's digest with the secondary's committed one.
-    /// Pages that differ because they changed since the last commit are expected; any other
-    /// difference is a divergence, and such pages are sent again before the next commit.
-    async fn compare(&self) -> Result<serde_json::Value, String> {
-        let t = Instant::now();
-        let channel = lock(&self.0.st)
-            .channel
-            .clone()
-            .ok_or("no session with the secondary")?;
-        {
-            let mut st = lock(&self.0.st);
-            st.collect(&self.0.region).map_err(|e| e.to_string())?;
-        }
-        let pages = self.0.region.pages();
-        let (mut differ, mut diverged) = (0u64, Vec::new());
-        let mut first = 0u64;
-        while first < pages {
-            let count = (pages - first).min(u64::from(MAX_DIGESTS)) as u32;
-            let a = channel.call(wire::verify(first, count)).await?;
-            let theirs = wire::decode_digests_answer(&a, count)?;
-            let mut st = lock(&self.0.st);
-            for (k, d) in theirs.into_iter().enumerate() {
-                let p = first + k as u64;
-                if st.table.get(p) == d {
-                    continue;
-                }
-                differ += 1;
-                let pending = st.unsent.contains(p) || st.sent_in.values().any(|s| s.contains(p));
-                if !pending {
-                    diverged.push(p);
-                    st.unsent.insert(p);
-                }
-            }
-            first += u64::from(count);
-        }
-        if !diverged.is_empty() {
-            tracing::error!(region = %self.0.region.path().display(), pages = diverged.len(), "memory verify: the secondary's region diverged; those pages are sent again");
-        }
-        Ok(json!({
-            "region": self.0.region.path(),
-            "pages": pages,
-            "differing_pages": differ,
-            "pending_pages": differ - diverged.len() as u64,
-            "diverged_pages": diverged.len(),
-            "diverged_first": diverged.iter().take(16).collect::<Vec<_>>(),
-            "duration_s": t.elapsed().as_secs_f64(),
-        }))
-    }
-
-    /// Between checkpoints: collect and send dirty and unsent pages while the guest runs.
-    async fn presend(self, session: u64, every: Duration) {
-        let mut last_collect = Instant::now() - every;
-        // Sends in flight: reading the next batch overlaps sending the last ones.
-        let mut flying = tokio::task::JoinSet::new();
-        loop {
-            // Reap finished sends; a failed one ends this session's pre-send (the sends
-            // still in flight finish their own bookkeeping: they are never cancelled).
-            while let Some(r) = flying.try_join_next() {
-                if !matches!(r, Ok(true)) {
-                    flying.detach_all();
-                    return;
-                }
-            }
-            if flying.len() >= PRESEND_WINDOW {
-                if !matches!(flying.join_next().await, Some(Ok(true))) {
-                    flying.detach_all();
-                    return;
-                }
-                continue;
-            }
-            // Let others (a cut above all) have the state between batches.
-            tokio::task::yield_now().await;
-            if self.0.cutting.load(Ordering::Acquire) {
-                tokio::time::sleep(Duration::from_micros(200)).await;
-                continue;
-            }
-            let next = {
-                let mut st = lock_async(&self.0.st).await;
-                if st.session != session {
-                    drop(st);
-                    flying.detach_all();
-                    return;
-                }
-                // Collect every `every`, but while a backlog is being sent no more often
-                // than ten times what a collect costs (a scan hashes the whole region).
-                let since = last_collect.elapsed();
-                let cost = Duration::from_micros(st.counters.collect_us);
-                if since >= every && (st.unsent.len() < PRESEND_BATCH * 4 || since >= cost * 10) {
-                    last_collect = Instant::now();
-                    // A scan of a large region takes long: status does not wait for it.
-                    let _long = Raised::new(&self.0.long_hold);
-                    match st.collect(&self.0.region) {
-                        Ok(n) => {
-                            if let Some(t) = self.0.trigger.get() {
-                                t.add_bytes(n * PAGE_SIZE as u64);
-                            }
-                        }
-                        Err(e) => {
-                            st.counters.last_error = Some(format!("collect: {e}"));
-                        }
-                    }
-                }
-                if st.unsent.is_empty() || st.channel.is_none() {
-                    None
-                } else {
-                    let b = st.read_unsent(&self.0.region, Some(PRESEND_BATCH));
-                    let epoch = st.epoch;
-                    *st.inflight.entry(epoch).or_default() += 1;
-                    Some((epoch, b, st.channel.clone().expect("checked")))
-                }
-            };
-            let Some((epoch, batches, channel)) = next else {
-                if flying.is_empty() {
-                    tokio::time::sleep(every.min(Duration::from_millis(5))).await;
-                } else if !matches!(flying.join_next().await, Some(Ok(true))) {
-                    flying.detach_all();
-                    return;
-                }
-                continue;
-            };
-            flying.spawn(self.clone().send_batches(session, epoch, batches, channel));
-        }
-    }
-
-    /// Send pre-send batches of `epoch`; false if the session ended or the send failed.
-    async fn send_batches(
-        self,
-        session: u64,
-        epoch: u64,
-        batches: Vec<Batch>,
-        channel: Arc<dyn PeerChannel>,
-    ) -> bool {
-        let mut r = Ok(());
-        let mut sent = (0, 0, 0);
-        for b in batches {
-            let bytes = b.message.len() as u64;
-            r = channel.call(b.message).await.map(drop);
-            if r.is_err() {
-                break;
-            }
-            sent.0 += b.pages;
-            sent.1 += b.pages - b.data_pages;
-            sent.2 += bytes;
-        }
-        {
-            let mut st = lock_async(&self.0.st).await;
-            if st.session != session {
-                // A new session began meanwhile and counts afresh.
-                return false;
-            }
-            if let Some(n) = st.inflight.get_mut(&epoch) {
-                *n = n.saturating_sub(1);
-            }
-            st.counters.presend_pages += sent.0;
-            st.counters.zero_pages_sent += sent.1;
-            st.counters.bytes_sent += sent.2;
-            if let Err(e) = &r {
-                st.counters.last_error = Some(format!("pre-send: {e}"));
-            }
-        }
-        self.0.changed.notify_waiters();
-        // On failure the session is gone: the next one resends what this one did not commit.
-        r.is_ok()
     }
 }
 
