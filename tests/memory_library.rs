@@ -5,37 +5,17 @@
 //! over, and find memory and disk at the same counter, the region exactly the pattern at it.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use lockstep_tests::control::{failover, parse_json, wait_status};
 use lockstep_tests::images::first_difference;
+use lockstep_tests::mempair::{block0, ShmFile};
 use lockstep_tests::memwriter::{expected_region, read_header, PAGE};
 use lockstep_tests::pair::{secondary_cmd, start_secondary};
 use lockstep_tests::trials::{trials, Rng};
 use lockstep_tests::{free_port, heavy, owned, scratch, sleep_ms, Daemon};
 
 const MIB: u64 = 1 << 20;
-
-struct ShmFile(PathBuf);
-
-impl ShmFile {
-    fn new(name: &str, len: u64) -> ShmFile {
-        let p = PathBuf::from(format!(
-            "/dev/shm/lockstep-lib-{}-{name}",
-            std::process::id()
-        ));
-        File::create(&p).unwrap().set_len(len).unwrap();
-        ShmFile(p)
-    }
-}
-
-impl Drop for ShmFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 fn trial(rng: &mut Rng) -> String {
     let len = rng.pick(&[4, 8]) * MIB;
@@ -56,7 +36,7 @@ fn trial(rng: &mut Rng) -> String {
             &listen,
             &s_sock,
             None,
-            &owned(&["--memory", p_str(&s_region)]),
+            &owned(&["--memory", s_region.s()]),
         ),
         &s_sock,
     );
@@ -69,7 +49,7 @@ fn trial(rng: &mut Rng) -> String {
         std::path::Path::new(env!("CARGO_BIN_EXE_lockstep-protected")),
         &[
             "--region",
-            p_str(&p_region),
+            p_region.s(),
             "--disk",
             p_img.to_str().unwrap(),
             "--secondary",
@@ -102,13 +82,8 @@ fn trial(rng: &mut Rng) -> String {
     let (ok, out, err) = failover(&s_sock, "checkpoint", &["--json"]);
     assert!(ok, "failover failed: {out}\n{err}");
     let fv = parse_json(&out).unwrap();
-    let mut b0 = vec![0u8; PAGE];
-    File::open(&s_img)
-        .unwrap()
-        .read_exact_at(&mut b0, 0)
-        .unwrap();
-    let disk = read_header(&b0);
-    let region = std::fs::read(&s_region.0).unwrap();
+    let disk = read_header(&block0(&s_img));
+    let region = std::fs::read(&s_region.path).unwrap();
     let c = read_header(&region[..PAGE]);
     let ctx = format!(
         "region {} MiB, killed after {run_ms} ms: disk {disk:?}, memory {c:?}, failover {fv}, before {}",
@@ -122,10 +97,6 @@ fn trial(rng: &mut Rng) -> String {
         panic!("the region is not the pattern at {c}: byte {at} differs: {ctx}");
     }
     format!("{ctx}: ok")
-}
-
-fn p_str(f: &ShmFile) -> &str {
-    f.0.to_str().unwrap()
 }
 
 #[test]

@@ -8,6 +8,7 @@ pub mod control;
 pub mod fio;
 pub mod guest;
 pub mod images;
+pub mod mempair;
 pub mod memwriter;
 pub mod pair;
 pub mod proxy;
