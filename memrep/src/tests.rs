@@ -26,8 +26,6 @@ use crate::PAGE_SIZE;
 struct Link {
     replica: Arc<MemoryReplica>,
     cut: AtomicBool,
-    /// Cut the link after this many more calls (u64::MAX: never).
-    cut_after: AtomicU64,
 }
 
 impl Link {
@@ -35,7 +33,6 @@ impl Link {
         Arc::new(Link {
             replica,
             cut: AtomicBool::new(false),
-            cut_after: AtomicU64::new(u64::MAX),
         })
     }
 }
@@ -43,14 +40,6 @@ impl Link {
 impl PeerChannel for Link {
     fn call<'a>(&'a self, message: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>, String>> {
         Box::pin(async move {
-            if self.cut_after.load(Ordering::SeqCst) == 0 {
-                self.cut.store(true, Ordering::SeqCst);
-            }
-            let _ = self
-                .cut_after
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                    (n != u64::MAX && n > 0).then(|| n - 1)
-                });
             if self.cut.load(Ordering::SeqCst) {
                 return Err("the link is cut".into());
             }
