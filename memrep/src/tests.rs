@@ -3,7 +3,7 @@
 //! secondary exactly the primary's region at the cut, with both trackers, with writers
 //! racing the pre-send, across a cut link, and after the secondary restarts.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
