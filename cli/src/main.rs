@@ -7,6 +7,7 @@ mod daemon;
 mod demo;
 mod export;
 mod memory;
+mod netcmp;
 mod replicate;
 mod report;
 mod secure;
@@ -46,6 +47,9 @@ enum Command {
     Failover(replicate::FailoverArgs),
     /// Compare the primary's and the secondary's disks online, chunk by chunk, by crc64.
     Verify(replicate::VerifyArgs),
+    /// Compare what a service's primary and secondary instances send (stream proxy), or
+    /// hold the primary's output until its checkpoint commits.
+    Netcmp(netcmp::NetcmpArgs),
     /// Delete a ublk device left by a daemon that will not come back (waiting I/O fails).
     UblkDelete(replicate::UblkDeleteArgs),
 }
@@ -70,6 +74,7 @@ fn main() -> std::process::ExitCode {
         Command::Checkpoint(a) => replicate::checkpoint(a),
         Command::Failover(a) => replicate::failover(a),
         Command::Verify(a) => replicate::verify(a),
+        Command::Netcmp(a) => netcmp::run(a),
         Command::UblkDelete(a) => replicate::ublk_delete(a),
     };
     match result {

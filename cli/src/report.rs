@@ -254,3 +254,69 @@ mod tests {
         assert_eq!(bytes(3 << 20), "3.0 MiB");
     }
 }
+
+/// `lockstep status` of netcmp.
+pub fn netcmp(s: &netcmp::ProxyStatus) {
+    row("role", format!("{} ({} proxy)", s.role, s.frontend));
+    row("mode", &s.mode);
+    row("listen", &s.listen);
+    row(
+        "instances",
+        format!(
+            "primary {}, secondary {}",
+            s.primary,
+            s.secondary.as_deref().unwrap_or("none (buffering)")
+        ),
+    );
+    let link = &s.link;
+    row(
+        "epochs",
+        match &link.control {
+            Some(c) if link.connected => {
+                format!("{c} (connected, {} commits seen)", link.commits_seen)
+            }
+            Some(c) => format!("{c} (LOST: {})", link.last_error.as_deref().unwrap_or("?")),
+            None => "none (divergences resync at once; no replication)".into(),
+        },
+    );
+    row(
+        "connections",
+        format!(
+            "{} open, {} total, {} refused, {} without secondary",
+            s.connections_open, s.connections_total, s.connections_refused, s.secondary_failures
+        ),
+    );
+    row("flows", s.flows);
+    row(
+        "bytes",
+        format!(
+            "{} compared, {} released",
+            bytes(s.bytes_compared),
+            bytes(s.bytes_released)
+        ),
+    );
+    row(
+        "divergences",
+        format!(
+            "{} mismatches, {} timeouts, {} evictions",
+            s.mismatches, s.timeouts, s.evictions
+        ),
+    );
+    row(
+        "checkpoints",
+        format!(
+            "{} requested ({} sent, {} failed), {} resyncs",
+            s.checkpoints_requested, link.requests_sent, link.request_failures, s.resyncs
+        ),
+    );
+    row(
+        "held",
+        format!(
+            "{} now, {} peak, {} dropped",
+            bytes(s.held_bytes),
+            bytes(s.peak_held_bytes),
+            bytes(s.dropped_bytes)
+        ),
+    );
+    row("added latency", percentiles(&s.added_latency_us));
+}

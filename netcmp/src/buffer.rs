@@ -1,18 +1,24 @@
 //! Output buffering (Remus style), for when no secondary replica runs to compare with: the
-//! primary's output is held until the checkpoint of the epoch it was produced in commits,
-//! so that a client never sees output of a state the secondary could not fail over to.
+//! primary's output is held until a checkpoint of a state at least as new as the one that
+//! produced it commits, so that a client never sees output of a state the secondary could
+//! not fail over to.
+//!
+//! Output is stamped with the time it was received ([`blkrep::epoch::monotonic_ns`]); a
+//! commit reports when the guest was asked to pause for it
+//! ([`blkrep::epoch::EpochEvent::Committed`]), and everything received before that moment
+//! was produced before it, so it is released. Time, not an epoch number, is what the two
+//! processes share: an epoch number learned from the primary would arrive late and tag
+//! output produced after a cut with the epoch before it.
 
 use std::collections::VecDeque;
-
-use blkrep::epoch::Epoch;
 
 use crate::flow::FlowKey;
 
 /// Why output was not buffered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BufferError {
-    /// Holding it would exceed the memory bound. The output is not held: drop it (TCP
-    /// retransmits) and checkpoint soon, which frees the buffer.
+    /// Holding it would exceed the memory bound. The output is not held: stop reading the
+    /// primary (or drop a frame, which TCP retransmits) until a commit frees the buffer.
     #[error("output buffer full: {held} bytes held, {len} more would pass the bound of {limit}")]
     Full {
         /// Bytes held.
@@ -22,26 +28,48 @@ pub enum BufferError {
         /// The bound.
         limit: usize,
     },
-    /// The output's epoch is already committed, or older than output already held.
-    #[error("output of {epoch} arrived after {last}")]
+    /// The output is stamped before a commit already seen, or before output already held.
+    #[error("output stamped {stamp} arrived after {last}")]
     Stale {
-        /// The output's epoch.
-        epoch: Epoch,
-        /// The newest epoch committed or held.
-        last: Epoch,
+        /// The output's stamp.
+        stamp: u64,
+        /// The newest stamp committed or held.
+        last: u64,
     },
 }
 
-/// The primary's output, held per epoch until that epoch commits.
+/// One piece of held output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Bytes (a stream's next bytes, or one whole frame or datagram).
+    Data(Vec<u8>),
+    /// The flow's output ended (TCP FIN, or RST when `reset`).
+    End {
+        /// RST rather than FIN.
+        reset: bool,
+    },
+}
+
+impl Output {
+    fn len(&self) -> usize {
+        match self {
+            Output::Data(d) => d.len(),
+            Output::End { .. } => 0,
+        }
+    }
+}
+
+/// The primary's output, held in the order received until a commit makes it safe.
 #[derive(Debug)]
 pub struct OutputBuffer {
-    items: VecDeque<(Epoch, FlowKey, Vec<u8>)>,
+    items: VecDeque<(u64, FlowKey, Output)>,
     held: usize,
     limit: usize,
     peak: usize,
-    /// The newest epoch committed, or held.
-    last: Option<Epoch>,
-    committed: Option<Epoch>,
+    /// The newest stamp held.
+    last: Option<u64>,
+    /// Output stamped before this was released.
+    released_before: u64,
 }
 
 impl OutputBuffer {
@@ -53,58 +81,75 @@ impl OutputBuffer {
             limit: max_held_bytes,
             peak: 0,
             last: None,
-            committed: None,
+            released_before: 0,
         }
     }
 
-    /// Hold `data`, output of flow `key` produced during `epoch` (not yet committed, and not
-    /// older than output already held).
-    pub fn push(&mut self, epoch: Epoch, key: FlowKey, data: Vec<u8>) -> Result<(), BufferError> {
-        let stale =
-            self.committed.is_some_and(|c| epoch <= c) || self.last.is_some_and(|l| epoch < l);
-        if stale {
-            let last = self.last.max(self.committed).unwrap_or(epoch);
-            return Err(BufferError::Stale { epoch, last });
+    /// Hold `out`, output of flow `key` received at `stamp` (not before a commit already
+    /// seen, nor before output already held).
+    pub fn push(&mut self, stamp: u64, key: FlowKey, out: Output) -> Result<(), BufferError> {
+        if stamp < self.released_before || self.last.is_some_and(|l| stamp < l) {
+            let last = self.last.unwrap_or(0).max(self.released_before);
+            return Err(BufferError::Stale { stamp, last });
         }
-        if self.held + data.len() > self.limit {
+        if self.held + out.len() > self.limit {
             return Err(BufferError::Full {
                 held: self.held,
-                len: data.len(),
+                len: out.len(),
                 limit: self.limit,
             });
         }
-        self.held += data.len();
+        self.held += out.len();
         self.peak = self.peak.max(self.held);
-        self.last = Some(epoch);
-        self.items.push_back((epoch, key, data));
+        self.last = Some(stamp);
+        self.items.push_back((stamp, key, out));
         Ok(())
     }
 
-    /// Checkpoint `epoch` committed: everything of epochs up to it is released, in the order
-    /// it was produced.
-    pub fn commit(&mut self, epoch: Epoch) -> Vec<(FlowKey, Vec<u8>)> {
-        self.committed = self.committed.max(Some(epoch));
+    /// A checkpoint of the state as of `paused_at` committed: everything received before it
+    /// is released, in the order received.
+    pub fn commit(&mut self, paused_at: u64) -> Vec<(FlowKey, Output)> {
+        self.released_before = self.released_before.max(paused_at);
         let mut out = Vec::new();
-        while self.items.front().is_some_and(|(e, _, _)| *e <= epoch) {
-            let (_, key, data) = self.items.pop_front().expect("not empty");
-            self.held -= data.len();
-            out.push((key, data));
+        while self
+            .items
+            .front()
+            .is_some_and(|(s, _, _)| *s < self.released_before)
+        {
+            let (_, key, item) = self.items.pop_front().expect("not empty");
+            self.held -= item.len();
+            out.push((key, item));
         }
         out
     }
 
-    /// The primary failed: its unreleased output is dropped, never sent. Returns the number
-    /// of bytes dropped.
-    pub fn fail(&mut self) -> usize {
+    /// The primary failed: its unreleased output is dropped, never sent. Returns the flows
+    /// that lost output (each once, in order) and the number of bytes dropped.
+    pub fn fail(&mut self) -> (Vec<FlowKey>, usize) {
         let dropped = self.held;
-        self.items.clear();
+        let mut flows: Vec<FlowKey> = Vec::new();
+        for (_, key, _) in self.items.drain(..) {
+            if !flows.contains(&key) {
+                flows.push(key);
+            }
+        }
         self.held = 0;
-        dropped
+        (flows, dropped)
+    }
+
+    /// Whether output of `key` is held.
+    pub fn holds(&self, key: &FlowKey) -> bool {
+        self.items.iter().any(|(_, k, _)| k == key)
     }
 
     /// Bytes held now.
     pub fn held_bytes(&self) -> usize {
         self.held
+    }
+
+    /// Whether the buffer is at its bound.
+    pub fn is_full(&self) -> bool {
+        self.held >= self.limit
     }
 
     /// The most bytes held at once.
@@ -125,96 +170,103 @@ mod tests {
         )
     }
 
+    fn data(d: &[u8]) -> Output {
+        Output::Data(d.to_vec())
+    }
+
     #[test]
-    fn commit_releases_its_epochs_in_order_and_fail_drops() {
+    fn commit_releases_what_came_before_the_pause_in_order_and_fail_drops() {
         let mut b = OutputBuffer::new(100);
-        b.push(Epoch(1), key(1), b"a".to_vec()).unwrap();
-        b.push(Epoch(1), key(2), b"b".to_vec()).unwrap();
-        b.push(Epoch(2), key(1), b"c".to_vec()).unwrap();
-        b.push(Epoch(3), key(1), b"d".to_vec()).unwrap();
-        assert!(b.commit(Epoch(0)).is_empty());
-        assert_eq!(
-            b.commit(Epoch(1)),
-            vec![(key(1), b"a".to_vec()), (key(2), b"b".to_vec())]
+        b.push(10, key(1), data(b"a")).unwrap();
+        b.push(10, key(2), data(b"b")).unwrap();
+        b.push(20, key(1), data(b"c")).unwrap();
+        b.push(30, key(1), Output::End { reset: false }).unwrap();
+        assert!(
+            b.commit(10).is_empty(),
+            "stamped at the pause: not before it"
         );
         assert_eq!(
-            b.push(Epoch(1), key(1), b"late".to_vec()),
-            Err(BufferError::Stale {
-                epoch: Epoch(1),
-                last: Epoch(3)
-            })
+            b.commit(11),
+            vec![(key(1), data(b"a")), (key(2), data(b"b"))]
         );
-        assert_eq!(b.held_bytes(), 2);
-        assert_eq!(b.fail(), 2);
-        assert!(b.commit(Epoch(3)).is_empty());
+        assert_eq!(
+            b.push(5, key(1), data(b"late")),
+            Err(BufferError::Stale { stamp: 5, last: 30 })
+        );
+        assert!(b.holds(&key(1)) && !b.holds(&key(2)));
+        assert_eq!(b.held_bytes(), 1);
+        assert_eq!(b.fail(), (vec![key(1)], 1));
+        assert!(b.commit(100).is_empty());
         assert_eq!(b.held_bytes(), 0);
     }
 
     #[test]
     fn full_buffer_refuses() {
         let mut b = OutputBuffer::new(10);
-        b.push(Epoch(1), key(1), vec![0; 8]).unwrap();
+        b.push(1, key(1), Output::Data(vec![0; 8])).unwrap();
         assert_eq!(
-            b.push(Epoch(1), key(1), vec![0; 3]),
+            b.push(1, key(1), Output::Data(vec![0; 3])),
             Err(BufferError::Full {
                 held: 8,
                 len: 3,
                 limit: 10
             })
         );
-        b.push(Epoch(1), key(1), vec![0; 2]).unwrap();
-        assert_eq!(b.commit(Epoch(1)).len(), 2);
-        b.push(Epoch(2), key(1), vec![0; 10]).unwrap();
+        b.push(1, key(1), Output::Data(vec![0; 2])).unwrap();
+        assert!(b.is_full());
+        assert_eq!(b.commit(2).len(), 2);
+        b.push(2, key(1), Output::Data(vec![0; 10])).unwrap();
         assert_eq!(b.peak_held_bytes(), 10);
     }
 
     proptest! {
-        /// Random output over epochs and commits: nothing is released before its epoch
-        /// commits, everything is released in the order produced, within the bound, and a
-        /// failure drops exactly what is unreleased.
+        /// Random output over time and commits: nothing is released before a commit of a
+        /// later pause, everything is released in the order received, within the bound, and
+        /// a failure drops exactly what is unreleased.
         #[test]
         fn released_only_after_commit_and_in_order(
             ops in proptest::collection::vec((0u8..4, 1usize..40), 1..200),
             limit in 1usize..300,
         ) {
             let mut b = OutputBuffer::new(limit);
-            let mut epoch = 1u64;
+            let mut now = 1u64;
             let mut committed = 0u64;
             let mut pushed: Vec<(u64, Vec<u8>)> = Vec::new();
             let mut released: Vec<Vec<u8>> = Vec::new();
             for (i, (op, len)) in ops.into_iter().enumerate() {
                 match op {
                     0 | 1 => {
-                        let data = vec![i as u8; len];
-                        if b.push(Epoch(epoch), key(1), data.clone()).is_ok() {
-                            pushed.push((epoch, data));
+                        let d = vec![i as u8; len];
+                        if b.push(now, key(1), Output::Data(d.clone())).is_ok() {
+                            pushed.push((now, d));
                         }
                     }
-                    2 => epoch += 1,
+                    2 => now += 1,
                     _ => {
-                        // Commit some epoch not newer than the current one.
-                        let c = committed.max(epoch - (len as u64 % 2));
+                        // A pause at or before now.
+                        let c = committed.max(now - (len as u64 % 2));
                         committed = c;
-                        for (_, d) in b.commit(Epoch(c)) {
+                        for (_, item) in b.commit(c) {
+                            let Output::Data(d) = item else { unreachable!() };
                             released.push(d);
                         }
-                        epoch = epoch.max(c + 1);
+                        now = now.max(c);
                     }
                 }
                 prop_assert!(b.held_bytes() <= limit);
             }
             let expect: Vec<Vec<u8>> = pushed
                 .iter()
-                .filter(|(e, _)| *e <= committed)
+                .filter(|(s, _)| *s < committed)
                 .map(|(_, d)| d.clone())
                 .collect();
             prop_assert_eq!(&released, &expect);
             let unreleased: usize = pushed
                 .iter()
-                .filter(|(e, _)| *e > committed)
+                .filter(|(s, _)| *s >= committed)
                 .map(|(_, d)| d.len())
                 .sum();
-            prop_assert_eq!(b.fail(), unreleased);
+            prop_assert_eq!(b.fail().1, unreleased);
         }
     }
 }

@@ -38,12 +38,16 @@
 
 pub mod buffer;
 pub mod flow;
+pub mod link;
 pub mod packet;
+pub mod proxy;
 pub mod stream;
 pub mod table;
 
-pub use buffer::{BufferError, OutputBuffer};
+pub use buffer::{BufferError, Output, OutputBuffer};
 pub use flow::{FlowKey, PassRule, Passthrough, Proto};
+pub use link::{EpochLink, LinkEvent, LinkStatus};
+pub use proxy::{Proxy, ProxyConfig, ProxyHandle, ProxyStatus};
 pub use stream::TcpFlags;
 pub use table::{Action, Comparator, Config, Reason, Stats};
 

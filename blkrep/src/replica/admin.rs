@@ -3,7 +3,8 @@
 //! Each request is one JSON object on one line with a `"cmd"` field; each answer is one line:
 //! `{"ok": true, ...}` or `{"ok": false, "error": "..."}`. Commands: `status`,
 //! `checkpoint`, `failover` (`"to": "checkpoint" | "latest"`, optional `"verify": true`),
-//! `set` (`"key"`, `"value"`). See `docs/operations.md`.
+//! `set` (`"key"`, `"value"`), and on the primary `subscribe`, which turns the connection
+//! into a stream of epoch events ([`EpochEvent`]). See `docs/operations.md`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,9 +13,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
-use crate::epoch::BoxFuture;
+use crate::epoch::{BoxFuture, EpochEvent};
 
 /// Longest request line.
 const MAX_LINE: usize = 64 << 10;
@@ -23,6 +24,12 @@ const MAX_LINE: usize = 64 << 10;
 pub trait AdminHandler: Send + Sync + 'static {
     /// Handle one request (a JSON object with "cmd"); return the answer's fields, or an error.
     fn handle(&self, cmd: String, req: Value) -> BoxFuture<'_, Result<Value, String>>;
+
+    /// For `subscribe`: the first answer's fields and the events to send after it (the
+    /// primary's commits and aborts); `None` where there are none (the secondary).
+    fn subscribe(&self) -> Option<(Value, broadcast::Receiver<EpochEvent>)> {
+        None
+    }
 }
 
 /// Bind the control socket at `path` (replacing a stale socket file, refusing to replace
@@ -90,6 +97,13 @@ async fn connection(s: UnixStream, h: Arc<dyn AdminHandler>) {
         }
         let answer = if line.len() > MAX_LINE {
             json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")})
+        } else if is_subscribe(&line) {
+            match h.subscribe() {
+                Some((first, events)) => return send_events(wr, rd, first, events).await,
+                None => {
+                    json!({"ok": false, "error": "this daemon has no epoch events (it is not a primary)"})
+                }
+            }
         } else {
             answer(&*h, &line).await
         };
@@ -102,6 +116,58 @@ async fn connection(s: UnixStream, h: Arc<dyn AdminHandler>) {
 }
 
 use tokio::io::AsyncReadExt as _;
+
+fn is_subscribe(line: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(line)
+        .ok()
+        .and_then(|v| {
+            v.get("cmd")
+                .and_then(Value::as_str)
+                .map(|c| c == "subscribe")
+        })
+        .unwrap_or(false)
+}
+
+/// A subscription: the first answer, then one event per line until the subscriber closes,
+/// the events end (the daemon stops) or a write fails. A subscriber that falls behind by
+/// more than the backlog gets a `lagged` event instead of the events it missed.
+async fn send_events(
+    mut wr: tokio::net::unix::OwnedWriteHalf,
+    mut rd: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut first: Value,
+    mut events: broadcast::Receiver<EpochEvent>,
+) {
+    if let Value::Object(m) = &mut first {
+        m.insert("ok".into(), Value::Bool(true));
+    }
+    let mut out = first.to_string();
+    out.push('\n');
+    if wr.write_all(out.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 256];
+    loop {
+        let e = tokio::select! {
+            // Anything the subscriber sends is ignored; its EOF ends the subscription.
+            r = rd.read(&mut sink) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            },
+            e = events.recv() => match e {
+                Ok(e) => e,
+                Err(broadcast::error::RecvError::Lagged(missed)) => EpochEvent::Lagged { missed },
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        };
+        let Ok(mut out) = serde_json::to_string(&e) else {
+            return;
+        };
+        out.push('\n');
+        if wr.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
 
 async fn answer(h: &dyn AdminHandler, line: &[u8]) -> Value {
     let req: Value = match serde_json::from_slice(line) {

@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 
 use super::{bind, stop_pair, to_json, PrimaryConfig};
 use crate::digest::DigestTable;
-use crate::epoch::{BoxFuture, Epoch, EpochCoordinator, GuestHook, NoGuest, Participant};
+use crate::epoch::{
+    BoxFuture, Epoch, EpochCoordinator, EpochEvent, GuestHook, NoGuest, Participant,
+};
 use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::replica::admin::{self, AdminHandler};
 use crate::replica::meta::{meta_path, MetaStore};
@@ -196,6 +198,15 @@ struct PrimaryAdmin {
 }
 
 impl AdminHandler for PrimaryAdmin {
+    fn subscribe(&self) -> Option<(Value, tokio::sync::broadcast::Receiver<EpochEvent>)> {
+        let events = self.coord.subscribe();
+        let first = json!({
+            "epoch": self.coord.current().0,
+            "committed_epoch": self.coord.committed().0,
+        });
+        Some((first, events))
+    }
+
     fn handle(&self, cmd: String, req: Value) -> BoxFuture<'_, Result<Value, String>> {
         Box::pin(async move {
             match cmd.as_str() {

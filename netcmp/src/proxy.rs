@@ -1,0 +1,743 @@
+//! The stream proxy (L4 frontend): clients connect to netcmp, which opens one connection to
+//! the primary instance of the service and one to the secondary instance, mirrors the
+//! client's bytes to both, and sends the client the primary's reply once the secondary
+//! produced the same bytes ([`Comparator`]). A divergence, or a secondary later than the
+//! compare timeout, releases the primary's reply anyway and asks the epoch link for a
+//! checkpoint; after it commits, comparison restarts ([`Comparator::resync_all`]).
+//!
+//! Without a secondary ([`ProxyConfig::secondary`] is `None`) the proxy buffers output
+//! instead ([`OutputBuffer`]): the primary's reply reaches the client only after a
+//! checkpoint of a state at least as new as the one that produced it commits, and it is
+//! dropped (the client's connection reset) if the primary daemon dies first.
+//!
+//! ```text
+//!  client ──▶ upstream ──▶ primary ──▶ primary reader ─┐
+//!      ▲          └──▶ secondary ──▶ secondary reader ─┤ core: Comparator or OutputBuffer
+//!      └────────── client writer ◀──── released ───────┘   ◀── commits (EpochLink)
+//! ```
+//!
+//! Every connection's tasks share one core under a mutex; nothing awaits while holding it.
+//! Memory is bounded: the comparator by `max_held_bytes`, the buffer by its bound (the
+//! primary is not read while it is full), each client's unsent bytes by
+//! [`CLIENT_QUEUE`] (the primary is not read meanwhile), each secondary's unsent input by
+//! [`SECONDARY_QUEUE`] chunks (past it the secondary is dropped from that connection), and
+//! the number of connections by [`ProxyConfig::max_connections`].
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use blkrep::epoch::{monotonic_ns, Latencies, LatencySummary};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::buffer::{BufferError, Output, OutputBuffer};
+use crate::link::{EpochLink, LinkEvent, LinkStatus};
+use crate::{Action, Comparator, Config, FlowKey, TcpFlags};
+
+/// A client's released bytes not yet written to it; past this the primary is not read.
+pub const CLIENT_QUEUE: usize = 1 << 20;
+/// Chunks of client input queued for a slow secondary; past this the secondary is dropped
+/// from the connection (its output then times out, and a checkpoint resyncs it).
+pub const SECONDARY_QUEUE: usize = 1024;
+/// Read size.
+const CHUNK: usize = 64 << 10;
+
+/// Settings of the stream proxy.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// The primary instance of the service.
+    pub primary: SocketAddr,
+    /// The secondary instance; `None` buffers the primary's output until checkpoints commit.
+    pub secondary: Option<SocketAddr>,
+    /// The comparator's settings (compare mode).
+    pub compare: Config,
+    /// The most output held in buffering mode.
+    pub buffer_bytes: usize,
+    /// How long connecting to an instance may take.
+    pub connect_timeout: Duration,
+    /// Connections served at once; more are refused (closed at once).
+    pub max_connections: usize,
+}
+
+impl ProxyConfig {
+    /// Defaults for everything but the addresses.
+    pub fn new(listen: SocketAddr, primary: SocketAddr, secondary: Option<SocketAddr>) -> Self {
+        ProxyConfig {
+            listen,
+            primary,
+            secondary,
+            compare: Config::default(),
+            buffer_bytes: 64 << 20,
+            connect_timeout: Duration::from_secs(5),
+            max_connections: 4096,
+        }
+    }
+}
+
+/// The stream proxy's status (`lockstep status` on netcmp's socket).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProxyStatus {
+    /// Always "netcmp".
+    pub role: String,
+    /// "stream".
+    pub frontend: String,
+    /// "compare" or "buffer".
+    pub mode: String,
+    /// Where clients connect.
+    pub listen: String,
+    /// The primary instance.
+    pub primary: String,
+    /// The secondary instance (compare mode).
+    pub secondary: Option<String>,
+    /// Connections now.
+    pub connections_open: u64,
+    /// Connections ever accepted.
+    pub connections_total: u64,
+    /// Connections refused: too many, or the primary instance unreachable.
+    pub connections_refused: u64,
+    /// Connections that lost (or never had) their secondary.
+    pub secondary_failures: u64,
+    /// Flows being compared.
+    pub flows: u64,
+    /// Bytes found identical.
+    pub bytes_compared: u64,
+    /// Bytes sent to clients.
+    pub bytes_released: u64,
+    /// Divergences found by comparing.
+    pub mismatches: u64,
+    /// Divergences by timeout.
+    pub timeouts: u64,
+    /// Flows released unconfirmed to stay within the memory bound.
+    pub evictions: u64,
+    /// Checkpoints the comparator asked for.
+    pub checkpoints_requested: u64,
+    /// Comparison restarts after a requested checkpoint committed.
+    pub resyncs: u64,
+    /// Output held now (compare: unconfirmed and uncompared; buffer: uncommitted).
+    pub held_bytes: u64,
+    /// The most held at once.
+    pub peak_held_bytes: u64,
+    /// Output dropped, never sent, because the primary daemon was lost (buffer mode).
+    pub dropped_bytes: u64,
+    /// From the primary's reply arriving to its release to the client, in µs.
+    pub added_latency_us: LatencySummary,
+    /// The epoch link.
+    pub link: LinkStatus,
+}
+
+enum ToClient {
+    Data(Vec<u8>),
+    End { reset: bool },
+}
+
+struct Conn {
+    out: mpsc::UnboundedSender<ToClient>,
+    queued: Arc<AtomicUsize>,
+    room: Arc<Notify>,
+    /// Bytes of the primary's / secondary's reply seen (their stream offsets).
+    pri_off: u64,
+    sec_off: u64,
+    /// The primary's bytes released so far, and when each chunk arrived (end offset, time).
+    released: u64,
+    arrivals: VecDeque<(u64, Instant)>,
+}
+
+enum Mode {
+    Compare(Comparator),
+    Buffer(OutputBuffer),
+}
+
+struct Core {
+    mode: Mode,
+    conns: HashMap<FlowKey, Conn>,
+    latency: Latencies,
+    /// When the outstanding checkpoint request was made ([`monotonic_ns`]).
+    pending_since: Option<u64>,
+    resyncs: u64,
+    dropped: u64,
+}
+
+struct Shared {
+    cfg: ProxyConfig,
+    listen: SocketAddr,
+    link: EpochLink,
+    core: Mutex<Core>,
+    open: AtomicU64,
+    total: AtomicU64,
+    refused: AtomicU64,
+    secondary_failures: AtomicU64,
+}
+
+/// A handle for status while the proxy runs.
+#[derive(Clone)]
+pub struct ProxyHandle(Arc<Shared>);
+
+impl std::fmt::Debug for ProxyHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyHandle")
+            .field("listen", &self.0.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The stream proxy, bound and ready to [`run`](Proxy::run).
+#[derive(Debug)]
+pub struct Proxy {
+    handle: ProxyHandle,
+    listener: TcpListener,
+    events: mpsc::UnboundedReceiver<LinkEvent>,
+}
+
+impl Proxy {
+    /// Bind the listening socket. `link` and `events` come from [`EpochLink::connect`] (or
+    /// [`EpochLink::local`] for comparison without replication; buffering needs a daemon).
+    pub async fn bind(
+        cfg: ProxyConfig,
+        link: EpochLink,
+        events: mpsc::UnboundedReceiver<LinkEvent>,
+    ) -> Result<Proxy, String> {
+        if cfg.secondary.is_none() && link.status().control.is_none() {
+            return Err("buffering output (no secondary) needs the primary daemon's control socket: without checkpoints nothing could ever be released".into());
+        }
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| format!("listening on {}: {e}", cfg.listen))?;
+        let listen = listener.local_addr().map_err(|e| e.to_string())?;
+        let mode = match cfg.secondary {
+            Some(_) => Mode::Compare(Comparator::new(cfg.compare.clone())),
+            None => Mode::Buffer(OutputBuffer::new(cfg.buffer_bytes)),
+        };
+        let shared = Shared {
+            cfg,
+            listen,
+            link,
+            core: Mutex::new(Core {
+                mode,
+                conns: HashMap::new(),
+                latency: Latencies::default(),
+                pending_since: None,
+                resyncs: 0,
+                dropped: 0,
+            }),
+            open: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            secondary_failures: AtomicU64::new(0),
+        };
+        Ok(Proxy {
+            handle: ProxyHandle(Arc::new(shared)),
+            listener,
+            events,
+        })
+    }
+
+    /// Where clients connect (the bound address, port resolved).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.handle.0.listen
+    }
+
+    /// A handle for status.
+    pub fn handle(&self) -> ProxyHandle {
+        self.handle.clone()
+    }
+
+    /// Serve until `stop` turns true. Held output that no commit released is dropped.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let shared = self.handle.0.clone();
+        let mut events = self.events;
+        let tick = shared.cfg.compare.compare_timeout / 10;
+        let mut ticker =
+            tokio::time::interval(tick.clamp(Duration::from_millis(1), Duration::from_millis(20)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = blkrep::epoch::until_true(&mut stop) => break,
+                _ = ticker.tick() => shared.poll(),
+                e = events.recv() => match e {
+                    Some(e) => shared.link_event(e),
+                    None => break,
+                },
+                r = self.listener.accept() => match r {
+                    Ok((client, peer)) => {
+                        if shared.open.load(Ordering::Relaxed) >= shared.cfg.max_connections as u64 {
+                            shared.refused.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(%peer, "refused: {} connections open", shared.cfg.max_connections);
+                            continue;
+                        }
+                        let s = shared.clone();
+                        conns.spawn(async move { connection(s, client, peer).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!("accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        conns.shutdown().await;
+    }
+}
+
+impl ProxyHandle {
+    /// The status now.
+    pub fn status(&self) -> ProxyStatus {
+        let s = &self.0;
+        let core = s.core();
+        let (st, held, peak) = match &core.mode {
+            Mode::Compare(c) => {
+                let st = c.stats();
+                (st, st.held_bytes, st.peak_held_bytes)
+            }
+            Mode::Buffer(b) => (Default::default(), b.held_bytes(), b.peak_held_bytes()),
+        };
+        let released = match &core.mode {
+            Mode::Compare(_) => st.bytes_released,
+            Mode::Buffer(_) => core.conns.values().map(|c| c.released).sum(),
+        };
+        ProxyStatus {
+            role: "netcmp".into(),
+            frontend: "stream".into(),
+            mode: match core.mode {
+                Mode::Compare(_) => "compare",
+                Mode::Buffer(_) => "buffer",
+            }
+            .into(),
+            listen: s.listen.to_string(),
+            primary: s.cfg.primary.to_string(),
+            secondary: s.cfg.secondary.map(|a| a.to_string()),
+            connections_open: s.open.load(Ordering::Relaxed),
+            connections_total: s.total.load(Ordering::Relaxed),
+            connections_refused: s.refused.load(Ordering::Relaxed),
+            secondary_failures: s.secondary_failures.load(Ordering::Relaxed),
+            flows: st.flows as u64,
+            bytes_compared: st.bytes_compared,
+            bytes_released: released,
+            mismatches: st.mismatches,
+            timeouts: st.timeouts,
+            evictions: st.evictions,
+            checkpoints_requested: st.checkpoints_requested,
+            resyncs: core.resyncs,
+            held_bytes: held as u64,
+            peak_held_bytes: peak as u64,
+            dropped_bytes: core.dropped,
+            added_latency_us: core.latency.summary(),
+            link: s.link.status(),
+        }
+    }
+}
+
+impl Shared {
+    fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The primary's next reply bytes. In buffering mode, `Err` gives them back when the
+    /// buffer is full: wait for a commit and offer them again.
+    fn primary_data(&self, key: FlowKey, data: &[u8]) -> Result<(), ()> {
+        let now = Instant::now();
+        let mut core = self.core();
+        let core = &mut *core;
+        let Some(conn) = core.conns.get_mut(&key) else {
+            return Ok(());
+        };
+        let seq = conn.pri_off as u32;
+        let actions = match &mut core.mode {
+            Mode::Compare(c) => c.primary_tcp(key, seq, TcpFlags::NONE, data, now),
+            Mode::Buffer(b) => {
+                match b.push(monotonic_ns(), key, Output::Data(data.to_vec())) {
+                    Ok(()) => {}
+                    Err(BufferError::Full { .. }) => return Err(()),
+                    Err(e @ BufferError::Stale { .. }) => {
+                        unreachable!("stamps come from one monotonic clock: {e}")
+                    }
+                }
+                Vec::new()
+            }
+        };
+        conn.pri_off += data.len() as u64;
+        let end = conn.pri_off;
+        conn.arrivals.push_back((end, now));
+        self.apply(core, actions, now);
+        Ok(())
+    }
+
+    fn secondary_data(&self, key: FlowKey, data: &[u8]) {
+        let now = Instant::now();
+        let mut core = self.core();
+        let core = &mut *core;
+        let Some(conn) = core.conns.get_mut(&key) else {
+            return;
+        };
+        let seq = conn.sec_off as u32;
+        conn.sec_off += data.len() as u64;
+        if let Mode::Compare(c) = &mut core.mode {
+            let actions = c.secondary_tcp(key, seq, TcpFlags::NONE, data, now);
+            self.apply(core, actions, now);
+        }
+    }
+
+    /// The primary's (`primary`) or the secondary's reply ended: FIN, or RST if `reset`.
+    fn end(&self, key: FlowKey, primary: bool, reset: bool) {
+        let now = Instant::now();
+        let mut core = self.core();
+        let core = &mut *core;
+        let Some(conn) = core.conns.get(&key) else {
+            return;
+        };
+        let flags = if reset { TcpFlags::RST } else { TcpFlags::FIN };
+        let seq = if primary { conn.pri_off } else { conn.sec_off } as u32;
+        let actions = match &mut core.mode {
+            Mode::Compare(c) if primary => c.primary_tcp(key, seq, flags, &[], now),
+            Mode::Compare(c) => c.secondary_tcp(key, seq, flags, &[], now),
+            Mode::Buffer(b) if primary => {
+                // An end has no bytes: it always fits.
+                let _ = b.push(monotonic_ns(), key, Output::End { reset });
+                Vec::new()
+            }
+            Mode::Buffer(_) => Vec::new(),
+        };
+        self.apply(core, actions, now);
+    }
+
+    fn poll(&self) {
+        let now = Instant::now();
+        let mut core = self.core();
+        let core = &mut *core;
+        if let Mode::Compare(c) = &mut core.mode {
+            let actions = c.poll(now);
+            self.apply(core, actions, now);
+        }
+    }
+
+    fn link_event(&self, e: LinkEvent) {
+        let now = Instant::now();
+        let mut core = self.core();
+        let core = &mut *core;
+        match (e, &mut core.mode) {
+            (LinkEvent::Committed { paused_at_ns, .. }, Mode::Compare(c)) => {
+                // Only a checkpoint paused after the divergence resyncs the replicas.
+                if core.pending_since.is_some_and(|t| paused_at_ns >= t) {
+                    core.pending_since = None;
+                    core.resyncs += 1;
+                    let actions = c.resync_all();
+                    for conn in core.conns.values_mut() {
+                        conn.sec_off = conn.pri_off;
+                    }
+                    self.apply(core, actions, now);
+                }
+            }
+            (LinkEvent::Committed { paused_at_ns, .. }, Mode::Buffer(b)) => {
+                for (key, out) in b.commit(paused_at_ns) {
+                    let Some(conn) = core.conns.get_mut(&key) else {
+                        continue;
+                    };
+                    match out {
+                        Output::Data(d) => send(conn, d, now, &mut core.latency),
+                        Output::End { reset } => {
+                            let _ = conn.out.send(ToClient::End { reset });
+                        }
+                    }
+                }
+                for conn in core.conns.values() {
+                    conn.room.notify_one();
+                }
+            }
+            (LinkEvent::Lost(why), Mode::Buffer(b)) => {
+                // The primary daemon is gone: what it did not checkpoint must never be seen.
+                let (flows, bytes) = b.fail();
+                core.dropped += bytes as u64;
+                if bytes > 0 {
+                    tracing::warn!(
+                        "dropped {bytes} bytes of uncommitted output of {} connections: {why}",
+                        flows.len()
+                    );
+                }
+                for key in flows {
+                    if let Some(conn) = core.conns.get(&key) {
+                        let _ = conn.out.send(ToClient::End { reset: true });
+                    }
+                }
+            }
+            (LinkEvent::Lost(_) | LinkEvent::Connected, _) => {}
+        }
+    }
+
+    /// Carry out the comparator's actions.
+    fn apply(&self, core: &mut Core, actions: Vec<Action>, now: Instant) {
+        for a in actions {
+            match a {
+                Action::Release { key, data } => {
+                    if let Some(conn) = core.conns.get_mut(&key) {
+                        send(conn, data, now, &mut core.latency);
+                    }
+                }
+                Action::End { key, reset } => {
+                    if let Some(conn) = core.conns.get(&key) {
+                        let _ = conn.out.send(ToClient::End { reset });
+                    }
+                }
+                Action::Checkpoint { key, reason } => {
+                    tracing::info!(flow = %key, ?reason, "outputs diverged: requesting a checkpoint");
+                    core.pending_since.get_or_insert_with(monotonic_ns);
+                    self.link.request();
+                }
+            }
+        }
+    }
+
+    /// Whether the primary of `key` should wait before the next read.
+    fn must_wait(&self, queued: &AtomicUsize) -> bool {
+        if queued.load(Ordering::Relaxed) >= CLIENT_QUEUE {
+            return true;
+        }
+        let core = self.core();
+        matches!(&core.mode, Mode::Buffer(b) if b.is_full())
+    }
+}
+
+/// Queue released bytes for the client and record how long they were held.
+fn send(conn: &mut Conn, data: Vec<u8>, now: Instant, latency: &mut Latencies) {
+    conn.released += data.len() as u64;
+    while conn
+        .arrivals
+        .front()
+        .is_some_and(|&(end, _)| end <= conn.released)
+    {
+        let (_, at) = conn.arrivals.pop_front().expect("not empty");
+        latency.record(now.saturating_duration_since(at));
+    }
+    conn.queued.fetch_add(data.len(), Ordering::Relaxed);
+    let _ = conn.out.send(ToClient::Data(data));
+}
+
+/// Make closing `s` send an RST. Linger 0 is the one setting that does not block on drop
+/// (tokio deprecates `set_linger` for the others).
+#[allow(deprecated)]
+fn reset(s: &TcpStream) {
+    let _ = s.set_linger(Some(Duration::ZERO));
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+    let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("connecting to {addr}: no answer within {timeout:?}"))?
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Serve one client connection.
+async fn connection(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
+    shared.total.fetch_add(1, Ordering::Relaxed);
+    let _ = client.set_nodelay(true);
+    let timeout = shared.cfg.connect_timeout;
+    let primary = match connect(shared.cfg.primary, timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%peer, "refused: the primary instance: {e}");
+            shared.refused.fetch_add(1, Ordering::Relaxed);
+            reset(&client);
+            return;
+        }
+    };
+    let secondary = match shared.cfg.secondary {
+        Some(a) => match connect(a, timeout).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(%peer, "the secondary instance: {e}; its output will time out");
+                shared.secondary_failures.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        },
+        None => None,
+    };
+    shared.open.fetch_add(1, Ordering::Relaxed);
+    let key = FlowKey::tcp(shared.listen, peer);
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let room = Arc::new(Notify::new());
+    shared.core().conns.insert(
+        key,
+        Conn {
+            out: out_tx,
+            queued: queued.clone(),
+            room: room.clone(),
+            pri_off: 0,
+            sec_off: 0,
+            released: 0,
+            arrivals: VecDeque::new(),
+        },
+    );
+
+    let (c_rd, c_wr) = client.into_split();
+    let (p_rd, p_wr) = primary.into_split();
+    let mut tasks = tokio::task::JoinSet::new();
+    let sec_tx = secondary.map(|s| {
+        let (s_rd, s_wr) = s.into_split();
+        let (tx, rx) = mpsc::channel(SECONDARY_QUEUE);
+        tasks.spawn(secondary_writer(s_wr, rx));
+        tasks.spawn(reader(shared.clone(), key, s_rd, false, None));
+        tx
+    });
+    tasks.spawn(upstream(shared.clone(), c_rd, p_wr, sec_tx));
+    tasks.spawn(reader(
+        shared.clone(),
+        key,
+        p_rd,
+        true,
+        Some((queued.clone(), room.clone())),
+    ));
+    let writer = tokio::spawn(client_writer(c_wr, out_rx, queued, room));
+    // The client's end decides: after a FIN the client may still send (half-close), so the
+    // connection lasts until the upstream task ends too; after a reset or a failed write it
+    // ends now.
+    let wr = match writer.await {
+        Ok(Ok(wr)) => {
+            wait_upstream(&mut tasks).await;
+            Some(wr)
+        }
+        Ok(Err(wr)) => wr,
+        Err(_) => None,
+    };
+    tasks.shutdown().await;
+    drop(wr);
+    let mut core = shared.core();
+    core.conns.remove(&key);
+    // End the flow's comparison if the primary's reply did not end on its own.
+    if let Mode::Compare(c) = &mut core.mode {
+        let _ = c.primary_tcp(key, 0, TcpFlags::RST, &[], Instant::now());
+    }
+    drop(core);
+    shared.open.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Wait for the upstream task (the only one returning `true`).
+async fn wait_upstream(tasks: &mut tokio::task::JoinSet<bool>) {
+    while let Some(r) = tasks.join_next().await {
+        if matches!(r, Ok(true)) {
+            return;
+        }
+    }
+}
+
+/// Client → primary, and a copy to the secondary. Returns `true` (see [`wait_upstream`]).
+async fn upstream(
+    shared: Arc<Shared>,
+    mut c_rd: OwnedReadHalf,
+    mut p_wr: OwnedWriteHalf,
+    mut sec: Option<mpsc::Sender<Vec<u8>>>,
+) -> bool {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match c_rd.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(tx) = &sec {
+            if tx.try_send(buf[..n].to_vec()).is_err() {
+                tracing::warn!("the secondary instance fell {SECONDARY_QUEUE} chunks behind: dropping it from this connection");
+                shared.secondary_failures.fetch_add(1, Ordering::Relaxed);
+                sec = None;
+            }
+        }
+        if p_wr.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    // Closing the sender makes the secondary writer send its FIN.
+    drop(sec);
+    let _ = p_wr.shutdown().await;
+    true
+}
+
+async fn secondary_writer(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) -> bool {
+    while let Some(d) = rx.recv().await {
+        if wr.write_all(&d).await.is_err() {
+            return false;
+        }
+    }
+    let _ = wr.shutdown().await;
+    // Keep the half open until the connection ends: dropping it would not send anything
+    // more, but the secondary's reply is still being read.
+    std::future::pending::<()>().await;
+    false
+}
+
+/// An instance's reply → the core. `room` (the primary only): wait while the client is
+/// behind or the buffer is full.
+async fn reader(
+    shared: Arc<Shared>,
+    key: FlowKey,
+    mut rd: OwnedReadHalf,
+    primary: bool,
+    room: Option<(Arc<AtomicUsize>, Arc<Notify>)>,
+) -> bool {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        if let Some((queued, notify)) = &room {
+            while shared.must_wait(queued) {
+                let _ = tokio::time::timeout(Duration::from_millis(20), notify.notified()).await;
+            }
+        }
+        match rd.read(&mut buf).await {
+            Ok(0) => {
+                shared.end(key, primary, false);
+                break;
+            }
+            Ok(n) if primary => {
+                while shared.primary_data(key, &buf[..n]).is_err() {
+                    if let Some((_, notify)) = &room {
+                        let _ = tokio::time::timeout(Duration::from_millis(20), notify.notified())
+                            .await;
+                    }
+                }
+            }
+            Ok(n) => shared.secondary_data(key, &buf[..n]),
+            Err(_) => {
+                shared.end(key, primary, true);
+                break;
+            }
+        }
+    }
+    false
+}
+
+/// Released bytes → the client. `Ok(half)` after a FIN; `Err(Some(half))` after a reset
+/// (linger 0 set: dropping both halves sends the RST); `Err(None)` when the client is gone.
+async fn client_writer(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<ToClient>,
+    queued: Arc<AtomicUsize>,
+    room: Arc<Notify>,
+) -> Result<OwnedWriteHalf, Option<OwnedWriteHalf>> {
+    while let Some(m) = rx.recv().await {
+        match m {
+            ToClient::Data(d) => {
+                if wr.write_all(&d).await.is_err() {
+                    return Err(None);
+                }
+                queued.fetch_sub(d.len(), Ordering::Relaxed);
+                room.notify_one();
+            }
+            ToClient::End { reset: false } => {
+                let _ = wr.shutdown().await;
+                return Ok(wr);
+            }
+            ToClient::End { reset: true } => {
+                reset(wr.as_ref());
+                return Err(Some(wr));
+            }
+        }
+    }
+    Err(None)
+}
