@@ -242,19 +242,6 @@ pub fn failover(f: &FailoverReport, v: Option<&Verified>) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn units_read_well() {
-        assert_eq!(us(950), "950 µs");
-        assert_eq!(us(12_500), "12.5 ms");
-        assert_eq!(bytes(512), "512 B");
-        assert_eq!(bytes(3 << 20), "3.0 MiB");
-    }
-}
-
 /// `lockstep status` of netcmp.
 pub fn netcmp(s: &netcmp::ProxyStatus) {
     row("role", format!("{} ({} proxy)", s.role, s.frontend));
@@ -319,4 +306,17 @@ pub fn netcmp(s: &netcmp::ProxyStatus) {
         ),
     );
     row("added latency", percentiles(&s.added_latency_us));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_read_well() {
+        assert_eq!(us(950), "950 µs");
+        assert_eq!(us(12_500), "12.5 ms");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(3 << 20), "3.0 MiB");
+    }
 }

@@ -268,7 +268,8 @@ impl Proxy {
                 },
                 r = self.listener.accept() => match r {
                     Ok((client, peer)) => {
-                        if shared.open.load(Ordering::Relaxed) >= shared.cfg.max_connections as u64 {
+                        if shared.open.fetch_add(1, Ordering::Relaxed) >= shared.cfg.max_connections as u64 {
+                            shared.open.fetch_sub(1, Ordering::Relaxed);
                             shared.refused.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(%peer, "refused: {} connections open", shared.cfg.max_connections);
                             continue;
@@ -369,6 +370,20 @@ impl Shared {
         conn.arrivals.push_back((end, now));
         self.apply(core, actions, now);
         Ok(())
+    }
+
+    /// A new connection: both replies start here. The SYN starts a fresh comparison even if
+    /// an ended one of the same client address and port is still remembered.
+    fn open_flow(&self, key: FlowKey) {
+        let now = Instant::now();
+        let mut core = self.core();
+        let core = &mut *core;
+        if let Mode::Compare(c) = &mut core.mode {
+            // Stream offset 0 is the byte after the SYN.
+            let mut actions = c.primary_tcp(key, u32::MAX, TcpFlags::SYN, &[], now);
+            actions.extend(c.secondary_tcp(key, u32::MAX, TcpFlags::SYN, &[], now));
+            self.apply(core, actions, now);
+        }
     }
 
     fn secondary_data(&self, key: FlowKey, data: &[u8]) {
@@ -536,7 +551,7 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Strin
     Ok(s)
 }
 
-/// Serve one client connection.
+/// Serve one client connection (already counted in `open`).
 async fn connection(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
     shared.total.fetch_add(1, Ordering::Relaxed);
     let _ = client.set_nodelay(true);
@@ -547,6 +562,7 @@ async fn connection(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
             tracing::warn!(%peer, "refused: the primary instance: {e}");
             shared.refused.fetch_add(1, Ordering::Relaxed);
             reset(&client);
+            shared.open.fetch_sub(1, Ordering::Relaxed);
             return;
         }
     };
@@ -561,7 +577,6 @@ async fn connection(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
         },
         None => None,
     };
-    shared.open.fetch_add(1, Ordering::Relaxed);
     let key = FlowKey::tcp(shared.listen, peer);
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
@@ -579,6 +594,7 @@ async fn connection(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
         },
     );
 
+    shared.open_flow(key);
     let (c_rd, c_wr) = client.into_split();
     let (p_rd, p_wr) = primary.into_split();
     let mut tasks = tokio::task::JoinSet::new();
