@@ -23,21 +23,23 @@
 //! [`SECONDARY_QUEUE`] chunks (past it the secondary is dropped from that connection), and
 //! the number of connections by [`ProxyConfig::max_connections`].
 
+mod conn;
+mod status;
+
+pub use status::ProxyStatus;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use blkrep::epoch::{monotonic_ns, Latencies, LatencySummary};
-use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use blkrep::epoch::{monotonic_ns, Latencies};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::buffer::{BufferError, Output, OutputBuffer};
-use crate::link::{EpochLink, LinkEvent, LinkStatus};
+use crate::link::{EpochLink, LinkEvent};
 use crate::{Action, Comparator, Config, FlowKey, TcpFlags};
 
 /// A client's released bytes not yet written to it; past this the primary is not read.
@@ -80,57 +82,6 @@ impl ProxyConfig {
             max_connections: 4096,
         }
     }
-}
-
-/// The stream proxy's status (`lockstep status` on netcmp's socket).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProxyStatus {
-    /// Always "netcmp".
-    pub role: String,
-    /// "stream".
-    pub frontend: String,
-    /// "compare" or "buffer".
-    pub mode: String,
-    /// Where clients connect.
-    pub listen: String,
-    /// The primary instance.
-    pub primary: String,
-    /// The secondary instance (compare mode).
-    pub secondary: Option<String>,
-    /// Connections now.
-    pub connections_open: u64,
-    /// Connections ever accepted.
-    pub connections_total: u64,
-    /// Connections refused: too many, or the primary instance unreachable.
-    pub connections_refused: u64,
-    /// Connections that lost (or never had) their secondary.
-    pub secondary_failures: u64,
-    /// Flows being compared.
-    pub flows: u64,
-    /// Bytes found identical.
-    pub bytes_compared: u64,
-    /// Bytes sent to clients.
-    pub bytes_released: u64,
-    /// Divergences found by comparing.
-    pub mismatches: u64,
-    /// Divergences by timeout.
-    pub timeouts: u64,
-    /// Flows released unconfirmed to stay within the memory bound.
-    pub evictions: u64,
-    /// Checkpoints the comparator asked for.
-    pub checkpoints_requested: u64,
-    /// Comparison restarts after a requested checkpoint committed.
-    pub resyncs: u64,
-    /// Output held now (compare: unconfirmed and uncompared; buffer: uncommitted).
-    pub held_bytes: u64,
-    /// The most held at once.
-    pub peak_held_bytes: u64,
-    /// Output dropped, never sent, because the primary daemon was lost (buffer mode).
-    pub dropped_bytes: u64,
-    /// From the primary's reply arriving to its release to the client, in µs.
-    pub added_latency_us: LatencySummary,
-    /// The epoch link.
-    pub link: LinkStatus,
 }
 
 enum ToClient {
@@ -275,7 +226,7 @@ impl Proxy {
                             continue;
                         }
                         let s = shared.clone();
-                        conns.spawn(async move { connection(s, client, peer).await });
+                        conns.spawn(async move { conn::connection(s, client, peer).await });
                     }
                     Err(e) => {
                         tracing::warn!("accept: {e}");
@@ -286,54 +237,6 @@ impl Proxy {
             }
         }
         conns.shutdown().await;
-    }
-}
-
-impl ProxyHandle {
-    /// The status now.
-    pub fn status(&self) -> ProxyStatus {
-        let s = &self.0;
-        let core = s.core();
-        let (st, held, peak) = match &core.mode {
-            Mode::Compare(c) => {
-                let st = c.stats();
-                (st, st.held_bytes, st.peak_held_bytes)
-            }
-            Mode::Buffer(b) => (Default::default(), b.held_bytes(), b.peak_held_bytes()),
-        };
-        let released = match &core.mode {
-            Mode::Compare(_) => st.bytes_released,
-            Mode::Buffer(_) => core.conns.values().map(|c| c.released).sum(),
-        };
-        ProxyStatus {
-            role: "netcmp".into(),
-            frontend: "stream".into(),
-            mode: match core.mode {
-                Mode::Compare(_) => "compare",
-                Mode::Buffer(_) => "buffer",
-            }
-            .into(),
-            listen: s.listen.to_string(),
-            primary: s.cfg.primary.to_string(),
-            secondary: s.cfg.secondary.map(|a| a.to_string()),
-            connections_open: s.open.load(Ordering::Relaxed),
-            connections_total: s.total.load(Ordering::Relaxed),
-            connections_refused: s.refused.load(Ordering::Relaxed),
-            secondary_failures: s.secondary_failures.load(Ordering::Relaxed),
-            flows: st.flows as u64,
-            bytes_compared: st.bytes_compared,
-            bytes_released: released,
-            mismatches: st.mismatches,
-            timeouts: st.timeouts,
-            evictions: st.evictions,
-            checkpoints_requested: st.checkpoints_requested,
-            resyncs: core.resyncs,
-            held_bytes: held as u64,
-            peak_held_bytes: peak as u64,
-            dropped_bytes: core.dropped,
-            added_latency_us: core.latency.summary(),
-            link: s.link.status(),
-        }
     }
 }
 
@@ -533,227 +436,4 @@ fn send(conn: &mut Conn, data: Vec<u8>, now: Instant, latency: &mut Latencies) {
     }
     conn.queued.fetch_add(data.len(), Ordering::Relaxed);
     let _ = conn.out.send(ToClient::Data(data));
-}
-
-/// Make closing `s` send an RST. Linger 0 is the one setting that does not block on drop
-/// (tokio deprecates `set_linger` for the others).
-#[allow(deprecated)]
-fn reset(s: &TcpStream) {
-    let _ = s.set_linger(Some(Duration::ZERO));
-}
-
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
-    let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| format!("connecting to {addr}: no answer within {timeout:?}"))?
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    let _ = s.set_nodelay(true);
-    Ok(s)
-}
-
-/// Serve one client connection (already counted in `open`).
-async fn connection(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
-    shared.total.fetch_add(1, Ordering::Relaxed);
-    let _ = client.set_nodelay(true);
-    let timeout = shared.cfg.connect_timeout;
-    let primary = match connect(shared.cfg.primary, timeout).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(%peer, "refused: the primary instance: {e}");
-            shared.refused.fetch_add(1, Ordering::Relaxed);
-            reset(&client);
-            shared.open.fetch_sub(1, Ordering::Relaxed);
-            return;
-        }
-    };
-    let secondary = match shared.cfg.secondary {
-        Some(a) => match connect(a, timeout).await {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(%peer, "the secondary instance: {e}; its output will time out");
-                shared.secondary_failures.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-        },
-        None => None,
-    };
-    let key = FlowKey::tcp(shared.listen, peer);
-    let (out_tx, out_rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let room = Arc::new(Notify::new());
-    shared.core().conns.insert(
-        key,
-        Conn {
-            out: out_tx,
-            queued: queued.clone(),
-            room: room.clone(),
-            pri_off: 0,
-            sec_off: 0,
-            released: 0,
-            arrivals: VecDeque::new(),
-        },
-    );
-
-    shared.open_flow(key);
-    let (c_rd, c_wr) = client.into_split();
-    let (p_rd, p_wr) = primary.into_split();
-    let mut tasks = tokio::task::JoinSet::new();
-    let sec_tx = secondary.map(|s| {
-        let (s_rd, s_wr) = s.into_split();
-        let (tx, rx) = mpsc::channel(SECONDARY_QUEUE);
-        tasks.spawn(secondary_writer(s_wr, rx));
-        tasks.spawn(reader(shared.clone(), key, s_rd, false, None));
-        tx
-    });
-    tasks.spawn(upstream(shared.clone(), c_rd, p_wr, sec_tx));
-    tasks.spawn(reader(
-        shared.clone(),
-        key,
-        p_rd,
-        true,
-        Some((queued.clone(), room.clone())),
-    ));
-    let writer = tokio::spawn(client_writer(c_wr, out_rx, queued, room));
-    // The client's end decides: after a FIN the client may still send (half-close), so the
-    // connection lasts until the upstream task ends too; after a reset or a failed write it
-    // ends now.
-    let wr = match writer.await {
-        Ok(Ok(wr)) => {
-            wait_upstream(&mut tasks).await;
-            Some(wr)
-        }
-        Ok(Err(wr)) => wr,
-        Err(_) => None,
-    };
-    tasks.shutdown().await;
-    drop(wr);
-    let mut core = shared.core();
-    core.conns.remove(&key);
-    // End the flow's comparison if the primary's reply did not end on its own.
-    if let Mode::Compare(c) = &mut core.mode {
-        let _ = c.primary_tcp(key, 0, TcpFlags::RST, &[], Instant::now());
-    }
-    drop(core);
-    shared.open.fetch_sub(1, Ordering::Relaxed);
-}
-
-/// Wait for the upstream task (the only one returning `true`).
-async fn wait_upstream(tasks: &mut tokio::task::JoinSet<bool>) {
-    while let Some(r) = tasks.join_next().await {
-        if matches!(r, Ok(true)) {
-            return;
-        }
-    }
-}
-
-/// Client → primary, and a copy to the secondary. Returns `true` (see [`wait_upstream`]).
-async fn upstream(
-    shared: Arc<Shared>,
-    mut c_rd: OwnedReadHalf,
-    mut p_wr: OwnedWriteHalf,
-    mut sec: Option<mpsc::Sender<Vec<u8>>>,
-) -> bool {
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = match c_rd.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if let Some(tx) = &sec {
-            if tx.try_send(buf[..n].to_vec()).is_err() {
-                tracing::warn!("the secondary instance fell {SECONDARY_QUEUE} chunks behind: dropping it from this connection");
-                shared.secondary_failures.fetch_add(1, Ordering::Relaxed);
-                sec = None;
-            }
-        }
-        if p_wr.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
-    }
-    // Closing the sender makes the secondary writer send its FIN.
-    drop(sec);
-    let _ = p_wr.shutdown().await;
-    true
-}
-
-async fn secondary_writer(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) -> bool {
-    while let Some(d) = rx.recv().await {
-        if wr.write_all(&d).await.is_err() {
-            return false;
-        }
-    }
-    let _ = wr.shutdown().await;
-    // Keep the half open until the connection ends: dropping it would not send anything
-    // more, but the secondary's reply is still being read.
-    std::future::pending::<()>().await;
-    false
-}
-
-/// An instance's reply → the core. `room` (the primary only): wait while the client is
-/// behind or the buffer is full.
-async fn reader(
-    shared: Arc<Shared>,
-    key: FlowKey,
-    mut rd: OwnedReadHalf,
-    primary: bool,
-    room: Option<(Arc<AtomicUsize>, Arc<Notify>)>,
-) -> bool {
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        if let Some((queued, notify)) = &room {
-            while shared.must_wait(queued) {
-                let _ = tokio::time::timeout(Duration::from_millis(20), notify.notified()).await;
-            }
-        }
-        match rd.read(&mut buf).await {
-            Ok(0) => {
-                shared.end(key, primary, false);
-                break;
-            }
-            Ok(n) if primary => {
-                while shared.primary_data(key, &buf[..n]).is_err() {
-                    if let Some((_, notify)) = &room {
-                        let _ = tokio::time::timeout(Duration::from_millis(20), notify.notified())
-                            .await;
-                    }
-                }
-            }
-            Ok(n) => shared.secondary_data(key, &buf[..n]),
-            Err(_) => {
-                shared.end(key, primary, true);
-                break;
-            }
-        }
-    }
-    false
-}
-
-/// Released bytes → the client. `Ok(half)` after a FIN; `Err(Some(half))` after a reset
-/// (linger 0 set: dropping both halves sends the RST); `Err(None)` when the client is gone.
-async fn client_writer(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<ToClient>,
-    queued: Arc<AtomicUsize>,
-    room: Arc<Notify>,
-) -> Result<OwnedWriteHalf, Option<OwnedWriteHalf>> {
-    while let Some(m) = rx.recv().await {
-        match m {
-            ToClient::Data(d) => {
-                if wr.write_all(&d).await.is_err() {
-                    return Err(None);
-                }
-                queued.fetch_sub(d.len(), Ordering::Relaxed);
-                room.notify_one();
-            }
-            ToClient::End { reset: false } => {
-                let _ = wr.shutdown().await;
-                return Ok(wr);
-            }
-            ToClient::End { reset: true } => {
-                reset(wr.as_ref());
-                return Err(Some(wr));
-            }
-        }
-    }
-    Err(None)
 }
