@@ -1,9 +1,17 @@
-"""What the benchmark scripts in bench/ share: the repository root, size parsing, and the
-error one configuration raises while the others still run."""
+"""What the benchmark scripts in bench/ share: the repository root, size parsing, the error
+one configuration raises while the others still run, percentiles, and starting and stopping
+processes that never outlive the script."""
 
 import argparse
+import ctypes
+import math
 import re
+import signal
+import subprocess
 from pathlib import Path
+
+_libc = ctypes.CDLL(None, use_errno=True)
+KILL_GRACE = 5.0
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,3 +51,38 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def percentile(values, p):
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[max(0, min(len(s), math.ceil(p / 100 * len(s))) - 1)]
+
+
+def die_with_parent():
+    """For `preexec_fn`: the child gets SIGKILL when this script dies."""
+    # PR_SET_PDEATHSIG: children get SIGKILL if this script dies, so nothing outlives it.
+    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+def spawn(cmd, log_path):
+    """Start `cmd` (stdout and stderr appended to `log_path`), killed if the script dies."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+
+
+def stop_proc(proc, grace=KILL_GRACE):
+    """SIGTERM to the process's pid, SIGKILL after `grace` seconds. Returns the exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(grace)
+    return proc.returncode

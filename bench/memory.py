@@ -31,14 +31,12 @@ bench/out/memory-<timestamp>.json. Exits non-zero when a configuration could not
 """
 
 import argparse
-import ctypes
 import datetime
 import json
 import math
 import mmap
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -47,7 +45,7 @@ import time
 import zlib
 from pathlib import Path
 
-from benchlib import RunError, free_port, parse_size, rel, tail
+from benchlib import RunError, die_with_parent, free_port, parse_size, rel, spawn, stop_proc, tail
 
 REPO = Path(__file__).resolve().parent.parent
 LOCKSTEP = REPO / "target" / "release" / "lockstep"
@@ -58,7 +56,6 @@ SHM = Path("/dev/shm")
 TRACKERS = ["uffd", "scan"]
 RATES = [0.1, 1.0, 10.0]
 PAGE = 4096
-KILL_GRACE = 5.0
 START_DEADLINE = 15.0
 STATUS_TIMEOUT = 10.0
 TRACE_EVERY = 0.1  # status samples during a run (checkpoint count, max pause, unsent pages)
@@ -69,42 +66,12 @@ GOAL_UFFD_PAUSE_MS = 5.0   # uffd, 1 % dirty
 GOAL_DRAIN_OF_LINK = 0.80
 QEMU_COLO_MS = "QEMU COLO's published memory checkpoint: 4.5 ms idle, 24 ms under load"
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def die(msg):
     sys.exit(f"memory: error: {msg}")
 
 
-def _die_with_parent():
-    # PR_SET_PDEATHSIG: children get SIGKILL if this script dies, so nothing outlives it.
-    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
-def spawn(cmd, log_path):
-    with open(log_path, "ab") as log:
-        return subprocess.Popen([str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-
-
-def stop_proc(proc, grace=KILL_GRACE):
-    """SIGTERM to the process's pid, SIGKILL after `grace` seconds. Returns the exit code."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(grace)
-    return proc.returncode
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def control(sock, req, timeout=STATUS_TIMEOUT):
@@ -191,7 +158,7 @@ def link_capacity(total, tmp):
     8-byte byte count after our SHUT_WR. Returns bytes/s."""
     log = tmp / "link.log"
     rx = subprocess.Popen([sys.executable, "-c", LINK_RECEIVER], stdout=subprocess.PIPE,
-                          stderr=open(log, "ab"), preexec_fn=_die_with_parent)
+                          stderr=open(log, "ab"), preexec_fn=die_with_parent)
     try:
         port = int(rx.stdout.readline())
         data = os.urandom(LINK_CHUNK)

@@ -19,7 +19,6 @@ import contextlib
 import datetime
 import json
 import os
-import re
 import shutil
 import socket
 import stat
@@ -122,13 +121,6 @@ def stop_server(proc):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def tail(path, lines=20):
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 @contextlib.contextmanager

@@ -26,15 +26,11 @@ Exits non-zero when any configuration could not run.
 
 import argparse
 import contextlib
-import ctypes
 import datetime
 import json
-import math
 import os
-import re
 import select
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -43,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import RunError, free_port, parse_size, rel, tail
+from benchlib import RunError, free_port, parse_size, percentile, rel, spawn, stop_proc, tail
 
 REPO = Path(__file__).resolve().parent.parent
 LOCKSTEP = REPO / "target" / "release" / "lockstep"
@@ -75,7 +71,6 @@ PACKAGES = {"fio": "fio", "timeout": "coreutils", "qemu-system-x86_64": "qemu-sy
 
 IODEPTH = 32
 PORT_DEADLINE = 10.0
-KILL_GRACE = 5.0
 QMP_TIMEOUT = 30.0
 STATUS_TIMEOUT = 10.0
 
@@ -131,8 +126,6 @@ QEMU_CHECKPOINT_DOC = [
     "primary: transaction {actions: []}   (releases the writes held at the gate; total ends)",
 ]
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 def die(msg):
     sys.exit(f"replication: error: {msg}")
@@ -140,45 +133,6 @@ def die(msg):
 
 def label(cfg):
     return LABELS.get(cfg, cfg)
-
-
-def percentile(values, p):
-    """Nearest-rank percentile; None for no values."""
-    if not values:
-        return None
-    s = sorted(values)
-    return s[max(0, min(len(s), math.ceil(p / 100 * len(s))) - 1)]
-
-
-def _die_with_parent():
-    # PR_SET_PDEATHSIG: daemons get SIGKILL if this script dies, so nothing outlives it.
-    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
-
-
-def spawn(cmd, log_path):
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent)
-
-
-def stop_proc(proc, grace=KILL_GRACE):
-    """SIGTERM, then SIGKILL after `grace` seconds. Returns the exit code."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(port):
