@@ -97,47 +97,54 @@ pub fn run(a: NetcmpArgs) -> anyhow::Result<()> {
             "without --secondary, netcmp buffers output until checkpoints commit: give the primary daemon's --control socket"
         ));
     }
-    daemon::runtime()?.block_on(async move {
-        let (link, events) = match &a.control {
-            Some(c) => EpochLink::connect(c.clone())
-                .await
-                .map_err(|e| anyhow!("joining the primary daemon's epochs: {e}"))?,
-            None => EpochLink::local(),
-        };
-        let proxy = Proxy::bind(cfg, link, events)
-            .await
-            .map_err(|e| anyhow!(e))?;
-        let handle = proxy.handle();
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let admin_task = match a.socket {
-            Some(p) => Some(
-                admin::serve(p, Arc::new(NetcmpAdmin(handle.clone())), stop_rx.clone())
+    // One thread: every connection's comparison goes through one lock anyway, and waking a
+    // task on the same thread costs less than across threads (measured in bench/netcmp.py:
+    // the added round trip halves).
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(async move {
+            let (link, events) = match &a.control {
+                Some(c) => EpochLink::connect(c.clone())
                     .await
-                    .context("netcmp's control socket")?,
-            ),
-            None => None,
-        };
-        let st = handle.status();
-        tracing::info!(
-            listen = %proxy.local_addr(),
-            primary = %st.primary,
-            secondary = st.secondary.as_deref().unwrap_or("-"),
-            mode = %st.mode,
-            "netcmp stream proxy running"
-        );
-        let run = tokio::spawn(proxy.run(stop_rx));
-        daemon::shutdown_signal().await;
-        stop_tx.send_replace(true);
-        let _ = run.await;
-        if let Some(t) = admin_task {
-            let _ = t.await;
-        }
-        let st = handle.status();
-        if st.held_bytes > 0 {
-            tracing::warn!(held = st.held_bytes, "stopped: held output was not sent");
-        }
-        Ok(())
-    })
+                    .map_err(|e| anyhow!("joining the primary daemon's epochs: {e}"))?,
+                None => EpochLink::local(),
+            };
+            let proxy = Proxy::bind(cfg, link, events)
+                .await
+                .map_err(|e| anyhow!(e))?;
+            let handle = proxy.handle();
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let admin_task = match a.socket {
+                Some(p) => Some(
+                    admin::serve(p, Arc::new(NetcmpAdmin(handle.clone())), stop_rx.clone())
+                        .await
+                        .context("netcmp's control socket")?,
+                ),
+                None => None,
+            };
+            let st = handle.status();
+            tracing::info!(
+                listen = %proxy.local_addr(),
+                primary = %st.primary,
+                secondary = st.secondary.as_deref().unwrap_or("-"),
+                mode = %st.mode,
+                "netcmp stream proxy running"
+            );
+            let run = tokio::spawn(proxy.run(stop_rx));
+            daemon::shutdown_signal().await;
+            stop_tx.send_replace(true);
+            let _ = run.await;
+            if let Some(t) = admin_task {
+                let _ = t.await;
+            }
+            let st = handle.status();
+            if st.held_bytes > 0 {
+                tracing::warn!(held = st.held_bytes, "stopped: held output was not sent");
+            }
+            Ok(())
+        })
 }
 
 struct NetcmpAdmin(ProxyHandle);

@@ -1,25 +1,23 @@
-//! One client connection: its tasks (upstream, the instances' readers, the secondary's
-//! writer, the client's writer) and how it ends.
+//! One client connection: its tasks (upstream, the instances' readers, the outboxes'
+//! writers) and how it ends.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
 
-use super::{Conn, Mode, Shared, ToClient, CHUNK, SECONDARY_QUEUE};
+use super::outbox::{Ended, Outbox};
+use super::{Conn, Mode, Shared, CHUNK, SECONDARY_QUEUE};
 use crate::{FlowKey, TcpFlags};
 
-/// Make closing `s` send an RST. Linger 0 is the one setting that does not block on drop
-/// (tokio deprecates `set_linger` for the others).
-#[allow(deprecated)]
+/// Make closing `s` send an RST (linger 0).
 fn reset(s: &TcpStream) {
-    let _ = s.set_linger(Some(Duration::ZERO));
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
 
 async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
@@ -58,62 +56,51 @@ pub(super) async fn connection(shared: Arc<Shared>, client: TcpStream, peer: Soc
         None => None,
     };
     let key = FlowKey::tcp(shared.listen, peer);
-    let (out_tx, out_rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let room = Arc::new(Notify::new());
+    let (c_rd, c_wr) = client.into_split();
+    let client = Outbox::new(c_wr);
     shared.core().conns.insert(
         key,
         Conn {
-            out: out_tx,
-            queued: queued.clone(),
-            room: room.clone(),
+            client: client.clone(),
             pri_off: 0,
             sec_off: 0,
             released: 0,
             arrivals: VecDeque::new(),
         },
     );
-
     shared.open_flow(key);
-    let (c_rd, c_wr) = client.into_split();
     let (p_rd, p_wr) = primary.into_split();
     let mut tasks = tokio::task::JoinSet::new();
-    let sec_tx = secondary.map(|s| {
+    let sec = secondary.map(|s| {
         let (s_rd, s_wr) = s.into_split();
-        let (tx, rx) = mpsc::channel(SECONDARY_QUEUE);
-        tasks.spawn(secondary_writer(s_wr, rx));
-        tasks.spawn(reader(shared.clone(), key, s_rd, false, None));
-        tx
+        let out = Outbox::new(s_wr);
+        let o = out.clone();
+        // The secondary's end is not the connection's: its writer runs until aborted.
+        tasks.spawn(async move {
+            o.run().await;
+            std::future::pending::<bool>().await
+        });
+        tasks.spawn(reader(shared.clone(), key, s_rd, false, client.clone()));
+        out
     });
-    tasks.spawn(upstream(shared.clone(), c_rd, p_wr, sec_tx));
-    tasks.spawn(reader(
-        shared.clone(),
-        key,
-        p_rd,
-        true,
-        Some((queued.clone(), room.clone())),
-    ));
-    let writer = tokio::spawn(client_writer(c_wr, out_rx, queued, room));
+    tasks.spawn(upstream(shared.clone(), c_rd, p_wr, sec));
+    tasks.spawn(reader(shared.clone(), key, p_rd, true, client.clone()));
     // The client's end decides: after a FIN the client may still send (half-close), so the
     // connection lasts until the upstream task ends too; after a reset or a failed write it
     // ends now.
-    let wr = match writer.await {
-        Ok(Ok(wr)) => {
-            wait_upstream(&mut tasks).await;
-            Some(wr)
-        }
-        Ok(Err(wr)) => wr,
-        Err(_) => None,
-    };
+    if client.clone().run().await == Ended::Fin {
+        wait_upstream(&mut tasks).await;
+    }
     tasks.shutdown().await;
-    drop(wr);
     let mut core = shared.core();
+    // The last reference to the client's socket: after a reset, closing it sends the RST.
     core.conns.remove(&key);
     // End the flow's comparison if the primary's reply did not end on its own.
     if let Mode::Compare(c) = &mut core.mode {
         let _ = c.primary_tcp(key, 0, TcpFlags::RST, &[], Instant::now());
     }
     drop(core);
+    drop(client);
     shared.open.fetch_sub(1, Ordering::Relaxed);
 }
 
@@ -131,7 +118,7 @@ async fn upstream(
     shared: Arc<Shared>,
     mut c_rd: OwnedReadHalf,
     mut p_wr: OwnedWriteHalf,
-    mut sec: Option<mpsc::Sender<Vec<u8>>>,
+    mut sec: Option<Arc<Outbox>>,
 ) -> bool {
     let mut buf = vec![0u8; CHUNK];
     loop {
@@ -139,51 +126,45 @@ async fn upstream(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if let Some(tx) = &sec {
-            if tx.try_send(buf[..n].to_vec()).is_err() {
-                tracing::warn!("the secondary instance fell {SECONDARY_QUEUE} chunks behind: dropping it from this connection");
+        if let Some(s) = &sec {
+            if s.queued() > SECONDARY_QUEUE {
+                tracing::warn!("the secondary instance fell {SECONDARY_QUEUE} bytes behind: dropping it from this connection");
                 shared.secondary_failures.fetch_add(1, Ordering::Relaxed);
+                s.finish(true);
                 sec = None;
+            } else {
+                s.push(buf[..n].to_vec());
             }
         }
         if p_wr.write_all(&buf[..n]).await.is_err() {
             break;
         }
     }
-    // Closing the sender makes the secondary writer send its FIN.
-    drop(sec);
+    if let Some(s) = sec {
+        s.finish(false);
+    }
     let _ = p_wr.shutdown().await;
     true
 }
 
-async fn secondary_writer(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) -> bool {
-    while let Some(d) = rx.recv().await {
-        if wr.write_all(&d).await.is_err() {
-            return false;
-        }
-    }
-    let _ = wr.shutdown().await;
-    // Keep the half open until the connection ends: dropping it would not send anything
-    // more, but the secondary's reply is still being read.
-    std::future::pending::<()>().await;
-    false
-}
-
-/// An instance's reply → the core. `room` (the primary only): wait while the client is
-/// behind or the buffer is full.
+/// An instance's reply → the core, waiting while [`Shared::must_wait`] says so.
 async fn reader(
     shared: Arc<Shared>,
     key: FlowKey,
     mut rd: OwnedReadHalf,
     primary: bool,
-    room: Option<(Arc<AtomicUsize>, Arc<Notify>)>,
+    client: Arc<Outbox>,
 ) -> bool {
     let mut buf = vec![0u8; CHUNK];
+    let wait_room = |c: &Arc<Outbox>| {
+        let c = c.clone();
+        async move {
+            let _ = tokio::time::timeout(Duration::from_millis(20), c.room.notified()).await;
+        }
+    };
     loop {
-        if let Some((queued, notify)) = &room {
-            while shared.must_wait(queued) {
-                let _ = tokio::time::timeout(Duration::from_millis(20), notify.notified()).await;
-            }
+        while shared.must_wait(&key, primary, &client) {
+            wait_room(&client).await;
         }
         match rd.read(&mut buf).await {
             Ok(0) => {
@@ -192,10 +173,7 @@ async fn reader(
             }
             Ok(n) if primary => {
                 while shared.primary_data(key, &buf[..n]).is_err() {
-                    if let Some((_, notify)) = &room {
-                        let _ = tokio::time::timeout(Duration::from_millis(20), notify.notified())
-                            .await;
-                    }
+                    wait_room(&client).await;
                 }
             }
             Ok(n) => shared.secondary_data(key, &buf[..n]),
@@ -206,34 +184,4 @@ async fn reader(
         }
     }
     false
-}
-
-/// Released bytes → the client. `Ok(half)` after a FIN; `Err(Some(half))` after a reset
-/// (linger 0 set: dropping both halves sends the RST); `Err(None)` when the client is gone.
-async fn client_writer(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<ToClient>,
-    queued: Arc<AtomicUsize>,
-    room: Arc<Notify>,
-) -> Result<OwnedWriteHalf, Option<OwnedWriteHalf>> {
-    while let Some(m) = rx.recv().await {
-        match m {
-            ToClient::Data(d) => {
-                if wr.write_all(&d).await.is_err() {
-                    return Err(None);
-                }
-                queued.fetch_sub(d.len(), Ordering::Relaxed);
-                room.notify_one();
-            }
-            ToClient::End { reset: false } => {
-                let _ = wr.shutdown().await;
-                return Ok(wr);
-            }
-            ToClient::End { reset: true } => {
-                reset(wr.as_ref());
-                return Err(Some(wr));
-            }
-        }
-    }
-    Err(None)
 }

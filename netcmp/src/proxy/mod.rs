@@ -24,31 +24,36 @@
 //! the number of connections by [`ProxyConfig::max_connections`].
 
 mod conn;
+mod outbox;
 mod status;
 
 pub use status::ProxyStatus;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use blkrep::epoch::{monotonic_ns, Latencies};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 
 use crate::buffer::{BufferError, Output, OutputBuffer};
 use crate::link::{EpochLink, LinkEvent};
 use crate::{Action, Comparator, Config, FlowKey, TcpFlags};
+use outbox::Outbox;
 
 /// A client's released bytes not yet written to it; past this the primary is not read.
 pub const CLIENT_QUEUE: usize = 1 << 20;
-/// Chunks of client input queued for a slow secondary; past this the secondary is dropped
-/// from the connection (its output then times out, and a checkpoint resyncs it).
-pub const SECONDARY_QUEUE: usize = 1024;
+/// Client input queued for a slow secondary (bytes); past this the secondary is dropped from
+/// the connection (its output then times out, and a checkpoint resyncs it).
+pub const SECONDARY_QUEUE: usize = 16 << 20;
+/// How far one instance's reply may run ahead of the other's before netcmp stops reading it
+/// (compare mode); the other catches up, or the compare timeout releases the bytes.
+pub const FLOW_WINDOW: usize = 4 << 20;
 /// Read size.
-const CHUNK: usize = 64 << 10;
+const CHUNK: usize = 256 << 10;
 
 /// Settings of the stream proxy.
 #[derive(Debug, Clone)]
@@ -84,15 +89,8 @@ impl ProxyConfig {
     }
 }
 
-enum ToClient {
-    Data(Vec<u8>),
-    End { reset: bool },
-}
-
 struct Conn {
-    out: mpsc::UnboundedSender<ToClient>,
-    queued: Arc<AtomicUsize>,
-    room: Arc<Notify>,
+    client: Arc<Outbox>,
     /// Bytes of the primary's / secondary's reply seen (their stream offsets).
     pri_off: u64,
     sec_off: u64,
@@ -362,12 +360,12 @@ impl Shared {
                     match out {
                         Output::Data(d) => send(conn, d, now, &mut core.latency),
                         Output::End { reset } => {
-                            let _ = conn.out.send(ToClient::End { reset });
+                            conn.client.finish(reset);
                         }
                     }
                 }
                 for conn in core.conns.values() {
-                    conn.room.notify_one();
+                    conn.client.room.notify_one();
                 }
             }
             (LinkEvent::Lost(why), Mode::Buffer(b)) => {
@@ -382,7 +380,7 @@ impl Shared {
                 }
                 for key in flows {
                     if let Some(conn) = core.conns.get(&key) {
-                        let _ = conn.out.send(ToClient::End { reset: true });
+                        conn.client.finish(true);
                     }
                 }
             }
@@ -401,7 +399,7 @@ impl Shared {
                 }
                 Action::End { key, reset } => {
                     if let Some(conn) = core.conns.get(&key) {
-                        let _ = conn.out.send(ToClient::End { reset });
+                        conn.client.finish(reset);
                     }
                 }
                 Action::Checkpoint { key, reason } => {
@@ -413,13 +411,25 @@ impl Shared {
         }
     }
 
-    /// Whether the primary of `key` should wait before the next read.
-    fn must_wait(&self, queued: &AtomicUsize) -> bool {
-        if queued.load(Ordering::Relaxed) >= CLIENT_QUEUE {
+    /// Whether the primary's (`primary`) or the secondary's reply of `key` should wait before
+    /// the next read: the client has too much unwritten (primary), the side is more than
+    /// [`FLOW_WINDOW`] ahead of the other (compare), or the buffer is full (buffer).
+    fn must_wait(&self, key: &FlowKey, primary: bool, client: &Outbox) -> bool {
+        if primary && client.queued() >= CLIENT_QUEUE {
             return true;
         }
         let core = self.core();
-        matches!(&core.mode, Mode::Buffer(b) if b.is_full())
+        match &core.mode {
+            Mode::Compare(c) => {
+                let (held, pending) = c.backlog(key);
+                if primary {
+                    held >= FLOW_WINDOW
+                } else {
+                    pending >= FLOW_WINDOW
+                }
+            }
+            Mode::Buffer(b) => primary && b.is_full(),
+        }
     }
 }
 
@@ -434,6 +444,7 @@ fn send(conn: &mut Conn, data: Vec<u8>, now: Instant, latency: &mut Latencies) {
         let (_, at) = conn.arrivals.pop_front().expect("not empty");
         latency.record(now.saturating_duration_since(at));
     }
-    conn.queued.fetch_add(data.len(), Ordering::Relaxed);
-    let _ = conn.out.send(ToClient::Data(data));
+    conn.client.push(data);
+    // A reader waiting for the other side to catch up may go on.
+    conn.client.room.notify_waiters();
 }

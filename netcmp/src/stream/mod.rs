@@ -103,7 +103,7 @@ impl Reassembly {
         flags: TcpFlags,
         payload: &[u8],
         window: usize,
-        out: &mut Vec<u8>,
+        out: &mut VecDeque<u8>,
     ) {
         let data_seq = if flags.syn { seq.wrapping_add(1) } else { seq };
         let base = *self.base.get_or_insert(data_seq);
@@ -125,7 +125,7 @@ impl Reassembly {
         let end = end as u64;
         let data = &payload[skip..skip + (end - start) as usize];
         if start == self.next {
-            out.extend_from_slice(data);
+            out.extend(data);
             self.next = end;
             self.drain_ooo(out);
         } else if end - self.next > window as u64 {
@@ -161,7 +161,7 @@ impl Reassembly {
         self.ooo.insert(at, data.to_vec());
     }
 
-    fn drain_ooo(&mut self, out: &mut Vec<u8>) {
+    fn drain_ooo(&mut self, out: &mut VecDeque<u8>) {
         while let Some(entry) = self.ooo.first_entry() {
             let s = *entry.key();
             if s > self.next {
@@ -171,7 +171,7 @@ impl Reassembly {
             self.ooo_bytes -= v.len();
             let e = s + v.len() as u64;
             if e > self.next {
-                out.extend_from_slice(&v[(self.next - s) as usize..]);
+                out.extend(&v[(self.next - s) as usize..]);
                 self.next = e;
             }
         }
@@ -181,6 +181,40 @@ impl Reassembly {
         self.ooo.clear();
         self.ooo_bytes = 0;
     }
+}
+
+/// How many of the first `n` bytes of `a` and `b` are equal: memcmp over the deques'
+/// contiguous pieces, a byte loop only inside the piece that differs.
+fn common_prefix(a: &VecDeque<u8>, b: &VecDeque<u8>, n: usize) -> usize {
+    let (a0, a1) = a.as_slices();
+    let (b0, b1) = b.as_slices();
+    let (mut a_parts, mut b_parts) = ([a0, a1].into_iter(), [b0, b1].into_iter());
+    let (mut x, mut y): (&[u8], &[u8]) = (&[], &[]);
+    let mut done = 0;
+    while done < n {
+        if x.is_empty() {
+            x = a_parts.next().unwrap_or(&[]);
+        }
+        if y.is_empty() {
+            y = b_parts.next().unwrap_or(&[]);
+        }
+        let k = x.len().min(y.len()).min(n - done);
+        if k == 0 {
+            break;
+        }
+        if x[..k] != y[..k] {
+            return done
+                + x[..k]
+                    .iter()
+                    .zip(&y[..k])
+                    .take_while(|(p, q)| p == q)
+                    .count();
+        }
+        done += k;
+        x = &x[k..];
+        y = &y[k..];
+    }
+    done
 }
 
 /// The comparison of one TCP output stream of the primary with the secondary's.
@@ -249,24 +283,28 @@ impl TcpCompare {
         if self.ended {
             return;
         }
-        let mut fresh = Vec::new();
-        self.primary
-            .accept(seq, flags, payload, self.cfg.max_out_of_order, &mut fresh);
+        // In-order bytes go straight to the held queue (one copy).
+        let before = self.held.len();
+        self.primary.accept(
+            seq,
+            flags,
+            payload,
+            self.cfg.max_out_of_order,
+            &mut self.held,
+        );
         if flags.rst {
             self.release_held(out);
-            release(fresh, out);
             self.end(true, out);
             return;
         }
         if self.diverged {
-            release(fresh, out);
+            self.release_held(out);
             if self.primary.ended() {
                 self.end(false, out);
             }
             return;
         }
-        if !fresh.is_empty() {
-            self.held.extend(fresh);
+        if self.held.len() > before {
             self.held_times.push_back((self.primary.next, now));
         }
         if self.primary.ended() && self.fin_since.is_none() {
@@ -280,14 +318,17 @@ impl TcpCompare {
         if self.ended || self.diverged {
             return;
         }
-        let mut fresh = Vec::new();
-        self.secondary
-            .accept(seq, flags, payload, self.cfg.max_out_of_order, &mut fresh);
+        self.secondary.accept(
+            seq,
+            flags,
+            payload,
+            self.cfg.max_out_of_order,
+            &mut self.pending,
+        );
         if flags.rst && self.secondary.fin.is_none() {
             // The secondary's stream ends here; whatever the primary sends past it diverges.
             self.secondary.fin = Some(self.secondary.next);
         }
-        self.pending.extend(fresh);
         self.compare(out);
     }
 
@@ -350,6 +391,14 @@ impl TcpCompare {
         self.held.len() + self.pending.len() + self.primary.ooo_bytes + self.secondary.ooo_bytes
     }
 
+    /// The primary's in-order bytes waiting for the secondary's, and the secondary's waiting
+    /// for the primary's: a frontend that can slow either side (a proxy) reads no more from
+    /// the side that is ahead while its backlog is large, instead of letting the memory
+    /// budget release it unconfirmed.
+    pub fn backlog(&self) -> (usize, usize) {
+        (self.held.len(), self.pending.len())
+    }
+
     /// When the oldest byte held for the client arrived.
     pub fn oldest_held(&self) -> Option<Instant> {
         self.held_times.front().map(|&(_, t)| t).or(self.fin_since)
@@ -382,15 +431,14 @@ impl TcpCompare {
 
     fn compare(&mut self, out: &mut Vec<Event>) {
         let n = self.held.len().min(self.pending.len());
-        let same = self
-            .held
-            .iter()
-            .zip(self.pending.iter())
-            .take_while(|(a, b)| a == b)
-            .count();
+        let same = common_prefix(&self.held, &self.pending, n);
         if same > 0 {
             self.pending.drain(..same);
-            let bytes: Vec<u8> = self.held.drain(..same).collect();
+            let mut bytes = Vec::with_capacity(same);
+            let (a, b) = self.held.as_slices();
+            bytes.extend_from_slice(&a[..same.min(a.len())]);
+            bytes.extend_from_slice(&b[..same - same.min(a.len())]);
+            self.held.drain(..same);
             self.compared += same as u64;
             let start = self.held_start();
             while self.held_times.front().is_some_and(|&(e, _)| e <= start) {
@@ -433,7 +481,7 @@ impl TcpCompare {
         self.held_times.clear();
         self.fin_since = None;
         if !self.held.is_empty() {
-            out.push(Event::Release(self.held.drain(..).collect()));
+            out.push(Event::Release(Vec::from(std::mem::take(&mut self.held))));
         }
     }
 
@@ -444,12 +492,6 @@ impl TcpCompare {
         self.primary.clear_ooo();
         self.secondary.clear_ooo();
         out.push(Event::End { reset });
-    }
-}
-
-fn release(bytes: Vec<u8>, out: &mut Vec<Event>) {
-    if !bytes.is_empty() {
-        out.push(Event::Release(bytes));
     }
 }
 

@@ -367,3 +367,37 @@ fn passthrough_releases_in_order_without_the_secondary() {
     c.poll(t + Duration::from_secs(1), &mut ev);
     assert_eq!(ev, vec![Event::Release(b"abcdef".to_vec())]);
 }
+
+proptest! {
+    /// The prefix comparison over the deques' two pieces agrees with a byte loop, wherever
+    /// the pieces are split.
+    #[test]
+    fn common_prefix_matches_a_byte_loop(
+        data in proptest::collection::vec(0u8..3, 0..300),
+        rot_a in 0usize..300,
+        rot_b in 0usize..300,
+        flip in proptest::option::of(0usize..300),
+    ) {
+        let deque = |rot: usize, d: &[u8]| {
+            // Rotating makes the deque wrap: two non-empty slices.
+            let mut q: VecDeque<u8> = VecDeque::with_capacity(d.len() + 1);
+            for _ in 0..rot.min(d.len()) {
+                q.push_back(0);
+            }
+            for _ in 0..rot.min(d.len()) {
+                q.pop_front();
+            }
+            q.extend(d.iter().copied());
+            q
+        };
+        let mut other = data.clone();
+        if let Some(i) = flip {
+            if i < other.len() {
+                other[i] ^= 1;
+            }
+        }
+        let (a, b) = (deque(rot_a, &data), deque(rot_b, &other));
+        let want = data.iter().zip(&other).take_while(|(x, y)| x == y).count();
+        prop_assert_eq!(super::common_prefix(&a, &b, data.len()), want);
+    }
+}

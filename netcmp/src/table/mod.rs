@@ -290,6 +290,15 @@ impl Comparator {
         }
     }
 
+    /// A TCP flow's backlog per side ([`TcpCompare::backlog`]): zero for other flows, or
+    /// when not comparing.
+    pub fn backlog(&self, key: &FlowKey) -> (usize, usize) {
+        match self.flows.get(key).map(|f| &f.cmp) {
+            Some(Compare::Tcp(c)) => c.backlog(),
+            _ => (0, 0),
+        }
+    }
+
     /// Bytes held by all flows now.
     pub fn held_bytes(&self) -> usize {
         self.held

@@ -1,0 +1,951 @@
+#!/usr/bin/env python3
+"""QEMU's colo-compare run standalone as a packet comparator, and measured: throughput of one
+TCP stream and per-packet release latency, so netcmp (same framing) can be measured the same way.
+
+colo-compare is a QOM object of QEMU's COLO network proxy (net/colo-compare.c). It needs no
+guest, no KVM and no COLO migration to run: `qemu-system-x86_64 -machine none` with an
+iothread and four unix-socket chardevs (qemu listens, this script connects):
+
+  primary_in     the primary's output frames           (this script writes)
+  secondary_in   the secondary's output frames         (this script writes)
+  outdev         released primary frames               (this script reads)
+  notify_dev     "DO_CHECKPOINT" requests out, "COLO_CHECKPOINT" (= flush) in; optional
+
+Framing on all four, both directions (net/net.c net_fill_rstate, vnet_hdr_support off, the
+default): a 4-byte big-endian length, then the Ethernet frame (no FCS).
+
+What colo-compare does (net/colo-compare.c and net/colo.c of QEMU 10.0; `--explore` shows
+each point on the running binary):
+
+  - Frames that are not IPv4 (ARP, IPv6, VLAN-tagged) from primary_in go to outdev at once,
+    uncompared (parse_packet_early fails, compare_pri_rs_finalize sends them on); from
+    secondary_in they are dropped. One such frame is the readiness probe here and the
+    "no comparison" latency reference.
+  - IPv4 is queued per connection (5-tuple as seen; no SYN, handshake or TCP state is
+    needed), each side's queue sorted by TCP sequence number, and compared as soon as both
+    queues of the connection hold something (colo_compare_connection).
+  - TCP (colo_compare_tcp, colo_mark_tcp_pkt): only the payload is compared, by byte offset
+    from the queue heads; IP/TCP headers, checksums, ACK, window, flags and even the
+    sequence numbers themselves are not. Segments cut differently on the two sides still
+    match. The primary's frame goes out as it came. A segment without payload (pure ACK) is
+    released uncompared, but only when the secondary's queue of that connection is not
+    empty. A primary segment that ends inside the secondary's is released only if its ACK
+    is not above the smaller of the ACKs recorded per side (meant as each side's highest,
+    in effect the last one queued; fill_pkt_tcp_info), else it is a mismatch.
+  - UDP, ICMP, other IP protocols: whole packets, the IP payload must match (per packet).
+  - A mismatch, or a queued frame older than compare_timeout (scanned every
+    expired_scan_cycle), requests a checkpoint: "DO_CHECKPOINT" on notify_dev when there is
+    one, otherwise a notifier that only a running COLO migration listens to
+    (migration/colo.c colo_process_checkpoint). Until a checkpoint nothing of that
+    connection is released: "COLO_CHECKPOINT" on notify_dev releases every queued primary
+    frame and drops the secondary's (colo_flush_packets). Standalone without notify_dev a
+    mismatching or unmatched frame is held forever (until qemu exits).
+  - Comparison is eager: a primary segment arriving out of order while the secondary's
+    queue holds an earlier one is a mismatch (a checkpoint request), even if all match later.
+  - Each queue holds at most max_queue_size + 1 frames (one global value, default 1024);
+    frames beyond it are dropped silently (colo_insert_packet), not released later.
+  - Released frames wait in a send list that the writer coroutine takes from the tail
+    (compare_chr_send / _compare_chr_send): while outdev's socket is full (the write sleeps
+    100 µs per EAGAIN, chardev/char.c qemu_chr_write_buffer) frames pile up and leave in
+    reverse order. Throughput runs are therefore windowed by default (a TCP-like bound on
+    frames in flight keeps outdev from backing up) and must come out in order; the
+    free-running run shows the reordering.
+
+    python3 bench/colo_peer.py                   # 64 MiB stream, 2000 exchanges
+    python3 bench/colo_peer.py --size 16M --exchanges 500 --explore
+"""
+
+import argparse
+import ctypes
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import RunError, parse_size, tail  # noqa: E402
+
+QEMU = "qemu-system-x86_64"
+START_DEADLINE = 15.0
+KILL_GRACE = 5.0
+LIFETIME = 600.0          # a qemu started here is killed after this, whatever happens
+PROBE_WAIT = 0.2          # per readiness probe
+IO_TIMEOUT = 10.0         # one blocking read/write on a chardev socket
+
+SERVER_MAC = bytes.fromhex("525400000001")
+CLIENT_MAC = bytes.fromhex("525400000002")
+SERVER = ("10.0.0.1", 6379)
+CLIENT = ("10.0.0.2", 40000)
+
+TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+ETH_HLEN = 14
+LEN = struct.Struct(">I")
+
+DO_CHECKPOINT = b"DO_CHECKPOINT"
+COLO_CHECKPOINT = b"COLO_CHECKPOINT"
+PROXY_INIT = b"COLO_USERSPACE_PROXY_INIT"
+PROXY_INIT_REPLY = b"COLO_COMPARE_GET_XEN_INIT"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+# ---------------------------------------------------------------------------------------
+# frames
+
+
+def checksum(data):
+    """Internet checksum (RFC 1071) of `data`: the 16-bit one's-complement sum equals the
+    big-endian integer modulo 0xffff (2**16 = 1 mod 0xffff)."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    n = int.from_bytes(data, "big")
+    s = n % 0xFFFF
+    if s == 0 and n:
+        s = 0xFFFF
+    return 0xFFFF - s
+
+
+def ipv4_header(src, dst, proto, payload_len, ident, ttl=64):
+    """A 20-byte IPv4 header (DF set, no options) with its checksum."""
+    h = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + payload_len, ident & 0xFFFF, 0x4000, ttl,
+                    proto, 0, socket.inet_aton(src), socket.inet_aton(dst))
+    return h[:10] + struct.pack(">H", checksum(h)) + h[12:]
+
+
+def tcp_frame(src, dst, seq, ack, flags, payload=b"", *, ident=1, window=65535, ttl=64,
+              src_mac=SERVER_MAC, dst_mac=CLIENT_MAC, bad_checksum=False):
+    """Ethernet + IPv4 + TCP (20-byte header, no options) frame from `src` (ip, port) to
+    `dst`, with valid IP and TCP checksums (unless bad_checksum: TCP checksum off by one)."""
+    (sip, sport), (dip, dport) = src, dst
+    tcp = struct.pack(">HHIIHHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
+                      (5 << 12) | flags, window, 0, 0)
+    pseudo = socket.inet_aton(sip) + socket.inet_aton(dip) + struct.pack(">BBH", 0, 6, len(tcp) + len(payload))
+    csum = checksum(pseudo + tcp + payload)
+    if bad_checksum:
+        csum ^= 1
+    tcp = tcp[:16] + struct.pack(">H", csum) + tcp[18:]
+    ip = ipv4_header(sip, dip, 6, len(tcp) + len(payload), ident, ttl)
+    return dst_mac + src_mac + b"\x08\x00" + ip + tcp + payload
+
+
+def udp_frame(src, dst, payload, *, ident=1):
+    """Ethernet + IPv4 + UDP frame with valid checksums."""
+    (sip, sport), (dip, dport) = src, dst
+    udp = struct.pack(">HHHH", sport, dport, 8 + len(payload), 0)
+    pseudo = socket.inet_aton(sip) + socket.inet_aton(dip) + struct.pack(">BBH", 0, 17, len(udp) + len(payload))
+    csum = checksum(pseudo + udp + payload) or 0xFFFF
+    udp = udp[:6] + struct.pack(">H", csum)
+    return CLIENT_MAC + SERVER_MAC + b"\x08\x00" + ipv4_header(sip, dip, 17, len(udp) + len(payload), ident) + udp + payload
+
+
+def raw_frame(tag, size=60, ethertype=0x88B5):
+    """A non-IP frame (IEEE local experimental ethertype) carrying `tag`: colo-compare
+    forwards such frames from primary_in unchanged, without comparing."""
+    body = tag.to_bytes(8, "big")
+    return CLIENT_MAC + SERVER_MAC + struct.pack(">H", ethertype) + body + bytes(max(0, size - 22))
+
+
+def ipv6_frame(payload, src="fd00::1", dst="fd00::2"):
+    """Ethernet + IPv6 frame, next header 59 (none) carrying `payload`."""
+    ip6 = struct.pack(">IHBB16s16s", 6 << 28, len(payload), 59, 64, socket.inet_pton(socket.AF_INET6, src),
+                      socket.inet_pton(socket.AF_INET6, dst))
+    return CLIENT_MAC + SERVER_MAC + b"\x86\xdd" + ip6 + payload
+
+
+def payload_bytes(total, seed=0):
+    """`total` deterministic pseudo-random bytes."""
+    return random.Random(seed).randbytes(total)
+
+
+def frames_tcp_stream(total_bytes, mss=1448, *, src=SERVER, dst=CLIENT, isn=1_000_000,
+                      ack=2_000_000, syn_ack=False, seed=0, ident=1, payload=None):
+    """One TCP stream from `src` to `dst` (default server 10.0.0.1:6379 -> client
+    10.0.0.2:40000): `total_bytes` of deterministic payload in `mss`-sized segments (the
+    last one shorter), flags ACK (+PSH on the last), the same ACK number throughout, IP ids
+    counting up from `ident`. With syn_ack, a SYN-ACK (seq `isn`) comes first and the data
+    starts at isn + 1; colo-compare does not need it. `payload` overrides the content."""
+    if mss <= 0 or total_bytes < 0:
+        raise ValueError("mss must be positive, total_bytes non-negative")
+    data = payload if payload is not None else payload_bytes(total_bytes, seed)
+    frames = []
+    seq = isn
+    if syn_ack:
+        frames.append(tcp_frame(src, dst, seq, ack, TCP_SYN | TCP_ACK, ident=ident))
+        seq, ident = seq + 1, ident + 1
+    view = memoryview(data)
+    for off in range(0, len(data), mss):
+        chunk = bytes(view[off:off + mss])
+        last = off + mss >= len(data)
+        frames.append(tcp_frame(src, dst, seq + off, ack, TCP_ACK | (TCP_PSH if last else 0), chunk,
+                                ident=ident))
+        ident += 1
+    return frames
+
+
+def tcp_payload_len(frame):
+    """TCP payload bytes of an Ethernet+IPv4+TCP frame (0 for anything else)."""
+    if len(frame) < ETH_HLEN + 20 or frame[12:14] != b"\x08\x00" or frame[ETH_HLEN + 9] != 6:
+        return 0
+    ihl = (frame[ETH_HLEN] & 0x0F) * 4
+    total = struct.unpack_from(">H", frame, ETH_HLEN + 2)[0]
+    doff = (frame[ETH_HLEN + ihl + 12] >> 4) * 4
+    return total - ihl - doff
+
+
+def encode(frames):
+    """The framed byte stream of `frames`: per frame a 4-byte big-endian length, the frame."""
+    return b"".join(LEN.pack(len(f)) + f for f in frames)
+
+
+def decode(buf):
+    """(frames, leftover bytes) of a framed byte stream."""
+    frames, off, n = [], 0, len(buf)
+    while off + 4 <= n:
+        (ln,) = LEN.unpack_from(buf, off)
+        if off + 4 + ln > n:
+            break
+        frames.append(bytes(buf[off + 4:off + 4 + ln]))
+        off += 4 + ln
+    return frames, bytes(buf[off:])
+
+
+def recv_exact(sock, n):
+    """Exactly `n` bytes from `sock` (RunError on EOF or timeout)."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    try:
+        while got < n:
+            k = sock.recv_into(view[got:])
+            if not k:
+                raise RunError(f"EOF after {got} of {n} bytes")
+            got += k
+    except socket.timeout:
+        raise RunError(f"timed out after {got} of {n} bytes") from None
+    return bytes(buf)
+
+
+def recv_frame(sock):
+    """One framed frame from `sock`."""
+    (ln,) = LEN.unpack(recv_exact(sock, 4))
+    return recv_exact(sock, ln)
+
+
+def drain(sock, wait):
+    """Whatever arrives on `sock` within `wait` seconds of quiet, as bytes."""
+    old = sock.gettimeout()
+    sock.settimeout(wait)
+    out = bytearray()
+    try:
+        while True:
+            d = sock.recv(1 << 16)
+            if not d:
+                break
+            out += d
+    except socket.timeout:
+        pass
+    finally:
+        sock.settimeout(old)
+    return bytes(out)
+
+
+def chunks(frames, n):
+    """`frames` encoded in chunks of `n` frames."""
+    return [encode(frames[i:i + n]) for i in range(0, len(frames), n)]
+
+
+# ---------------------------------------------------------------------------------------
+# peers: anything with .pri, .sec, .out sockets speaking the framing above
+
+
+def _die_with_parent():
+    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+class Peer:
+    """The harness's side of a comparator: .pri and .sec (we write), .out (we read)."""
+
+    name = "peer"
+    pri = sec = out = None
+
+    def feed(self, primary_frames, secondary_frames, chunk=256):
+        """Write the frames to primary_in and secondary_in alternately, `chunk` frames per
+        sendall, so neither side runs more than a chunk (plus socket buffers) ahead."""
+        self.feed_chunks(chunks(primary_frames, chunk), chunks(secondary_frames, chunk))
+
+    def feed_chunks(self, pri_chunks, sec_chunks, before=None):
+        """Write already encoded chunks alternately; before(i), when given, is called ahead
+        of chunk pair i and stops the feed by returning False."""
+        for i in range(max(len(pri_chunks), len(sec_chunks))):
+            if before is not None and not before(i):
+                return False
+            if i < len(pri_chunks):
+                self.pri.sendall(pri_chunks[i])
+            if i < len(sec_chunks):
+                self.sec.sendall(sec_chunks[i])
+        return True
+
+    def fail(self, msg):
+        raise RunError(f"{self.name}: {msg}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        for s in (self.pri, self.sec, self.out):
+            if s is not None:
+                s.close()
+
+
+class ColoCompare(Peer):
+    """`qemu-system-x86_64 -machine none` running one colo-compare object on unix-socket
+    chardevs in a temporary directory; we connect to each as a client. Options map to the
+    object's properties (None: QEMU's default: compare_timeout 3000 ms, expired_scan_cycle
+    1000 ms, max_queue_size 1024). notify: add notify_dev, so checkpoint requests come to
+    us (DO_CHECKPOINT) and checkpoint() can flush. qemu is killed by pid in close()."""
+
+    name = "colo-compare"
+
+    def __init__(self, *, qemu=QEMU, compare_timeout_ms=None, expired_scan_cycle_ms=None,
+                 max_queue_size=None, notify=False, workdir=None, lifetime=LIFETIME):
+        self.qemu = shutil.which(qemu) or qemu
+        self.opts = {"compare_timeout": compare_timeout_ms, "expired_scan_cycle": expired_scan_cycle_ms,
+                     "max_queue_size": max_queue_size}
+        self.notify_enabled = notify
+        self.lifetime = lifetime
+        self._own_dir = workdir is None
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="colo-peer-"))
+        self.log = self.dir / "qemu.log"
+        self.proc = None
+        self.notify = None
+        self._watchdog = None
+        self._probe_tag = 0
+
+    def sock_path(self, name):
+        return self.dir / f"{name}.sock"
+
+    def command(self):
+        names = ["pri", "sec", "out"] + (["notify"] if self.notify_enabled else [])
+        cmd = [self.qemu, "-machine", "none", "-nodefaults", "-display", "none", "-nographic",
+               "-object", "iothread,id=iothread1"]
+        for n in names:
+            cmd += ["-chardev", f"socket,id={n},path={self.sock_path(n)},server=on,wait=off"]
+        obj = "colo-compare,id=cmp,primary_in=pri,secondary_in=sec,outdev=out,iothread=iothread1"
+        if self.notify_enabled:
+            obj += ",notify_dev=notify"
+        for k, v in self.opts.items():
+            if v is not None:
+                obj += f",{k}={int(v)}"
+        return cmd + ["-object", obj]
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def start(self):
+        for n in ("pri", "sec", "out", "notify"):
+            self.sock_path(n).unlink(missing_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([str(c) for c in self.command()], stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        self._watchdog = threading.Timer(self.lifetime, self._kill)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+        # outdev first: what colo-compare sends while nobody is connected there is lost
+        self.out = self._connect("out")
+        self.pri = self._connect("pri")
+        self.sec = self._connect("sec")
+        if self.notify_enabled:
+            self.notify = self._connect("notify")
+        self._wait_ready()
+
+    def _connect(self, name):
+        path = self.sock_path(name)
+        end = time.monotonic() + START_DEADLINE
+        while True:
+            self._check_alive(f"connecting to {name}")
+            if path.exists():
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    s.connect(str(path))
+                    s.settimeout(IO_TIMEOUT)
+                    return s
+                except OSError:
+                    s.close()
+            if time.monotonic() > end:
+                self.fail(f"{path} did not accept within {START_DEADLINE:.0f}s:\n{tail(self.log)}")
+            time.sleep(0.01)
+
+    def _check_alive(self, what):
+        if self.proc.poll() is not None:
+            self.fail(f"qemu exited with {self.proc.returncode} while {what}:\n{tail(self.log)}")
+
+    def _wait_ready(self):
+        """Send non-IP probe frames on primary_in (forwarded uncompared) until one comes out
+        of outdev, then read up to the last one sent, so the stream starts clean. A probe
+        sent before qemu accepted outdev is dropped, later ones all arrive in order."""
+        end = time.monotonic() + START_DEADLINE
+        first = self._probe_tag + 1
+        buf = b""
+        while True:
+            self._check_alive("waiting for the first probe frame")
+            self._probe_tag += 1
+            self.pri.sendall(encode([raw_frame(self._probe_tag)]))
+            buf += drain(self.out, PROBE_WAIT)
+            frames, _ = decode(buf)
+            if frames:
+                break
+            if time.monotonic() > end:
+                self.fail(f"no probe frame came out of outdev within {START_DEADLINE:.0f}s:\n{tail(self.log)}")
+        last = self._probe_tag
+        while True:
+            frames, rest = decode(buf)
+            tags = [int.from_bytes(f[14:22], "big") for f in frames]
+            bad = [t for t in tags if not first <= t <= last]
+            if bad or len(frames) != len(set(tags)):
+                self.fail(f"unexpected frames on outdev while starting: tags {tags}")
+            if last in tags:
+                if rest:
+                    self.fail("stray bytes on outdev after the probe frames")
+                break
+            more = drain(self.out, PROBE_WAIT)
+            if not more:
+                self.fail(f"probe {last} did not come back (got {tags})")
+            buf += more
+        if self.notify_enabled:
+            # notify_dev handshake (net/colo-compare.c compare_notify_rs_finalize)
+            self.notify.sendall(encode([PROXY_INIT]))
+            reply = recv_frame(self.notify)
+            if reply != PROXY_INIT_REPLY:
+                self.fail(f"notify_dev answered {reply!r} to {PROXY_INIT!r}")
+
+    def checkpoint(self):
+        """Tell colo-compare a checkpoint happened: it releases every queued primary frame
+        and drops the queued secondary frames."""
+        if not self.notify_enabled:
+            self.fail("checkpoint() needs notify=True")
+        self.notify.sendall(encode([COLO_CHECKPOINT]))
+
+    def _kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+
+    def close(self):
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for s in (self.pri, self.sec, self.out, self.notify):
+            if s is not None:
+                s.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(KILL_GRACE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(KILL_GRACE)
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def version(self):
+        r = subprocess.run([self.qemu, "--version"], capture_output=True, text=True, timeout=30)
+        return r.stdout.splitlines()[0] if r.stdout else "?"
+
+
+class LoopPeer(Peer):
+    """No comparator: primary_in's bytes go straight to outdev (one socket pair), secondary_in
+    is drained by `cat` into /dev/null. measure_throughput() on it is the harness's ceiling."""
+
+    name = "socketpair"
+
+    def __init__(self, lifetime=LIFETIME):
+        self.lifetime = lifetime
+        self.cat = None
+
+    def __enter__(self):
+        self.pri, self.out = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sec, sink = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with sink:
+            self.cat = subprocess.Popen(["timeout", str(int(self.lifetime)), "cat"], stdin=sink,
+                                        stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.out.settimeout(IO_TIMEOUT)
+        return self
+
+    def close(self):
+        super().close()
+        if self.cat is not None:
+            try:
+                self.cat.wait(KILL_GRACE)  # EOF on its stdin once .sec is closed
+            except subprocess.TimeoutExpired:
+                self.cat.kill()
+                self.cat.wait(KILL_GRACE)
+
+
+# ---------------------------------------------------------------------------------------
+# measurements
+
+
+class StreamReader(threading.Thread):
+    """Reads `expected` bytes from `sock` into one preallocated buffer; .got counts them
+    (wait_for() blocks on it), .done_at is the perf_counter() when the last one arrived."""
+
+    def __init__(self, sock, expected, deadline):
+        super().__init__(daemon=True)
+        self.sock, self.expected, self.deadline = sock, expected, deadline
+        self.buf = bytearray(expected)
+        self.got = 0
+        self.done_at = None
+        self.error = None
+        self.recvs = 0
+        self.cpu = 0.0  # this thread's CPU seconds
+        self.cond = threading.Condition()
+        self.waiting = 0  # byte count a feeder waits for (0: nobody waits, no notify)
+
+    def run(self):
+        view = memoryview(self.buf)
+        end = time.monotonic() + self.deadline
+        cpu0 = time.thread_time()
+        self.sock.settimeout(0.5)
+        try:
+            while self.got < self.expected:
+                try:
+                    k = self.sock.recv_into(view[self.got:])
+                except socket.timeout:
+                    if time.monotonic() > end:
+                        self.error = "deadline"
+                        return
+                    continue
+                if not k:
+                    self.error = "EOF"
+                    return
+                self.got += k
+                self.recvs += 1
+                if self.waiting and self.got >= self.waiting:
+                    with self.cond:
+                        self.cond.notify()
+            self.done_at = time.perf_counter()
+        except OSError as e:
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            self.cpu = time.thread_time() - cpu0
+            view.release()
+            with self.cond:
+                self.cond.notify()
+
+    def wait_for(self, n, timeout):
+        """Block until `n` bytes arrived; False on timeout or when the reader stopped."""
+        end = time.monotonic() + timeout
+        with self.cond:
+            self.waiting = n
+            while self.got < n and self.is_alive():
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(min(left, 0.5))
+            self.waiting = 0
+        return self.got >= n
+
+
+class Throughput(NamedTuple):
+    payload_bytes: int   # TCP payload of the released frames
+    seconds: float       # first write .. last released byte read
+    frames: int          # frames released
+    out_of_order: int    # released frames that came after a frame the primary sent later
+    feeder_cpu: float    # CPU seconds of this script's feeding thread
+    reader_cpu: float    # CPU seconds of this script's outdev reader thread
+    reader_recvs: int    # recv calls the reader needed
+
+
+def frame_order(expected_frames, got_bytes):
+    """(frames released, frames missing, duplicated, not from the primary, out of order,
+    first missing index, trailing bytes) of `got_bytes` against `expected_frames`."""
+    got, rest = decode(got_bytes)
+    want = {}
+    for i, f in enumerate(expected_frames):
+        want.setdefault(f, []).append(i)
+    taken = {}
+    idx = []
+    for f in got:
+        cands = want.get(f)
+        k = taken.get(f, 0)
+        if cands is None or k >= len(cands):
+            idx.append(-1)
+        else:
+            idx.append(cands[k])
+            taken[f] = k + 1
+    seen = {i for i in idx if i >= 0}
+    unknown = sum(1 for i in idx if i < 0)
+    late, high = 0, -1
+    for i in idx:
+        if 0 <= i < high:
+            late += 1
+        high = max(high, i)
+    first_missing = next((i for i in range(len(expected_frames)) if i not in seen), None)
+    return (len(got), len(expected_frames) - len(seen), unknown, late, first_missing, len(rest))
+
+
+def describe_order(expected_frames, got_bytes):
+    n, missing, unknown, late, first_missing, rest = frame_order(expected_frames, got_bytes)
+    return (f"{n} frames released of {len(expected_frames)}: {missing} missing"
+            + (f" (first: #{first_missing})" if missing else "")
+            + f", {unknown} not from the primary (or duplicated), {late} out of order"
+            + (f", {rest} trailing bytes" if rest else ""))
+
+
+def measure_throughput(peer, frames, *, secondary_frames=None, chunk=256, window=64, ordered=True,
+                       deadline=120.0):
+    """Write `frames` to primary_in and `secondary_frames` (default: the same) to secondary_in,
+    alternately in chunks of `chunk` frames (one sendall each); a thread reads outdev until as
+    many bytes came out as the primary's framed stream has. window: at most about this many
+    frames written to primary_in and not yet read from outdev (chunks become window/2
+    frames); None: free-running, only socket buffers and the comparator's queues bound it
+    (colo-compare then reorders its output, see the module docstring).
+
+    The released frames must be the primary's, each exactly once (RunError otherwise); with
+    `ordered` also in the primary's order. Returns a Throughput (payload bytes, seconds,
+    frames, out of order, and this script's own CPU use)."""
+    secondary_frames = frames if secondary_frames is None else secondary_frames
+    if window is not None:
+        chunk = max(1, min(chunk, window // 2))
+    expected = encode(frames)
+    pc, sc = chunks(frames, chunk), chunks(secondary_frames, chunk)
+    ends, pos = [], 0
+    for c in pc:
+        pos += len(c)
+        ends.append(pos)
+    lag = None if window is None else max(1, window // chunk)
+    reader = StreamReader(peer.out, len(expected), deadline)
+    reader.start()
+    t0 = time.perf_counter()
+    def window_open(i):
+        return lag is None or i < lag or reader.wait_for(ends[i - lag], deadline)
+
+    cpu0 = time.thread_time()
+    try:
+        peer.feed_chunks(pc, sc, window_open)
+    except OSError as e:
+        raise RunError(f"{peer.name}: feeding failed with {reader.got} bytes out: {e}") from None
+    feeder_cpu = time.thread_time() - cpu0
+    reader.join(deadline + 2)
+    peer.out.settimeout(IO_TIMEOUT)
+    got = bytes(reader.buf[:reader.got])
+    if reader.done_at is None:
+        extra = f"\n{tail(peer.log)}" if hasattr(peer, "log") else ""
+        raise RunError(f"{peer.name}: outdev stopped ({reader.error}): {describe_order(frames, got)}{extra}")
+    late = 0
+    if got != expected:
+        n, missing, unknown, late, _, rest = frame_order(frames, got)
+        if missing or unknown or rest or ordered:
+            raise RunError(f"{peer.name}: released frames are not the primary's"
+                           f"{' in order' if ordered else ''}: {describe_order(frames, got)}")
+    payload = sum(tcp_payload_len(f) for f in frames)
+    return Throughput(payload, reader.done_at - t0, len(frames), late, feeder_cpu, reader.cpu, reader.recvs)
+
+
+def measure_latency(peer, n, *, size=64, src=SERVER, dst=CLIENT, seed=1):
+    """n exchanges of one `size`-byte segment of a fresh TCP stream: write the primary's
+    frame, then the secondary's identical one, read the released frame from outdev. Returns
+    the per-packet latencies in µs, each from the secondary's write to the frame read."""
+    frames = frames_tcp_stream(n * size, size, src=src, dst=dst, seed=seed)
+    enc = [encode([f]) for f in frames]
+    lat = []
+    for f, e in zip(frames, enc):
+        peer.pri.sendall(e)
+        t0 = time.perf_counter_ns()
+        peer.sec.sendall(e)
+        got = recv_exact(peer.out, len(e))
+        lat.append((time.perf_counter_ns() - t0) / 1000)
+        if got != e:
+            raise RunError(f"{peer.name}: exchange {len(lat)} released a different frame")
+    return lat
+
+
+def measure_passthrough_latency(peer, n, size=78):
+    """n non-IP frames written to primary_in alone, each read back from outdev: the
+    comparator's forwarding path without comparison. Latencies in µs."""
+    lat = []
+    base = getattr(peer, "_probe_tag", 0) + 1_000_000
+    for i in range(n):
+        e = encode([raw_frame(base + i, size)])
+        t0 = time.perf_counter_ns()
+        peer.pri.sendall(e)
+        got = recv_exact(peer.out, len(e))
+        lat.append((time.perf_counter_ns() - t0) / 1000)
+        if got != e:
+            raise RunError(f"{peer.name}: passthrough frame {i} came back different")
+    return lat
+
+
+def measure_timeout(peer, n=3, *, size=64):
+    """n times: one primary frame on a fresh connection, no secondary frame. With notify_dev:
+    (ms until DO_CHECKPOINT, ms until released after our COLO_CHECKPOINT). Without: None per
+    try when nothing came out within compare_timeout + 2 scan cycles + 1 s (held forever)."""
+    timeout_ms = peer.opts.get("compare_timeout") or 3000
+    scan_ms = peer.opts.get("expired_scan_cycle") or 1000
+    wait = (timeout_ms + 2 * scan_ms) / 1000 + 1
+    res = []
+    for i in range(n):
+        f = frames_tcp_stream(size, size, dst=(CLIENT[0], 50000 + i), seed=100 + i)[0]
+        e = encode([f])
+        t0 = time.perf_counter()
+        peer.pri.sendall(e)
+        if not peer.notify_enabled:
+            got = drain(peer.out, wait)
+            res.append(None if not got else (None, (time.perf_counter() - t0) * 1000))
+            continue
+        peer.notify.settimeout(wait)
+        try:
+            msg = recv_frame(peer.notify)
+        finally:
+            peer.notify.settimeout(IO_TIMEOUT)
+        t_req = time.perf_counter()
+        if msg != DO_CHECKPOINT:
+            peer.fail(f"notify_dev sent {msg!r}")
+        peer.checkpoint()
+        if recv_exact(peer.out, len(e)) != e:
+            peer.fail("frame released after the checkpoint differs")
+        res.append(((t_req - t0) * 1000, (time.perf_counter() - t0) * 1000))
+        # later DO_CHECKPOINTs for the same packet may be queued: drop them
+        drain(peer.notify, 0.05)
+    return res
+
+
+def percentile(values, p):
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, round(p / 100 * (len(v) - 1))))]
+
+
+# ---------------------------------------------------------------------------------------
+# behaviours (--explore): small scenarios, each on a fresh connection, what comes out
+
+
+def _scenario(peer, first, second, *, second_side="sec", gap=0.05, wait=0.3):
+    """Write `first` frames to the other side, `gap` s later `second` to `second_side`
+    ("sec": primary first); returns (released, checkpoint requests, flushed): the frames out
+    within `wait` s of quiet, the DO_CHECKPOINTs on notify_dev meanwhile, and the frames a
+    checkpoint then released (what colo-compare was still holding)."""
+    a, b = (peer.pri, peer.sec) if second_side == "sec" else (peer.sec, peer.pri)
+    if first:
+        a.sendall(encode(first))
+        time.sleep(gap)
+    if second:
+        b.sendall(encode(second))
+    released = decode(drain(peer.out, wait))[0]
+    reqs = decode(drain(peer.notify, 0.02))[0]
+    peer.checkpoint()
+    flushed = decode(drain(peer.out, 0.1))[0]
+    drain(peer.notify, 0.02)
+    return released, reqs, flushed
+
+
+def explore(peer):
+    """Small scenarios on `peer` (a ColoCompare with notify=True), each on its own connection
+    (client port) and followed by a checkpoint that flushes what is still held. Returns
+    [(scenario, outcome)]."""
+    if not peer.notify_enabled:
+        peer.fail("explore() needs notify=True")
+    out = []
+    ports = iter(range(41000, 42000))
+
+    def run(name, pri, sec, order="pri-first", expected=None, **kw):
+        if order == "pri-first":
+            r, q, f = _scenario(peer, pri, sec, second_side="sec", **kw)
+        else:
+            r, q, f = _scenario(peer, sec, pri, second_side="pri", **kw)
+        expected = pri if expected is None else expected
+        desc = f"{len(r)}/{len(pri)} released" + (" in order" if r and r == expected[:len(r)] else "")
+        if q:
+            desc += f", {len(q)} checkpoint request(s)"
+        if f:
+            desc += f", {len(f)} held until the checkpoint"
+        if len(r) + len(f) < len(pri):
+            desc += f", {len(pri) - len(r) - len(f)} LOST"
+        out.append((name, desc))
+
+    def stream(total, mss, **kw):
+        return frames_tcp_stream(total, mss, dst=(CLIENT[0], next(ports)), **kw)
+
+    f = stream(1000, 1000)
+    run("data, identical, no SYN/handshake before", f, f)
+    f = stream(1000, 1000)
+    run("data, identical, secondary's first", f, f, order="sec-first")
+    f = stream(1000, 1000, syn_ack=True)
+    run("SYN-ACK + data, identical", f, f)
+    d = (CLIENT[0], next(ports))
+    p = frames_tcp_stream(1000, 1000, dst=d)
+    s = [tcp_frame(SERVER, d, 1_000_000, 2_000_777, TCP_ACK, payload_bytes(1000), ident=999,
+                   window=1234, ttl=33, bad_checksum=True)]
+    run("same payload; other ACK, window, TTL, IP id, flags; bad TCP csum", p, s)
+    d = (CLIENT[0], next(ports))
+    p = frames_tcp_stream(1000, 1000, dst=d)
+    s = frames_tcp_stream(1000, 1000, dst=d, seed=7)
+    run("payload differs", p, s)
+    d = (CLIENT[0], next(ports))
+    p = frames_tcp_stream(1000, 1000, dst=d)
+    s = frames_tcp_stream(1000, 1000, dst=d, isn=1_000_001)
+    run("same payload, secondary's seq +1", p, s)
+    d = (CLIENT[0], next(ports))
+    a = [tcp_frame(SERVER, d, 1_000_000, 2_000_000, TCP_ACK)]
+    run("pure ACK, primary only", a, [])
+    d = (CLIENT[0], next(ports))
+    a = [tcp_frame(SERVER, d, 1_000_000, 2_000_000, TCP_ACK)]
+    b = [tcp_frame(SERVER, d, 1_000_000, 2_000_005, TCP_ACK | TCP_PSH, window=7)]
+    run("pure ACK, then a different pure ACK from the secondary", a, b)
+    for order in ("pri-first", "sec-first"):
+        d = (CLIENT[0], next(ports))
+        data = payload_bytes(2000, 3)
+        p = frames_tcp_stream(2000, 1000, dst=d, payload=data)
+        s = frames_tcp_stream(2000, 2000, dst=d, payload=data)
+        run(f"same 2000 B: primary 2x1000, secondary 1x2000, {order}", p, s, order=order)
+        d = (CLIENT[0], next(ports))
+        p = frames_tcp_stream(2000, 2000, dst=d, payload=data)
+        s = frames_tcp_stream(2000, 1000, dst=d, payload=data)
+        run(f"same 2000 B: primary 1x2000, secondary 2x1000, {order}", p, s, order=order)
+    d = (CLIENT[0], next(ports))
+    p = frames_tcp_stream(2000, 1000, dst=d, payload=data, ack=2_000_100)
+    s = frames_tcp_stream(2000, 2000, dst=d, payload=data)
+    run("same 2000 B: primary 2x1000 with ACK +100, secondary 1x2000", p, s)
+    for order in ("pri-first", "sec-first"):
+        f = stream(4000, 1000)
+        run(f"4 segments, the primary's in reverse order, {order}", f[::-1], f, order=order, expected=f)
+    f = stream(2000, 1000)
+    run("primary sends segment 1 twice (retransmit)", [f[0], f[0], f[1]], f, expected=[f[0], f[0], f[1]])
+    f = stream(1000, 1000, isn=0xFFFFFE00)
+    run("segment across the 2^32 sequence wrap", f, f)
+    f = stream(1000, 1000)
+    run("secondary's 0.5 s after the primary's", f, f, gap=0.5)
+    d = (CLIENT[0], next(ports))
+    u = [udp_frame(SERVER, d, b"x" * 100)]
+    run("UDP, identical", u, u)
+    d = (CLIENT[0], next(ports))
+    run("UDP, payload differs", [udp_frame(SERVER, d, b"x" * 100)], [udp_frame(SERVER, d, b"x" * 99 + b"y")])
+    v6 = [ipv6_frame(b"six" * 30)]
+    run("IPv6, primary only", v6, [])
+    run("IPv6, payloads differ", v6, [ipv6_frame(b"SIX" * 30)])
+    qmax = peer.opts.get("max_queue_size") or 1024
+    f = stream((qmax + 10) * 100, 100)
+    run(f"{len(f)} primary frames before any secondary (max_queue_size {qmax})", f, f, gap=0.3, wait=0.5)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def fmt_rate(r):
+    return (f"{r.payload_bytes / r.seconds / 1e6:7.1f} MB/s payload {r.frames / r.seconds / 1e3:6.1f} kframes/s"
+            f"  ({r.payload_bytes / 2**20:.0f} MiB, {r.frames} frames, {r.seconds:.3f} s"
+            + (f", {r.out_of_order} out of order" if r.out_of_order else "")
+            + f"; harness CPU {r.feeder_cpu + r.reader_cpu:.2f} s, {r.reader_recvs} recvs)")
+
+
+def fmt_lat(lat):
+    return (f"p50 {percentile(lat, 50):6.1f} µs  p99 {percentile(lat, 99):6.1f} µs  "
+            f"mean {statistics.fmean(lat):6.1f} µs  max {max(lat):7.1f} µs  (n={len(lat)})")
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=parse_size, default=parse_size("64M"), help="stream payload (default 64M)")
+    ap.add_argument("--mss", type=int, default=1448, help="segment payload size (default 1448)")
+    ap.add_argument("--chunk", type=int, default=256, help="frames per write (default 256)")
+    ap.add_argument("--window", type=int, default=64,
+                    help="frames in flight in the windowed runs (default 64)")
+    ap.add_argument("--exchanges", type=int, default=2000, help="latency exchanges (default 2000)")
+    ap.add_argument("--runs", type=int, default=3, help="throughput runs, the best is shown (default 3)")
+    ap.add_argument("--qemu", default=QEMU)
+    ap.add_argument("--explore", action="store_true", help="also run the behaviour scenarios")
+    ap.add_argument("--no-timeout", action="store_true", help="skip the compare-timeout measurement")
+    return ap.parse_args()
+
+
+def main():
+    args = parse_args()
+    failed = False
+    t = time.perf_counter()
+    frames = frames_tcp_stream(args.size, args.mss)
+    print(f"built {len(frames)} frames ({args.size / 2**20:.0f} MiB payload, mss {args.mss}) "
+          f"in {time.perf_counter() - t:.2f} s")
+
+    def colo(**kw):
+        return lambda: ColoCompare(qemu=args.qemu, **kw)
+
+    rows = [("harness (socketpair)", LoopPeer, None, True),
+            ("colo-compare", colo(), None, False),
+            (f"harness, window {args.window}", LoopPeer, args.window, True),
+            (f"colo-compare, window {args.window}", colo(), args.window, True)]
+    for label, mk, window, ordered in rows:
+        try:
+            res = []
+            for _ in range(args.runs):
+                with mk() as peer:
+                    res.append(measure_throughput(peer, frames, chunk=args.chunk, window=window,
+                                                  ordered=ordered))
+            best = max(res, key=lambda r: r.payload_bytes / r.seconds)
+            runs = "/".join(f"{r.payload_bytes / r.seconds / 1e6:.0f}" for r in res)
+            print(f"throughput {label:29s} {fmt_rate(best)}  [runs: {runs} MB/s]")
+        except RunError as e:
+            failed = True
+            print(f"throughput {label}: FAILED: {e}")
+
+    try:
+        with LoopPeer() as peer:
+            floor = measure_passthrough_latency(peer, args.exchanges)
+        print(f"latency    {'harness (socketpair)':29s} {fmt_lat(floor)}")
+        with ColoCompare(qemu=args.qemu) as peer:
+            version, cmd = peer.version(), " ".join(peer.command())
+            measure_latency(peer, min(100, args.exchanges), dst=(CLIENT[0], 39999))  # warm-up
+            lat = measure_latency(peer, args.exchanges)
+            pas = measure_passthrough_latency(peer, args.exchanges)
+        print(f"latency    {'colo-compare, TCP 64 B':29s} {fmt_lat(lat)}")
+        print(f"latency    {'colo-compare, non-IP (no cmp)':29s} {fmt_lat(pas)}")
+    except RunError as e:
+        failed = True
+        version = cmd = "?"
+        print(f"latency: FAILED: {e}")
+
+    if not args.no_timeout:
+        try:
+            with ColoCompare(qemu=args.qemu, compare_timeout_ms=100, expired_scan_cycle_ms=20,
+                             notify=True) as peer:
+                res = measure_timeout(peer, 3)
+            print("timeout    compare_timeout=100,expired_scan_cycle=20,notify_dev: "
+                  + "; ".join(f"DO_CHECKPOINT at {a:.0f} ms, released at {b:.0f} ms" for a, b in res))
+            with ColoCompare(qemu=args.qemu, compare_timeout_ms=100, expired_scan_cycle_ms=20) as peer:
+                res = measure_timeout(peer, 1)
+            print("timeout    same without notify_dev: "
+                  + ("not released (held until a checkpoint; only a running COLO migration would ask)"
+                     if res == [None] else f"released: {res}"))
+        except RunError as e:
+            failed = True
+            print(f"timeout: FAILED: {e}")
+
+    if args.explore:
+        try:
+            with ColoCompare(qemu=args.qemu, notify=True) as peer:
+                for name, what in explore(peer):
+                    print(f"explore    {name:66s} {what}")
+        except RunError as e:
+            failed = True
+            print(f"explore: FAILED: {e}")
+    print(f"qemu: {version}\n  {cmd}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
