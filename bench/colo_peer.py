@@ -56,7 +56,6 @@ each point on the running binary):
 """
 
 import argparse
-import ctypes
 import os
 import random
 import shutil
@@ -73,11 +72,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import RunError, parse_size, tail  # noqa: E402
+from benchlib import RunError, die_with_parent, parse_size, percentile, spawn, stop_proc, tail  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
 START_DEADLINE = 15.0
-KILL_GRACE = 5.0
 LIFETIME = 600.0          # a qemu started here is killed after this, whatever happens
 PROBE_WAIT = 0.2          # per readiness probe
 IO_TIMEOUT = 10.0         # one blocking read/write on a chardev socket
@@ -95,8 +93,6 @@ DO_CHECKPOINT = b"DO_CHECKPOINT"
 COLO_CHECKPOINT = b"COLO_CHECKPOINT"
 PROXY_INIT = b"COLO_USERSPACE_PROXY_INIT"
 PROXY_INIT_REPLY = b"COLO_COMPARE_GET_XEN_INIT"
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -267,10 +263,6 @@ def chunks(frames, n):
 # peers: anything with .pri, .sec, .out sockets speaking the framing above
 
 
-def _die_with_parent():
-    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
 class Peer:
     """The harness's side of a comparator: .pri and .sec (we write), .out (we read)."""
 
@@ -361,9 +353,7 @@ class ColoCompare(Peer):
     def start(self):
         for n in ("pri", "sec", "out", "notify"):
             self.sock_path(n).unlink(missing_ok=True)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([str(c) for c in self.command()], stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        self.proc = spawn(self.command(), self.log)
         self._watchdog = threading.Timer(self.lifetime, self._kill)
         self._watchdog.daemon = True
         self._watchdog.start()
@@ -452,13 +442,7 @@ class ColoCompare(Peer):
         for s in (self.pri, self.sec, self.out, self.notify):
             if s is not None:
                 s.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(KILL_GRACE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(KILL_GRACE)
+        stop_proc(self.proc)
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -482,7 +466,7 @@ class LoopPeer(Peer):
         self.sec, sink = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with sink:
             self.cat = subprocess.Popen(["timeout", str(int(self.lifetime)), "cat"], stdin=sink,
-                                        stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                        stdout=subprocess.DEVNULL, preexec_fn=die_with_parent)
         self.out.settimeout(IO_TIMEOUT)
         return self
 
@@ -490,10 +474,9 @@ class LoopPeer(Peer):
         super().close()
         if self.cat is not None:
             try:
-                self.cat.wait(KILL_GRACE)  # EOF on its stdin once .sec is closed
+                self.cat.wait(5)  # EOF on its stdin once .sec is closed
             except subprocess.TimeoutExpired:
-                self.cat.kill()
-                self.cat.wait(KILL_GRACE)
+                stop_proc(self.cat)
 
 
 # ---------------------------------------------------------------------------------------
@@ -723,11 +706,6 @@ def measure_timeout(peer, n=3, *, size=64):
         # later DO_CHECKPOINTs for the same packet may be queued: drop them
         drain(peer.notify, 0.05)
     return res
-
-
-def percentile(values, p):
-    v = sorted(values)
-    return v[min(len(v) - 1, max(0, round(p / 100 * (len(v) - 1))))]
 
 
 # ---------------------------------------------------------------------------------------

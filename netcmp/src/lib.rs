@@ -1,10 +1,10 @@
 //! # netcmp — output comparison and output buffering for lockstep
 //!
-//! **Status: the comparator core and the output-buffering core are built; the frontends
-//! (capturing the replicas' packets, mirroring client input, sending released output) are
-//! not built yet.** Neither core does I/O or keeps a clock: packets come in as calls, time as
-//! an [`Instant`](std::time::Instant) argument, and what to do comes back as values, so the
-//! cores are tested deterministically.
+//! Built: the comparator core, the output-buffering core, the stream proxy ([`proxy`], the
+//! L4 frontend, behind `lockstep netcmp`) and the epoch link ([`link`]). Neither core does
+//! I/O or keeps a clock: packets come in as calls, time as an
+//! [`Instant`](std::time::Instant) argument, and what to do comes back as values, so the
+//! cores are tested deterministically; the frontends carry out what they return.
 //!
 //! Client input is mirrored to the primary and the secondary replica, and their outputs are
 //! compared per flow:
@@ -32,8 +32,13 @@
 //!   [`Comparator::resync_all`] (after the checkpoint committed) restarts comparison.
 //! - Flows matching the [`Passthrough`] list (a clock service, say) are never compared.
 //! - [`OutputBuffer`] ([`buffer`]) is the mode without a secondary to compare with (Remus
-//!   style): output is held until the checkpoint of its epoch (blkrep's
-//!   [`Epoch`](blkrep::epoch::Epoch)) commits, and dropped if the primary fails.
+//!   style): output is held until a checkpoint of a state at least as new commits (decided
+//!   by `CLOCK_MONOTONIC` stamps, [`blkrep::epoch::monotonic_ns`]), and dropped if the
+//!   primary fails.
+//! - [`Proxy`] ([`proxy`]): clients connect to netcmp, which connects to a primary and a
+//!   secondary instance of the service, mirrors the input and compares the replies; without
+//!   a secondary it buffers. [`EpochLink`] ([`link`]) requests checkpoints from the primary
+//!   daemon and follows its commits over its control socket.
 #![forbid(unsafe_code)]
 
 pub mod buffer;
