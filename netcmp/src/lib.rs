@@ -38,6 +38,7 @@
 
 pub mod buffer;
 pub mod flow;
+pub mod l2;
 pub mod packet;
 pub mod stream;
 pub mod table;

@@ -1,0 +1,594 @@
+//! Scenarios of the packet engine built from synthesized frames: TCP sessions (IPv4 and IPv6)
+//! whose replicas pick different ISNs and segment the same reply differently, divergence,
+//! rewriting of the client's ACKs, UDP and ICMP, ARP, timeouts, resync, floods and garbage.
+
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::build::{self, Endpoints, TcpSegment};
+use super::checksum;
+use super::engine::{EngineConfig, Out, PacketEngine};
+use super::frame::{parse, tcp_flags as f, Transport};
+use super::rewrite::Offsets;
+use crate::flow::FlowKey;
+
+const MS: Duration = Duration::from_millis(1);
+
+/// The client's end (`c`) and the service's (`s`) of one connection.
+#[derive(Clone, Copy)]
+struct Conn {
+    c: Endpoints,
+    cport: u16,
+}
+
+impl Conn {
+    fn v4(cport: u16) -> Conn {
+        Conn {
+            c: super::frame_tests::ends("10.0.0.9", "10.0.0.1"),
+            cport,
+        }
+    }
+    fn v6(cport: u16) -> Conn {
+        Conn {
+            c: super::frame_tests::ends("2001:db8::9", "2001:db8::1"),
+            cport,
+        }
+    }
+    fn key(&self) -> FlowKey {
+        FlowKey::tcp(
+            std::net::SocketAddr::new(self.c.dst, 80),
+            std::net::SocketAddr::new(self.c.src, self.cport),
+        )
+    }
+    /// A segment from the client.
+    fn client(
+        &self,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        ts: Option<(u32, u32)>,
+        data: &[u8],
+    ) -> Vec<u8> {
+        build::tcp_frame(
+            &self.c,
+            &self.seg(self.cport, 80, seq, ack, flags, ts, data),
+        )
+    }
+    /// A segment from a replica (both replicas use the same addresses).
+    fn replica(
+        &self,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        ts: Option<(u32, u32)>,
+        data: &[u8],
+    ) -> Vec<u8> {
+        build::tcp_frame(
+            &self.c.reversed(),
+            &self.seg(80, self.cport, seq, ack, flags, ts, data),
+        )
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn seg<'a>(
+        &self,
+        sp: u16,
+        dp: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        ts: Option<(u32, u32)>,
+        data: &'a [u8],
+    ) -> TcpSegment<'a> {
+        TcpSegment {
+            src_port: sp,
+            dst_port: dp,
+            seq,
+            ack,
+            flags,
+            timestamps: ts,
+            payload: data,
+            ..TcpSegment::default()
+        }
+    }
+}
+
+/// An engine and everything it sent, per port.
+struct Run {
+    e: PacketEngine,
+    now: Instant,
+    client: Vec<Vec<u8>>,
+    primary: Vec<Vec<u8>>,
+    secondary: Vec<Vec<u8>>,
+    checkpoints: Vec<String>,
+}
+
+impl Run {
+    fn new(cfg: EngineConfig) -> Run {
+        Run {
+            e: PacketEngine::new(cfg),
+            now: Instant::now(),
+            client: Vec::new(),
+            primary: Vec::new(),
+            secondary: Vec::new(),
+            checkpoints: Vec::new(),
+        }
+    }
+    fn take(&mut self, outs: Vec<Out>) -> usize {
+        let n = outs.len();
+        for o in outs {
+            match o {
+                Out::ToClient(x) => self.client.push(x),
+                Out::ToPrimary(x) => self.primary.push(x),
+                Out::ToSecondary(x) => self.secondary.push(x),
+                Out::Checkpoint(r) => self.checkpoints.push(r),
+            }
+        }
+        n
+    }
+    fn client_in(&mut self, fr: Vec<u8>) -> usize {
+        let o = self.e.from_client(fr, self.now);
+        self.take(o)
+    }
+    fn primary_in(&mut self, fr: Vec<u8>) -> usize {
+        let o = self.e.from_primary(fr, self.now);
+        self.take(o)
+    }
+    fn secondary_in(&mut self, fr: Vec<u8>) -> usize {
+        let o = self.e.from_secondary(fr, self.now);
+        self.take(o)
+    }
+    fn poll(&mut self, dt: Duration) {
+        self.now += dt;
+        let o = self.e.poll(self.now);
+        self.take(o);
+    }
+}
+
+fn tcp_fields(fr: &[u8]) -> (u32, u32, Option<(u32, u32)>) {
+    let ip = parse(fr).unwrap().ip.unwrap();
+    assert!(checksum::verify(fr, &ip), "bad checksum");
+    let Transport::Tcp(t) = ip.transport else {
+        panic!("not tcp")
+    };
+    (t.seq, t.ack, t.options.timestamps.map(|t| (t.val, t.ecr)))
+}
+
+const C: u32 = 1000;
+const P: u32 = 50_000;
+const S: u32 = 0xffff_ff00;
+
+/// Handshake with a client ACK sent before the secondary's SYN-ACK (queued, then flushed), and
+/// the client's request. Returns the primary's frames the client must have got so far.
+fn open(run: &mut Run, k: &Conn) -> Vec<Vec<u8>> {
+    let syn = k.client(C, 0, f::SYN, Some((1, 0)), b"");
+    assert_eq!(run.client_in(syn.clone()), 2);
+    assert_eq!(
+        (run.primary.last(), run.secondary.last()),
+        (Some(&syn), Some(&syn))
+    );
+    let p_synack = k.replica(P, C + 1, f::SYN | f::ACK, Some((100, 1)), b"");
+    run.primary_in(p_synack.clone());
+    assert_eq!(run.client, vec![p_synack.clone()]);
+    let ack = k.client(C + 1, P + 1, f::ACK, Some((2, 100)), b"");
+    run.client_in(ack.clone());
+    assert_eq!(run.primary.last(), Some(&ack));
+    assert_eq!(
+        run.secondary.len(),
+        1,
+        "queued until the secondary's SYN-ACK"
+    );
+    run.secondary_in(k.replica(S, C + 1, f::SYN | f::ACK, Some((7000, 1)), b""));
+    assert_eq!(run.secondary.len(), 2);
+    assert_eq!(
+        tcp_fields(&run.secondary[1]),
+        (C + 1, S.wrapping_add(1), Some((2, 7000)))
+    );
+    let req = k.client(C + 1, P + 1, f::ACK | f::PSH, Some((3, 100)), b"GET /");
+    run.client_in(req);
+    assert_eq!(
+        tcp_fields(&run.secondary[2]),
+        (C + 1, S.wrapping_add(1), Some((3, 7000)))
+    );
+    assert_eq!(
+        run.e.rewrite_offsets(&k.key()),
+        Some(Offsets {
+            seq: S.wrapping_sub(P),
+            ts: 6900
+        })
+    );
+    vec![p_synack]
+}
+
+fn reply() -> Vec<u8> {
+    (0..300u32).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+/// The whole session: the client gets exactly the primary's frames, in order.
+fn session(k: Conn) {
+    let mut run = Run::new(EngineConfig::default());
+    let mut expect = open(&mut run, &k);
+    let data = reply();
+    let p = |off: usize, end: usize, fl: u8| {
+        k.replica(
+            P + 1 + off as u32,
+            C + 6,
+            fl,
+            Some((101, 3)),
+            &data[off..end],
+        )
+    };
+    let s = |off: usize, end: usize, fl: u8| {
+        k.replica(
+            S.wrapping_add(1 + off as u32),
+            C + 6,
+            fl,
+            Some((7001, 3)),
+            &data[off..end],
+        )
+    };
+    // The primary acknowledges the request at once: nothing to wait for.
+    let p_ack = k.replica(P + 1, C + 6, f::ACK, Some((101, 3)), b"");
+    run.primary_in(p_ack.clone());
+    expect.push(p_ack);
+    assert_eq!(run.client, expect);
+    let (p1, p2, p3) = (
+        p(0, 100, f::ACK),
+        p(100, 250, f::ACK),
+        p(250, 300, f::ACK | f::FIN),
+    );
+    run.primary_in(p1.clone());
+    assert_eq!(run.client.len(), 2);
+    run.secondary_in(s(0, 200, f::ACK));
+    expect.push(p1);
+    assert_eq!(run.client, expect);
+    run.primary_in(p2.clone());
+    run.primary_in(p3.clone());
+    assert_eq!(run.client.len(), 3);
+    run.secondary_in(s(200, 300, f::ACK));
+    expect.push(p2);
+    assert_eq!(
+        run.client, expect,
+        "p3 carries the FIN: it waits for the secondary's"
+    );
+    run.secondary_in(s(300, 300, f::ACK | f::FIN));
+    expect.push(p3);
+    assert_eq!(run.client, expect);
+    // The client closes; its ACK reaches the secondary rewritten.
+    run.client_in(k.client(C + 6, P + 302, f::ACK | f::FIN, Some((4, 101)), b""));
+    assert_eq!(
+        tcp_fields(run.secondary.last().unwrap()),
+        (C + 6, S.wrapping_add(302), Some((4, 7001)))
+    );
+    // After the end the primary's last ACK passes at once.
+    let last = k.replica(P + 302, C + 7, f::ACK, Some((102, 4)), b"");
+    run.primary_in(last.clone());
+    expect.push(last);
+    assert_eq!(run.client, expect);
+    run.poll(Duration::from_secs(1));
+    assert!(run.checkpoints.is_empty(), "{:?}", run.checkpoints);
+    let st = run.e.stats();
+    assert_eq!(
+        (st.held_frames, st.held_frame_bytes, st.forced_releases),
+        (0, 0, 0)
+    );
+    assert_eq!(st.compare.bytes_compared, 300);
+    assert_eq!(st.primary.frames_in as usize, st.client.frames_out as usize);
+    assert_eq!(st.rewrite.rewritten, 3);
+}
+
+#[test]
+fn tcp_session_ipv4_releases_exactly_the_primarys_frames() {
+    session(Conn::v4(40000));
+}
+
+#[test]
+fn tcp_session_ipv6_releases_exactly_the_primarys_frames() {
+    session(Conn::v6(40001));
+}
+
+#[test]
+fn a_one_byte_difference_requests_a_checkpoint_and_releases_everything() {
+    let k = Conn::v4(40002);
+    let mut run = Run::new(EngineConfig::default());
+    let mut expect = open(&mut run, &k);
+    let data = reply();
+    let mut other = data.clone();
+    other[150] ^= 1;
+    let p1 = k.replica(P + 1, C + 6, f::ACK, None, &data[..120]);
+    let p2 = k.replica(P + 121, C + 6, f::ACK | f::FIN, None, &data[120..]);
+    run.primary_in(p1.clone());
+    run.primary_in(p2.clone());
+    run.secondary_in(k.replica(S.wrapping_add(1), C + 6, f::ACK, None, &other[..100]));
+    assert_eq!(run.client, expect, "100 bytes confirmed, p1 ends at 120");
+    assert!(run.checkpoints.is_empty());
+    run.secondary_in(k.replica(S.wrapping_add(101), C + 6, f::ACK, None, &other[100..]));
+    expect.push(p1);
+    expect.push(p2);
+    assert_eq!(run.client, expect);
+    assert_eq!(run.checkpoints.len(), 1);
+    assert!(
+        run.checkpoints[0].contains("Mismatch { offset: 150 }"),
+        "{}",
+        run.checkpoints[0]
+    );
+    assert!(run.e.checkpoint_pending());
+    assert_eq!(run.e.stats().checkpoints, 1);
+}
+
+#[test]
+fn resync_zeroes_offsets_and_compares_in_the_primarys_sequence_space() {
+    let k = Conn::v4(40003);
+    let mut run = Run::new(EngineConfig::default());
+    open(&mut run, &k);
+    run.primary_in(k.replica(P + 1, C + 6, f::ACK, None, b"abc"));
+    run.secondary_in(k.replica(S.wrapping_add(1), C + 6, f::ACK, None, b"abX"));
+    assert_eq!((run.client.len(), run.checkpoints.len()), (2, 1));
+    // The checkpoint committed: the secondary is a copy of the primary.
+    let o = run.e.resync(run.now);
+    run.take(o);
+    assert_eq!(run.e.rewrite_offsets(&k.key()), Some(Offsets::default()));
+    let ack = k.client(C + 6, P + 4, f::ACK, Some((5, 100)), b"");
+    run.client_in(ack.clone());
+    assert_eq!(run.secondary.last(), Some(&ack), "no longer rewritten");
+    let p = k.replica(P + 4, C + 6, f::ACK, None, b"def");
+    run.primary_in(p.clone());
+    assert_eq!(run.client.len(), 2);
+    run.secondary_in(k.replica(P + 4, C + 6, f::ACK, None, b"def"));
+    assert_eq!(run.client.last(), Some(&p));
+    assert_eq!(run.checkpoints.len(), 1);
+}
+
+#[test]
+fn a_missing_secondary_reply_times_out() {
+    let k = Conn::v6(40004);
+    let mut run = Run::new(EngineConfig::default());
+    open(&mut run, &k);
+    let p = k.replica(P + 1, C + 6, f::ACK, None, b"late");
+    run.primary_in(p.clone());
+    run.poll(99 * MS);
+    assert_eq!(run.client.len(), 1);
+    run.poll(MS);
+    assert_eq!(run.client.last(), Some(&p));
+    assert_eq!(run.checkpoints.len(), 1);
+    assert!(run.checkpoints[0].contains("Timeout"));
+}
+
+#[test]
+fn udp_and_icmp_are_compared_per_packet() {
+    let mut run = Run::new(EngineConfig::default());
+    let srv = super::frame_tests::ends("10.0.0.1", "10.0.0.9");
+    let q = build::udp_frame(&srv.reversed(), 3333, 53, b"query");
+    assert_eq!(run.client_in(q.clone()), 2);
+    assert_eq!(
+        (run.primary[0].clone(), run.secondary[0].clone()),
+        (q.clone(), q)
+    );
+    let a1 = build::udp_frame(&srv, 53, 3333, b"answer-1");
+    let a2 = build::udp_frame(&srv, 53, 3333, b"answer-2");
+    run.primary_in(a1.clone());
+    run.primary_in(a2.clone());
+    assert!(run.client.is_empty());
+    run.secondary_in(build::udp_frame(&srv, 53, 3333, b"answer-1"));
+    assert_eq!(run.client, vec![a1.clone()]);
+    run.secondary_in(build::udp_frame(&srv, 53, 3333, b"answer-X"));
+    assert_eq!(run.client, vec![a1, a2]);
+    assert_eq!(run.checkpoints.len(), 1);
+    // ICMP echo replies, per identifier.
+    let pong = build::icmp_echo_frame(&srv, false, 77, 1, b"abc");
+    run.primary_in(pong.clone());
+    assert_eq!(run.client.len(), 2);
+    run.secondary_in(pong.clone());
+    assert_eq!(run.client.last(), Some(&pong));
+}
+
+#[test]
+fn arp_from_the_primary_passes_and_from_the_secondary_is_dropped() {
+    let mut run = Run::new(EngineConfig::default());
+    let arp = build::arp_request(
+        [2; 6],
+        "10.0.0.1".parse().unwrap(),
+        "10.0.0.9".parse().unwrap(),
+    );
+    assert_eq!(run.client_in(arp.clone()), 2);
+    run.primary_in(arp.clone());
+    assert_eq!(run.client, vec![arp.clone()]);
+    assert_eq!(run.secondary_in(arp), 0);
+    let st = run.e.stats();
+    assert_eq!(
+        (st.client.non_ip, st.primary.non_ip, st.secondary.non_ip),
+        (1, 1, 1)
+    );
+    assert_eq!(
+        (
+            st.client.frames_out,
+            st.primary.frames_out,
+            st.secondary.frames_out
+        ),
+        (1, 1, 1)
+    );
+}
+
+#[test]
+fn malformed_frames_per_port() {
+    let mut run = Run::new(EngineConfig::default());
+    let mut bad = Conn::v4(1).replica(1, 1, f::ACK, None, b"x");
+    bad[14] = 0x44;
+    assert_eq!(run.client_in(bad.clone()), 0);
+    assert_eq!(run.primary_in(bad.clone()), 1);
+    assert_eq!(run.secondary_in(bad.clone()), 0);
+    assert_eq!(run.client, vec![bad]);
+    let st = run.e.stats();
+    assert_eq!(
+        (
+            st.client.malformed,
+            st.primary.malformed,
+            st.secondary.malformed
+        ),
+        (1, 1, 1)
+    );
+}
+
+#[test]
+fn a_syn_flood_keeps_memory_bounded() {
+    let mut cfg = EngineConfig::default();
+    cfg.rewrite.max_connections = 100;
+    cfg.max_flows = 50;
+    cfg.max_held_frame_bytes = 20_000;
+    let mut run = Run::new(cfg);
+    for port in 0..3000u16 {
+        let k = Conn::v4(port);
+        run.client_in(k.client(7, 0, f::SYN, None, b""));
+        run.primary_in(k.replica(P, 8, f::SYN | f::ACK, None, b""));
+        run.secondary_in(k.replica(S, 8, f::SYN | f::ACK, None, b""));
+        run.client_in(k.client(8, P + 1, f::ACK, None, b""));
+    }
+    assert_eq!(run.client.len(), 3000, "every SYN-ACK reaches its client");
+    let st = run.e.stats();
+    assert_eq!(st.rewrite.connections, 100);
+    assert_eq!(st.rewrite.evicted, 2900);
+    assert_eq!((st.flows, st.compare.flows, st.held_frames), (0, 0, 0));
+    // Data on many flows with no secondary: held frames stay within the budget.
+    for port in 0..3000u16 {
+        run.primary_in(Conn::v4(port).replica(P + 1, 8, f::ACK, None, &[1; 100]));
+        let st = run.e.stats();
+        assert!(st.held_frame_bytes <= 20_000 && st.flows <= 50);
+    }
+    let st = run.e.stats();
+    assert_eq!(run.client.len(), 3000 + st.forced_releases as usize);
+    assert_eq!(st.forced_releases as usize + st.held_frames, 3000);
+    assert_eq!((st.flows, st.flows_evicted), (50, 2950));
+    assert_eq!(run.checkpoints.len(), 1);
+    assert!(st.peak_held_frame_bytes <= 20_000);
+}
+
+/// Every port gets random bytes, truncated and corrupted valid frames: nothing panics, the
+/// budget holds, the client only ever gets frames the primary sent.
+fn garbage_case(frames: Vec<(u8, Vec<u8>)>) -> Result<(), TestCaseError> {
+    let mut run = Run::new(EngineConfig {
+        max_held_frame_bytes: 2000,
+        ..EngineConfig::default()
+    });
+    let mut from_primary = Vec::new();
+    for (port, fr) in frames {
+        match port % 4 {
+            0 => {
+                run.client_in(fr);
+            }
+            1 => {
+                from_primary.push(fr.clone());
+                run.primary_in(fr);
+            }
+            2 => {
+                run.secondary_in(fr);
+            }
+            _ => run.poll(30 * MS),
+        }
+        prop_assert!(run.e.stats().held_frame_bytes <= 2000);
+    }
+    run.poll(Duration::from_secs(5));
+    for c in &run.client {
+        prop_assert!(from_primary.contains(c));
+    }
+    Ok(())
+}
+
+fn valid_frames() -> Vec<Vec<u8>> {
+    let k = Conn::v4(5);
+    let k6 = Conn::v6(6);
+    vec![
+        k.client(C, 0, f::SYN, Some((1, 0)), b""),
+        k.replica(P, C + 1, f::SYN | f::ACK, Some((1, 1)), b""),
+        k.replica(S, C + 1, f::SYN | f::ACK, Some((9, 1)), b""),
+        k.client(C + 1, P + 1, f::ACK, Some((2, 1)), b"req"),
+        k.replica(P + 1, C + 4, f::ACK, None, b"reply"),
+        k.replica(S + 1, C + 4, f::ACK | f::FIN, None, b"reply"),
+        k6.replica(P, 1, f::ACK | f::RST, None, b""),
+        build::udp_frame(&k.c, 1, 2, b"u"),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn garbage_on_every_port_never_panics(
+        frames in proptest::collection::vec((any::<u8>(), proptest::collection::vec(any::<u8>(), 0..120)), 0..60),
+    ) {
+        garbage_case(frames)?;
+    }
+
+    #[test]
+    fn truncated_and_corrupted_frames_never_panic(
+        ops in proptest::collection::vec((any::<u8>(), 0usize..8, any::<usize>(), any::<usize>(), any::<u8>()), 0..60),
+    ) {
+        let valid = valid_frames();
+        let frames = ops
+            .into_iter()
+            .map(|(port, which, cut, at, v)| {
+                let mut fr = valid[which].clone();
+                if v % 2 == 0 {
+                    let n = fr.len();
+                    fr[at % n] = v;
+                }
+                fr.truncate(cut % (fr.len() + 1).max(1) + if v % 3 == 0 { 0 } else { fr.len() });
+                (port, fr)
+            })
+            .collect();
+        garbage_case(frames)?;
+    }
+
+    /// The same reply cut differently on each side, arriving interleaved at random, with
+    /// primary retransmissions: the client gets exactly the primary's frames in the order
+    /// the primary sent them, and no checkpoint is requested.
+    #[test]
+    fn any_segmentation_releases_the_primarys_frames_in_order(
+        len in 1usize..3000,
+        p_cuts in proptest::collection::vec(any::<usize>(), 0..12),
+        s_cuts in proptest::collection::vec(any::<usize>(), 0..12),
+        order in proptest::collection::vec(any::<bool>(), 40),
+        dup in proptest::collection::vec(any::<usize>(), 0..3),
+        v6 in any::<bool>(),
+    ) {
+        let k = if v6 { Conn::v6(40100) } else { Conn::v4(40100) };
+        let mut run = Run::new(EngineConfig::default());
+        let mut expect = open(&mut run, &k);
+        let data: Vec<u8> = (0..len).map(|i| (i * 13 % 256) as u8).collect();
+        let cut = |cuts: &[usize]| {
+            let mut b: Vec<usize> = cuts.iter().map(|c| c % (len + 1)).collect();
+            b.extend([0, len]);
+            b.sort_unstable();
+            b.dedup();
+            b
+        };
+        let (pb, sb) = (cut(&p_cuts), cut(&s_cuts));
+        let mut p_frames: Vec<Vec<u8>> = pb.windows(2).enumerate().map(|(i, w)| {
+            let fl = if i + 2 == pb.len() { f::ACK | f::FIN } else { f::ACK };
+            k.replica(P + 1 + w[0] as u32, C + 6, fl, None, &data[w[0]..w[1]])
+        }).collect();
+        for d in dup {
+            let i = d % p_frames.len();
+            let copy = p_frames[i].clone();
+            p_frames.insert(i + 1, copy);
+        }
+        let s_frames: Vec<Vec<u8>> = sb.windows(2).enumerate().map(|(i, w)| {
+            let fl = if i + 2 == sb.len() { f::ACK | f::FIN } else { f::ACK };
+            k.replica(S.wrapping_add(1 + w[0] as u32), C + 6, fl, None, &data[w[0]..w[1]])
+        }).collect();
+        let (mut pi, mut si, mut oi) = (0, 0, 0);
+        while pi < p_frames.len() || si < s_frames.len() {
+            let primary_next = si == s_frames.len() || (pi < p_frames.len() && order[oi % order.len()]);
+            oi += 1;
+            if primary_next {
+                run.primary_in(p_frames[pi].clone());
+                pi += 1;
+            } else {
+                run.secondary_in(s_frames[si].clone());
+                si += 1;
+            }
+            prop_assert!(expect.len() + pi >= run.client.len());
+        }
+        expect.extend(p_frames);
+        prop_assert_eq!(&run.client, &expect);
+        prop_assert!(run.checkpoints.is_empty());
+        prop_assert_eq!(run.e.stats().held_frames, 0);
+    }
+}
