@@ -140,6 +140,9 @@ pub struct EngineStats {
     pub peak_held_frame_bytes: usize,
     /// Frames released unconfirmed (budget, hold timeout, eviction).
     pub forced_releases: u64,
+    /// Replica TCP segments starting past a FIN of the same side: not compared (the
+    /// primary's pass to the client).
+    pub past_fin: u64,
     /// [`Out::Checkpoint`]s emitted.
     pub checkpoints: u64,
     /// The rewrite table's counters.
@@ -284,6 +287,11 @@ impl PacketEngine {
         self.checkpoint_pending = false;
         let actions = self.cmp.resync_all();
         self.apply(actions, &mut out);
+        for key in self.flows.keys() {
+            if let Some(st) = self.flows.get_mut(&key) {
+                st.resync();
+            }
+        }
         out.extend(self.rewrite.resync().into_iter().map(Out::ToSecondary));
         self.finish(&mut out);
         out
@@ -384,6 +392,14 @@ impl PacketEngine {
         if flags.syn && st.ended {
             // The comparator starts a new comparison on a SYN after the end.
             *st = FlowState::new(&key, now);
+        }
+        let i = usize::from(side == Replica::Secondary);
+        if !st.ended && st.past_fin(i, seq, flags, payload.len()) {
+            self.stats.past_fin += 1;
+            if side == Replica::Primary && !frame.is_empty() {
+                out.push(Out::ToClient(frame));
+            }
+            return;
         }
         let ended = st.ended;
         let mut until = 0;

@@ -4,8 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use proptest::prelude::*;
-
 use super::build::{self, Endpoints, TcpSegment};
 use super::checksum;
 use super::engine::{EngineConfig, Out, PacketEngine};
@@ -13,36 +11,36 @@ use super::frame::{parse, tcp_flags as f, Transport};
 use super::rewrite::Offsets;
 use crate::flow::FlowKey;
 
-const MS: Duration = Duration::from_millis(1);
+pub(super) const MS: Duration = Duration::from_millis(1);
 
 /// The client's end (`c`) and the service's (`s`) of one connection.
 #[derive(Clone, Copy)]
-struct Conn {
-    c: Endpoints,
-    cport: u16,
+pub(super) struct Conn {
+    pub(super) c: Endpoints,
+    pub(super) cport: u16,
 }
 
 impl Conn {
-    fn v4(cport: u16) -> Conn {
+    pub(super) fn v4(cport: u16) -> Conn {
         Conn {
             c: super::frame_tests::ends("10.0.0.9", "10.0.0.1"),
             cport,
         }
     }
-    fn v6(cport: u16) -> Conn {
+    pub(super) fn v6(cport: u16) -> Conn {
         Conn {
             c: super::frame_tests::ends("2001:db8::9", "2001:db8::1"),
             cport,
         }
     }
-    fn key(&self) -> FlowKey {
+    pub(super) fn key(&self) -> FlowKey {
         FlowKey::tcp(
             std::net::SocketAddr::new(self.c.dst, 80),
             std::net::SocketAddr::new(self.c.src, self.cport),
         )
     }
     /// A segment from the client.
-    fn client(
+    pub(super) fn client(
         &self,
         seq: u32,
         ack: u32,
@@ -56,7 +54,7 @@ impl Conn {
         )
     }
     /// A segment from a replica (both replicas use the same addresses).
-    fn replica(
+    pub(super) fn replica(
         &self,
         seq: u32,
         ack: u32,
@@ -94,17 +92,17 @@ impl Conn {
 }
 
 /// An engine and everything it sent, per port.
-struct Run {
-    e: PacketEngine,
-    now: Instant,
-    client: Vec<Vec<u8>>,
-    primary: Vec<Vec<u8>>,
-    secondary: Vec<Vec<u8>>,
-    checkpoints: Vec<String>,
+pub(super) struct Run {
+    pub(super) e: PacketEngine,
+    pub(super) now: Instant,
+    pub(super) client: Vec<Vec<u8>>,
+    pub(super) primary: Vec<Vec<u8>>,
+    pub(super) secondary: Vec<Vec<u8>>,
+    pub(super) checkpoints: Vec<String>,
 }
 
 impl Run {
-    fn new(cfg: EngineConfig) -> Run {
+    pub(super) fn new(cfg: EngineConfig) -> Run {
         Run {
             e: PacketEngine::new(cfg),
             now: Instant::now(),
@@ -114,7 +112,7 @@ impl Run {
             checkpoints: Vec::new(),
         }
     }
-    fn take(&mut self, outs: Vec<Out>) -> usize {
+    pub(super) fn take(&mut self, outs: Vec<Out>) -> usize {
         let n = outs.len();
         for o in outs {
             match o {
@@ -126,26 +124,26 @@ impl Run {
         }
         n
     }
-    fn client_in(&mut self, fr: Vec<u8>) -> usize {
+    pub(super) fn client_in(&mut self, fr: Vec<u8>) -> usize {
         let o = self.e.from_client(fr, self.now);
         self.take(o)
     }
-    fn primary_in(&mut self, fr: Vec<u8>) -> usize {
+    pub(super) fn primary_in(&mut self, fr: Vec<u8>) -> usize {
         let o = self.e.from_primary(fr, self.now);
         self.take(o)
     }
-    fn secondary_in(&mut self, fr: Vec<u8>) -> usize {
+    pub(super) fn secondary_in(&mut self, fr: Vec<u8>) -> usize {
         let o = self.e.from_secondary(fr, self.now);
         self.take(o)
     }
-    fn poll(&mut self, dt: Duration) {
+    pub(super) fn poll(&mut self, dt: Duration) {
         self.now += dt;
         let o = self.e.poll(self.now);
         self.take(o);
     }
 }
 
-fn tcp_fields(fr: &[u8]) -> (u32, u32, Option<(u32, u32)>) {
+pub(super) fn tcp_fields(fr: &[u8]) -> (u32, u32, Option<(u32, u32)>) {
     let ip = parse(fr).unwrap().ip.unwrap();
     assert!(checksum::verify(fr, &ip), "bad checksum");
     let Transport::Tcp(t) = ip.transport else {
@@ -154,13 +152,13 @@ fn tcp_fields(fr: &[u8]) -> (u32, u32, Option<(u32, u32)>) {
     (t.seq, t.ack, t.options.timestamps.map(|t| (t.val, t.ecr)))
 }
 
-const C: u32 = 1000;
-const P: u32 = 50_000;
-const S: u32 = 0xffff_ff00;
+pub(super) const C: u32 = 1000;
+pub(super) const P: u32 = 50_000;
+pub(super) const S: u32 = 0xffff_ff00;
 
 /// Handshake with a client ACK sent before the secondary's SYN-ACK (queued, then flushed), and
 /// the client's request. Returns the primary's frames the client must have got so far.
-fn open(run: &mut Run, k: &Conn) -> Vec<Vec<u8>> {
+pub(super) fn open(run: &mut Run, k: &Conn) -> Vec<Vec<u8>> {
     let syn = k.client(C, 0, f::SYN, Some((1, 0)), b"");
     assert_eq!(run.client_in(syn.clone()), 2);
     assert_eq!(
@@ -200,7 +198,7 @@ fn open(run: &mut Run, k: &Conn) -> Vec<Vec<u8>> {
     vec![p_synack]
 }
 
-fn reply() -> Vec<u8> {
+pub(super) fn reply() -> Vec<u8> {
     (0..300u32).map(|i| (i * 7 % 251) as u8).collect()
 }
 
@@ -430,165 +428,127 @@ fn malformed_frames_per_port() {
 }
 
 #[test]
-fn a_syn_flood_keeps_memory_bounded() {
-    let mut cfg = EngineConfig::default();
-    cfg.rewrite.max_connections = 100;
-    cfg.max_flows = 50;
-    cfg.max_held_frame_bytes = 20_000;
-    let mut run = Run::new(cfg);
-    for port in 0..3000u16 {
-        let k = Conn::v4(port);
-        run.client_in(k.client(7, 0, f::SYN, None, b""));
-        run.primary_in(k.replica(P, 8, f::SYN | f::ACK, None, b""));
-        run.secondary_in(k.replica(S, 8, f::SYN | f::ACK, None, b""));
-        run.client_in(k.client(8, P + 1, f::ACK, None, b""));
-    }
-    assert_eq!(run.client.len(), 3000, "every SYN-ACK reaches its client");
-    let st = run.e.stats();
-    assert_eq!(st.rewrite.connections, 100);
-    assert_eq!(st.rewrite.evicted, 2900);
-    assert_eq!((st.flows, st.compare.flows, st.held_frames), (0, 0, 0));
-    // Data on many flows with no secondary: held frames stay within the budget.
-    for port in 0..3000u16 {
-        run.primary_in(Conn::v4(port).replica(P + 1, 8, f::ACK, None, &[1; 100]));
-        let st = run.e.stats();
-        assert!(st.held_frame_bytes <= 20_000 && st.flows <= 50);
-    }
-    let st = run.e.stats();
-    assert_eq!(run.client.len(), 3000 + st.forced_releases as usize);
-    assert_eq!(st.forced_releases as usize + st.held_frames, 3000);
-    assert_eq!((st.flows, st.flows_evicted), (50, 2950));
+fn a_frame_never_covered_goes_out_after_the_hold_timeout() {
+    let k = Conn::v4(40005);
+    let mut run = Run::new(EngineConfig::default());
+    open(&mut run, &k);
+    // Far past the comparator's out-of-order window: dropped there, nothing will cover it.
+    let far = k.replica(P + 1 + 1_000_000, C + 6, f::ACK, None, b"far");
+    run.primary_in(far.clone());
+    run.poll(999 * MS);
+    assert_eq!((run.client.len(), run.checkpoints.len()), (1, 0));
+    run.poll(MS);
+    assert_eq!(run.client.last(), Some(&far));
     assert_eq!(run.checkpoints.len(), 1);
-    assert!(st.peak_held_frame_bytes <= 20_000);
+    let st = run.e.stats();
+    assert_eq!((st.forced_releases, st.compare.segments_dropped), (1, 1));
 }
 
-/// Every port gets random bytes, truncated and corrupted valid frames: nothing panics, the
-/// budget holds, the client only ever gets frames the primary sent.
-fn garbage_case(frames: Vec<(u8, Vec<u8>)>) -> Result<(), TestCaseError> {
+#[test]
+fn idle_flows_are_forgotten_with_the_comparator_and_start_again() {
+    let mut cfg = EngineConfig::default();
+    cfg.compare.idle_timeout = Duration::from_secs(10);
+    let k = Conn::v4(40006);
+    let mut run = Run::new(cfg);
+    open(&mut run, &k);
+    run.primary_in(k.replica(P + 1, C + 6, f::ACK, None, b"abc"));
+    run.secondary_in(k.replica(S.wrapping_add(1), C + 6, f::ACK, None, b"abc"));
+    assert_eq!(run.client.len(), 2);
+    run.poll(Duration::from_secs(10));
+    let st = run.e.stats();
+    assert_eq!((st.flows, st.compare.flows), (0, 0));
+    // Both pick the flow up again from its next segments.
+    let p = k.replica(P + 4, C + 6, f::ACK, None, b"def");
+    run.primary_in(p.clone());
+    assert_eq!(run.client.len(), 2);
+    run.secondary_in(k.replica(S.wrapping_add(4), C + 6, f::ACK, None, b"def"));
+    assert_eq!(run.client.last(), Some(&p));
+    assert!(run.checkpoints.is_empty());
+}
+
+#[test]
+fn a_new_connection_on_the_same_ports_compares_from_its_own_syn() {
+    let k = Conn::v6(40007);
+    let mut run = Run::new(EngineConfig::default());
+    open(&mut run, &k);
+    run.primary_in(k.replica(P + 1, C + 6, f::ACK | f::FIN, None, b"bye"));
+    run.secondary_in(k.replica(S.wrapping_add(1), C + 6, f::ACK | f::FIN, None, b"bye"));
+    run.client_in(k.client(C + 6, P + 5, f::ACK | f::FIN, None, b""));
+    assert_eq!(run.client.len(), 2);
+    // Reopened at once (within the comparator's ended linger), with new ISNs everywhere.
+    let (c2, p2, s2) = (9_000u32, 77_000u32, 3u32);
+    run.client_in(k.client(c2, 0, f::SYN, None, b""));
+    run.primary_in(k.replica(p2, c2 + 1, f::SYN | f::ACK, None, b""));
+    run.secondary_in(k.replica(s2, c2 + 1, f::SYN | f::ACK, None, b""));
+    run.client_in(k.client(c2 + 1, p2 + 1, f::ACK, None, b"again"));
+    assert_eq!(tcp_fields(run.secondary.last().unwrap()).1, s2 + 1);
+    let p = k.replica(p2 + 1, c2 + 6, f::ACK, None, b"hello");
+    run.primary_in(p.clone());
+    assert_eq!(run.client.len(), 3);
+    run.secondary_in(k.replica(s2 + 1, c2 + 6, f::ACK, None, b"hel"));
+    assert_eq!(run.client.len(), 3);
+    run.secondary_in(k.replica(s2 + 4, c2 + 6, f::ACK, None, b"lo"));
+    assert_eq!(run.client.last(), Some(&p));
+    assert!(run.checkpoints.is_empty());
+}
+
+#[test]
+fn packets_released_over_budget_do_not_release_later_ones_early() {
+    let srv = super::frame_tests::ends("10.0.0.1", "10.0.0.9");
+    let a = |n: u8| build::udp_frame(&srv, 53, 3333, &[n; 100]);
     let mut run = Run::new(EngineConfig {
-        max_held_frame_bytes: 2000,
+        max_held_frame_bytes: 2 * (a(0).len() + super::engine::HELD_FRAME_OVERHEAD),
         ..EngineConfig::default()
     });
-    let mut from_primary = Vec::new();
-    for (port, fr) in frames {
-        match port % 4 {
-            0 => {
-                run.client_in(fr);
-            }
-            1 => {
-                from_primary.push(fr.clone());
-                run.primary_in(fr);
-            }
-            2 => {
-                run.secondary_in(fr);
-            }
-            _ => run.poll(30 * MS),
-        }
-        prop_assert!(run.e.stats().held_frame_bytes <= 2000);
+    run.primary_in(a(1));
+    run.primary_in(a(2));
+    assert!(run.client.is_empty());
+    run.primary_in(a(3));
+    assert_eq!(run.client, vec![a(1), a(2), a(3)], "the whole flow goes");
+    assert_eq!(run.checkpoints.len(), 1);
+    run.primary_in(a(4));
+    for n in 1..=3 {
+        run.secondary_in(a(n));
     }
-    run.poll(Duration::from_secs(5));
-    for c in &run.client {
-        prop_assert!(from_primary.contains(c));
-    }
-    Ok(())
+    assert_eq!(
+        run.client.len(),
+        3,
+        "the comparator's releases of 1-3 are skipped"
+    );
+    run.secondary_in(a(4));
+    assert_eq!(run.client.last(), Some(&a(4)));
 }
 
-fn valid_frames() -> Vec<Vec<u8>> {
-    let k = Conn::v4(5);
-    let k6 = Conn::v6(6);
-    vec![
-        k.client(C, 0, f::SYN, Some((1, 0)), b""),
-        k.replica(P, C + 1, f::SYN | f::ACK, Some((1, 1)), b""),
-        k.replica(S, C + 1, f::SYN | f::ACK, Some((9, 1)), b""),
-        k.client(C + 1, P + 1, f::ACK, Some((2, 1)), b"req"),
-        k.replica(P + 1, C + 4, f::ACK, None, b"reply"),
-        k.replica(S + 1, C + 4, f::ACK | f::FIN, None, b"reply"),
-        k6.replica(P, 1, f::ACK | f::RST, None, b""),
-        build::udp_frame(&k.c, 1, 2, b"u"),
-    ]
+#[test]
+fn fragments_pass_uncompared() {
+    let srv = super::frame_tests::ends("10.0.0.1", "10.0.0.9");
+    let mut frag = build::udp_frame(&srv, 53, 3333, b"first fragment");
+    frag[20] |= 0x20;
+    let mut run = Run::new(EngineConfig::default());
+    assert_eq!(run.client_in(frag.clone()), 2);
+    assert_eq!(run.secondary, vec![frag.clone()]);
+    run.primary_in(frag.clone());
+    assert_eq!(run.client, vec![frag.clone()]);
+    assert_eq!(run.secondary_in(frag), 0);
+    assert_eq!(run.e.stats().fragments, 3);
 }
 
-proptest! {
-    #[test]
-    fn garbage_on_every_port_never_panics(
-        frames in proptest::collection::vec((any::<u8>(), proptest::collection::vec(any::<u8>(), 0..120)), 0..60),
-    ) {
-        garbage_case(frames)?;
+#[test]
+fn a_segment_past_a_fin_is_not_compared() {
+    // The comparator's reassembly cannot take a segment that starts past a FIN it has not
+    // reached in order yet; the engine keeps such segments from it.
+    let k = Conn::v4(40008);
+    let mut run = Run::new(EngineConfig::default());
+    let a = k.replica(100, C, f::ACK, None, b"ab");
+    let fin = k.replica(110, C, f::ACK | f::FIN, None, b"xy");
+    let past = k.replica(120, C, f::ACK, None, b"zz");
+    let gap = k.replica(102, C, f::ACK, None, b"cdefghij");
+    for fr in [&a, &fin, &past, &gap] {
+        run.primary_in(fr.clone());
     }
-
-    #[test]
-    fn truncated_and_corrupted_frames_never_panic(
-        ops in proptest::collection::vec((any::<u8>(), 0usize..8, any::<usize>(), any::<usize>(), any::<u8>()), 0..60),
-    ) {
-        let valid = valid_frames();
-        let frames = ops
-            .into_iter()
-            .map(|(port, which, cut, at, v)| {
-                let mut fr = valid[which].clone();
-                if v % 2 == 0 {
-                    let n = fr.len();
-                    fr[at % n] = v;
-                }
-                fr.truncate(cut % (fr.len() + 1).max(1) + if v % 3 == 0 { 0 } else { fr.len() });
-                (port, fr)
-            })
-            .collect();
-        garbage_case(frames)?;
-    }
-
-    /// The same reply cut differently on each side, arriving interleaved at random, with
-    /// primary retransmissions: the client gets exactly the primary's frames in the order
-    /// the primary sent them, and no checkpoint is requested.
-    #[test]
-    fn any_segmentation_releases_the_primarys_frames_in_order(
-        len in 1usize..3000,
-        p_cuts in proptest::collection::vec(any::<usize>(), 0..12),
-        s_cuts in proptest::collection::vec(any::<usize>(), 0..12),
-        order in proptest::collection::vec(any::<bool>(), 40),
-        dup in proptest::collection::vec(any::<usize>(), 0..3),
-        v6 in any::<bool>(),
-    ) {
-        let k = if v6 { Conn::v6(40100) } else { Conn::v4(40100) };
-        let mut run = Run::new(EngineConfig::default());
-        let mut expect = open(&mut run, &k);
-        let data: Vec<u8> = (0..len).map(|i| (i * 13 % 256) as u8).collect();
-        let cut = |cuts: &[usize]| {
-            let mut b: Vec<usize> = cuts.iter().map(|c| c % (len + 1)).collect();
-            b.extend([0, len]);
-            b.sort_unstable();
-            b.dedup();
-            b
-        };
-        let (pb, sb) = (cut(&p_cuts), cut(&s_cuts));
-        let mut p_frames: Vec<Vec<u8>> = pb.windows(2).enumerate().map(|(i, w)| {
-            let fl = if i + 2 == pb.len() { f::ACK | f::FIN } else { f::ACK };
-            k.replica(P + 1 + w[0] as u32, C + 6, fl, None, &data[w[0]..w[1]])
-        }).collect();
-        for d in dup {
-            let i = d % p_frames.len();
-            let copy = p_frames[i].clone();
-            p_frames.insert(i + 1, copy);
-        }
-        let s_frames: Vec<Vec<u8>> = sb.windows(2).enumerate().map(|(i, w)| {
-            let fl = if i + 2 == sb.len() { f::ACK | f::FIN } else { f::ACK };
-            k.replica(S.wrapping_add(1 + w[0] as u32), C + 6, fl, None, &data[w[0]..w[1]])
-        }).collect();
-        let (mut pi, mut si, mut oi) = (0, 0, 0);
-        while pi < p_frames.len() || si < s_frames.len() {
-            let primary_next = si == s_frames.len() || (pi < p_frames.len() && order[oi % order.len()]);
-            oi += 1;
-            if primary_next {
-                run.primary_in(p_frames[pi].clone());
-                pi += 1;
-            } else {
-                run.secondary_in(s_frames[si].clone());
-                si += 1;
-            }
-            prop_assert!(expect.len() + pi >= run.client.len());
-        }
-        expect.extend(p_frames);
-        prop_assert_eq!(&run.client, &expect);
-        prop_assert!(run.checkpoints.is_empty());
-        prop_assert_eq!(run.e.stats().held_frames, 0);
-    }
+    assert_eq!(run.client, vec![past.clone()]);
+    assert_eq!(run.e.stats().past_fin, 1);
+    run.secondary_in(k.replica(500, C, f::ACK | f::FIN, None, b"abcdefghijxy"));
+    assert_eq!(run.client, vec![past, a, fin, gap]);
+    assert!(run.checkpoints.is_empty());
 }

@@ -71,6 +71,8 @@ pub(super) struct FlowState {
     skip: usize,
     /// The comparator ended the flow (TCP).
     pub(super) ended: bool,
+    /// TCP, per side (primary, secondary): the sequence number just past the first FIN fed.
+    fin_seq: [Option<u32>; 2],
     /// The last time the comparator had input for the flow.
     pub(super) last_input: Instant,
 }
@@ -82,8 +84,31 @@ impl FlowState {
             frames: VecDeque::new(),
             skip: 0,
             ended: false,
+            fin_seq: [None; 2],
             last_input: now,
         }
+    }
+
+    /// Whether a TCP segment of `side` (0: primary, 1: secondary) starts past the end of a
+    /// FIN that side already sent; such a segment is not given to the comparator. (Its
+    /// reassembly fails on one that starts past a FIN it has not reached in order yet; a
+    /// correct sender never sends one.) Notes the side's first FIN.
+    pub(super) fn past_fin(&mut self, side: usize, seq: u32, flags: TcpFlags, len: usize) -> bool {
+        let data_seq = if flags.syn { seq.wrapping_add(1) } else { seq };
+        if let Some(fin) = self.fin_seq[side] {
+            if data_seq.wrapping_sub(fin) as i32 > 0 {
+                return true;
+            }
+        }
+        if flags.fin && self.fin_seq[side].is_none() {
+            self.fin_seq[side] = Some(data_seq.wrapping_add(len as u32));
+        }
+        false
+    }
+
+    /// A checkpoint committed: the comparator restarts the secondary's side.
+    pub(super) fn resync(&mut self) {
+        self.fin_seq[1] = None;
     }
 
     pub(super) fn push(&mut self, frame: Vec<u8>, until: u64, since: Instant, t: &mut Totals) {
@@ -200,6 +225,25 @@ mod tests {
             0,
             "before the start"
         );
+    }
+
+    #[test]
+    fn segments_past_a_fin_are_recognized() {
+        let key = FlowKey::tcp("10.0.0.1:1".parse().unwrap(), "10.0.0.2:2".parse().unwrap());
+        let mut st = FlowState::new(&key, Instant::now());
+        assert!(!st.past_fin(1, u32::MAX - 2, TcpFlags::FIN, 2));
+        assert!(
+            !st.past_fin(1, u32::MAX - 2, TcpFlags::NONE, 5),
+            "may reach past it"
+        );
+        assert!(
+            !st.past_fin(1, u32::MAX, TcpFlags::FIN, 0),
+            "a second FIN is not noted"
+        );
+        assert!(st.past_fin(1, 0, TcpFlags::NONE, 1));
+        assert!(!st.past_fin(0, 0, TcpFlags::NONE, 1), "the other side");
+        st.resync();
+        assert!(!st.past_fin(1, 0, TcpFlags::NONE, 1));
     }
 
     #[test]

@@ -26,6 +26,8 @@ mod lru;
 pub mod rewrite;
 
 #[cfg(test)]
+mod engine_props;
+#[cfg(test)]
 mod engine_tests;
 #[cfg(test)]
 mod frame_tests;
