@@ -25,6 +25,9 @@
 //!   compare. It reaches the comparator lazily, just before that replica's next segment of the
 //!   connection (see [`super::rewrite::RewriteTable::take_unfed_syn`]), so the comparator
 //!   still learns each side's ISN but a flood of handshakes creates no comparator flows.
+//!   When a replica accepts a new connection on addresses whose old comparison never ended
+//!   (the client reset it: the replicas then drop it silently), the old comparison is ended
+//!   first, as reset.
 //! - UDP and ICMP: one held frame per comparator release, in order.
 //! - Frames that do not parse, IP fragments (not reassembled), other IP protocols and non-IP
 //!   frames (ARP...) pass to the client at once, uncompared and counted.
@@ -40,12 +43,40 @@
 //! **Bounds.** Held frames count toward [`EngineConfig::max_held_frame_bytes`] (each frame's
 //! length plus [`HELD_FRAME_OVERHEAD`]); past it, the flow holding the oldest frame releases
 //! all its frames unconfirmed and a checkpoint is requested. A frame held longer than
-//! [`EngineConfig::hold_timeout`] (which the comparator's timeout should make impossible) is
-//! released the same way. The engine's flow states are bounded by [`EngineConfig::max_flows`]
-//! (least recently used evicted); the comparator's own flows are bounded by bytes and its idle
-//! timeout (see [`Comparator`]).
+//! [`EngineConfig::hold_timeout`] (one whose bytes the comparator never releases: a segment
+//! past its out-of-order window, say) is released the same way. The engine's flow states are
+//! bounded by [`EngineConfig::max_flows`] (least recently used evicted, its frames released
+//! unconfirmed); the rewrite table by [`RewriteConfig::max_connections`]; the comparator's
+//! own flows by bytes and its idle timeout (see [`Comparator`]).
 //!
 //! **Checkpoints.** [`Out::Checkpoint`] is emitted at most once until [`PacketEngine::resync`].
+//!
+//! **Resync.** Once a checkpoint committed, the secondary is a copy of the primary, TCP stack
+//! included: on every connection open at that moment it uses the primary's sequence numbers
+//! and timestamp base. So the comparator compares in the primary's sequence space again
+//! ([`Comparator::resync_all`]) and the rewrite offsets become 0 ([`RewriteTable::resync`];
+//! QEMU's filter-rewriter also zeroes its offsets on a checkpoint). Keeping the old offsets
+//! would shift the client's ACKs past what the secondary sent. Connections opened after the
+//! checkpoint learn their own offsets from their SYN-ACKs.
+//!
+//! **Not handled.**
+//! - IP fragments are not reassembled: from the primary they pass uncompared, from the client
+//!   they are mirrored unrewritten (a fragmented ACK reaches the secondary in the primary's
+//!   sequence space), from the secondary they are dropped.
+//! - ICMP errors from the client quoting a TCP header (fragmentation needed...) reach the
+//!   secondary with the quoted sequence numbers in the primary's space.
+//! - IP protocols other than TCP, UDP and ICMP (and TCP behind an IPv6 header other than
+//!   hop-by-hop, routing, destination options or an atomic fragment header, such as AH) pass
+//!   uncompared; IPv6 jumbograms are malformed.
+//! - A TCP segment that starts past a FIN its sender already sent is not compared (the
+//!   comparator's reassembly cannot take it; no correct sender sends one); the primary's
+//!   passes to the client at once.
+//! - The timestamp offset is learned once per connection: the secondary's timestamp clock is
+//!   taken to tick at the primary's rate.
+//! - An engine flow state evicted while the comparator still holds bytes of that flow: the
+//!   comparator's later releases of those bytes count toward the flow's next frames (a
+//!   checkpoint was requested if frames were held). Only with more than `max_flows` active
+//!   flows.
 
 use std::time::{Duration, Instant};
 
@@ -140,6 +171,9 @@ pub struct EngineStats {
     pub peak_held_frame_bytes: usize,
     /// Frames released unconfirmed (budget, hold timeout, eviction).
     pub forced_releases: u64,
+    /// TCP comparisons ended because the primary accepted a new connection on their
+    /// addresses (the client had reset the old one).
+    pub stale_ended: u64,
     /// Replica TCP segments starting past a FIN of the same side: not compared (the
     /// primary's pass to the client).
     pub past_fin: u64,
@@ -281,7 +315,8 @@ impl PacketEngine {
     /// A checkpoint committed: every flow compares again ([`Comparator::resync_all`]), a new
     /// checkpoint may be requested, and the rewrite offsets become 0 (the secondary is now a
     /// copy of the primary and uses its sequence numbers; see [`RewriteTable::resync`]), which
-    /// sends the frames queued for connections whose primary ISN is known.
+    /// sends the frames queued for connections whose primary ISN is known. `now` is not used
+    /// today (the call takes it like the others).
     pub fn resync(&mut self, _now: Instant) -> Vec<Out> {
         let mut out = Vec::new();
         self.checkpoint_pending = false;
@@ -363,10 +398,49 @@ impl PacketEngine {
             return;
         }
         let unfed = self.rewrite.take_unfed_syn(side, key);
+        if flags.syn || unfed.is_some() {
+            let isn = if flags.syn { Some(tcp.seq) } else { unfed };
+            self.end_stale(side, key, isn, now, out);
+        }
         if let (Some(isn), false) = (unfed, flags.syn) {
             self.feed_tcp(side, key, isn, TcpFlags::SYN, Vec::new(), &tcp, now, out);
         }
         self.feed_tcp(side, key, tcp.seq, flags, frame, &tcp, now, out);
+    }
+
+    /// A replica accepted a new connection on `key` (its SYN, at `isn`, is about to be fed)
+    /// while an older one is still compared there: the client reset the old one, and a reset
+    /// connection leaves the replicas silently, so the comparator never saw it end. End it as
+    /// reset (its held output goes to the client, which ignores it) so that the SYN starts a
+    /// new comparison. The connections are told apart by the rewrite table's generation, or,
+    /// for a comparison begun without a SYN, by the primary's ISN.
+    fn end_stale(
+        &mut self,
+        side: Replica,
+        key: FlowKey,
+        isn: Option<u32>,
+        now: Instant,
+        out: &mut Vec<Out>,
+    ) {
+        let generation = self.rewrite.generation(&key);
+        let st = self.state(key, now, out);
+        let Some(pos) = st.tcp.as_ref() else {
+            return;
+        };
+        let (Some(seq), Some(base)) = (pos.released_seq(), pos.base) else {
+            return;
+        };
+        let stale = match (st.connection, generation) {
+            (Some(old), Some(new)) => old != new,
+            (None, _) => side == Replica::Primary && isn.is_some_and(|i| base != i.wrapping_add(1)),
+            (Some(_), None) => false,
+        };
+        if st.ended || !stale {
+            return;
+        }
+        self.stats.stale_ended += 1;
+        let actions = self.cmp.primary_tcp(key, seq, TcpFlags::RST, &[], now);
+        self.apply(actions, out);
     }
 
     /// Give one TCP segment to the comparator; a primary segment's frame (when not empty: a
@@ -388,10 +462,14 @@ impl PacketEngine {
         } else {
             tcp.payload(&frame)
         };
+        let generation = self.rewrite.generation(&key);
         let st = self.state(key, now, out);
         if flags.syn && st.ended {
             // The comparator starts a new comparison on a SYN after the end.
             *st = FlowState::new(&key, now);
+        }
+        if flags.syn && st.connection.is_none() {
+            st.connection = generation;
         }
         let i = usize::from(side == Replica::Secondary);
         if !st.ended && st.past_fin(i, seq, flags, payload.len()) {

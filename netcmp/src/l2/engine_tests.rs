@@ -552,3 +552,47 @@ fn a_segment_past_a_fin_is_not_compared() {
     assert_eq!(run.client, vec![past, a, fin, gap]);
     assert!(run.checkpoints.is_empty());
 }
+
+#[test]
+fn a_connection_reset_by_the_client_and_reopened_compares_again() {
+    let k = Conn::v4(40009);
+    let mut run = Run::new(EngineConfig::default());
+    open(&mut run, &k);
+    let old = k.replica(P + 1, C + 6, f::ACK, None, b"never confirmed");
+    run.primary_in(old.clone());
+    run.client_in(k.client(C + 6, 0, f::RST, None, b""));
+    // The replicas drop the connection silently; the client reconnects from the same port.
+    let (c2, p2, s2) = (4_000_000u32, 123u32, 456u32);
+    run.client_in(k.client(c2, 0, f::SYN, None, b""));
+    run.primary_in(k.replica(p2, c2 + 1, f::SYN | f::ACK, None, b""));
+    run.secondary_in(k.replica(s2, c2 + 1, f::SYN | f::ACK, None, b""));
+    assert_eq!(run.client.len(), 2);
+    let new = k.replica(p2 + 1, c2 + 1, f::ACK, None, b"new");
+    run.primary_in(new.clone());
+    assert_eq!(run.client.last(), Some(&old), "the old comparison ended");
+    run.secondary_in(k.replica(s2 + 1, c2 + 1, f::ACK, None, b"new"));
+    assert_eq!(run.client.last(), Some(&new));
+    assert!(run.checkpoints.is_empty());
+    assert_eq!(run.e.stats().stale_ended, 1);
+}
+
+#[test]
+fn a_reopened_connection_whose_secondary_answers_first_compares_again() {
+    let k = Conn::v6(40010);
+    let mut run = Run::new(EngineConfig::default());
+    open(&mut run, &k);
+    run.primary_in(k.replica(P + 1, C + 6, f::ACK, None, b"old"));
+    run.client_in(k.client(C + 6, 0, f::RST, None, b""));
+    let (c2, p2, s2) = (4_000_000u32, 123u32, 456u32);
+    run.client_in(k.client(c2, 0, f::SYN, None, b""));
+    run.primary_in(k.replica(p2, c2 + 1, f::SYN | f::ACK, None, b""));
+    run.secondary_in(k.replica(s2, c2 + 1, f::SYN | f::ACK, None, b""));
+    // This time the secondary's reply comes first.
+    run.secondary_in(k.replica(s2 + 1, c2 + 1, f::ACK, None, b"new"));
+    assert_eq!(run.client.len(), 3, "the old comparison ended");
+    let new = k.replica(p2 + 1, c2 + 1, f::ACK, None, b"new");
+    run.primary_in(new.clone());
+    assert_eq!(run.client.last(), Some(&new));
+    assert!(run.checkpoints.is_empty());
+    assert_eq!(run.e.stats().stale_ended, 1);
+}

@@ -30,7 +30,7 @@ struct Held {
 #[derive(Debug, Default)]
 pub(super) struct TcpPos {
     /// The sequence number of stream offset 0.
-    base: Option<u32>,
+    pub(super) base: Option<u32>,
     /// The furthest stream offset the primary's payload reached.
     hi: u64,
     /// Stream bytes the comparator released.
@@ -38,6 +38,13 @@ pub(super) struct TcpPos {
 }
 
 impl TcpPos {
+    /// The sequence number of the first byte not released yet, once the base is known: at
+    /// or before the comparator's in-order position (so a segment there never reaches past
+    /// anything it holds).
+    pub(super) fn released_seq(&self) -> Option<u32> {
+        Some(self.base?.wrapping_add(self.released as u32))
+    }
+
     /// The offset a primary segment's frame waits for: where its payload ends, as the
     /// comparator's reassembly places it (the base is the first segment's, after a SYN;
     /// sequence numbers are read within 2^31 of the current position); without payload, the
@@ -71,6 +78,9 @@ pub(super) struct FlowState {
     skip: usize,
     /// The comparator ended the flow (TCP).
     pub(super) ended: bool,
+    /// TCP: the rewrite table's generation of the connection whose SYN started this
+    /// comparison, if one did.
+    pub(super) connection: Option<u64>,
     /// TCP, per side (primary, secondary): the sequence number just past the first FIN fed.
     fin_seq: [Option<u32>; 2],
     /// The last time the comparator had input for the flow.
@@ -84,6 +94,7 @@ impl FlowState {
             frames: VecDeque::new(),
             skip: 0,
             ended: false,
+            connection: None,
             fin_seq: [None; 2],
             last_input: now,
         }

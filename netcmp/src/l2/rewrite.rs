@@ -129,6 +129,8 @@ pub struct RewriteStats {
 
 #[derive(Debug)]
 struct Conn {
+    /// Which connection on these addresses this is ([`RewriteTable::generation`]).
+    generation: u64,
     client_isn: Option<u32>,
     /// Per replica ([`Replica::index`]): the ISN, the SYN's TSval, whether the SYN was fed.
     isn: [Option<u32>; 2],
@@ -144,8 +146,9 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(now: Instant) -> Conn {
+    fn new(generation: u64, now: Instant) -> Conn {
         Conn {
+            generation,
             client_isn: None,
             isn: [None; 2],
             tsval: [None; 2],
@@ -182,6 +185,7 @@ pub struct RewriteTable {
     closing: VecDeque<(Instant, FlowKey)>,
     queued_bytes: usize,
     queued_frames: usize,
+    generations: u64,
     stats: RewriteStats,
 }
 
@@ -202,6 +206,7 @@ impl RewriteTable {
             closing: VecDeque::new(),
             queued_bytes: 0,
             queued_frames: 0,
+            generations: 0,
             stats: RewriteStats::default(),
         }
     }
@@ -308,6 +313,12 @@ impl RewriteTable {
         Some(isn)
     }
 
+    /// A number telling the connections on `key` apart: each one the table starts (on a SYN)
+    /// gets a new one.
+    pub fn generation(&self, key: &FlowKey) -> Option<u64> {
+        Some(self.conns.get(key)?.generation)
+    }
+
     /// The offsets of connection `key`, once both ISNs are known.
     pub fn offsets(&self, key: &FlowKey) -> Option<Offsets> {
         self.conns.get(key)?.offsets()
@@ -375,7 +386,8 @@ impl RewriteTable {
             self.forget(k);
             self.stats.evicted += 1;
         }
-        self.conns.insert(key, Conn::new(now));
+        self.generations += 1;
+        self.conns.insert(key, Conn::new(self.generations, now));
     }
 
     fn forget(&mut self, key: FlowKey) {
