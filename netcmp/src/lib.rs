@@ -43,6 +43,7 @@
 
 pub mod buffer;
 pub mod flow;
+pub mod l2;
 pub mod link;
 pub mod packet;
 pub mod proxy;
