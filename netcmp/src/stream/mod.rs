@@ -117,7 +117,8 @@ impl Reassembly {
         if let Some(f) = self.fin {
             end = end.min(f as i64);
         }
-        if end <= self.next as i64 {
+        // Nothing new: all of it is old, or it lies past the end of the stream.
+        if end <= self.next as i64 || end <= start {
             return;
         }
         let skip = (self.next as i64 - start).max(0) as usize;

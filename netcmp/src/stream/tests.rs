@@ -401,3 +401,27 @@ proptest! {
         prop_assert_eq!(super::common_prefix(&a, &b, data.len()), want);
     }
 }
+
+/// A segment starting past a FIN that is not in order yet (a crafted frame) is ignored, not
+/// a crash.
+#[test]
+fn a_segment_past_an_early_fin_is_ignored() {
+    let mut c = TcpCompare::new(StreamConfig {
+        compare_timeout: Duration::from_secs(1),
+        max_out_of_order: 1 << 16,
+    });
+    let t = Instant::now();
+    let mut ev = Vec::new();
+    c.primary(100, TcpFlags::NONE, b"ab", t, &mut ev);
+    c.primary(110, TcpFlags::FIN, b"xy", t, &mut ev);
+    c.primary(120, TcpFlags::NONE, b"zz", t, &mut ev);
+    c.secondary(7, TcpFlags::NONE, b"ab", &mut ev);
+    c.secondary(17, TcpFlags::FIN, b"xy", &mut ev);
+    c.secondary(27, TcpFlags::NONE, b"zz", &mut ev);
+    assert_eq!(ev, vec![Event::Release(b"ab".to_vec())]);
+    assert_eq!(
+        c.held_bytes(),
+        4,
+        "both sides' segments up to the FIN wait in order"
+    );
+}
