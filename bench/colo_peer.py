@@ -53,6 +53,8 @@ each point on the running binary):
 
     python3 bench/colo_peer.py                   # 64 MiB stream, 2000 exchanges
     python3 bench/colo_peer.py --size 16M --exchanges 500 --explore
+
+bench(tmp, size, n) returns the same numbers as a dict (bench/netcmp.py's "colo" row).
 """
 
 import argparse
@@ -79,6 +81,7 @@ START_DEADLINE = 15.0
 LIFETIME = 600.0          # a qemu started here is killed after this, whatever happens
 PROBE_WAIT = 0.2          # per readiness probe
 IO_TIMEOUT = 10.0         # one blocking read/write on a chardev socket
+MAX_BENCH_SIZE = 256 << 20  # bench(): frames are built in memory (about 3x the payload)
 
 SERVER_MAC = bytes.fromhex("525400000001")
 CLIENT_MAC = bytes.fromhex("525400000002")
@@ -160,7 +163,8 @@ def ipv6_frame(payload, src="fd00::1", dst="fd00::2"):
 
 def payload_bytes(total, seed=0):
     """`total` deterministic pseudo-random bytes."""
-    return random.Random(seed).randbytes(total)
+    rng, block = random.Random(seed), 1 << 20
+    return b"".join(rng.randbytes(min(block, total - off)) for off in range(0, total, block))
 
 
 def frames_tcp_stream(total_bytes, mss=1448, *, src=SERVER, dst=CLIENT, isn=1_000_000,
@@ -605,16 +609,17 @@ def measure_throughput(peer, frames, *, secondary_frames=None, chunk=256, window
     secondary_frames = frames if secondary_frames is None else secondary_frames
     if window is not None:
         chunk = max(1, min(chunk, window // 2))
-    expected = encode(frames)
-    pc, sc = chunks(frames, chunk), chunks(secondary_frames, chunk)
+    pc = chunks(frames, chunk)
+    sc = pc if secondary_frames is frames else chunks(secondary_frames, chunk)
     ends, pos = [], 0
     for c in pc:
         pos += len(c)
         ends.append(pos)
     lag = None if window is None else max(1, window // chunk)
-    reader = StreamReader(peer.out, len(expected), deadline)
+    reader = StreamReader(peer.out, pos, deadline)
     reader.start()
     t0 = time.perf_counter()
+
     def window_open(i):
         return lag is None or i < lag or reader.wait_for(ends[i - lag], deadline)
 
@@ -626,12 +631,12 @@ def measure_throughput(peer, frames, *, secondary_frames=None, chunk=256, window
     feeder_cpu = time.thread_time() - cpu0
     reader.join(deadline + 2)
     peer.out.settimeout(IO_TIMEOUT)
-    got = bytes(reader.buf[:reader.got])
+    got = memoryview(reader.buf)[:reader.got]
     if reader.done_at is None:
         extra = f"\n{tail(peer.log)}" if hasattr(peer, "log") else ""
         raise RunError(f"{peer.name}: outdev stopped ({reader.error}): {describe_order(frames, got)}{extra}")
     late = 0
-    if got != expected:
+    if any(got[a:b] != c for a, b, c in zip([0] + ends, ends, pc)):
         n, missing, unknown, late, _, rest = frame_order(frames, got)
         if missing or unknown or rest or ordered:
             raise RunError(f"{peer.name}: released frames are not the primary's"
@@ -824,28 +829,114 @@ def explore(peer):
 # ---------------------------------------------------------------------------------------
 
 
-def fmt_rate(r):
-    return (f"{r.payload_bytes / r.seconds / 1e6:7.1f} MB/s payload {r.frames / r.seconds / 1e3:6.1f} kframes/s"
-            f"  ({r.payload_bytes / 2**20:.0f} MiB, {r.frames} frames, {r.seconds:.3f} s"
-            + (f", {r.out_of_order} out of order" if r.out_of_order else "")
-            + f"; harness CPU {r.feeder_cpu + r.reader_cpu:.2f} s, {r.reader_recvs} recvs)")
+def lat_stats(lat):
+    return {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "mean": statistics.fmean(lat),
+            "max": max(lat), "n": len(lat)}
 
 
-def fmt_lat(lat):
-    return (f"p50 {percentile(lat, 50):6.1f} µs  p99 {percentile(lat, 99):6.1f} µs  "
-            f"mean {statistics.fmean(lat):6.1f} µs  max {max(lat):7.1f} µs  (n={len(lat)})")
+def rate(r):
+    return {"gb_s": r.payload_bytes / r.seconds / 1e9, "frames_s": r.frames / r.seconds,
+            "payload_bytes": r.payload_bytes, "frames": r.frames, "seconds": r.seconds,
+            "out_of_order": r.out_of_order, "harness_cpu_s": r.feeder_cpu + r.reader_cpu,
+            "reader_recvs": r.reader_recvs}
+
+
+def best_of(mk, frames, runs, **kw):
+    res = []
+    for _ in range(runs):
+        with mk() as peer:
+            res.append(measure_throughput(peer, frames, **kw))
+    best = max(res, key=lambda r: r.payload_bytes / r.seconds)
+    return dict(rate(best), runs_gb_s=[r.payload_bytes / r.seconds / 1e9 for r in res])
+
+
+def bench(tmp, size, n, *, mss=1448, window=64, chunk=256, runs=None, qemu=QEMU, log=None):
+    """Everything bench/netcmp.py shows for colo-compare, as one JSON-able dict: the stream
+    (`size` bytes of payload, at most MAX_BENCH_SIZE) windowed and in order (best of `runs`,
+    default 3 up to 64 MiB, else 1) as "gb_s"; free-running (with its reordering); the
+    harness alone on a socket pair; `n` exchanges of per-packet latency and of the
+    passthrough path. qemu's logs go to `tmp`. Each configuration that fails carries its
+    error instead; RunError only when nothing could be measured. log(line): progress."""
+    log = log or (lambda line: None)
+    size = min(size, MAX_BENCH_SIZE)
+    runs = runs or (3 if size <= 64 << 20 else 1)
+    frames = frames_tcp_stream(size, mss)
+    r = {"stream_bytes": size, "mss": mss, "window": window, "chunk": chunk, "exchanges": n}
+    work = Path(tmp) / "colo"
+    work.mkdir(parents=True, exist_ok=True)
+
+    def colo(**kw):
+        return lambda: ColoCompare(qemu=qemu, workdir=work, **kw)
+
+    def attempt(key, fn):
+        log(f"colo-compare: {key}")
+        try:
+            r[key] = fn()
+        except RunError as e:
+            r[key] = {"error": str(e)}
+
+    attempt("windowed", lambda: best_of(colo(), frames, runs, chunk=chunk, window=window))
+    attempt("free_running", lambda: best_of(colo(), frames, 1, chunk=chunk, window=None, ordered=False))
+    attempt("harness_windowed", lambda: best_of(LoopPeer, frames, runs, chunk=chunk, window=window))
+    attempt("harness_free_running", lambda: best_of(LoopPeer, frames, runs, chunk=chunk, window=None))
+
+    def latency():
+        with LoopPeer() as peer:
+            floor = measure_passthrough_latency(peer, n)
+        with ColoCompare(qemu=qemu, workdir=work) as peer:
+            r["version"], r["command"] = peer.version(), " ".join(peer.command())
+            measure_latency(peer, min(100, n), dst=(CLIENT[0], 39999))  # warm-up
+            lat = measure_latency(peer, n)
+            pas = measure_passthrough_latency(peer, n)
+        return {"tcp_us": lat_stats(lat), "passthrough_us": lat_stats(pas), "harness_us": lat_stats(floor)}
+    attempt("latency", latency)
+    del frames
+
+    w, lat = r["windowed"], r["latency"]
+    if "error" in w and "error" in lat:
+        raise RunError(f"colo-compare: throughput: {w['error']}; latency: {lat['error']}")
+    parts = []
+    if "gb_s" in w:
+        r["gb_s"] = w["gb_s"]
+        parts.append(f"{w['gb_s']:.3f} GB/s payload ({w['frames_s'] / 1e3:.0f} kframes/s, window {window}, "
+                     f"in order)")
+    f = r["free_running"]
+    if "gb_s" in f:
+        parts.append(f"free-running {f['gb_s']:.3f} GB/s, {f['out_of_order']} of {f['frames']} out of order")
+    if "tcp_us" in lat:
+        t, pt = lat["tcp_us"], lat["passthrough_us"]
+        parts.append(f"per packet p50 {t['p50']:.1f} µs p99 {t['p99']:.1f} µs "
+                     f"(uncompared passthrough {pt['p50']:.1f}/{pt['p99']:.1f} µs)")
+    r["summary"] = "; ".join(parts)
+    return r
+
+
+def fmt_rate(d):
+    if "error" in d:
+        return f"FAILED: {d['error']}"
+    return (f"{d['gb_s'] * 1e3:7.1f} MB/s payload {d['frames_s'] / 1e3:6.1f} kframes/s"
+            f"  ({d['payload_bytes'] / 2**20:.0f} MiB, {d['frames']} frames, {d['seconds']:.3f} s"
+            + (f", {d['out_of_order']} out of order" if d["out_of_order"] else "")
+            + f"; harness CPU {d['harness_cpu_s']:.2f} s)"
+            + f"  [runs: {'/'.join(f'{g * 1e3:.0f}' for g in d['runs_gb_s'])} MB/s]")
+
+
+def fmt_lat(s):
+    return (f"p50 {s['p50']:6.1f} µs  p99 {s['p99']:6.1f} µs  mean {s['mean']:6.1f} µs  "
+            f"max {s['max']:7.1f} µs  (n={s['n']})")
 
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=parse_size, default=parse_size("64M"), help="stream payload (default 64M)")
+    ap.add_argument("--size", type=parse_size, default=parse_size("64M"),
+                    help=f"stream payload (default 64M, at most {MAX_BENCH_SIZE >> 20}M)")
     ap.add_argument("--mss", type=int, default=1448, help="segment payload size (default 1448)")
     ap.add_argument("--chunk", type=int, default=256, help="frames per write (default 256)")
     ap.add_argument("--window", type=int, default=64,
                     help="frames in flight in the windowed runs (default 64)")
     ap.add_argument("--exchanges", type=int, default=2000, help="latency exchanges (default 2000)")
-    ap.add_argument("--runs", type=int, default=3, help="throughput runs, the best is shown (default 3)")
+    ap.add_argument("--runs", type=int, help="throughput runs, the best is shown (default 3; 1 above 64M)")
     ap.add_argument("--qemu", default=QEMU)
     ap.add_argument("--explore", action="store_true", help="also run the behaviour scenarios")
     ap.add_argument("--no-timeout", action="store_true", help="skip the compare-timeout measurement")
@@ -854,74 +945,57 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if not shutil.which(args.qemu):
+        sys.exit(f"colo_peer: error: {args.qemu} not found (Debian: apt-get install qemu-system-x86)")
     failed = False
-    t = time.perf_counter()
-    frames = frames_tcp_stream(args.size, args.mss)
-    print(f"built {len(frames)} frames ({args.size / 2**20:.0f} MiB payload, mss {args.mss}) "
-          f"in {time.perf_counter() - t:.2f} s")
-
-    def colo(**kw):
-        return lambda: ColoCompare(qemu=args.qemu, **kw)
-
-    rows = [("harness (socketpair)", LoopPeer, None, True),
-            ("colo-compare", colo(), None, False),
-            (f"harness, window {args.window}", LoopPeer, args.window, True),
-            (f"colo-compare, window {args.window}", colo(), args.window, True)]
-    for label, mk, window, ordered in rows:
+    with tempfile.TemporaryDirectory(prefix="colo-peer-") as tmp:
         try:
-            res = []
-            for _ in range(args.runs):
-                with mk() as peer:
-                    res.append(measure_throughput(peer, frames, chunk=args.chunk, window=window,
-                                                  ordered=ordered))
-            best = max(res, key=lambda r: r.payload_bytes / r.seconds)
-            runs = "/".join(f"{r.payload_bytes / r.seconds / 1e6:.0f}" for r in res)
-            print(f"throughput {label:29s} {fmt_rate(best)}  [runs: {runs} MB/s]")
+            r = bench(tmp, args.size, args.exchanges, mss=args.mss, window=args.window, chunk=args.chunk,
+                      runs=args.runs, qemu=args.qemu)
         except RunError as e:
+            sys.exit(f"colo_peer: error: {e}")
+        print(f"stream: {r['stream_bytes'] / 2**20:.0f} MiB payload, mss {r['mss']}, "
+              f"chunks of {r['chunk']} frames")
+        for key, label in [("harness_free_running", "harness (socketpair)"),
+                           ("free_running", "colo-compare"),
+                           ("harness_windowed", f"harness, window {args.window}"),
+                           ("windowed", f"colo-compare, window {args.window}")]:
+            failed |= "error" in r[key]
+            print(f"throughput {label:29s} {fmt_rate(r[key])}")
+        lat = r["latency"]
+        if "error" in lat:
             failed = True
-            print(f"throughput {label}: FAILED: {e}")
+            print(f"latency: FAILED: {lat['error']}")
+        else:
+            print(f"latency    {'harness (socketpair)':29s} {fmt_lat(lat['harness_us'])}")
+            print(f"latency    {'colo-compare, TCP 64 B':29s} {fmt_lat(lat['tcp_us'])}")
+            print(f"latency    {'colo-compare, non-IP (no cmp)':29s} {fmt_lat(lat['passthrough_us'])}")
 
-    try:
-        with LoopPeer() as peer:
-            floor = measure_passthrough_latency(peer, args.exchanges)
-        print(f"latency    {'harness (socketpair)':29s} {fmt_lat(floor)}")
-        with ColoCompare(qemu=args.qemu) as peer:
-            version, cmd = peer.version(), " ".join(peer.command())
-            measure_latency(peer, min(100, args.exchanges), dst=(CLIENT[0], 39999))  # warm-up
-            lat = measure_latency(peer, args.exchanges)
-            pas = measure_passthrough_latency(peer, args.exchanges)
-        print(f"latency    {'colo-compare, TCP 64 B':29s} {fmt_lat(lat)}")
-        print(f"latency    {'colo-compare, non-IP (no cmp)':29s} {fmt_lat(pas)}")
-    except RunError as e:
-        failed = True
-        version = cmd = "?"
-        print(f"latency: FAILED: {e}")
+        if not args.no_timeout:
+            try:
+                with ColoCompare(qemu=args.qemu, compare_timeout_ms=100, expired_scan_cycle_ms=20,
+                                 notify=True) as peer:
+                    res = measure_timeout(peer, 3)
+                print("timeout    compare_timeout=100,expired_scan_cycle=20,notify_dev: "
+                      + "; ".join(f"DO_CHECKPOINT at {a:.0f} ms, released at {b:.0f} ms" for a, b in res))
+                with ColoCompare(qemu=args.qemu, compare_timeout_ms=100, expired_scan_cycle_ms=20) as peer:
+                    res = measure_timeout(peer, 1)
+                print("timeout    same without notify_dev: "
+                      + ("not released (held until a checkpoint; only a running COLO migration would ask)"
+                         if res == [None] else f"released: {res}"))
+            except RunError as e:
+                failed = True
+                print(f"timeout: FAILED: {e}")
 
-    if not args.no_timeout:
-        try:
-            with ColoCompare(qemu=args.qemu, compare_timeout_ms=100, expired_scan_cycle_ms=20,
-                             notify=True) as peer:
-                res = measure_timeout(peer, 3)
-            print("timeout    compare_timeout=100,expired_scan_cycle=20,notify_dev: "
-                  + "; ".join(f"DO_CHECKPOINT at {a:.0f} ms, released at {b:.0f} ms" for a, b in res))
-            with ColoCompare(qemu=args.qemu, compare_timeout_ms=100, expired_scan_cycle_ms=20) as peer:
-                res = measure_timeout(peer, 1)
-            print("timeout    same without notify_dev: "
-                  + ("not released (held until a checkpoint; only a running COLO migration would ask)"
-                     if res == [None] else f"released: {res}"))
-        except RunError as e:
-            failed = True
-            print(f"timeout: FAILED: {e}")
-
-    if args.explore:
-        try:
-            with ColoCompare(qemu=args.qemu, notify=True) as peer:
-                for name, what in explore(peer):
-                    print(f"explore    {name:66s} {what}")
-        except RunError as e:
-            failed = True
-            print(f"explore: FAILED: {e}")
-    print(f"qemu: {version}\n  {cmd}")
+        if args.explore:
+            try:
+                with ColoCompare(qemu=args.qemu, notify=True) as peer:
+                    for name, what in explore(peer):
+                        print(f"explore    {name:66s} {what}")
+            except RunError as e:
+                failed = True
+                print(f"explore: FAILED: {e}")
+        print(f"qemu: {r.get('version', '?')}\n  {r.get('command', '?')}")
     return 1 if failed else 0
 
 

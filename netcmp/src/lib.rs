@@ -21,10 +21,11 @@
 //!   ([`Config::max_held_bytes`]), not by a number of flows: past the bound, the flows
 //!   holding the oldest output release it unconfirmed and a checkpoint is requested.
 //! - TCP output is compared as a byte stream in sequence order ([`stream::TcpCompare`]), so
-//!   the two replicas may cut it into segments differently (QEMU's colo-compare compares per
-//!   packet and checkpoints when segment boundaries differ; this does not). Each side has its
-//!   own initial sequence number, out-of-order and retransmitted segments are reassembled, and
-//!   the sequence numbers may wrap.
+//!   the two replicas may cut it into segments differently. Each side has its own initial
+//!   sequence number, out-of-order and retransmitted segments are reassembled before they
+//!   are compared (QEMU 10's colo-compare also compares payload by offset, but eagerly: a
+//!   primary segment that arrives out of order is a mismatch there), and the sequence
+//!   numbers may wrap.
 //! - UDP and ICMP output is compared per packet ([`packet::PacketCompare`]).
 //! - Identical output is released as the secondary confirms it; diverging output, or output
 //!   the secondary has not matched within [`Config::compare_timeout`], is released and a
