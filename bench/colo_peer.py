@@ -890,7 +890,7 @@ def bench(tmp, size, n, *, mss=1448, window=64, chunk=256, runs=None, qemu=QEMU,
             pas = measure_passthrough_latency(peer, n)
         return {"tcp_us": lat_stats(lat), "passthrough_us": lat_stats(pas), "harness_us": lat_stats(floor)}
     attempt("latency", latency)
-    del frames
+    frames = None  # the lambdas above have run: free the frames before the summary
 
     w, lat = r["windowed"], r["latency"]
     if "error" in w and "error" in lat:
