@@ -1,11 +1,12 @@
 //! `lockstep primary | secondary | status | checkpoint | failover`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use blkrep::auth::PeerKey;
-use blkrep::epoch::CoordinatorOptions;
+use blkrep::epoch::{CoordinatorOptions, GuestHook, GuestHooks, QmpGuest};
 use blkrep::nbd::{Endpoint, DEFAULT_ENDPOINT};
 use blkrep::replica::admin;
 use blkrep::replica::node::{self, PrimaryConfig, SecondaryConfig};
@@ -125,6 +126,10 @@ pub struct PrimaryArgs {
     /// order.
     #[arg(long = "memory", value_name = "PATH[,writer=SOCKET]")]
     memory: Vec<MemoryArg>,
+    /// A QEMU VM's QMP socket (`-qmp unix:PATH,server=on,wait=off`): the VM is stopped for
+    /// each checkpoint's cut and continued after it (left alone if it was not running).
+    #[arg(long, value_name = "PATH")]
+    qmp: Option<PathBuf>,
     /// After losing the secondary, how long to stay `paused` (expecting it back) before
     /// calling this node unprotected; reconnection attempts go on either way, and what is
     /// written meanwhile is resynced incrementally when the secondary returns.
@@ -205,11 +210,22 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
     };
     runtime()?.block_on(async {
         memory.serve_writers().await?;
-        node::run_primary_with(cfg, memory.participants, memory.pause, shutdown_signal())
+        let guest: Arc<dyn GuestHook> = match &a.qmp {
+            // The VM stops first and continues last: the writers it runs are quiet by then.
+            Some(p) => Arc::new(GuestHooks(vec![
+                Arc::new(QmpGuest::new(p, QMP_TIMEOUT)),
+                memory.pause,
+            ])),
+            None => memory.pause,
+        };
+        node::run_primary_with(cfg, memory.participants, guest, shutdown_signal())
             .await
             .map_err(|e| anyhow!(e))
     })
 }
+
+/// How long one QMP command (`query-status`, `stop`, `cont`) may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
     let memory = crate::memory::secondary(&a.memory)?;

@@ -13,6 +13,7 @@ pub mod memwriter;
 pub mod netpair;
 pub mod pair;
 pub mod proxy;
+pub mod qmp;
 pub mod security;
 pub mod tls;
 pub mod trials;

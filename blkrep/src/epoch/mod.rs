@@ -21,10 +21,12 @@
 //! seeing diverging output) through [`CheckpointTrigger::request`].
 
 mod events;
+mod guest;
 mod peer;
 
 pub use crate::latency::{Latencies, LatencySummary};
 pub use events::{monotonic_ns, request_checkpoint, EpochEvent, Subscribed, Subscription};
+pub use guest::{GuestHooks, QmpGuest};
 pub use peer::{FailoverTarget, PeerChannel, SecondaryParticipant, MAX_PEER_MESSAGE};
 
 use crate::sync::Locked;
@@ -154,12 +156,17 @@ pub trait Participant: Send + Sync {
 }
 
 /// Pauses and resumes whatever produces writes, around `cut`. For a bare block device there
-/// is nothing to pause ([`NoGuest`]); QMP `stop`/`cont` and process signals come later.
+/// is nothing to pause ([`NoGuest`]); a QEMU VM is stopped over QMP ([`QmpGuest`]); memrep
+/// pauses a cooperating writer process; [`GuestHooks`] combines several.
 pub trait GuestHook: Send + Sync {
     /// Stop the guest.
     fn pause(&self) -> BoxFuture<'_, Result<(), String>>;
     /// Let it run again.
     fn resume(&self) -> BoxFuture<'_, Result<(), String>>;
+    /// Its share of the primary's status (under `participants.guest`); nothing by default.
+    fn status(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
 /// The guest hook for a bare block device: nothing to pause.
@@ -438,6 +445,9 @@ impl EpochCoordinator {
                 .participants
                 .iter()
                 .map(|p| (p.name().to_string(), p.status()))
+                .chain(
+                    Some(("guest".to_string(), self.guest.status())).filter(|(_, v)| !v.is_null()),
+                )
                 .collect(),
         }
     }
