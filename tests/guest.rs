@@ -181,3 +181,25 @@ echo nbd-ok
     assert!(run.output().contains("nbd-ok"), "{}", run.output());
     drop(d);
 }
+
+// memrep's soft-dirty tracker (how a QEMU VM's RAM is tracked under `lockstep primary --qmp`)
+// on Debian's kernel, which keeps soft-dirty bits: a writer process's pages written through its
+// own mapping are all reported, with collects while it runs and paused collects while it is
+// stopped. (The host kernel here may lack CONFIG_MEM_SOFT_DIRTY; the guest's has it.)
+#[test]
+fn softdirty_tracking_misses_no_write_in_the_guest() {
+    let _g = heavy();
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_lockstep-softdirty-check"));
+    let run = run_in_guest(
+        "lockstep-softdirty-check\n",
+        &GuestOptions {
+            load_modules: false,
+            timeout: Duration::from_secs(120),
+            files: vec![(bin, "/usr/bin/lockstep-softdirty-check".into())],
+            ..Default::default()
+        },
+    );
+    report("softdirty", &run);
+    run.assert_success();
+    assert!(run.output().contains("softdirty-ok"), "{}", run.tail(40));
+}

@@ -12,6 +12,7 @@ mod replicate;
 mod report;
 mod secure;
 mod units;
+mod vm;
 
 use std::io::IsTerminal;
 
@@ -50,6 +51,9 @@ enum Command {
     /// Compare what a service's primary and secondary instances send (stream proxy), or
     /// hold the primary's output until its checkpoint commits.
     Netcmp(netcmp::NetcmpArgs),
+    /// Continue a protected VM on the node that took over (QEMU started with -incoming
+    /// defer), from the committed checkpoint's device state.
+    VmResume(vm::VmResumeArgs),
     /// Delete a ublk device left by a daemon that will not come back (waiting I/O fails).
     UblkDelete(replicate::UblkDeleteArgs),
 }
@@ -75,6 +79,7 @@ fn main() -> std::process::ExitCode {
         Command::Failover(a) => replicate::failover(a),
         Command::Verify(a) => replicate::verify(a),
         Command::Netcmp(a) => netcmp::run(a),
+        Command::VmResume(a) => vm::resume(a),
         Command::UblkDelete(a) => replicate::ublk_delete(a),
     };
     match result {

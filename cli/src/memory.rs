@@ -18,7 +18,9 @@ use memrep::primary::{MemoryOptions, MemoryParticipant};
 use memrep::region::Region;
 use memrep::secondary::MemoryReplica;
 use memrep::track::scan::ScanTracker;
+use memrep::track::softdirty::{find_writer, SoftDirtyTracker};
 use memrep::track::uffd::UffdTracker;
+use memrep::track::TrackerKind;
 
 /// One `--memory` value.
 #[derive(Debug, Clone)]
@@ -61,6 +63,9 @@ pub struct PrimaryMemory {
     pub participants: Vec<Arc<dyn Participant>>,
     pub pause: Arc<WriterPause>,
     writers: Vec<(MemoryParticipant, PathBuf)>,
+    /// Regions without a writer socket: a VM's RAM, tracked by soft-dirty bits once its
+    /// QEMU is found ([`PrimaryMemory::follow_vm`]).
+    others: Vec<MemoryParticipant>,
 }
 
 /// Open every region (a clear error for a missing or unusable file) and build its participant.
@@ -70,6 +75,7 @@ pub fn primary(args: &[MemoryArg]) -> anyhow::Result<PrimaryMemory> {
         participants: Vec::new(),
         pause: Arc::new(WriterPause::new(WRITER_PATIENCE)),
         writers: Vec::new(),
+        others: Vec::new(),
     };
     for (i, a) in args.iter().enumerate() {
         let region = Arc::new(
@@ -91,6 +97,8 @@ pub fn primary(args: &[MemoryArg]) -> anyhow::Result<PrimaryMemory> {
         );
         if let (Some(s), Ok(())) = (&a.writer, &uffd) {
             out.writers.push((p.clone(), s.clone()));
+        } else if a.writer.is_none() {
+            out.others.push(p.clone());
         }
         out.participants.push(Arc::new(p));
     }
@@ -108,6 +116,50 @@ impl PrimaryMemory {
             tokio::spawn(accept_writers(l, p.clone(), self.pause.clone()));
         }
         Ok(())
+    }
+}
+
+impl PrimaryMemory {
+    /// With `--qmp` (the VM is stopped at every cut, which soft-dirty tracking needs): look for
+    /// the process that maps each writer-less region (QEMU) every half second while the region
+    /// is scanned, and track it by its soft-dirty bits once found. If it goes away, tracking
+    /// falls back to scanning and the search resumes.
+    pub fn follow_vm(&self) {
+        if let Err(why) = memrep::track::softdirty::probe() {
+            for p in &self.others {
+                p.note(format!("scan: the VM's writes cannot be tracked: {why}"));
+            }
+            return;
+        }
+        for p in self.others.clone() {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tick.tick().await;
+                    if p.tracker() != TrackerKind::Scan {
+                        continue;
+                    }
+                    let region = p.region().clone();
+                    let found = tokio::task::spawn_blocking(move || {
+                        let pid = find_writer(region.path())?;
+                        Some((pid, SoftDirtyTracker::attach(pid, &region)))
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                    match found {
+                        Some((pid, Ok(t))) => p.set_tracker(
+                            Box::new(t),
+                            format!("soft-dirty: process {pid} maps the region (the VM's RAM)"),
+                        ),
+                        Some((pid, Err(e))) => {
+                            p.note(format!("scan: process {pid} maps the region, but: {e}"))
+                        }
+                        None => p.note("scan: no other process maps the region yet"),
+                    }
+                }
+            });
+        }
     }
 }
 

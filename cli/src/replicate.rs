@@ -17,6 +17,7 @@ use blkrep::replica::wire::AckMode;
 use blkrep::replica::FailoverTarget;
 use blkrep::storage::DiskOptions;
 use clap::Args;
+use memrep::device::{DeviceReplica, DeviceState};
 use serde_json::{json, Value};
 
 use crate::daemon::{runtime, shutdown_signal, UblkArgs};
@@ -130,6 +131,11 @@ pub struct PrimaryArgs {
     /// each checkpoint's cut and continued after it (left alone if it was not running).
     #[arg(long, value_name = "PATH")]
     qmp: Option<PathBuf>,
+    /// Also replicate the VM's device state (needs --qmp, and the guest's RAM as a shared
+    /// `memory-backend-file` given to --memory): QEMU writes it to PATH at each checkpoint
+    /// (`migrate` with x-ignore-shared while the VM is stopped), lockstep sends it on.
+    #[arg(long, value_name = "PATH", requires = "qmp")]
+    device_state: Option<PathBuf>,
     /// After losing the secondary, how long to stay `paused` (expecting it back) before
     /// calling this node unprotected; reconnection attempts go on either way, and what is
     /// written meanwhile is resynced incrementally when the secondary returns.
@@ -179,6 +185,11 @@ pub struct SecondaryArgs {
     /// in the primary's order.
     #[arg(long = "memory", value_name = "PATH")]
     memory: Vec<MemoryArg>,
+    /// Keep the VM device state the primary sends (its --device-state) at PATH.<epoch> per
+    /// checkpoint; a failover puts the committed checkpoint's at PATH, for
+    /// `lockstep vm-resume`.
+    #[arg(long, value_name = "PATH")]
+    device_state: Option<PathBuf>,
 }
 
 pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
@@ -210,15 +221,22 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
     };
     runtime()?.block_on(async {
         memory.serve_writers().await?;
+        if a.qmp.is_some() {
+            memory.follow_vm();
+        }
+        let mut participants = memory.participants;
         let guest: Arc<dyn GuestHook> = match &a.qmp {
-            // The VM stops first and continues last: the writers it runs are quiet by then.
-            Some(p) => Arc::new(GuestHooks(vec![
-                Arc::new(QmpGuest::new(p, QMP_TIMEOUT)),
-                memory.pause,
-            ])),
+            Some(p) => {
+                let qmp = Arc::new(QmpGuest::new(p, QMP_TIMEOUT));
+                if let Some(scratch) = &a.device_state {
+                    participants.push(Arc::new(DeviceState::new(qmp.clone(), scratch)));
+                }
+                // The VM stops first and continues last: the writers it runs are quiet by then.
+                Arc::new(GuestHooks(vec![qmp, memory.pause]))
+            }
             None => memory.pause,
         };
-        node::run_primary_with(cfg, memory.participants, guest, shutdown_signal())
+        node::run_primary_with(cfg, participants, guest, shutdown_signal())
             .await
             .map_err(|e| anyhow!(e))
     })
@@ -228,7 +246,10 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
-    let memory = crate::memory::secondary(&a.memory)?;
+    let mut memory = crate::memory::secondary(&a.memory)?;
+    if let Some(p) = &a.device_state {
+        memory.push(Arc::new(DeviceReplica::new(p)));
+    }
     let mut opts = node::default_secondary_options(&a.disk.disk);
     opts.buffer_memory = a.buffer_memory.0;
     opts.on_peer_loss = a.on_peer_loss;

@@ -48,6 +48,7 @@
 //! sound.
 #![deny(unsafe_code)]
 
+pub mod device;
 pub mod digest;
 pub mod handoff;
 pub mod pause;

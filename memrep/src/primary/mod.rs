@@ -349,7 +349,7 @@ impl Participant for MemoryParticipant {
                 .region
                 .check()
                 .map_err(|e| self.err(epoch, e.to_string()))?;
-            st.collect(&self.0.region)
+            st.collect(&self.0.region, true)
                 .map_err(|e| self.err(epoch, format!("collecting dirty pages: {e}")))?;
             // A large copy must not hold up the runtime's other tasks (heartbeats).
             let region = &self.0.region;

@@ -46,7 +46,7 @@ impl MemoryParticipant {
                     last_collect = Instant::now();
                     // A scan of a large region takes long: status does not wait for it.
                     let _long = Raised::new(&self.0.long_hold);
-                    match st.collect(&self.0.region) {
+                    match st.collect(&self.0.region, false) {
                         Ok(n) => {
                             if let Some(t) = self.0.trigger.get() {
                                 t.add_bytes(n * PAGE_SIZE as u64);

@@ -61,7 +61,8 @@ impl MemoryParticipant {
             .ok_or("no session with the secondary")?;
         {
             let mut st = lock(&self.0.st);
-            st.collect(&self.0.region).map_err(|e| e.to_string())?;
+            st.collect(&self.0.region, false)
+                .map_err(|e| e.to_string())?;
         }
         let pages = self.0.region.pages();
         let differ = self.differing(&*channel, wire::verify).await?;

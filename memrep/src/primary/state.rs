@@ -58,17 +58,20 @@ pub(super) struct Batch {
 }
 
 impl State {
-    /// Collect dirty pages into `unsent`; a writer that is gone ends uffd tracking for scan.
-    pub(super) fn collect(&mut self, region: &Region) -> Result<u64, TrackError> {
+    /// Collect dirty pages into `unsent` (`paused`: in the cut, every writer stopped); a
+    /// writer that is gone ends uffd or soft-dirty tracking for scan.
+    pub(super) fn collect(&mut self, region: &Region, paused: bool) -> Result<u64, TrackError> {
         let mut out = RoaringTreemap::new();
-        let r = self.tracker.collect(region, &self.table, &mut out);
+        let r = if paused {
+            self.tracker.collect_paused(region, &self.table, &mut out)
+        } else {
+            self.tracker.collect(region, &self.table, &mut out)
+        };
         let stats = match r {
             Ok(s) => s,
             Err(TrackError::WriterGone { pid }) => {
                 self.tracker = Box::new(ScanTracker::new(default_threads()));
-                self.tracker_note = format!(
-                    "scan: the writer (pid {pid}) that handed over its userfaultfd is gone"
-                );
+                self.tracker_note = format!("scan: the writer (pid {pid}) is gone");
                 tracing::warn!(region = %region.path().display(), "{}", self.tracker_note);
                 self.tracker.collect(region, &self.table, &mut out)?
             }

@@ -9,6 +9,9 @@
 //!   a write after the scan is caught by the next one. Cost follows the pages written.
 //! - [`scan::ScanTracker`]: hashes every page and compares with the table. No kernel support
 //!   needed; cost follows the region size (holes of sparse files are skipped).
+//! - [`softdirty::SoftDirtyTracker`]: the soft-dirty bits of another process's mapping of the
+//!   region (QEMU's guest RAM), read from its pagemap and cleared only while it is stopped.
+//!   Cost follows the pages written.
 //!
 //! The loop a caller runs (pre-send while the writer runs, then a final pass in the pause):
 //!
@@ -26,6 +29,7 @@ use crate::digest::PageTable;
 use crate::region::Region;
 
 pub mod scan;
+pub mod softdirty;
 pub mod uffd;
 
 #[cfg(test)]
@@ -36,6 +40,7 @@ mod tests;
 pub enum TrackerKind {
     Uffd,
     Scan,
+    SoftDirty,
 }
 
 impl fmt::Display for TrackerKind {
@@ -43,6 +48,7 @@ impl fmt::Display for TrackerKind {
         f.write_str(match self {
             TrackerKind::Uffd => "uffd",
             TrackerKind::Scan => "scan",
+            TrackerKind::SoftDirty => "soft-dirty",
         })
     }
 }
@@ -59,8 +65,8 @@ pub struct CollectStats {
 /// Why tracking failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TrackError {
-    /// The kernel lacks something the uffd backend needs (the text says what).
-    #[error("uffd tracking unsupported: {0}")]
+    /// The kernel lacks something the backend needs (the text says what).
+    #[error("tracking unsupported: {0}")]
     Unsupported(String),
     /// The writer process whose memory is tracked has exited.
     #[error("the writer process is gone (pid {pid})")]
@@ -97,6 +103,17 @@ pub trait Tracker: Send + fmt::Debug {
         table: &PageTable,
         out: &mut RoaringTreemap,
     ) -> Result<CollectStats, TrackError>;
+
+    /// [`Tracker::collect`] while every writer is stopped (the checkpoint's cut): a tracker
+    /// that can only reset its state safely when nothing writes does it here.
+    fn collect_paused(
+        &mut self,
+        region: &Region,
+        table: &PageTable,
+        out: &mut RoaringTreemap,
+    ) -> Result<CollectStats, TrackError> {
+        self.collect(region, table, out)
+    }
 }
 
 /// Is uffd asynchronous write-protect + `PAGEMAP_SCAN` usable here? `Ok` or the reason why not

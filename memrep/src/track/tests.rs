@@ -664,3 +664,12 @@ fn trackers_refuse_a_region_of_another_size() {
         .unwrap_err();
     assert!(matches!(e, TrackError::Mismatch(_)), "{e}");
 }
+
+/// The soft-dirty probe answers either way, with the kernel option named when it says no.
+#[test]
+fn softdirty_probe_names_the_missing_kernel_option() {
+    match super::softdirty::probe() {
+        Ok(()) => println!("this kernel keeps soft-dirty bits"),
+        Err(e) => assert!(e.contains("CONFIG_MEM_SOFT_DIRTY"), "{e}"),
+    }
+}
