@@ -18,6 +18,7 @@
 mod cpio;
 mod initramfs;
 mod prepare;
+pub mod vm;
 
 pub use prepare::{prepared, Prepared};
 
