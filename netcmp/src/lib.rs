@@ -39,13 +39,15 @@
 //!   secondary instance of the service, mirrors the input and compares the replies; without
 //!   a secondary it buffers. [`EpochLink`] ([`link`]) requests checkpoints from the primary
 //!   daemon and follows its commits over its control socket.
-#![forbid(unsafe_code)]
+// The only `unsafe` is the TAP ioctl (`packet_mode::tap`), allowed there alone.
+#![deny(unsafe_code)]
 
 pub mod buffer;
 pub mod flow;
 pub mod l2;
 pub mod link;
 pub mod packet;
+pub mod packet_mode;
 pub mod proxy;
 pub mod stream;
 pub mod table;
@@ -53,6 +55,7 @@ pub mod table;
 pub use buffer::{BufferError, Output, OutputBuffer};
 pub use flow::{FlowKey, PassRule, Passthrough, Proto};
 pub use link::{EpochLink, LinkEvent, LinkStatus};
+pub use packet_mode::{PacketConfig, PacketHandle, PacketProxy, PacketStatus, PortSpec};
 pub use proxy::{Proxy, ProxyConfig, ProxyHandle, ProxyStatus};
 pub use stream::TcpFlags;
 pub use table::{Action, Comparator, Config, Reason, Stats};
