@@ -10,6 +10,7 @@ pub mod guest;
 pub mod images;
 pub mod mempair;
 pub mod memwriter;
+pub mod netns;
 pub mod netpair;
 pub mod pair;
 pub mod proxy;
