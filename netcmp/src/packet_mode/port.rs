@@ -93,20 +93,29 @@ impl fmt::Display for Side {
 }
 
 /// A frame read from a port: where, what, when.
-pub type Incoming = (Side, Vec<u8>, Instant);
+pub(crate) type Incoming = (Side, Vec<u8>, Instant);
 
 /// A port's counters, shared by its task and status.
 #[derive(Debug, Default)]
-pub struct PortCounters {
-    pub frames_in: AtomicU64,
-    pub frames_out: AtomicU64,
-    pub dropped: AtomicU64,
-    pub bad_framing: AtomicU64,
-    pub peers_accepted: AtomicU64,
-    pub peers_dropped: AtomicU64,
-    pub connected: AtomicBool,
-    pub queued_bytes: AtomicUsize,
-    pub last_error: Mutex<Option<String>>,
+pub(crate) struct PortCounters {
+    /// Frames read and given to the engine.
+    pub(crate) frames_in: AtomicU64,
+    /// Frames written.
+    pub(crate) frames_out: AtomicU64,
+    /// Frames for the port not written (no peer, queue full, write refused).
+    pub(crate) dropped: AtomicU64,
+    /// Bad lengths, frames cut short, oversized TAP frames.
+    pub(crate) bad_framing: AtomicU64,
+    /// `unix:` peers accepted.
+    pub(crate) peers_accepted: AtomicU64,
+    /// `unix:` peers dropped or replaced.
+    pub(crate) peers_dropped: AtomicU64,
+    /// A peer is there (`unix:`), the TAP is still read (`tap:`).
+    pub(crate) connected: AtomicBool,
+    /// Bytes in the outgoing queue.
+    pub(crate) queued_bytes: AtomicUsize,
+    /// The last error.
+    pub(crate) last_error: Mutex<Option<String>>,
 }
 
 impl PortCounters {
@@ -119,14 +128,14 @@ impl PortCounters {
 
 /// The engine's end of a port's outgoing queue.
 #[derive(Debug)]
-pub struct PortSender {
+pub(crate) struct PortSender {
     tx: mpsc::UnboundedSender<Vec<u8>>,
-    pub counters: Arc<PortCounters>,
+    pub(crate) counters: Arc<PortCounters>,
 }
 
 impl PortSender {
     /// Queue a frame, or drop it (no peer, queue full).
-    pub fn send(&self, frame: Vec<u8>) {
+    pub(crate) fn send(&self, frame: Vec<u8>) {
         let c = &self.counters;
         let n = frame.len();
         if !c.connected.load(Ordering::Relaxed)
@@ -145,7 +154,7 @@ impl PortSender {
 
 /// An opened port, before its task runs.
 #[derive(Debug)]
-pub enum Port {
+pub(crate) enum Port {
     /// An attached TAP.
     Tap(AsyncFd<File>, String),
     /// A listening socket.
@@ -155,7 +164,7 @@ pub enum Port {
 impl Port {
     /// Open what `spec` names: attach the TAP, or bind the socket (replacing a stale socket
     /// file; anything else at the path, or a socket someone answers on, is an error).
-    pub async fn open(spec: &PortSpec) -> Result<Port, String> {
+    pub(crate) async fn open(spec: &PortSpec) -> Result<Port, String> {
         match spec {
             PortSpec::Tap(name) => {
                 let (fd, name) = tap::open(name).map_err(|e| e.to_string())?;
@@ -172,7 +181,7 @@ impl Port {
 
     /// Start the port's task: frames read go to `incoming`; the returned sender takes frames to
     /// write. The task ends when `stop` turns true (a `unix:` port then removes its socket).
-    pub fn spawn(
+    pub(crate) fn spawn(
         self,
         side: Side,
         incoming: mpsc::Sender<Incoming>,
@@ -280,9 +289,14 @@ impl Task {
                 f = self.out.recv() => {
                     let Some(f) = f else { break };
                     self.dequeued(&f);
+                    // One write is one frame: the TAP takes all of it or none.
                     match fd.get_ref().write(&f) {
-                        Ok(_) => {
+                        Ok(n) if n == f.len() => {
                             self.c.frames_out.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(n) => {
+                            self.c.dropped.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(port = %self.side, "TAP {name}: wrote {n} of {} bytes", f.len());
                         }
                         Err(e) => {
                             // Down, being moved between namespaces, or its queue full: lost,

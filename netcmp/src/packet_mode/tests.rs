@@ -181,3 +181,64 @@ async fn a_port_refuses_a_path_that_is_not_a_stale_socket() {
     assert!(e.contains("given twice"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn only_a_commit_paused_after_the_request_resyncs() {
+    let dir = scratch();
+    let (c, p, s) = (dir.join("c"), dir.join("p"), dir.join("s"));
+    let cfg = PacketConfig::new(
+        PortSpec::Unix(c.clone()),
+        PortSpec::Unix(p.clone()),
+        PortSpec::Unix(s.clone()),
+    );
+    // The link's own commits go nowhere; this test plays the primary daemon's events.
+    let (link, _own) = EpochLink::local();
+    let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+    let proxy = PacketProxy::bind(cfg, link, rx).await.unwrap();
+    let h = proxy.handle();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let run = tokio::spawn(proxy.run(stop_rx));
+    let mut cl = peer(&c, &h, Side::Client).await;
+    let mut pr = peer(&p, &h, Side::Primary).await;
+    let mut se = peer(&s, &h, Side::Secondary).await;
+    let before = monotonic_ns();
+    let ep = Endpoints {
+        src_mac: [2, 0, 0, 0, 0, 1],
+        dst_mac: [2, 0, 0, 0, 0, 2],
+        vlan: None,
+        src: "10.0.0.1".parse().unwrap(),
+        dst: "10.0.0.2".parse().unwrap(),
+    };
+    send(&mut pr, &udp_frame(&ep, 53, 4000, b"one")).await;
+    send(&mut se, &udp_frame(&ep, 53, 4000, b"two")).await;
+    assert!(recv(&mut cl, WAIT).await.is_some());
+    until("requested", &h, |st| st.checkpoints_requested == 1).await;
+    // A checkpoint that paused before the request does not cover the divergence.
+    events
+        .send(LinkEvent::Committed {
+            epoch: 7,
+            paused_at_ns: before,
+        })
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(h.status().resyncs, 0);
+    // While the request is pending, the flow passes uncompared: no second request.
+    send(&mut pr, &udp_frame(&ep, 53, 4000, b"three")).await;
+    assert!(recv(&mut cl, WAIT).await.is_some());
+    assert_eq!(h.status().checkpoints_requested, 1);
+    events
+        .send(LinkEvent::Committed {
+            epoch: 8,
+            paused_at_ns: monotonic_ns(),
+        })
+        .unwrap();
+    until("resynced", &h, |st| st.resyncs == 1).await;
+    // Compared again after the resync.
+    send(&mut pr, &udp_frame(&ep, 53, 4000, b"four")).await;
+    assert_eq!(recv(&mut cl, Duration::from_millis(30)).await, None);
+    send(&mut se, &udp_frame(&ep, 53, 4000, b"four")).await;
+    assert!(recv(&mut cl, WAIT).await.is_some());
+    stop_tx.send_replace(true);
+    tokio::time::timeout(WAIT, run).await.unwrap().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
