@@ -12,6 +12,7 @@ pub mod mempair;
 pub mod memwriter;
 pub mod netns;
 pub mod netpair;
+pub mod packetlab;
 pub mod pair;
 pub mod proxy;
 pub mod security;
