@@ -345,9 +345,15 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     let req = json!({"cmd": "status"});
     let v = call_printing_json(&a.control, req, Duration::from_secs(10), a.json)?;
     if !a.json && v.get("role").and_then(Value::as_str) == Some("netcmp") {
-        let st: netcmp::ProxyStatus =
-            serde_json::from_value(v).context("netcmp's status is not one this CLI reads")?;
-        report::netcmp(&st);
+        if v.get("frontend").and_then(Value::as_str) == Some("packet") {
+            let st: netcmp::PacketStatus =
+                serde_json::from_value(v).context("netcmp's status is not one this CLI reads")?;
+            report::netcmp_packet(&st);
+        } else {
+            let st: netcmp::ProxyStatus =
+                serde_json::from_value(v).context("netcmp's status is not one this CLI reads")?;
+            report::netcmp(&st);
+        }
     } else if !a.json {
         let st: NodeStatus =
             serde_json::from_value(v).context("the daemon's status is not one this CLI reads")?;

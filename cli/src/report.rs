@@ -255,17 +255,7 @@ pub fn netcmp(s: &netcmp::ProxyStatus) {
             s.secondary.as_deref().unwrap_or("none (buffering)")
         ),
     );
-    let link = &s.link;
-    row(
-        "epochs",
-        match &link.control {
-            Some(c) if link.connected => {
-                format!("{c} (connected, {} commits seen)", link.commits_seen)
-            }
-            Some(c) => format!("{c} (LOST: {})", link.last_error.as_deref().unwrap_or("?")),
-            None => "none (divergences resync at once; no replication)".into(),
-        },
-    );
+    epochs(&s.link);
     row(
         "connections",
         format!(
@@ -293,7 +283,7 @@ pub fn netcmp(s: &netcmp::ProxyStatus) {
         "checkpoints",
         format!(
             "{} requested ({} sent, {} failed), {} resyncs",
-            s.checkpoints_requested, link.requests_sent, link.request_failures, s.resyncs
+            s.checkpoints_requested, s.link.requests_sent, s.link.request_failures, s.resyncs
         ),
     );
     row(
@@ -303,6 +293,104 @@ pub fn netcmp(s: &netcmp::ProxyStatus) {
             bytes(s.held_bytes),
             bytes(s.peak_held_bytes),
             bytes(s.dropped_bytes)
+        ),
+    );
+    row("added latency", percentiles(&s.added_latency_us));
+}
+
+fn epochs(link: &netcmp::LinkStatus) {
+    row(
+        "epochs",
+        match &link.control {
+            Some(c) if link.connected => {
+                format!("{c} (connected, {} commits seen)", link.commits_seen)
+            }
+            Some(c) => format!("{c} (LOST: {})", link.last_error.as_deref().unwrap_or("?")),
+            None => "none (divergences resync at once; no replication)".into(),
+        },
+    );
+}
+
+fn port(name: &str, p: &netcmp::packet_mode::PortStatus) {
+    let mut line = format!(
+        "{} ({}): {} in, {} out, {} dropped, {} malformed, {} non-IP",
+        p.port,
+        if p.connected { "up" } else { "no peer" },
+        p.frames_in,
+        p.frames_out,
+        p.dropped,
+        p.malformed,
+        p.non_ip
+    );
+    if p.bad_framing > 0 || p.peers_accepted > 0 {
+        line.push_str(&format!(
+            ", {} bad framing, peers {} accepted {} dropped",
+            p.bad_framing, p.peers_accepted, p.peers_dropped
+        ));
+    }
+    if let Some(e) = &p.last_error {
+        line.push_str(&format!(" (last error: {e})"));
+    }
+    row(&format!("{name} port"), line);
+}
+
+/// `lockstep status` of netcmp's packet mode.
+pub fn netcmp_packet(s: &netcmp::PacketStatus) {
+    row("role", format!("{} ({} mode)", s.role, s.frontend));
+    row("mode", &s.mode);
+    port("client", &s.ports.client);
+    port("primary", &s.ports.primary);
+    port("secondary", &s.ports.secondary);
+    epochs(&s.link);
+    row(
+        "flows",
+        format!("{} ({} compared)", s.flows, s.compared_flows),
+    );
+    row(
+        "bytes",
+        format!(
+            "{} compared, {} released",
+            bytes(s.bytes_compared),
+            bytes(s.bytes_released)
+        ),
+    );
+    row(
+        "divergences",
+        format!(
+            "{} mismatches, {} timeouts, {} evictions, {} frames released unconfirmed",
+            s.mismatches, s.timeouts, s.evictions, s.forced_releases
+        ),
+    );
+    row(
+        "checkpoints",
+        format!(
+            "{} requested ({} sent, {} failed), {} resyncs",
+            s.checkpoints_requested, s.link.requests_sent, s.link.request_failures, s.resyncs
+        ),
+    );
+    row(
+        "held",
+        format!(
+            "{} frames, {} now, {} peak; comparator {}",
+            s.held_frames,
+            bytes(s.held_bytes),
+            bytes(s.peak_held_bytes),
+            bytes(s.compare_held_bytes)
+        ),
+    );
+    let r = &s.rewrite;
+    row(
+        "rewrite",
+        format!(
+            "{} frames rewritten, {} connections, {} queued ({} now, {} flushed, {} dropped), {} unknown",
+            r.rewritten, r.connections, r.queued, r.queued_frames, r.flushed, r.queue_dropped, r.unknown
+        ),
+    );
+    row(
+        "not compared",
+        format!(
+            "{} fragments, {} other protocols, {} segments past the window",
+            s.fragments, s.other_protocols, s.segments_dropped
         ),
     );
     row("added latency", percentiles(&s.added_latency_us));

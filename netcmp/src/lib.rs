@@ -1,8 +1,10 @@
 //! # netcmp — output comparison and output buffering for lockstep
 //!
 //! Built: the comparator core, the output-buffering core, the stream proxy ([`proxy`], the
-//! L4 frontend, behind `lockstep netcmp`) and the epoch link ([`link`]). Neither core does
-//! I/O or keeps a clock: packets come in as calls, time as an
+//! L4 frontend, behind `lockstep netcmp`), the packet mode ([`l2`], its engine, and
+//! [`packet_mode`], its frontend on TAP interfaces and QEMU `-netdev stream` sockets, behind
+//! `lockstep netcmp --packet`) and the epoch link ([`link`]). No core does I/O or keeps a
+//! clock: packets come in as calls, time as an
 //! [`Instant`](std::time::Instant) argument, and what to do comes back as values, so the
 //! cores are tested deterministically; the frontends carry out what they return.
 //!
@@ -40,13 +42,24 @@
 //!   secondary instance of the service, mirrors the input and compares the replies; without
 //!   a secondary it buffers. [`EpochLink`] ([`link`]) requests checkpoints from the primary
 //!   daemon and follows its commits over its control socket.
-#![forbid(unsafe_code)]
+//! - [`PacketProxy`] ([`packet_mode`]): three L2 ports (`tap:NAME`, `unix:PATH`) carrying
+//!   Ethernet frames — the clients' side and the two replicas' NICs — around the
+//!   [`l2::PacketEngine`], which mirrors the client's frames (its ACKs shifted into the
+//!   secondary's sequence space), compares the replicas' output and releases the primary's own
+//!   frames as the secondary confirms them. A committed checkpoint zeroes the shifts: the
+//!   secondary is then a copy of the primary, TCP stack included.
+//!
+//! The crate's only `unsafe` is the TAP ioctl and its registration with tokio
+//! (`packet_mode::tap`); everything else is safe code (`#![deny(unsafe_code)]`).
+// The only `unsafe` is the TAP ioctl (`packet_mode::tap`), allowed there alone.
+#![deny(unsafe_code)]
 
 pub mod buffer;
 pub mod flow;
 pub mod l2;
 pub mod link;
 pub mod packet;
+pub mod packet_mode;
 pub mod proxy;
 pub mod stream;
 pub mod table;
@@ -54,6 +67,7 @@ pub mod table;
 pub use buffer::{BufferError, Output, OutputBuffer};
 pub use flow::{FlowKey, PassRule, Passthrough, Proto};
 pub use link::{EpochLink, LinkEvent, LinkStatus};
+pub use packet_mode::{PacketConfig, PacketHandle, PacketProxy, PacketStatus, PortSpec};
 pub use proxy::{Proxy, ProxyConfig, ProxyHandle, ProxyStatus};
 pub use stream::TcpFlags;
 pub use table::{Action, Comparator, Config, Reason, Stats};
