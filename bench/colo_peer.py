@@ -455,6 +455,29 @@ class ColoCompare(Peer):
         return r.stdout.splitlines()[0] if r.stdout else "?"
 
 
+class NetcmpPacket(ColoCompare):
+    """lockstep netcmp's packet mode on the same three unix sockets and the same framing
+    (netcmp listens, we connect; its client port plays outdev), so the same frames go through
+    both comparators. No --control: comparison only, like colo-compare without a COLO
+    migration."""
+
+    name = "netcmp"
+
+    def __init__(self, *, lockstep, workdir=None, lifetime=LIFETIME):
+        super().__init__(workdir=workdir, lifetime=lifetime)
+        self.lockstep = str(lockstep)
+        self.log = self.dir / "netcmp.log"
+
+    def command(self):
+        p = self.sock_path
+        return [self.lockstep, "netcmp", "--packet", "--client-port", f"unix:{p('out')}",
+                "--primary-port", f"unix:{p('pri')}", "--secondary-port", f"unix:{p('sec')}"]
+
+    def version(self):
+        r = subprocess.run([self.lockstep, "--version"], capture_output=True, text=True, timeout=30)
+        return r.stdout.strip() or "?"
+
+
 class LoopPeer(Peer):
     """No comparator: primary_in's bytes go straight to outdev (one socket pair), secondary_in
     is drained by `cat` into /dev/null. measure_throughput() on it is the harness's ceiling."""
@@ -907,6 +930,49 @@ def bench(tmp, size, n, *, mss=1448, window=64, chunk=256, runs=None, qemu=QEMU,
         t, pt = lat["tcp_us"], lat["passthrough_us"]
         parts.append(f"per packet p50 {t['p50']:.1f} µs p99 {t['p99']:.1f} µs "
                      f"(uncompared passthrough {pt['p50']:.1f}/{pt['p99']:.1f} µs)")
+    r["summary"] = "; ".join(parts)
+    return r
+
+
+def bench_netcmp(tmp, size, n, lockstep, *, mss=1448, window=64, chunk=256, runs=None, log=None):
+    """The same stream (windowed, in order) and per-packet latency through netcmp's packet
+    mode, for bench/netcmp.py to set beside bench(): "gb_s", "latency", "summary"."""
+    log = log or (lambda line: None)
+    size = min(size, MAX_BENCH_SIZE)
+    runs = runs or (3 if size <= 64 << 20 else 1)
+    frames = frames_tcp_stream(size, mss)
+    work = Path(tmp) / "netcmp-packet"
+    work.mkdir(parents=True, exist_ok=True)
+    r = {"stream_bytes": size, "mss": mss, "window": window, "chunk": chunk, "exchanges": n}
+
+    def peer():
+        return NetcmpPacket(lockstep=lockstep, workdir=work)
+
+    log("netcmp packet mode: windowed")
+    try:
+        r["windowed"] = best_of(peer, frames, runs, chunk=chunk, window=window)
+    except RunError as e:
+        r["windowed"] = {"error": str(e)}
+    frames = None
+    log("netcmp packet mode: latency")
+    try:
+        with peer() as p:
+            r["version"], r["command"] = p.version(), " ".join(p.command())
+            measure_latency(p, min(100, n), dst=(CLIENT[0], 39999))  # warm-up
+            r["latency"] = {"tcp_us": lat_stats(measure_latency(p, n)),
+                            "passthrough_us": lat_stats(measure_passthrough_latency(p, n))}
+    except RunError as e:
+        r["latency"] = {"error": str(e)}
+    w, lat = r["windowed"], r["latency"]
+    if "error" in w and "error" in lat:
+        raise RunError(f"netcmp: throughput: {w['error']}; latency: {lat['error']}")
+    parts = []
+    if "gb_s" in w:
+        r["gb_s"] = w["gb_s"]
+        parts.append(f"{w['gb_s']:.3f} GB/s payload ({w['frames_s'] / 1e3:.0f} kframes/s, window {window}, in order)")
+    if "tcp_us" in lat:
+        t = lat["tcp_us"]
+        parts.append(f"per packet p50 {t['p50']:.1f} µs p99 {t['p99']:.1f} µs")
     r["summary"] = "; ".join(parts)
     return r
 

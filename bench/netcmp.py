@@ -12,8 +12,9 @@ primary instance directly, in one run on one machine.
               instances, Python senders); one client reads it all: GB/s direct and through
               netcmp, where every byte is compared before the client gets it
   colo        QEMU's colo-compare (qemu-system-x86_64 -machine none, three socket chardevs)
-              fed the same TCP frames on both sides: payload GB/s released and per-packet
-              latency (bench/colo_peer.py), when qemu-system-x86_64 is installed
+              and `lockstep netcmp --packet` (three unix ports, the same framing), each fed
+              the same TCP frames on both sides by one harness (bench/colo_peer.py): payload
+              GB/s released in order with 64 frames in flight, and per-packet latency
 
 netcmp runs without a primary daemon (no --control): comparison only, as in QEMU's
 colo-compare without a COLO migration; no divergence happens in these runs (checked).
@@ -234,10 +235,13 @@ def cpu_seconds(pid):
 
 
 def run_colo(tmp, size, n):
+    """QEMU's colo-compare and netcmp's packet mode, fed the same frames by one harness."""
     if not shutil.which("qemu-system-x86_64"):
         raise RunError("qemu-system-x86_64 is not installed (tests/guest/prepare installs it)")
     import colo_peer
-    return colo_peer.bench(tmp, size, n)
+    log = lambda line: print(f"   {line}", file=sys.stderr, flush=True)  # noqa: E731
+    return {"qemu": colo_peer.bench(tmp, size, n, log=log),
+            "netcmp": colo_peer.bench_netcmp(tmp, size, n, LOCKSTEP, log=log)}
 
 
 def versions():
@@ -288,10 +292,16 @@ def table(r):
         rows.append(f"stream: FAILED: {st}")
     colo = r.get("colo")
     if isinstance(colo, dict):
-        rows.append(f"QEMU colo-compare     {colo.get('summary', colo)}")
-        if isinstance(st, dict) and colo.get("gb_s"):
-            rows.append(f"netcmp stream / colo-compare packets: "
-                        f"{st['netcmp']['gb_s'] / colo['gb_s']:.2f}x")
+        q, nc = colo["qemu"], colo["netcmp"]
+        rows.append(f"packets: QEMU colo-compare  {q.get('summary')}")
+        rows.append(f"packets: netcmp --packet    {nc.get('summary')}")
+        if q.get("gb_s") and nc.get("gb_s"):
+            rows.append(f"packet throughput netcmp / colo-compare: {nc['gb_s'] / q['gb_s']:.2f}x "
+                        f"(same frames, same harness, window {nc['window']}, in order)")
+        ql, nl = q.get("latency", {}).get("tcp_us"), nc.get("latency", {}).get("tcp_us")
+        if ql and nl:
+            rows.append(f"per-packet latency p50 netcmp / colo-compare: {nl['p50'] / ql['p50']:.2f}x, "
+                        f"p99 {nl['p99'] / ql['p99']:.2f}x")
     elif colo:
         rows.append(f"colo: FAILED: {colo}")
     return "\n".join(rows)

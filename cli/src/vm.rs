@@ -49,32 +49,44 @@ pub fn resume(a: VmResumeArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow!(e))?;
         let start = Instant::now();
         let uri = format!("file:{}", a.device_state.display());
-        q.execute("migrate-incoming", Some(json!({ "uri": uri })))
-            .await
-            .map_err(|e| anyhow!(e))?;
-        loop {
-            let st = q
-                .execute("query-status", None)
-                .await
-                .map_err(|e| anyhow!(e))?;
-            if st["status"] != "inmigrate" {
-                break;
+        // QEMU 9.1+ can stay up when the state does not load (and say why); QEMU may still
+        // exit, older ones always do: a lost QMP connection from here on means "did not load".
+        let gone = |e: String| {
+            anyhow!(
+                "QEMU went away while loading {}: the device state did not load ({e}; QEMU's own log says why)",
+                a.device_state.display()
+            )
+        };
+        let keep_up = json!({ "uri": uri, "exit-on-error": false });
+        match q.execute("migrate-incoming", Some(keep_up)).await {
+            Ok(_) => {}
+            Err(e) if e.contains("exit-on-error") => {
+                q.execute("migrate-incoming", Some(json!({ "uri": uri })))
+                    .await
+                    .map_err(gone)?;
             }
-            if start.elapsed() > a.timeout {
-                bail!("the device state did not load within {:?}", a.timeout);
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            Err(e) if e.contains("QMP error") => bail!(e),
+            Err(e) => return Err(gone(e)),
         }
-        let m = q
-            .execute("query-migrate", None)
-            .await
-            .map_err(|e| anyhow!(e))?;
-        if m["status"] != "completed" {
-            let why = m
-                .get("error-desc")
-                .and_then(Value::as_str)
-                .unwrap_or("no reason given");
-            bail!("the device state did not load ({}): {why}", m["status"]);
+        loop {
+            let m = q.execute("query-migrate", None).await.map_err(gone)?;
+            match m["status"].as_str() {
+                Some("completed") => break,
+                Some("failed") | Some("cancelled") => {
+                    let why = m
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given");
+                    bail!(
+                        "the device state {} did not load: {why}",
+                        a.device_state.display()
+                    );
+                }
+                _ if start.elapsed() > a.timeout => {
+                    bail!("the device state did not load within {:?}", a.timeout)
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
         }
         let loaded = start.elapsed();
         q.execute("cont", None).await.map_err(|e| anyhow!(e))?;

@@ -1,5 +1,5 @@
 //! A protected VM for the failover tests: Debian's kernel under TCG with a small busybox
-//! initramfs whose `/init` runs a counter, guest RAM in a shared file (`memory-backend-file,
+//! initramfs (busybox and the prepared modules) whose `/init` runs a counter, guest RAM in a shared file (`memory-backend-file,
 //! share=on`, what `--memory` replicates), its disk over NBD from a lockstep node, a QMP
 //! socket, and the guest's web server forwarded to a host port.
 //!
@@ -8,7 +8,8 @@
 //! mismatch prints `GUEST-MISMATCH memory M disk D`), increments the counter, writes it to the
 //! disk, publishes it at `http://…/count`, prints `COUNT n`, sleeps 50 ms. A VM resumed
 //! from a checkpoint whose memory and disk belong to different moments says so at its next
-//! step.
+//! step. `GET /cgi-bin/stop` makes it unmount the disk (`GUEST-UNMOUNTED n` on the
+//! console) and idle, so that the test can check the filesystem it leaves.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -23,16 +24,22 @@ const INIT: &str = r#"#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-for m in failover net_failover virtio_net virtio_blk; do insmod /lib/modules/$m.ko; done
+for m in $(cat /lib/modules/load-order); do insmod /lib/modules/$m.ko 2>/dev/null; done
 ip addr add 10.0.2.15/24 dev eth0
 ip link set eth0 up
-mkdir -p /mnt /www
+mkdir -p /mnt /www/cgi-bin
+printf '#!/bin/sh\ntouch /tmp/stop\nprintf "Content-Type: text/plain\\r\\n\\r\\nstopping\\n"\n' > /www/cgi-bin/stop
+chmod +x /www/cgi-bin/stop
 mount -t ext2 -o sync /dev/vda /mnt || { echo GUEST-NO-DISK > /dev/ttyS0; sleep 3600; }
 i=$(cat /mnt/count 2>/dev/null || echo 0)
 echo $i > /www/count
 httpd -p 80 -h /www
 echo "GUEST-START $i" > /dev/ttyS0
 while true; do
+  if [ -e /tmp/stop ]; then
+    umount /mnt && echo "GUEST-UNMOUNTED $i" > /dev/ttyS0
+    sleep 3600
+  fi
   echo 3 > /proc/sys/vm/drop_caches
   d=$(cat /mnt/count 2>/dev/null || echo 0)
   [ "$d" = "$i" ] || echo "GUEST-MISMATCH memory $i disk $d" > /dev/ttyS0
@@ -57,11 +64,14 @@ pub fn vm_initrd(dir: &Path) -> PathBuf {
     }
     let bb = std::fs::read(&p.busybox).expect("busybox");
     c.file_bytes("bin/busybox", 0o755, &bb, &mut dirs);
-    for m in ["failover", "net_failover", "virtio_net", "virtio_blk"] {
+    // Every prepared module (virtio, ext4 and what they need), loaded in dependency order.
+    for m in &p.load_order {
         let ko = std::fs::read(p.modules.join(format!("{m}.ko")))
             .unwrap_or_else(|e| panic!("module {m}: {e}"));
         c.file_bytes(&format!("lib/modules/{m}.ko"), 0o644, &ko, &mut dirs);
     }
+    let order = p.load_order.join("\n") + "\n";
+    c.file_bytes("lib/modules/load-order", 0o644, order.as_bytes(), &mut dirs);
     c.file_bytes("init", 0o755, INIT.as_bytes(), &mut dirs);
     c.finish();
     path
