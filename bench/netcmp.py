@@ -2,9 +2,10 @@
 """netcmp benchmark: what comparing a service's two instances costs, against talking to the
 primary instance directly, in one run on one machine.
 
-  latency     one client, N sequential PINGs to redis-server (one connection); round-trip
-              p50/p99 direct to the primary instance and through `lockstep netcmp` (stream
-              proxy, compare mode, two redis-server instances); the difference is netcmp's
+  latency     one client, N sequential PINGs to redis-server (one connection per block of
+              N/10, direct and through netcmp alternating); round-trip p50/p99 direct to the
+              primary instance and through `lockstep netcmp` (stream proxy, compare mode,
+              two redis-server instances); the difference is netcmp's
               added latency (two more loopback hops plus the comparison). netcmp's own
               figure (held from the primary's reply to its release) is reported too.
   redis       redis-benchmark -t set,get -c 8: requests per second, direct and through netcmp
@@ -23,6 +24,7 @@ bench/out/netcmp-<timestamp>.json. Exits non-zero when a configuration could not
 
     bench/netcmp.py --quick        # 2000 PINGs, 256 MiB stream
     bench/netcmp.py                # 20000 PINGs, 2 GiB stream
+    bench/netcmp.py --pin 0 --skip stream --skip colo   # latency with every process on CPU 0
 """
 
 import argparse
@@ -167,9 +169,12 @@ def run_latency(tmp, n):
     s = Services(tmp, "redis")
     try:
         pings(s.ports[0], 200)  # warm-up
-        direct = pings(s.ports[0], n)
         pings(s.port, 200)
-        proxied = pings(s.port, n)
+        # Interleaved blocks, so that drift in the machine's speed hits both alike.
+        direct, proxied = [], []
+        for _ in range(10):
+            direct += pings(s.ports[0], n // 10)
+            proxied += pings(s.port, n // 10)
         st = s.status()
         rps = {}
         for name, port in (("direct", s.ports[0]), ("netcmp", s.port)):
@@ -313,7 +318,13 @@ def main():
     ap.add_argument("--pings", type=int)
     ap.add_argument("--stream-size", type=parse_size)
     ap.add_argument("--skip", action="append", default=[], choices=["latency", "stream", "colo"])
+    ap.add_argument("--pin", type=int, metavar="CPU",
+                    help="run everything (this script and what it starts) on one CPU: on a VM, "
+                         "waking an idle vCPU costs tens of µs per hop, which the latency row "
+                         "otherwise mostly measures")
     args = ap.parse_args()
+    if args.pin is not None:
+        os.sched_setaffinity(0, {args.pin})
     n = args.pings or (2000 if args.quick else 20000)
     size = args.stream_size or ((256 << 20) if args.quick else (2 << 30))
     if not LOCKSTEP.is_file():
@@ -321,7 +332,8 @@ def main():
     for tool in ("redis-server", "redis-benchmark"):
         if not shutil.which(tool):
             sys.exit(f"netcmp: error: {tool} missing: apt-get install redis-server redis-tools")
-    results, failed = {"versions": versions(), "pings": n, "stream_size": size}, False
+    results, failed = {"versions": versions(), "pings": n, "stream_size": size,
+                       "pinned_cpu": args.pin}, False
     with tempfile.TemporaryDirectory(prefix="lockstep-bench-netcmp-") as d:
         tmp = Path(d)
         for name, fn in (("latency", lambda: run_latency(tmp, n)),
