@@ -37,6 +37,10 @@
 //! - [`primary`], [`secondary`], [`wire`]: the two halves of a region's participant in the
 //!   checkpoint epochs and their messages: pre-send between checkpoints, the pause's copy,
 //!   RAM staging on the secondary, commit all-or-nothing with the disk, resync by digest.
+//! - [`device`]: a QEMU VM's device state as a participant (QMP `migrate` to a file with
+//!   `x-ignore-shared` in the cut; durable per epoch on the secondary), and
+//!   [`track::softdirty::SoftDirtyTracker`], which tracks the VM's RAM through QEMU's
+//!   soft-dirty bits.
 //! - [`pause`]: cooperating writers stand still around the cut ([`pause::WriterPause`] is a
 //!   `GuestHook`; the writer calls [`pause::WriterLink::pause_point`] between its steps).
 //! - [`handoff`]: a cooperating writer in another process registers its mapping with userfaultfd
