@@ -59,208 +59,37 @@ bench(tmp, size, n) returns the same numbers as a dict (bench/netcmp.py's "colo"
 
 import argparse
 import os
-import random
 import shutil
 import signal
 import socket
-import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import RunError, die_with_parent, parse_size, percentile, spawn, stop_proc, tail  # noqa: E402
+from benchlib import RunError, die_with_parent, parse_size, spawn, stop_proc, tail  # noqa: E402
+from frames import (  # noqa: E402
+    CLIENT, SERVER, TCP_ACK, TCP_PSH, chunks, decode, drain, encode, frames_tcp_stream,
+    ipv6_frame, payload_bytes, raw_frame, recv_exact, recv_frame, tcp_frame, udp_frame,
+)
+from packet_measure import (  # noqa: E402
+    IO_TIMEOUT, best_of, fmt_lat, fmt_rate, lat_stats, measure_latency, measure_passthrough_latency,
+)
 
 QEMU = "qemu-system-x86_64"
 START_DEADLINE = 15.0
 LIFETIME = 600.0          # a qemu started here is killed after this, whatever happens
 PROBE_WAIT = 0.2          # per readiness probe
-IO_TIMEOUT = 10.0         # one blocking read/write on a chardev socket
 MAX_BENCH_SIZE = 256 << 20  # bench(): frames are built in memory (about 3x the payload)
 
-SERVER_MAC = bytes.fromhex("525400000001")
-CLIENT_MAC = bytes.fromhex("525400000002")
-SERVER = ("10.0.0.1", 6379)
-CLIENT = ("10.0.0.2", 40000)
-
-TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
-ETH_HLEN = 14
-LEN = struct.Struct(">I")
 
 DO_CHECKPOINT = b"DO_CHECKPOINT"
 COLO_CHECKPOINT = b"COLO_CHECKPOINT"
 PROXY_INIT = b"COLO_USERSPACE_PROXY_INIT"
 PROXY_INIT_REPLY = b"COLO_COMPARE_GET_XEN_INIT"
-
-
-# ---------------------------------------------------------------------------------------
-# frames
-
-
-def checksum(data):
-    """Internet checksum (RFC 1071) of `data`: the 16-bit one's-complement sum equals the
-    big-endian integer modulo 0xffff (2**16 = 1 mod 0xffff)."""
-    if len(data) % 2:
-        data = bytes(data) + b"\0"
-    n = int.from_bytes(data, "big")
-    s = n % 0xFFFF
-    if s == 0 and n:
-        s = 0xFFFF
-    return 0xFFFF - s
-
-
-def ipv4_header(src, dst, proto, payload_len, ident, ttl=64):
-    """A 20-byte IPv4 header (DF set, no options) with its checksum."""
-    h = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + payload_len, ident & 0xFFFF, 0x4000, ttl,
-                    proto, 0, socket.inet_aton(src), socket.inet_aton(dst))
-    return h[:10] + struct.pack(">H", checksum(h)) + h[12:]
-
-
-def tcp_frame(src, dst, seq, ack, flags, payload=b"", *, ident=1, window=65535, ttl=64,
-              src_mac=SERVER_MAC, dst_mac=CLIENT_MAC, bad_checksum=False):
-    """Ethernet + IPv4 + TCP (20-byte header, no options) frame from `src` (ip, port) to
-    `dst`, with valid IP and TCP checksums (unless bad_checksum: TCP checksum off by one)."""
-    (sip, sport), (dip, dport) = src, dst
-    tcp = struct.pack(">HHIIHHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
-                      (5 << 12) | flags, window, 0, 0)
-    pseudo = socket.inet_aton(sip) + socket.inet_aton(dip) + struct.pack(">BBH", 0, 6, len(tcp) + len(payload))
-    csum = checksum(pseudo + tcp + payload)
-    if bad_checksum:
-        csum ^= 1
-    tcp = tcp[:16] + struct.pack(">H", csum) + tcp[18:]
-    ip = ipv4_header(sip, dip, 6, len(tcp) + len(payload), ident, ttl)
-    return dst_mac + src_mac + b"\x08\x00" + ip + tcp + payload
-
-
-def udp_frame(src, dst, payload, *, ident=1):
-    """Ethernet + IPv4 + UDP frame with valid checksums."""
-    (sip, sport), (dip, dport) = src, dst
-    udp = struct.pack(">HHHH", sport, dport, 8 + len(payload), 0)
-    pseudo = socket.inet_aton(sip) + socket.inet_aton(dip) + struct.pack(">BBH", 0, 17, len(udp) + len(payload))
-    csum = checksum(pseudo + udp + payload) or 0xFFFF
-    udp = udp[:6] + struct.pack(">H", csum)
-    return CLIENT_MAC + SERVER_MAC + b"\x08\x00" + ipv4_header(sip, dip, 17, len(udp) + len(payload), ident) + udp + payload
-
-
-def raw_frame(tag, size=60, ethertype=0x88B5):
-    """A non-IP frame (IEEE local experimental ethertype) carrying `tag`: colo-compare
-    forwards such frames from primary_in unchanged, without comparing."""
-    body = tag.to_bytes(8, "big")
-    return CLIENT_MAC + SERVER_MAC + struct.pack(">H", ethertype) + body + bytes(max(0, size - 22))
-
-
-def ipv6_frame(payload, src="fd00::1", dst="fd00::2"):
-    """Ethernet + IPv6 frame, next header 59 (none) carrying `payload`."""
-    ip6 = struct.pack(">IHBB16s16s", 6 << 28, len(payload), 59, 64, socket.inet_pton(socket.AF_INET6, src),
-                      socket.inet_pton(socket.AF_INET6, dst))
-    return CLIENT_MAC + SERVER_MAC + b"\x86\xdd" + ip6 + payload
-
-
-def payload_bytes(total, seed=0):
-    """`total` deterministic pseudo-random bytes."""
-    rng, block = random.Random(seed), 1 << 20
-    return b"".join(rng.randbytes(min(block, total - off)) for off in range(0, total, block))
-
-
-def frames_tcp_stream(total_bytes, mss=1448, *, src=SERVER, dst=CLIENT, isn=1_000_000,
-                      ack=2_000_000, syn_ack=False, seed=0, ident=1, payload=None):
-    """One TCP stream from `src` to `dst` (default server 10.0.0.1:6379 -> client
-    10.0.0.2:40000): `total_bytes` of deterministic payload in `mss`-sized segments (the
-    last one shorter), flags ACK (+PSH on the last), the same ACK number throughout, IP ids
-    counting up from `ident`. With syn_ack, a SYN-ACK (seq `isn`) comes first and the data
-    starts at isn + 1; colo-compare does not need it. `payload` overrides the content."""
-    if mss <= 0 or total_bytes < 0:
-        raise ValueError("mss must be positive, total_bytes non-negative")
-    data = payload if payload is not None else payload_bytes(total_bytes, seed)
-    frames = []
-    seq = isn
-    if syn_ack:
-        frames.append(tcp_frame(src, dst, seq, ack, TCP_SYN | TCP_ACK, ident=ident))
-        seq, ident = seq + 1, ident + 1
-    view = memoryview(data)
-    for off in range(0, len(data), mss):
-        chunk = bytes(view[off:off + mss])
-        last = off + mss >= len(data)
-        frames.append(tcp_frame(src, dst, seq + off, ack, TCP_ACK | (TCP_PSH if last else 0), chunk,
-                                ident=ident))
-        ident += 1
-    return frames
-
-
-def tcp_payload_len(frame):
-    """TCP payload bytes of an Ethernet+IPv4+TCP frame (0 for anything else)."""
-    if len(frame) < ETH_HLEN + 20 or frame[12:14] != b"\x08\x00" or frame[ETH_HLEN + 9] != 6:
-        return 0
-    ihl = (frame[ETH_HLEN] & 0x0F) * 4
-    total = struct.unpack_from(">H", frame, ETH_HLEN + 2)[0]
-    doff = (frame[ETH_HLEN + ihl + 12] >> 4) * 4
-    return total - ihl - doff
-
-
-def encode(frames):
-    """The framed byte stream of `frames`: per frame a 4-byte big-endian length, the frame."""
-    return b"".join(LEN.pack(len(f)) + f for f in frames)
-
-
-def decode(buf):
-    """(frames, leftover bytes) of a framed byte stream."""
-    frames, off, n = [], 0, len(buf)
-    while off + 4 <= n:
-        (ln,) = LEN.unpack_from(buf, off)
-        if off + 4 + ln > n:
-            break
-        frames.append(bytes(buf[off + 4:off + 4 + ln]))
-        off += 4 + ln
-    return frames, bytes(buf[off:])
-
-
-def recv_exact(sock, n):
-    """Exactly `n` bytes from `sock` (RunError on EOF or timeout)."""
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    try:
-        while got < n:
-            k = sock.recv_into(view[got:])
-            if not k:
-                raise RunError(f"EOF after {got} of {n} bytes")
-            got += k
-    except socket.timeout:
-        raise RunError(f"timed out after {got} of {n} bytes") from None
-    return bytes(buf)
-
-
-def recv_frame(sock):
-    """One framed frame from `sock`."""
-    (ln,) = LEN.unpack(recv_exact(sock, 4))
-    return recv_exact(sock, ln)
-
-
-def drain(sock, wait):
-    """Whatever arrives on `sock` within `wait` seconds of quiet, as bytes."""
-    old = sock.gettimeout()
-    sock.settimeout(wait)
-    out = bytearray()
-    try:
-        while True:
-            d = sock.recv(1 << 16)
-            if not d:
-                break
-            out += d
-    except socket.timeout:
-        pass
-    finally:
-        sock.settimeout(old)
-    return bytes(out)
-
-
-def chunks(frames, n):
-    """`frames` encoded in chunks of `n` frames."""
-    return [encode(frames[i:i + n]) for i in range(0, len(frames), n)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -506,202 +335,6 @@ class LoopPeer(Peer):
                 stop_proc(self.cat)
 
 
-# ---------------------------------------------------------------------------------------
-# measurements
-
-
-class StreamReader(threading.Thread):
-    """Reads `expected` bytes from `sock` into one preallocated buffer; .got counts them
-    (wait_for() blocks on it), .done_at is the perf_counter() when the last one arrived."""
-
-    def __init__(self, sock, expected, deadline):
-        super().__init__(daemon=True)
-        self.sock, self.expected, self.deadline = sock, expected, deadline
-        self.buf = bytearray(expected)
-        self.got = 0
-        self.done_at = None
-        self.error = None
-        self.recvs = 0
-        self.cpu = 0.0  # this thread's CPU seconds
-        self.cond = threading.Condition()
-        self.waiting = 0  # byte count a feeder waits for (0: nobody waits, no notify)
-
-    def run(self):
-        view = memoryview(self.buf)
-        end = time.monotonic() + self.deadline
-        cpu0 = time.thread_time()
-        self.sock.settimeout(0.5)
-        try:
-            while self.got < self.expected:
-                try:
-                    k = self.sock.recv_into(view[self.got:])
-                except socket.timeout:
-                    if time.monotonic() > end:
-                        self.error = "deadline"
-                        return
-                    continue
-                if not k:
-                    self.error = "EOF"
-                    return
-                self.got += k
-                self.recvs += 1
-                if self.waiting and self.got >= self.waiting:
-                    with self.cond:
-                        self.cond.notify()
-            self.done_at = time.perf_counter()
-        except OSError as e:
-            self.error = f"{type(e).__name__}: {e}"
-        finally:
-            self.cpu = time.thread_time() - cpu0
-            view.release()
-            with self.cond:
-                self.cond.notify()
-
-    def wait_for(self, n, timeout):
-        """Block until `n` bytes arrived; False on timeout or when the reader stopped."""
-        end = time.monotonic() + timeout
-        with self.cond:
-            self.waiting = n
-            while self.got < n and self.is_alive():
-                left = end - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(min(left, 0.5))
-            self.waiting = 0
-        return self.got >= n
-
-
-class Throughput(NamedTuple):
-    payload_bytes: int   # TCP payload of the released frames
-    seconds: float       # first write .. last released byte read
-    frames: int          # frames released
-    out_of_order: int    # released frames that came after a frame the primary sent later
-    feeder_cpu: float    # CPU seconds of this script's feeding thread
-    reader_cpu: float    # CPU seconds of this script's outdev reader thread
-    reader_recvs: int    # recv calls the reader needed
-
-
-def frame_order(expected_frames, got_bytes):
-    """(frames released, frames missing, duplicated, not from the primary, out of order,
-    first missing index, trailing bytes) of `got_bytes` against `expected_frames`."""
-    got, rest = decode(got_bytes)
-    want = {}
-    for i, f in enumerate(expected_frames):
-        want.setdefault(f, []).append(i)
-    taken = {}
-    idx = []
-    for f in got:
-        cands = want.get(f)
-        k = taken.get(f, 0)
-        if cands is None or k >= len(cands):
-            idx.append(-1)
-        else:
-            idx.append(cands[k])
-            taken[f] = k + 1
-    seen = {i for i in idx if i >= 0}
-    unknown = sum(1 for i in idx if i < 0)
-    late, high = 0, -1
-    for i in idx:
-        if 0 <= i < high:
-            late += 1
-        high = max(high, i)
-    first_missing = next((i for i in range(len(expected_frames)) if i not in seen), None)
-    return (len(got), len(expected_frames) - len(seen), unknown, late, first_missing, len(rest))
-
-
-def describe_order(expected_frames, got_bytes):
-    n, missing, unknown, late, first_missing, rest = frame_order(expected_frames, got_bytes)
-    return (f"{n} frames released of {len(expected_frames)}: {missing} missing"
-            + (f" (first: #{first_missing})" if missing else "")
-            + f", {unknown} not from the primary (or duplicated), {late} out of order"
-            + (f", {rest} trailing bytes" if rest else ""))
-
-
-def measure_throughput(peer, frames, *, secondary_frames=None, chunk=256, window=64, ordered=True,
-                       deadline=120.0):
-    """Write `frames` to primary_in and `secondary_frames` (default: the same) to secondary_in,
-    alternately in chunks of `chunk` frames (one sendall each); a thread reads outdev until as
-    many bytes came out as the primary's framed stream has. window: at most about this many
-    frames written to primary_in and not yet read from outdev (chunks become window/2
-    frames); None: free-running, only socket buffers and the comparator's queues bound it
-    (colo-compare then reorders its output, see the module docstring).
-
-    The released frames must be the primary's, each exactly once (RunError otherwise); with
-    `ordered` also in the primary's order. Returns a Throughput (payload bytes, seconds,
-    frames, out of order, and this script's own CPU use)."""
-    secondary_frames = frames if secondary_frames is None else secondary_frames
-    if window is not None:
-        chunk = max(1, min(chunk, window // 2))
-    pc = chunks(frames, chunk)
-    sc = pc if secondary_frames is frames else chunks(secondary_frames, chunk)
-    ends, pos = [], 0
-    for c in pc:
-        pos += len(c)
-        ends.append(pos)
-    lag = None if window is None else max(1, window // chunk)
-    reader = StreamReader(peer.out, pos, deadline)
-    reader.start()
-    t0 = time.perf_counter()
-
-    def window_open(i):
-        return lag is None or i < lag or reader.wait_for(ends[i - lag], deadline)
-
-    cpu0 = time.thread_time()
-    try:
-        peer.feed_chunks(pc, sc, window_open)
-    except OSError as e:
-        raise RunError(f"{peer.name}: feeding failed with {reader.got} bytes out: {e}") from None
-    feeder_cpu = time.thread_time() - cpu0
-    reader.join(deadline + 2)
-    peer.out.settimeout(IO_TIMEOUT)
-    got = memoryview(reader.buf)[:reader.got]
-    if reader.done_at is None:
-        extra = f"\n{tail(peer.log)}" if hasattr(peer, "log") else ""
-        raise RunError(f"{peer.name}: outdev stopped ({reader.error}): {describe_order(frames, got)}{extra}")
-    late = 0
-    if any(got[a:b] != c for a, b, c in zip([0] + ends, ends, pc)):
-        n, missing, unknown, late, _, rest = frame_order(frames, got)
-        if missing or unknown or rest or ordered:
-            raise RunError(f"{peer.name}: released frames are not the primary's"
-                           f"{' in order' if ordered else ''}: {describe_order(frames, got)}")
-    payload = sum(tcp_payload_len(f) for f in frames)
-    return Throughput(payload, reader.done_at - t0, len(frames), late, feeder_cpu, reader.cpu, reader.recvs)
-
-
-def measure_latency(peer, n, *, size=64, src=SERVER, dst=CLIENT, seed=1):
-    """n exchanges of one `size`-byte segment of a fresh TCP stream: write the primary's
-    frame, then the secondary's identical one, read the released frame from outdev. Returns
-    the per-packet latencies in µs, each from the secondary's write to the frame read."""
-    frames = frames_tcp_stream(n * size, size, src=src, dst=dst, seed=seed)
-    enc = [encode([f]) for f in frames]
-    lat = []
-    for f, e in zip(frames, enc):
-        peer.pri.sendall(e)
-        t0 = time.perf_counter_ns()
-        peer.sec.sendall(e)
-        got = recv_exact(peer.out, len(e))
-        lat.append((time.perf_counter_ns() - t0) / 1000)
-        if got != e:
-            raise RunError(f"{peer.name}: exchange {len(lat)} released a different frame")
-    return lat
-
-
-def measure_passthrough_latency(peer, n, size=78):
-    """n non-IP frames written to primary_in alone, each read back from outdev: the
-    comparator's forwarding path without comparison. Latencies in µs."""
-    lat = []
-    base = getattr(peer, "_probe_tag", 0) + 1_000_000
-    for i in range(n):
-        e = encode([raw_frame(base + i, size)])
-        t0 = time.perf_counter_ns()
-        peer.pri.sendall(e)
-        got = recv_exact(peer.out, len(e))
-        lat.append((time.perf_counter_ns() - t0) / 1000)
-        if got != e:
-            raise RunError(f"{peer.name}: passthrough frame {i} came back different")
-    return lat
-
-
 def measure_timeout(peer, n=3, *, size=64):
     """n times: one primary frame on a fresh connection, no secondary frame. With notify_dev:
     (ms until DO_CHECKPOINT, ms until released after our COLO_CHECKPOINT). Without: None per
@@ -852,27 +485,6 @@ def explore(peer):
 # ---------------------------------------------------------------------------------------
 
 
-def lat_stats(lat):
-    return {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "mean": statistics.fmean(lat),
-            "max": max(lat), "n": len(lat)}
-
-
-def rate(r):
-    return {"gb_s": r.payload_bytes / r.seconds / 1e9, "frames_s": r.frames / r.seconds,
-            "payload_bytes": r.payload_bytes, "frames": r.frames, "seconds": r.seconds,
-            "out_of_order": r.out_of_order, "harness_cpu_s": r.feeder_cpu + r.reader_cpu,
-            "reader_recvs": r.reader_recvs}
-
-
-def best_of(mk, frames, runs, **kw):
-    res = []
-    for _ in range(runs):
-        with mk() as peer:
-            res.append(measure_throughput(peer, frames, **kw))
-    best = max(res, key=lambda r: r.payload_bytes / r.seconds)
-    return dict(rate(best), runs_gb_s=[r.payload_bytes / r.seconds / 1e9 for r in res])
-
-
 def bench(tmp, size, n, *, mss=1448, window=64, chunk=256, runs=None, qemu=QEMU, log=None):
     """Everything bench/netcmp.py shows for colo-compare, as one JSON-able dict: the stream
     (`size` bytes of payload, at most MAX_BENCH_SIZE) windowed and in order (best of `runs`,
@@ -975,21 +587,6 @@ def bench_netcmp(tmp, size, n, lockstep, *, mss=1448, window=64, chunk=256, runs
         parts.append(f"per packet p50 {t['p50']:.1f} µs p99 {t['p99']:.1f} µs")
     r["summary"] = "; ".join(parts)
     return r
-
-
-def fmt_rate(d):
-    if "error" in d:
-        return f"FAILED: {d['error']}"
-    return (f"{d['gb_s'] * 1e3:7.1f} MB/s payload {d['frames_s'] / 1e3:6.1f} kframes/s"
-            f"  ({d['payload_bytes'] / 2**20:.0f} MiB, {d['frames']} frames, {d['seconds']:.3f} s"
-            + (f", {d['out_of_order']} out of order" if d["out_of_order"] else "")
-            + f"; harness CPU {d['harness_cpu_s']:.2f} s)"
-            + f"  [runs: {'/'.join(f'{g * 1e3:.0f}' for g in d['runs_gb_s'])} MB/s]")
-
-
-def fmt_lat(s):
-    return (f"p50 {s['p50']:6.1f} µs  p99 {s['p99']:6.1f} µs  mean {s['mean']:6.1f} µs  "
-            f"max {s['max']:7.1f} µs  (n={s['n']})")
 
 
 def parse_args():

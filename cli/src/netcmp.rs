@@ -191,6 +191,21 @@ async fn admin_socket(
     })
 }
 
+/// Run a frontend until SIGINT or SIGTERM, then stop it and netcmp's control socket.
+async fn until_signal(
+    frontend: impl std::future::Future<Output = ()> + Send + 'static,
+    stop: tokio::sync::watch::Sender<bool>,
+    admin_task: Option<tokio::task::JoinHandle<()>>,
+) {
+    let run = tokio::spawn(frontend);
+    daemon::shutdown_signal().await;
+    stop.send_replace(true);
+    let _ = run.await;
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
+}
+
 async fn stream(
     cfg: ProxyConfig,
     link: EpochLink,
@@ -212,13 +227,7 @@ async fn stream(
         mode = %st.mode,
         "netcmp stream proxy running"
     );
-    let run = tokio::spawn(proxy.run(stop_rx));
-    daemon::shutdown_signal().await;
-    stop_tx.send_replace(true);
-    let _ = run.await;
-    if let Some(t) = admin_task {
-        let _ = t.await;
-    }
+    until_signal(proxy.run(stop_rx), stop_tx, admin_task).await;
     let st = handle.status();
     if st.held_bytes > 0 {
         tracing::warn!(held = st.held_bytes, "stopped: held output was not sent");
@@ -246,13 +255,7 @@ async fn packet(
         secondary = %st.ports.secondary.port,
         "netcmp packet mode running"
     );
-    let run = tokio::spawn(proxy.run(stop_rx));
-    daemon::shutdown_signal().await;
-    stop_tx.send_replace(true);
-    let _ = run.await;
-    if let Some(t) = admin_task {
-        let _ = t.await;
-    }
+    until_signal(proxy.run(stop_rx), stop_tx, admin_task).await;
     let st = handle.status();
     if st.held_frames > 0 {
         tracing::warn!(
