@@ -108,6 +108,58 @@ fn start_node(dir: &Path, tag: &str, interval: &str) -> Node {
     }
 }
 
+/// Where a VM resumes: this node's RAM file and export, the device state to load.
+struct Resume<'a> {
+    ram: &'a Path,
+    disk: &'a str,
+    state: &'a Path,
+    /// Give QEMU a second QMP socket (`NAME-admin.qmp`) for the test.
+    admin_qmp: bool,
+}
+
+/// Start QEMU `name` with `-incoming defer` on `to` and run `lockstep vm-resume`: QEMU, the
+/// command's (success, stdout, stderr), and the host port of the guest's web server.
+fn resume_vm(
+    d: &Path,
+    initrd: &Path,
+    name: &str,
+    console: &str,
+    to: &Resume<'_>,
+) -> (Daemon, (bool, String, String), u16) {
+    let qmp = d.join(format!("{name}.qmp"));
+    let http = free_port();
+    let vm = start_vm(
+        &VmSpec {
+            ram: to.ram.to_path_buf(),
+            ram_mib: RAM_MIB,
+            disk: to.disk.to_string(),
+            admin_qmp: to.admin_qmp.then(|| d.join(format!("{name}-admin.qmp"))),
+            qmp: qmp.clone(),
+            http_port: http,
+            console: d.join(console),
+            incoming: true,
+        },
+        initrd,
+        d,
+        name,
+    );
+    let start = std::time::Instant::now();
+    while !qmp.exists() && start.elapsed() < Duration::from_secs(20) {
+        sleep_ms(20);
+    }
+    let r = lockstep(
+        &[
+            "vm-resume",
+            "--qmp",
+            qmp.to_str().unwrap(),
+            "--device-state",
+            to.state.to_str().unwrap(),
+        ],
+        Duration::from_secs(90),
+    );
+    (vm, r, http)
+}
+
 fn trial(rng: &mut Rng, index: usize) -> String {
     let dir = scratch();
     let d = dir.path();
@@ -118,7 +170,8 @@ fn trial(rng: &mut Rng, index: usize) -> String {
         &VmSpec {
             ram: node.p_ram.clone(),
             ram_mib: RAM_MIB,
-            disk: format!("nbd://{}/lockstep", node.pair.export),
+            disk: node.pair.export.clone(),
+            admin_qmp: None,
             qmp: d.join("primary.qmp"),
             http_port: http,
             console: d.join("console1.log"),
@@ -211,37 +264,13 @@ fn trial(rng: &mut Rng, index: usize) -> String {
     let (ok, out, err) = failover(&node.pair.s_sock, "checkpoint", &[]);
     assert!(ok, "[{params}] failover: {out}{err}\n{}", node.pair.logs());
     let resume = |name: &str, state: &Path, console: &str| {
-        let qmp = d.join(format!("{name}.qmp"));
-        let http2 = free_port();
-        let vm = start_vm(
-            &VmSpec {
-                ram: node.s_ram.clone(),
-                ram_mib: RAM_MIB,
-                disk: format!("nbd://{}/lockstep", node.pair.s_export),
-                qmp: qmp.clone(),
-                http_port: http2,
-                console: d.join(console),
-                incoming: true,
-            },
-            &initrd,
-            d,
-            name,
-        );
-        let start = std::time::Instant::now();
-        while !qmp.exists() && start.elapsed() < Duration::from_secs(20) {
-            sleep_ms(20);
-        }
-        let r = lockstep(
-            &[
-                "vm-resume",
-                "--qmp",
-                qmp.to_str().unwrap(),
-                "--device-state",
-                state.to_str().unwrap(),
-            ],
-            Duration::from_secs(90),
-        );
-        (vm, r, http2)
+        let to = Resume {
+            ram: &node.s_ram,
+            disk: &node.pair.s_export,
+            state,
+            admin_qmp: false,
+        };
+        resume_vm(d, &initrd, name, console, &to)
     };
     if index == 0 {
         // A device state that does not load is refused, loudly; the good one still works.
@@ -314,4 +343,185 @@ fn the_vm_survives_the_loss_of_its_host() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     trials("vm failover", n, |i, rng| trial(rng, i));
+}
+
+/// After a failover, the survivor gets a new secondary without stopping for longer than a
+/// daemon restart: the VM is stopped, the failed-over node's daemon is replaced in place by a
+/// `lockstep primary` (same export, so QEMU's NBD client reconnects), the old primary's host
+/// becomes the secondary (its stale disk and RAM resynced: only what differs is sent), and
+/// the VM continues. Then that host fails over back and the VM resumes there.
+#[test]
+fn a_failed_over_vm_is_protected_again_and_fails_back() {
+    let _h = heavy();
+    let dir = scratch();
+    let d = dir.path();
+    let initrd = vm_initrd(d);
+    let mut node = start_node(d, "rp", "300ms");
+    let mut vm1 = start_vm(
+        &VmSpec {
+            ram: node.p_ram.clone(),
+            ram_mib: RAM_MIB,
+            disk: node.pair.export.clone(),
+            admin_qmp: None,
+            qmp: d.join("primary.qmp"),
+            http_port: free_port(),
+            console: d.join("console1.log"),
+            incoming: false,
+        },
+        &initrd,
+        d,
+        "qemu1",
+    );
+    wait_count(
+        &d.join("console1.log"),
+        3,
+        Duration::from_secs(120),
+        &mut vm1,
+    );
+    let p = node.pair.p_sock.clone();
+    let committed = |sock: &Path| {
+        control_status(sock, Duration::from_secs(10)).unwrap()["committed_epoch"]
+            .as_u64()
+            .unwrap()
+    };
+    let c0 = committed(&p);
+    node.pair.wait_primary(Duration::from_secs(60), |s| {
+        s["committed_epoch"].as_u64() > Some(c0 + 2)
+    });
+    vm1.signal(libc::SIGKILL);
+    node.pair.primary.signal(libc::SIGKILL);
+    vm1.wait(Duration::from_secs(10));
+    node.pair.primary.wait(Duration::from_secs(10));
+    let (ok, out, err) = failover(&node.pair.s_sock, "checkpoint", &[]);
+    assert!(ok, "failover: {out}{err}");
+    let b_export = node.pair.s_export.clone();
+    let resumed = Resume {
+        ram: &node.s_ram,
+        disk: &b_export,
+        state: &node.s_dev,
+        admin_qmp: true,
+    };
+    let (mut vm2, (ok, out, err), _) = resume_vm(d, &initrd, "qemu2", "console2.log", &resumed);
+    assert!(ok, "vm-resume: {out}{err}");
+    let c2 = d.join("console2.log");
+    let first = {
+        wait_count(&c2, 1, Duration::from_secs(60), &mut vm2);
+        counts(&c2).0[0]
+    };
+    wait_count(&c2, first + 3, Duration::from_secs(60), &mut vm2);
+
+    // Re-protect: the old primary's host (stale disk and RAM) becomes the secondary.
+    let a_listen = format!("127.0.0.1:{}", free_port());
+    let a_export = format!("127.0.0.1:{}", free_port());
+    let a_sock = d.join("a2.sock");
+    let a_dev = d.join("a2.device");
+    let sargs = owned(&[
+        "secondary",
+        "--disk",
+        node.pair.p_img.to_str().unwrap(),
+        "--listen",
+        &a_listen,
+        "--export",
+        &a_export,
+        "--control",
+        a_sock.to_str().unwrap(),
+        "--memory",
+        node.p_ram.to_str().unwrap(),
+        "--device-state",
+        a_dev.to_str().unwrap(),
+    ]);
+    let mut a2 = Daemon::start("secondary-a2", &lockstep_bin(), &refs(&sargs), d);
+    lockstep_tests::control::wait_mode(&mut a2, &a_sock, Duration::from_secs(20), "a2", "waiting");
+    let mut admin = lockstep_tests::qmp::Qmp::connect(&d.join("qemu2-admin.qmp"));
+    admin.execute("stop");
+    // The failed-over daemon makes way for a primary on the same disk and export.
+    node.pair.secondary.stop(Duration::from_secs(30));
+    let b_sock = d.join("b2.sock");
+    let pargs = owned(&[
+        "primary",
+        "--disk",
+        node.pair.s_img.to_str().unwrap(),
+        "--export",
+        &b_export,
+        "--secondary",
+        &a_listen,
+        "--control",
+        b_sock.to_str().unwrap(),
+        "--memory",
+        node.s_ram.to_str().unwrap(),
+        "--qmp",
+        d.join("qemu2.qmp").to_str().unwrap(),
+        "--device-state",
+        d.join("b2.device").to_str().unwrap(),
+        "--ack",
+        "received",
+        "--checkpoint-interval",
+        "300ms",
+    ]);
+    let mut b2 = Daemon::start("primary-b2", &lockstep_bin(), &refs(&pargs), d);
+    let st = lockstep_tests::control::wait_status(
+        &mut b2,
+        &b_sock,
+        Duration::from_secs(120),
+        "b2",
+        |s| s["mode"] == "replicating" && s["committed_epoch"].as_u64() > Some(0),
+    );
+    let at_cont = counts(&c2).0.last().copied().unwrap_or(0);
+    admin.execute("cont");
+    let base = st["committed_epoch"].as_u64().unwrap();
+    let st = lockstep_tests::control::wait_status(
+        &mut b2,
+        &b_sock,
+        Duration::from_secs(120),
+        "b2",
+        |s| {
+            s["committed_epoch"].as_u64() > Some(base + 3)
+                && s["participants"]["device"]["captures"].as_u64() > Some(2)
+        },
+    );
+    let resync = st["resync"].clone();
+    let mem = st["participants"]["memory0"].clone();
+    let before = counts(&c2).0.last().copied().unwrap_or(0);
+    wait_count(&c2, before + 3, Duration::from_secs(60), &mut vm2);
+
+    // Fail back: kill the VM and the new primary; the old host resumes the VM.
+    vm2.signal(libc::SIGKILL);
+    b2.signal(libc::SIGKILL);
+    vm2.wait(Duration::from_secs(10));
+    b2.wait(Duration::from_secs(10));
+    let reached = counts(&c2).0.last().copied().unwrap_or(0);
+    let (ok, out, err) = failover(&a_sock, "checkpoint", &[]);
+    assert!(ok, "failover back: {out}{err}\n{}", a2.log_text());
+    let back = Resume {
+        ram: &node.p_ram,
+        disk: &a_export,
+        state: &a_dev,
+        admin_qmp: false,
+    };
+    let (mut vm3, (ok, out, err), _) = resume_vm(d, &initrd, "qemu3", "console3.log", &back);
+    assert!(ok, "vm-resume on the old host: {out}{err}");
+    let c3 = d.join("console3.log");
+    wait_count(&c3, 1, Duration::from_secs(60), &mut vm3);
+    let again = counts(&c3).0[0];
+    wait_count(&c3, again + 3, Duration::from_secs(60), &mut vm3);
+    for c in [&c2, &c3] {
+        let (_, bad) = counts(c);
+        assert!(bad.is_empty(), "memory and disk disagree: {bad:?}");
+    }
+    // The checkpoints committed after `cont` hold a counter of at least `at_cont`.
+    assert!(
+        again >= at_cont,
+        "the VM failed back to {again}, before it continued under the new pair ({at_cont})"
+    );
+    assert!(before >= at_cont);
+    assert!(again <= reached + 1, "{again} > {reached} + 1");
+    println!(
+        "re-protected: disk resync {} ({} of {} chunks sent), memory resync {} pages of {}; \
+         failed back at {again} (reached {reached})",
+        resync["kind"],
+        resync["sent_blocks"],
+        resync["compared_units"],
+        mem["resync_pages"],
+        mem["pages_sent"]
+    );
 }

@@ -55,6 +55,8 @@ fn digest(b: &[u8]) -> u64 {
 struct Captured {
     epoch: Option<Epoch>,
     blob: Vec<u8>,
+    /// The last capture, for a VM left in `postmigrate` since.
+    last: Option<Vec<u8>>,
     captures: u64,
     failures: u64,
     capture_time: Latencies,
@@ -91,6 +93,23 @@ impl DeviceState {
     }
 
     async fn capture(&self) -> Result<Vec<u8>, String> {
+        let st = self.qmp.execute("query-status", None).await?;
+        match st.get("status").and_then(Value::as_str) {
+            // The guest hook found it stopped, but a `cont` came since: stop it again (and
+            // let the hook continue it), or the migration would stop it for good.
+            Some("running") => {
+                self.qmp.execute("stop", None).await?;
+                self.qmp.stopped_for_checkpoint();
+            }
+            // Stopped since the last capture (which left it so): nothing ran, so its device
+            // state is the one captured then; QEMU refuses to migrate it again.
+            Some("postmigrate") => {
+                if let Some(prev) = lock(&self.st).last.clone() {
+                    return Ok(prev);
+                }
+            }
+            _ => {}
+        }
         let caps = json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});
         self.qmp
             .execute("migrate-set-capabilities", Some(caps))
@@ -176,6 +195,7 @@ impl Participant for DeviceState {
             st.capture_time.record(t.elapsed());
             st.last_bytes = blob.len() as u64;
             st.epoch = Some(epoch);
+            st.last = Some(blob.clone());
             st.blob = blob;
             Ok(())
         })

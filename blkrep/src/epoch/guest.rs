@@ -173,6 +173,18 @@ impl QmpGuest {
         Ok(q)
     }
 
+    /// Someone else stopped the VM for this checkpoint (the device state capture found it
+    /// running: a `cont` raced in after [`GuestHook::pause`] saw it stopped): continue it
+    /// at resume as if the pause had stopped it.
+    pub fn stopped_for_checkpoint(&self) {
+        let mut s = self.stats.locked();
+        if !s.we_stopped {
+            s.we_stopped = true;
+            s.stops += 1;
+            s.stopped_at = Some(Instant::now());
+        }
+    }
+
     fn fail(&self, e: String) -> String {
         let mut s = self.stats.locked();
         s.failures += 1;

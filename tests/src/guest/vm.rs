@@ -84,12 +84,15 @@ pub struct VmSpec {
     pub ram: PathBuf,
     /// Its size.
     pub ram_mib: u32,
-    /// The disk, e.g. `nbd://127.0.0.1:PORT/lockstep`.
+    /// The disk: a lockstep export at `127.0.0.1:PORT` (NBD, export `lockstep`). QEMU
+    /// reconnects for up to 30 s if the server goes away (a daemon restarted in place).
     pub disk: String,
     /// QEMU's QMP socket.
     pub qmp: PathBuf,
     /// The host port forwarded to the guest's web server.
     pub http_port: u16,
+    /// A second QMP socket, for the test while lockstep holds the first.
+    pub admin_qmp: Option<PathBuf>,
     /// The serial console's file.
     pub console: PathBuf,
     /// Start with `-incoming defer` (to be resumed from a device state).
@@ -106,7 +109,10 @@ pub fn start_vm(spec: &VmSpec, initrd: &Path, dir: &Path, name: &str) -> Daemon 
     );
     let qmp = format!("unix:{},server=on,wait=off", spec.qmp.display());
     let serial = format!("file:{}", spec.console.display());
-    let drive = format!("file={},format=raw,if=none,id=d0,cache=none", spec.disk);
+    let (host, port) = spec.disk.rsplit_once(':').expect("HOST:PORT");
+    let drive = format!(
+        "driver=nbd,node-name=d0,server.type=inet,server.host={host},server.port={port},export=lockstep,reconnect-delay=30"
+    );
     let net = format!(
         "user,id=n0,hostfwd=tcp:127.0.0.1:{}-10.0.2.15:80",
         spec.http_port
@@ -142,7 +148,7 @@ pub fn start_vm(spec: &VmSpec, initrd: &Path, dir: &Path, name: &str) -> Daemon 
         &serial,
         "-qmp",
         &qmp,
-        "-drive",
+        "-blockdev",
         &drive,
         "-device",
         "virtio-blk-pci,drive=d0",
@@ -151,6 +157,13 @@ pub fn start_vm(spec: &VmSpec, initrd: &Path, dir: &Path, name: &str) -> Daemon 
         "-device",
         "virtio-net-pci,netdev=n0,romfile=",
     ]);
+    let admin = spec
+        .admin_qmp
+        .as_ref()
+        .map(|p| format!("unix:{},server=on,wait=off", p.display()));
+    if let Some(a) = &admin {
+        args.extend(["-qmp", a]);
+    }
     if spec.incoming {
         args.extend(["-incoming", "defer"]);
     }
