@@ -4,9 +4,11 @@ processes that never outlive the script."""
 
 import argparse
 import ctypes
+import json
 import math
 import re
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -86,3 +88,22 @@ def stop_proc(proc, grace=KILL_GRACE):
             proc.kill()
             proc.wait(grace)
     return proc.returncode
+
+
+def control(sock, req, timeout=30):
+    """One request on a lockstep daemon's control socket (JSON lines; what `lockstep status
+    --json` sends): the parsed answer, RunError when it says `"ok": false`."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(sock))
+        s.sendall((json.dumps(req) + "\n").encode())
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            buf += chunk
+    v = json.loads(buf)
+    if not v.get("ok"):
+        raise RunError(f"{req} on {sock}: {v}")
+    return v

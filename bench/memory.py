@@ -45,7 +45,7 @@ import time
 import zlib
 from pathlib import Path
 
-from benchlib import RunError, die_with_parent, free_port, parse_size, rel, spawn, stop_proc, tail
+from benchlib import RunError, control, die_with_parent, free_port, parse_size, rel, spawn, stop_proc, tail
 
 REPO = Path(__file__).resolve().parent.parent
 LOCKSTEP = REPO / "target" / "release" / "lockstep"
@@ -70,28 +70,9 @@ def die(msg):
     sys.exit(f"memory: error: {msg}")
 
 
-
-
-
-
-def control(sock, req, timeout=STATUS_TIMEOUT):
-    """One JSON-lines request on a daemon's control socket (what `lockstep status --json` sends)."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(str(sock))
-        s.sendall((json.dumps(req) + "\n").encode())
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(1 << 20)
-            if not chunk:
-                break
-            buf += chunk
-    return json.loads(buf)
-
-
 def status(sock):
     try:
-        return control(sock, {"cmd": "status"})
+        return control(sock, {"cmd": "status"}, STATUS_TIMEOUT)
     except (OSError, ValueError) as e:
         raise RunError(f"status on {sock}: {type(e).__name__}: {e}") from None
 

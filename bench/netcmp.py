@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import RunError, free_port, parse_size, percentile, rel, spawn, stop_proc, tail
+from benchlib import RunError, control, free_port, parse_size, percentile, rel, spawn, stop_proc, tail
 
 REPO = Path(__file__).resolve().parent.parent
 LOCKSTEP = REPO / "target" / "release" / "lockstep"
@@ -87,23 +87,6 @@ def wait_port(port, proc, log, what):
         except OSError:
             time.sleep(0.02)
     raise RunError(f"{what} not listening on {port}:\n{tail(log)}")
-
-
-def control(sock, req):
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(sock))
-        s.sendall(json.dumps(req).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    v = json.loads(buf)
-    if not v.get("ok"):
-        raise RunError(f"{req}: {v}")
-    return v
 
 
 class Services:

@@ -15,7 +15,6 @@ Usage: bench/resync.py [--size 1G] [--quick] (needs target/release/lockstep and 
 """
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -27,24 +26,10 @@ import tempfile
 import threading
 import time
 
-from benchlib import free_port
+from benchlib import control, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("LOCKSTEP_BIN", os.path.join(ROOT, "target/release/lockstep"))
-
-
-def control(sock, req, timeout=30):
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(sock)
-        s.sendall((json.dumps(req) + "\n").encode())
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    return json.loads(buf)
 
 
 def wait(pred, what, timeout=120):

@@ -35,30 +35,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import RunError, free_port, rel, spawn, stop_proc, tail
+from benchlib import RunError, control, free_port, rel, spawn, stop_proc, tail
 
 REPO = Path(__file__).resolve().parent.parent
 LOCKSTEP = REPO / "target" / "release" / "lockstep"
 INITRD_TOOL = REPO / "target" / "release" / "lockstep-vm-initrd"
 OUT_DIR = REPO / "bench" / "out"
 BOOT_DEADLINE = 180.0
-
-
-def control(sock, req):
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(sock))
-        s.sendall(json.dumps(req).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(1 << 16)
-            if not chunk:
-                break
-            buf += chunk
-    v = json.loads(buf)
-    if not v.get("ok"):
-        raise RunError(f"{req}: {v}")
-    return v
 
 
 def wait(pred, what, deadline, procs):
@@ -157,8 +140,7 @@ def run_config(name, args, tmp, kernel, initrd):
                 "tracker": p["memory0"]["tracker"],
                 "tracker_note": p["memory0"]["tracker_note"],
             })
-        if any(re.search("GUEST-(MISMATCH|NO-DISK)", Path(console).read_text(errors="replace"))
-               for _ in [0]):
+        if re.search("GUEST-(MISMATCH|NO-DISK)", Path(console).read_text(errors="replace")):
             raise RunError(f"{name}: the guest reported a problem:\n{tail(console)}")
         return r
     finally:
