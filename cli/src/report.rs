@@ -264,14 +264,7 @@ pub fn netcmp(s: &netcmp::ProxyStatus) {
         ),
     );
     row("flows", s.flows);
-    row(
-        "bytes",
-        format!(
-            "{} compared, {} released",
-            bytes(s.bytes_compared),
-            bytes(s.bytes_released)
-        ),
-    );
+    compared(s.bytes_compared, s.bytes_released);
     row(
         "divergences",
         format!(
@@ -279,13 +272,7 @@ pub fn netcmp(s: &netcmp::ProxyStatus) {
             s.mismatches, s.timeouts, s.evictions
         ),
     );
-    row(
-        "checkpoints",
-        format!(
-            "{} requested ({} sent, {} failed), {} resyncs",
-            s.checkpoints_requested, s.link.requests_sent, s.link.request_failures, s.resyncs
-        ),
-    );
+    requested(s.checkpoints_requested, &s.link, s.resyncs);
     row(
         "held",
         format!(
@@ -296,6 +283,25 @@ pub fn netcmp(s: &netcmp::ProxyStatus) {
         ),
     );
     row("added latency", percentiles(&s.added_latency_us));
+}
+
+/// The rows both netcmp frontends show: bytes compared and released.
+fn compared(compared: u64, released: u64) {
+    row(
+        "bytes",
+        format!("{} compared, {} released", bytes(compared), bytes(released)),
+    );
+}
+
+/// Checkpoints netcmp asked for, and the comparisons restarted after them.
+fn requested(requested: u64, link: &netcmp::LinkStatus, resyncs: u64) {
+    row(
+        "checkpoints",
+        format!(
+            "{requested} requested ({} sent, {} failed), {resyncs} resyncs",
+            link.requests_sent, link.request_failures
+        ),
+    );
 }
 
 fn epochs(link: &netcmp::LinkStatus) {
@@ -346,14 +352,7 @@ pub fn netcmp_packet(s: &netcmp::PacketStatus) {
         "flows",
         format!("{} ({} compared)", s.flows, s.compared_flows),
     );
-    row(
-        "bytes",
-        format!(
-            "{} compared, {} released",
-            bytes(s.bytes_compared),
-            bytes(s.bytes_released)
-        ),
-    );
+    compared(s.bytes_compared, s.bytes_released);
     row(
         "divergences",
         format!(
@@ -361,13 +360,7 @@ pub fn netcmp_packet(s: &netcmp::PacketStatus) {
             s.mismatches, s.timeouts, s.evictions, s.forced_releases
         ),
     );
-    row(
-        "checkpoints",
-        format!(
-            "{} requested ({} sent, {} failed), {} resyncs",
-            s.checkpoints_requested, s.link.requests_sent, s.link.request_failures, s.resyncs
-        ),
-    );
+    requested(s.checkpoints_requested, &s.link, s.resyncs);
     row(
         "held",
         format!(

@@ -20,8 +20,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
-/// Longest event line a subscriber accepts.
-const MAX_EVENT_LINE: u64 = 64 << 10;
+/// Longest line read from a control socket (an answer, e.g. a verify report listing differing
+/// chunks, or an event).
+const MAX_LINE: u64 = 16 << 20;
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of [`EpochEvent`] times, shared by every
 /// process on the host.
@@ -88,7 +89,9 @@ pub struct Subscription {
 impl Subscription {
     /// Subscribe at the control socket `path`.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Subscription, String> {
-        let (conn, v) = Control::ask(path, "subscribe", timeout).await?;
+        let (conn, v) = Control::send(path, &serde_json::json!({"cmd": "subscribe"}), timeout)
+            .await
+            .map_err(|e| format!("subscribing at {}: {e}", path.display()))?;
         let start = serde_json::from_value(v)
             .map_err(|e| format!("bad answer from {}: {e}", path.display()))?;
         Ok(Subscription { conn, start })
@@ -102,10 +105,20 @@ impl Subscription {
     }
 }
 
+/// Send one request to the control socket at `path` and return the answer; an error for
+/// `"ok": false` (the daemon's reason), a lost connection or no answer within `timeout`.
+pub async fn control_request(
+    path: &Path,
+    req: &serde_json::Value,
+    timeout: Duration,
+) -> Result<serde_json::Value, String> {
+    Control::send(path, req, timeout).await.map(|(_, v)| v)
+}
+
 /// Ask the primary daemon at control socket `path` for a checkpoint and wait for it to
 /// commit; returns the epoch committed.
 pub async fn request_checkpoint(path: &Path, timeout: Duration) -> Result<u64, String> {
-    let (_, v) = Control::ask(path, "checkpoint", timeout).await?;
+    let v = control_request(path, &serde_json::json!({"cmd": "checkpoint"}), timeout).await?;
     v.get("epoch")
         .and_then(serde_json::Value::as_u64)
         .ok_or_else(|| format!("{} answered a checkpoint without its epoch", path.display()))
@@ -121,10 +134,10 @@ struct Control {
 }
 
 impl Control {
-    /// Send `{"cmd": cmd}` and read the answer, which must be `"ok": true`.
-    async fn ask(
+    /// Send `req` and read the answer, which must be `"ok": true`.
+    async fn send(
         path: &Path,
-        cmd: &str,
+        req: &serde_json::Value,
         timeout: Duration,
     ) -> Result<(Control, serde_json::Value), String> {
         let fut = async {
@@ -132,10 +145,9 @@ impl Control {
                 .await
                 .map_err(|e| format!("connecting to control socket {}: {e}", path.display()))?;
             let (rd, mut wr) = s.into_split();
-            let req = format!("{}\n", serde_json::json!({ "cmd": cmd }));
-            wr.write_all(req.as_bytes())
+            wr.write_all(format!("{req}\n").as_bytes())
                 .await
-                .map_err(|e| format!("sending {cmd} to {}: {e}", path.display()))?;
+                .map_err(|e| format!("sending to {}: {e}", path.display()))?;
             let mut conn = Control {
                 path: path.to_path_buf(),
                 rd: BufReader::new(rd),
@@ -145,32 +157,32 @@ impl Control {
             let v: serde_json::Value = serde_json::from_str(&first)
                 .map_err(|e| format!("bad answer from {}: {e}", path.display()))?;
             if v.get("ok").and_then(serde_json::Value::as_bool) != Some(true) {
-                let why = v
+                return Err(v
                     .get("error")
-                    .and_then(|e| e.as_str())
-                    .unwrap_or("no reason");
-                return Err(format!("{} refused {cmd}: {why}", path.display()));
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("unknown error")
+                    .to_string());
             }
             Ok((conn, v))
         };
         tokio::time::timeout(timeout, fut)
             .await
-            .map_err(|_| format!("{} did not answer {cmd} within {timeout:?}", path.display()))?
+            .map_err(|_| format!("no answer from {} within {timeout:?}", path.display()))?
     }
 
     async fn line(&mut self) -> Result<String, String> {
         let mut line = String::new();
         let n = (&mut self.rd)
-            .take(MAX_EVENT_LINE)
+            .take(MAX_LINE)
             .read_line(&mut line)
             .await
             .map_err(|e| format!("reading from {}: {e}", self.path.display()))?;
         if n == 0 {
-            return Err(format!("{} closed the connection", self.path.display()));
+            return Err(format!("{} closed without answering", self.path.display()));
         }
         if !line.ends_with('\n') {
             return Err(format!(
-                "{} sent a line longer than {MAX_EVENT_LINE} bytes",
+                "{} sent a line longer than {MAX_LINE} bytes",
                 self.path.display()
             ));
         }

@@ -25,7 +25,9 @@ mod guest;
 mod peer;
 
 pub use crate::latency::{Latencies, LatencySummary};
-pub use events::{monotonic_ns, request_checkpoint, EpochEvent, Subscribed, Subscription};
+pub use events::{
+    control_request, monotonic_ns, request_checkpoint, EpochEvent, Subscribed, Subscription,
+};
 pub use guest::{GuestHooks, QmpGuest};
 pub use peer::{FailoverTarget, PeerChannel, SecondaryParticipant, MAX_PEER_MESSAGE};
 

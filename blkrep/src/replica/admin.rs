@@ -6,7 +6,7 @@
 //! `set` (`"key"`, `"value"`), and on the primary `subscribe`, which turns the connection
 //! into a stream of epoch events ([`EpochEvent`]). See `docs/operations.md`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -189,38 +189,4 @@ async fn answer(h: &dyn AdminHandler, line: &[u8]) -> Value {
 
 /// Send one request to the control socket at `path` and return the answer (an error for
 /// `"ok": false`).
-pub async fn request(path: &Path, req: &Value, timeout: Duration) -> Result<Value, String> {
-    let fut = async {
-        let s = UnixStream::connect(path)
-            .await
-            .map_err(|e| format!("connecting to control socket {}: {e}", path.display()))?;
-        let (rd, mut wr) = s.into_split();
-        let mut line = req.to_string();
-        line.push('\n');
-        wr.write_all(line.as_bytes())
-            .await
-            .map_err(|e| format!("sending to {}: {e}", path.display()))?;
-        let mut rd = BufReader::new(rd);
-        let mut answer = String::new();
-        rd.read_line(&mut answer)
-            .await
-            .map_err(|e| format!("reading from {}: {e}", path.display()))?;
-        if answer.is_empty() {
-            return Err(format!("{} closed without answering", path.display()));
-        }
-        let v: Value = serde_json::from_str(&answer)
-            .map_err(|e| format!("bad answer from {}: {e}", path.display()))?;
-        if v.get("ok").and_then(Value::as_bool) == Some(true) {
-            Ok(v)
-        } else {
-            Err(v
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("unknown error")
-                .to_string())
-        }
-    };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| format!("no answer from {} within {timeout:?}", path.display()))?
-}
+pub use crate::epoch::control_request as request;
