@@ -42,6 +42,13 @@ fn the_vm_is_stopped_for_each_checkpoint_and_runs_between_them() {
     assert!(n(&st, "checkpoints") >= 10, "{st}");
     assert!(g["stopped_us"]["p50"].as_u64().unwrap() < 50_000, "{g}");
     let mut q = vm.connect();
+    // QEMU itself reports the stops and continues (to every monitor): about one each per
+    // 100 ms checkpoint.
+    let stops = q.count_events("STOP", Duration::from_secs(2));
+    assert!(
+        stops >= 5,
+        "QEMU saw {stops} STOP events in 2 s of 100 ms checkpoints"
+    );
     // Between checkpoints the VM runs (sampled a few times).
     let running = (0..20)
         .filter(|_| {

@@ -104,6 +104,38 @@ impl Qmp {
         }
     }
 
+    /// Count the `name` events (QEMU sends them to every monitor, e.g. `STOP` and `RESUME`
+    /// when another client stops and continues the VM) seen during `dur`.
+    pub fn count_events(&mut self, name: &str, dur: Duration) -> usize {
+        let end = std::time::Instant::now() + dur;
+        let mut n = 0;
+        self.wr
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        while std::time::Instant::now() < end {
+            let mut l = String::new();
+            match self.rd.read_line(&mut l) {
+                Ok(0) => panic!("QMP closed"),
+                Ok(_) => {
+                    let v: Value = serde_json::from_str(&l).unwrap_or(Value::Null);
+                    if v["event"] == name {
+                        n += 1;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("QMP read: {e}"),
+            }
+        }
+        self.wr
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        n
+    }
+
     /// Whether the VM runs.
     pub fn running(&mut self) -> bool {
         self.execute("query-status")["running"] == true
