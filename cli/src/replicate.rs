@@ -313,6 +313,11 @@ pub struct FailoverArgs {
     /// Afterwards, compare the disk with the checkpoint's digest sent by the primary.
     #[arg(long)]
     verify: bool,
+    /// Take over even though the primary is still connected and replicating. Without it
+    /// that is refused: if the primary goes on serving its clients, both nodes accept
+    /// writes (split brain). Stop or fence the primary first.
+    #[arg(long)]
+    force: bool,
     /// Print the raw JSON.
     #[arg(long)]
     json: bool,
@@ -394,7 +399,7 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
 }
 
 pub fn failover(a: FailoverArgs) -> anyhow::Result<()> {
-    let req = json!({"cmd": "failover", "to": a.to.name(), "verify": a.verify});
+    let req = json!({"cmd": "failover", "to": a.to.name(), "verify": a.verify, "force": a.force});
     let v = call_printing_json(&a.control, req, Duration::from_secs(600), a.json)?;
     let report: FailoverReport = serde_json::from_value(v.clone())
         .context("the daemon's failover report is not one this CLI reads")?;

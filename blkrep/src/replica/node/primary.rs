@@ -96,35 +96,9 @@ pub async fn run_primary_with(
     primary.set_trigger(coord.trigger());
     repl.set_trigger(coord.trigger());
     repl.set_participants(coord.participants().to_vec());
-    // The secondary may still be starting (or busy): retry until the deadline; a permanent
-    // refusal is final.
-    let deadline = Instant::now() + cfg.connect_timeout;
-    loop {
-        match repl.attempt().await {
-            Ok(_) => break,
-            Err(e) if !e.is_permanent_refusal() && Instant::now() < deadline => {
-                tracing::debug!("secondary not reachable yet: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => {
-                return Err(format!(
-                    "cannot start replication with {}: {e}",
-                    cfg.secondary
-                ))
-            }
-        }
-    }
-    let repl_task = tokio::spawn(repl.clone().run());
-    let (coord_stop_tx, coord_stop_rx) = stop_pair();
-    let coord_task = tokio::spawn({
-        let c = coord.clone();
-        async move {
-            if let Err(e) = c.run(coord_stop_rx).await {
-                tracing::warn!("checkpoints stopped: {e}");
-            }
-        }
-    });
-
+    // Everything of our own that can fail is checked before the secondary hears from us: a
+    // primary that syncs and then dies on a port it cannot bind would leave a secondary
+    // that may fail over on its own.
     let server = Arc::new(
         NbdServer::new(
             vec![Export {
@@ -140,8 +114,6 @@ pub async fn run_primary_with(
         .map_err(|e| e.to_string())?,
     );
     let listener = bind(&cfg.export).await?;
-    let (srv_stop_tx, srv_stop_rx) = stop_pair();
-    let srv = tokio::spawn(server.serve(listener, srv_stop_rx));
     let handler = Arc::new(PrimaryAdmin {
         primary: primary.clone(),
         coord: coord.clone(),
@@ -153,7 +125,30 @@ pub async fn run_primary_with(
         .await
         .map_err(|e| e.to_string())?;
     let device = ublk::start_if(&cfg.ublk, primary.clone())?;
-    tracing::info!(export = %cfg.export, secondary = %cfg.secondary, ack = cfg.primary.ack.name(), "primary replicating");
+    tokio::pin!(shutdown);
+    let first = tokio::select! {
+        r = first_session(&repl, &cfg) => r.map(|()| true),
+        () = &mut shutdown => Ok(false),
+    };
+    if !matches!(first, Ok(true)) {
+        ublk::stop_if(device).await;
+        stop_tx.send_replace(true);
+        let _ = admin_task.await;
+        return first.map(|_| tracing::info!("stopped before the first session"));
+    }
+    let repl_task = tokio::spawn(repl.clone().run());
+    let (coord_stop_tx, coord_stop_rx) = stop_pair();
+    let coord_task = tokio::spawn({
+        let c = coord.clone();
+        async move {
+            if let Err(e) = c.run(coord_stop_rx).await {
+                tracing::warn!("checkpoints stopped: {e}");
+            }
+        }
+    });
+    let (srv_stop_tx, srv_stop_rx) = stop_pair();
+    let srv = tokio::spawn(server.serve(listener, srv_stop_rx));
+    tracing::info!(export = %cfg.export, secondary = %cfg.secondary, ack = cfg.primary.ack.name(), mode = primary.mode().name(), "primary serving");
 
     shutdown.await;
     tracing::info!("shutting down: draining clients");
@@ -187,6 +182,45 @@ pub async fn run_primary_with(
         .map_err(|e| format!("final flush: {e}"))?;
     tracing::info!("primary stopped");
     Ok(())
+}
+
+/// Wait up to `--connect-timeout` for the first session with the secondary. A secondary
+/// that refuses for good (split-brain, another size, a wrong key) ends the start; one that
+/// cannot be reached does not: the primary then serves alone, unprotected, recording what
+/// it writes, and the reconnection loop resyncs the secondary when it appears.
+async fn first_session(repl: &Arc<Replicator>, cfg: &PrimaryConfig) -> Result<(), String> {
+    if cfg.connect_timeout.is_zero() {
+        repl.primary()
+            .give_up("started without waiting for the secondary (--connect-timeout 0)");
+        return Ok(());
+    }
+    tracing::info!(secondary = %cfg.secondary, timeout = %humantime::format_duration(cfg.connect_timeout), "connecting to the secondary");
+    let deadline = Instant::now() + cfg.connect_timeout;
+    loop {
+        match repl.attempt().await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_permanent_refusal() => {
+                return Err(format!(
+                    "cannot start replication with {}: {e}",
+                    cfg.secondary
+                ))
+            }
+            Err(e) if Instant::now() >= deadline => {
+                let reason = format!(
+                    "the secondary {} was not reachable within --connect-timeout {}: {e}",
+                    cfg.secondary,
+                    humantime::format_duration(cfg.connect_timeout)
+                );
+                tracing::warn!("{reason}; serving alone, UNPROTECTED: writes are recorded and resynced when the secondary connects");
+                repl.primary().give_up(&reason);
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::debug!("secondary not reachable yet: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 struct PrimaryAdmin {

@@ -153,7 +153,8 @@ impl AdminHandler for SecondaryAdmin {
                         .and_then(Value::as_str)
                         .unwrap_or("checkpoint")
                         .parse()?;
-                    let report = self.sec.failover(to).await?;
+                    let force = req.get("force").and_then(Value::as_bool) == Some(true);
+                    let report = self.sec.take_over(to, force).await?;
                     let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
                     if req.get("verify").and_then(Value::as_bool) == Some(true) {
                         let t = Instant::now();

@@ -101,6 +101,7 @@ impl Secondary {
         let adopted = {
             let mut i = self.inner();
             i.committed = epoch;
+            i.session_commits += 1;
             i.next_commit = epoch + 1;
             i.checkpoints += 1;
             i.consistent = true;

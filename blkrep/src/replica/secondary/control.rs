@@ -15,7 +15,7 @@
 //! whole story to this node's log and status.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{BufReader, BufWriter};
 use tokio::sync::Semaphore;
@@ -96,11 +96,17 @@ async fn run_control(
     let Some(admitted) = session.greet(&mut rd).await else {
         return;
     };
-    let s = &session.s;
+    let s = session.s.clone();
     let patience = Duration::from_millis(
         u64::from(admitted.heartbeat_ms) * u64::from(s.opts.heartbeat_misses.max(1)),
     );
+    {
+        let mut i = s.inner();
+        i.heard = Some((Instant::now(), patience));
+        i.session_commits = 0;
+    }
     let end = session.serve(&mut rd, patience).await;
+    s.inner().heard = None;
     // Nobody reads the answers any more.
     session.sums_tasks.abort_all();
     session.end(end).await;
@@ -246,6 +252,18 @@ impl Session {
                     })
                 }
             };
+            let taken_over = {
+                let mut i = self.s.inner();
+                if let Some((at, _)) = &mut i.heard {
+                    *at = Instant::now();
+                }
+                // `failover --force` took the node while this session was live: end it, so
+                // that the primary learns at once that it no longer replicates.
+                matches!(i.mode, Mode::FailingOver | Mode::Primary).then(|| i.mode.name())
+            };
+            if let Some(mode) = taken_over {
+                return Err(self.fail(Refusal::Busy { mode }).await);
+            }
             let reply = match m {
                 Message::Heartbeat { seq } => {
                     self.s.inner().heartbeats += 1;
@@ -387,7 +405,7 @@ impl Session {
             }
             Err(e) => {
                 s.set_error(format!("lost the primary {peer}: {e}"));
-                let policy = {
+                let (policy, commits) = {
                     let mut i = s.inner();
                     if !matches!(i.mode, Mode::Replicating | Mode::Syncing) {
                         return;
@@ -395,11 +413,24 @@ impl Session {
                     i.mode = Mode::Paused;
                     i.token += 1;
                     i.session_key = None;
-                    s.opts.on_peer_loss
+                    (s.opts.on_peer_loss, i.session_commits)
                 };
-                if policy == PeerLossPolicy::Failover {
+                if policy == PeerLossPolicy::Failover && commits == 0 {
+                    // It may have failed to start (a port it could not bind, a bad setting)
+                    // and be restarted in a moment: taking over now would make that restart
+                    // a split-brain although it never served a write.
+                    tracing::warn!(
+                        %peer,
+                        "not failing over automatically: the primary was lost before its first checkpoint in this session (it may never have finished starting); paused, waiting for it (or for `lockstep failover`)"
+                    );
+                } else if policy == PeerLossPolicy::Failover {
                     match s.failover(FailoverTarget::Checkpoint).await {
-                        Ok(r) => tracing::info!(?r, "automatic failover done"),
+                        Ok(r) => tracing::info!(
+                            to = %r.target,
+                            committed_epoch = r.committed_epoch,
+                            restored_blocks = r.restored_blocks,
+                            "automatic failover done"
+                        ),
                         Err(e) => s.set_error(format!("automatic failover failed: {e}")),
                     }
                 } else {

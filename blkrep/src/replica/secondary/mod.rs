@@ -165,6 +165,12 @@ struct Inner {
     checkpoints: u64,
     aborted: u64,
     heartbeats: u64,
+    /// When the running session's primary was last heard from (any message), and how long
+    /// its silence may last before it counts as lost (heartbeat period × misses).
+    heard: Option<(std::time::Instant, std::time::Duration)>,
+    /// Checkpoints committed in the running (or last) session: a primary that is lost
+    /// before its first one may never have finished starting.
+    session_commits: u64,
     /// How long each epoch mark held the replication connection (the forwarding stall).
     mark_drain: Latencies,
 }
@@ -255,6 +261,8 @@ impl Secondary {
                 checkpoints: 0,
                 aborted: 0,
                 heartbeats: 0,
+                heard: None,
+                session_commits: 0,
                 mark_drain: Latencies::default(),
             }),
             locks: BlockRangeLock::default(),
