@@ -185,9 +185,10 @@ pub async fn run_primary_with(
 }
 
 /// Wait up to `--connect-timeout` for the first session with the secondary. A secondary
-/// that refuses for good (split-brain, another size, a wrong key) ends the start; one that
-/// cannot be reached does not: the primary then serves alone, unprotected, recording what
-/// it writes, and the reconnection loop resyncs the secondary when it appears.
+/// that refuses for good (split-brain, another size, a wrong key), or anything that accepts
+/// connections at its address without a session coming of it, ends the start; an address
+/// where nothing answers does not: the primary then serves alone, unprotected, recording
+/// what it writes, and the reconnection loop resyncs the secondary when it appears.
 async fn first_session(repl: &Arc<Replicator>, cfg: &PrimaryConfig) -> Result<(), String> {
     if cfg.connect_timeout.is_zero() {
         repl.primary()
@@ -206,6 +207,20 @@ async fn first_session(repl: &Arc<Replicator>, cfg: &PrimaryConfig) -> Result<()
                 ))
             }
             Err(e) if Instant::now() >= deadline => {
+                // Something answers there but no session comes of it (TLS or key trouble,
+                // busy with another primary, not a secondary): a mistake to fix, not a
+                // secondary that is gone.
+                let probe = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    crate::transport::connect(&cfg.secondary),
+                )
+                .await;
+                if matches!(probe, Ok(Ok(_))) {
+                    return Err(format!(
+                        "cannot start replication with {}: {e}",
+                        cfg.secondary
+                    ));
+                }
                 let reason = format!(
                     "the secondary {} was not reachable within --connect-timeout {}: {e}",
                     cfg.secondary,
