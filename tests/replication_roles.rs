@@ -16,7 +16,10 @@ fn failover_is_refused_while_the_primary_replicates_and_forced_with_force() {
     let dir = scratch();
     let mut pair = Pair::start(dir.path(), "16M", &ack_flags("received", "100ms"));
     let (ok, out, err) = failover(&pair.s_sock, "checkpoint", &[]);
-    assert!(!ok, "failover while the primary replicates was accepted: {out}");
+    assert!(
+        !ok,
+        "failover while the primary replicates was accepted: {out}"
+    );
     assert!(
         err.contains("--force") && err.contains("split brain"),
         "the refusal does not say why or how: {err}"
@@ -108,9 +111,13 @@ fn a_primary_without_its_secondary_serves_alone_and_resyncs_it_later() {
     // The secondary appears; the primary finds it and sends what was written.
     let sargs = secondary_cmd(&s_img, Some("16M"), &listen, &s_sock, None, &[]);
     let mut secondary = start_secondary(d, "secondary", &sargs, &s_sock);
-    let v = wait_status(&mut primary, &p_sock, Duration::from_secs(60), "primary", |v| {
-        v["mode"] == "replicating" && v["resync"]["state"] == "done"
-    });
+    let v = wait_status(
+        &mut primary,
+        &p_sock,
+        Duration::from_secs(60),
+        "primary",
+        |v| v["mode"] == "replicating" && v["resync"]["state"] == "done",
+    );
     let sent = v["resync"]["sent_bytes"].as_u64().unwrap_or(0);
     assert!(
         (2 << 20..=(2 << 20) + (1 << 20)).contains(&sent),
@@ -125,4 +132,50 @@ fn a_primary_without_its_secondary_serves_alone_and_resyncs_it_later() {
     let logs = format!("{}\n{}", primary.log_text(), secondary.log_text());
     assert_cmp_equal(&p_img, &s_img, "after a late secondary", &logs);
     assert!(secondary.stop(T).success());
+}
+
+#[test]
+fn a_primary_restarted_after_kill9_resyncs_incrementally_from_its_bitmap() {
+    require("qemu-io", "qemu-utils");
+    require("cmp", "diffutils");
+    let dir = scratch();
+    let mut pair = Pair::start(dir.path(), "64M", &ack_flags("received", "100ms"));
+    pair.wait_synced(Duration::from_secs(30), 1);
+    let uri = pair.uri();
+    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 8M", &uri], T);
+    let c0 = status(&pair.p_sock).unwrap()["committed_epoch"].as_u64().unwrap();
+    pair.wait_primary(Duration::from_secs(20), |v| {
+        v["committed_epoch"].as_u64() > Some(c0 + 1)
+    });
+    // 2 MiB more, 40 MiB away, then kill -9: some of it may not be committed yet.
+    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x22 40M 2M", &uri], T);
+    pair.primary.signal(libc::SIGKILL);
+    pair.primary.wait(T);
+    let bitmap = format!("{}.lockstep-bitmap", pair.p_img.display());
+    assert!(std::path::Path::new(&bitmap).exists(), "no {bitmap}");
+
+    let pargs = primary_cmd(
+        &pair.p_img,
+        None,
+        &pair.export,
+        &pair.listen,
+        &pair.p_sock,
+        &ack_flags("received", "100ms"),
+    );
+    pair.primary = Daemon::start("primary2", &lockstep_bin(), &refs(&pargs), dir.path());
+    let v = pair.wait_synced(Duration::from_secs(60), 1);
+    eprintln!("resync after the restart: {}", v["resync"]);
+    assert_eq!(v["resync"]["kind"], "incremental", "{v}\n{}", pair.logs());
+    let sent = v["resync"]["sent_bytes"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        sent <= 2 << 20,
+        "resync sent {sent} bytes; at most the 2 MiB of the last write were missing: {v}"
+    );
+    let compared = v["resync"]["compared_units"].as_u64().unwrap_or(0);
+    assert!(
+        compared < 64 << 8,
+        "compared {compared} blocks of a 64 MiB disk: not incremental: {v}"
+    );
+    let logs = pair.logs();
+    pair.stop_and_cmp("after a restart from the bitmap", &logs);
 }

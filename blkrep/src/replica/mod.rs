@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod bitmap;
 pub mod buffer;
 pub mod error;
 pub mod frame;

@@ -14,6 +14,7 @@ use crate::epoch::{
 };
 use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::replica::admin::{self, AdminHandler};
+use crate::replica::bitmap::{bitmap_path, DiskBitmap};
 use crate::replica::meta::{meta_path, MetaStore};
 use crate::replica::peer::LinkOptions;
 use crate::replica::primary::{BlockParticipant, Primary, PrimaryMode};
@@ -54,6 +55,21 @@ pub async fn run_primary_with(
         .map_err(|e| format!("reading {} for its digest: {e}", cfg.disk.path.display()))?;
     tracing::info!(digest = format!("{:016x}", table.sum()), generation = format!("{:016x}", meta.get().generation), took = ?started.elapsed(), "local disk scanned");
     let primary = Primary::new(local.clone(), table, 0, cfg.primary.clone(), Arc::new(meta));
+    let bm_path = bitmap_path(&cfg.disk.path);
+    let (bm, tracked, marked) = DiskBitmap::open(&bm_path, local.size())
+        .map_err(|e| format!("opening the dirty bitmap {}: {e}", bm_path.display()))?;
+    if tracked != 0 {
+        tracing::info!(
+            extents = marked.len(),
+            tracked = format!("{tracked:016x}"),
+            "dirty bitmap read: the next sync with that secondary generation is incremental"
+        );
+    } else {
+        tracing::info!(
+            "no dirty bitmap relative to a secondary yet: the first sync compares the whole disk"
+        );
+    }
+    primary.attach_bitmap(bm, tracked, &marked);
     let link_opts = LinkOptions {
         heartbeat: cfg.heartbeat,
         misses: cfg.heartbeat_misses,

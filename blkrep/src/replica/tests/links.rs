@@ -24,9 +24,15 @@ fn a_silent_primary_is_lost_and_the_policy_fails_over() {
             bytes: 4096,
             digest: 0,
         }];
-        write_message(&mut wr, &Message::Checkpoint { epoch: 1, summaries })
-            .await
-            .unwrap();
+        write_message(
+            &mut wr,
+            &Message::Checkpoint {
+                epoch: 1,
+                summaries,
+            },
+        )
+        .await
+        .unwrap();
         let m = read_message(&mut rd).await.unwrap();
         assert!(matches!(m, Message::Committed { epoch: 1, .. }), "{m:?}");
         c.write(8192, &[3; 4096], false).await.unwrap();
