@@ -142,13 +142,23 @@ fn a_primary_restarted_after_kill9_resyncs_incrementally_from_its_bitmap() {
     let mut pair = Pair::start(dir.path(), "64M", &ack_flags("received", "100ms"));
     pair.wait_synced(Duration::from_secs(30), 1);
     let uri = pair.uri();
-    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 8M", &uri], T);
-    let c0 = status(&pair.p_sock).unwrap()["committed_epoch"].as_u64().unwrap();
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x11 0 8M", &uri],
+        T,
+    );
+    let c0 = status(&pair.p_sock).unwrap()["committed_epoch"]
+        .as_u64()
+        .unwrap();
     pair.wait_primary(Duration::from_secs(20), |v| {
         v["committed_epoch"].as_u64() > Some(c0 + 1)
     });
     // 2 MiB more, 40 MiB away, then kill -9: some of it may not be committed yet.
-    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x22 40M 2M", &uri], T);
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x22 40M 2M", &uri],
+        T,
+    );
     pair.primary.signal(libc::SIGKILL);
     pair.primary.wait(T);
     let bitmap = format!("{}.lockstep-bitmap", pair.p_img.display());

@@ -5,6 +5,7 @@
 
 mod daemon;
 mod demo;
+mod events;
 mod export;
 mod memory;
 mod netcmp;
@@ -42,6 +43,9 @@ enum Command {
     Secondary(replicate::SecondaryArgs),
     /// Show a daemon's state.
     Status(replicate::StatusArgs),
+    /// Stream a daemon's state changes as JSON lines (mode, peer, sync, checkpoints,
+    /// split-brain, failover) until it stops.
+    Events(events::EventsArgs),
     /// Run a checkpoint now (on the primary).
     Checkpoint(replicate::CheckpointArgs),
     /// Fail the secondary over and serve its disk as an unprotected primary.
@@ -75,6 +79,7 @@ fn main() -> std::process::ExitCode {
         Command::Primary(a) => replicate::primary(a),
         Command::Secondary(a) => replicate::secondary(a),
         Command::Status(a) => replicate::status(a),
+        Command::Events(a) => events::run(a),
         Command::Checkpoint(a) => replicate::checkpoint(a),
         Command::Failover(a) => replicate::failover(a),
         Command::Verify(a) => replicate::verify(a),

@@ -18,6 +18,7 @@ pub mod admission;
 pub mod bitmap;
 pub mod buffer;
 pub mod error;
+pub mod events;
 pub mod frame;
 pub mod meta;
 pub mod node;

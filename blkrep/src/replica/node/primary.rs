@@ -153,6 +153,10 @@ pub async fn run_primary_with(
         return first.map(|_| tracing::info!("stopped before the first session"));
     }
     let repl_task = tokio::spawn(repl.clone().run());
+    tokio::spawn(publish_checkpoints(
+        coord.subscribe(),
+        primary.events().clone(),
+    ));
     let (coord_stop_tx, coord_stop_rx) = stop_pair();
     let coord_task = tokio::spawn({
         let c = coord.clone();
@@ -254,6 +258,27 @@ async fn first_session(repl: &Arc<Replicator>, cfg: &PrimaryConfig) -> Result<()
     }
 }
 
+/// The coordinator's checkpoint outcomes as node events, until the coordinator is gone.
+async fn publish_checkpoints(
+    mut rx: tokio::sync::broadcast::Receiver<EpochEvent>,
+    events: crate::replica::events::NodeEvents,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match rx.recv().await {
+            Ok(EpochEvent::Committed { epoch, .. }) => {
+                events.emit("checkpoint", json!({"state": "committed", "epoch": epoch}))
+            }
+            Ok(EpochEvent::Aborted { epoch, error }) => events.emit(
+                "checkpoint",
+                json!({"state": "aborted", "epoch": epoch, "error": error}),
+            ),
+            Ok(EpochEvent::Lagged { .. }) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
 struct PrimaryAdmin {
     primary: Arc<Primary>,
     coord: Arc<EpochCoordinator>,
@@ -263,6 +288,17 @@ struct PrimaryAdmin {
 }
 
 impl AdminHandler for PrimaryAdmin {
+    fn events(&self) -> Option<BoxFuture<'_, (Value, tokio::sync::broadcast::Receiver<Value>)>> {
+        Some(Box::pin(async move {
+            let rx = self.primary.events().subscribe();
+            let status = self
+                .handle("status".into(), json!({}))
+                .await
+                .unwrap_or(Value::Null);
+            (json!({"event": "status", "status": status}), rx)
+        }))
+    }
+
     fn subscribe(&self) -> Option<(Value, tokio::sync::broadcast::Receiver<EpochEvent>)> {
         let events = self.coord.subscribe();
         let first = json!({

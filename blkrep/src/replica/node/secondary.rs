@@ -139,6 +139,17 @@ struct SecondaryAdmin {
 }
 
 impl AdminHandler for SecondaryAdmin {
+    fn events(&self) -> Option<BoxFuture<'_, (Value, tokio::sync::broadcast::Receiver<Value>)>> {
+        Some(Box::pin(async move {
+            let rx = self.sec.events().subscribe();
+            let status = self
+                .handle("status".into(), json!({}))
+                .await
+                .unwrap_or(Value::Null);
+            (json!({"event": "status", "status": status}), rx)
+        }))
+    }
+
     fn handle(&self, cmd: String, req: Value) -> BoxFuture<'_, Result<Value, String>> {
         Box::pin(async move {
             match cmd.as_str() {

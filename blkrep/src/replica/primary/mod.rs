@@ -49,6 +49,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::bitmap::{self, DiskBitmap};
+use super::events::NodeEvents;
 use super::meta::MetaStore;
 use super::wire::AckMode;
 use crate::digest::DigestTable;
@@ -104,6 +105,8 @@ pub struct Primary {
     tracked: AtomicU64,
     /// The dirty bitmap on disk, which a restarted primary starts from.
     bitmap: OnceLock<Arc<DiskBitmap>>,
+    /// State changes, for `lockstep events`.
+    events: NodeEvents,
 }
 
 /// Budget units are KiB so that u32 permits cover large queues.
@@ -143,6 +146,7 @@ impl Primary {
             meta,
             tracked: AtomicU64::new(0),
             bitmap: OnceLock::new(),
+            events: NodeEvents::default(),
             opts,
         })
     }
@@ -168,6 +172,11 @@ impl Primary {
         }
         self.tracked.store(tracked, Ordering::Release);
         let _ = self.bitmap.set(bitmap);
+    }
+
+    /// Where this node's state changes are published.
+    pub fn events(&self) -> &NodeEvents {
+        &self.events
     }
 
     /// The dirty bitmap on disk, if one is kept.

@@ -148,6 +148,18 @@ impl BlockParticipant {
             }
             let r = st.resync.clone();
             drop(st);
+            self.0.events.emit(
+                "sync",
+                serde_json::json!({
+                    "state": "done",
+                    "kind": r.kind,
+                    "epoch": epoch.0,
+                    "sent_bytes": r.sent_bytes,
+                    "compared_units": r.compared_units,
+                    "equal_units": r.equal_units,
+                    "total_s": r.total_s,
+                }),
+            );
             tracing::info!(
                 kind = r.kind,
                 sent_bytes = r.sent_bytes,

@@ -117,6 +117,12 @@ impl Session {
     async fn refuse(&self, r: &Refusal) {
         self.s
             .set_error(format!("refusing primary {}: {}", self.peer, r.local()));
+        if matches!(r, Refusal::SplitBrain(_) | Refusal::FailedOverSplitBrain(_)) {
+            self.s.events().emit(
+                "split-brain",
+                serde_json::json!({"peer": self.peer, "reason": r.local()}),
+            );
+        }
         let _ = send(&self.wr, &refused(r)).await;
     }
 
@@ -124,7 +130,11 @@ impl Session {
     fn release(&self) {
         let mut i = self.s.inner();
         if i.mode == Mode::Syncing {
-            i.mode = Mode::Paused;
+            self.s.switch(
+                &mut i,
+                Mode::Paused,
+                Some("the session ended before replicating"),
+            );
             i.token += 1;
         }
     }
@@ -185,7 +195,7 @@ impl Session {
             let mut i = s.inner();
             let free = matches!(i.mode, Mode::Waiting | Mode::Paused);
             if free {
-                i.mode = Mode::Syncing;
+                s.switch(&mut i, Mode::Syncing, None);
                 i.token += 1;
                 i.session = Some(session);
                 i.peer = Some(self.peer.clone());
@@ -232,6 +242,15 @@ impl Session {
             return None;
         }
         tracing::info!(peer = %self.peer, ack = ack.name(), sync = kind.name(), session = format!("{session:016x}"), "a primary connected");
+        let ev = s.events();
+        ev.emit(
+            "peer",
+            serde_json::json!({"state": "connected", "peer": self.peer, "ack": ack.name()}),
+        );
+        ev.emit(
+            "sync",
+            serde_json::json!({"state": "started", "kind": kind.name(), "peer": self.peer}),
+        );
         Some(Admitted { heartbeat_ms })
     }
 
@@ -386,13 +405,17 @@ impl Session {
         match end {
             Ok(reason) => {
                 tracing::info!(%peer, %reason, "the primary ended replication");
+                s.events().emit(
+                    "peer",
+                    serde_json::json!({"state": "ended", "peer": peer, "reason": reason}),
+                );
                 let (clean, token) = {
                     let mut i = s.inner();
                     if !matches!(i.mode, Mode::Replicating | Mode::Syncing) {
                         return;
                     }
                     // A clean end comes right after a final checkpoint: nothing is open.
-                    i.mode = Mode::Waiting;
+                    s.switch(&mut i, Mode::Waiting, Some(&reason));
                     i.peer = None;
                     i.token += 1;
                     i.session_key = None;
@@ -405,12 +428,16 @@ impl Session {
             }
             Err(e) => {
                 s.set_error(format!("lost the primary {peer}: {e}"));
+                s.events().emit(
+                    "peer",
+                    serde_json::json!({"state": "lost", "peer": peer, "reason": e.to_string()}),
+                );
                 let (policy, commits) = {
                     let mut i = s.inner();
                     if !matches!(i.mode, Mode::Replicating | Mode::Syncing) {
                         return;
                     }
-                    i.mode = Mode::Paused;
+                    s.switch(&mut i, Mode::Paused, Some(&e.to_string()));
                     i.token += 1;
                     i.session_key = None;
                     (s.opts.on_peer_loss, i.session_commits)
@@ -540,7 +567,7 @@ impl Secondary {
             i.next_commit = epoch;
             i.counts.clear();
             i.poisoned.clear();
-            i.mode = Mode::Replicating;
+            self.switch(&mut i, Mode::Replicating, None);
         }
         for p in self.others() {
             p.resume(epoch);

@@ -77,7 +77,7 @@ impl Secondary {
                     return Err(ReplicaError::State("a resync is in progress: the disk is a mix of old and new data; fail over --to checkpoint (the last checkpoint is intact)".into()))
                 }
                 _ => {
-                    i.mode = Mode::FailingOver;
+                    self.switch(&mut i, Mode::FailingOver, Some(target.name()));
                     // Nothing of the interrupted session may land after this.
                     i.token += 1;
                 }
@@ -95,13 +95,13 @@ impl Secondary {
             if let Err(e) = p.failover(target, committed).await {
                 let msg = format!("failover to {target:?} failed: {}: {e}", p.name());
                 let mut i = self.inner();
-                i.mode = Mode::Paused;
+                self.switch(&mut i, Mode::Paused, Some(&msg));
                 i.last_error = Some(msg.clone());
                 return Err(ReplicaError::Disk(msg));
             }
         }
         let mut i = self.inner();
-        i.mode = Mode::Primary;
+        self.switch(&mut i, Mode::Primary, Some("failed over"));
         i.sync = None;
         // Writes from now on are this node's own: a new generation, so that the old primary
         // (if it also wrote) is recognised as split-brain when it comes back.
@@ -123,6 +123,14 @@ impl Secondary {
             generation: format!("{generation:016x}"),
         };
         i.failover = Some(report.clone());
+        self.events.emit(
+            "failover",
+            serde_json::json!({
+                "to": report.target,
+                "committed_epoch": report.committed_epoch,
+                "restored_blocks": report.restored_blocks,
+            }),
+        );
         tracing::info!(
             to = %report.target,
             committed_epoch = report.committed_epoch,
