@@ -97,7 +97,10 @@ fn is(event: &str, fields: &[(&str, &str)]) -> impl Fn(&Value) -> bool {
 }
 
 /// `events` holds, in this order (other events between them), one match of each of `want`.
-fn assert_in_order(events: &[Value], want: &[(&str, Box<dyn Fn(&Value) -> bool>)]) {
+/// A described expectation about one event.
+type Want = (&'static str, Box<dyn Fn(&Value) -> bool>);
+
+fn assert_in_order(events: &[Value], want: &[Want]) {
     let mut at = 0;
     for (what, f) in want {
         match events[at..].iter().position(f) {
@@ -115,7 +118,7 @@ fn assert_in_order(events: &[Value], want: &[(&str, Box<dyn Fn(&Value) -> bool>)
 
 macro_rules! want {
     ($($what:literal => $event:literal $(, $k:literal = $v:literal)*);* $(;)?) => {
-        vec![$(($what, Box::new(is($event, &[$(($k, $v)),*])) as Box<dyn Fn(&Value) -> bool>)),*]
+        [$(($what, Box::new(is($event, &[$(($k, $v)),*])) as Box<dyn Fn(&Value) -> bool>)),*]
     };
 }
 
