@@ -49,6 +49,9 @@ pub struct DiskArgs {
     /// --tls-key) that chains to --tls-ca, and verify the other's. Combines with --psk-file.
     #[command(flatten)]
     tls: crate::secure::TlsArgs,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9810).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 impl DiskArgs {
@@ -213,6 +216,7 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
         },
         heartbeat: a.heartbeat.0,
         heartbeat_misses: a.heartbeat_misses,
+        metrics: a.disk.metrics,
         connect_timeout: a.connect_timeout.0,
         reconnect_timeout: a.reconnect_timeout.0,
         ublk: a.ublk.options()?,
@@ -268,6 +272,7 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
         key,
         tls,
         insecure_no_auth: a.insecure_no_auth,
+        metrics: a.disk.metrics,
     };
     runtime()?
         .block_on(node::run_secondary_with(cfg, memory, shutdown_signal()))

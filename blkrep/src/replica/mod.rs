@@ -21,6 +21,7 @@ pub mod error;
 pub mod events;
 pub mod frame;
 pub mod meta;
+pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod primary;

@@ -16,6 +16,7 @@ use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::replica::admin::{self, AdminHandler};
 use crate::replica::bitmap::{bitmap_path, DiskBitmap};
 use crate::replica::meta::{meta_path, MetaStore};
+use crate::replica::metrics::{self, MetricsSource};
 use crate::replica::peer::LinkOptions;
 use crate::replica::primary::{BlockParticipant, Primary, PrimaryMode};
 use crate::replica::session::{Replicator, ReplicatorOptions};
@@ -137,9 +138,15 @@ pub async fn run_primary_with(
         secondary: cfg.secondary.to_string(),
         started: Instant::now(),
     });
-    let admin_task = admin::serve(cfg.control.clone(), handler, stop_rx.clone())
+    let admin_task = admin::serve(cfg.control.clone(), handler.clone(), stop_rx.clone())
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(addr) = cfg.metrics {
+        let (bound, _) = metrics::serve(addr, handler, stop_rx.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(%bound, "metrics at http://{bound}/metrics");
+    }
     let device = ublk::start_if(&cfg.ublk, primary.clone())?;
     tokio::pin!(shutdown);
     let first = tokio::select! {
@@ -287,6 +294,34 @@ struct PrimaryAdmin {
     started: Instant,
 }
 
+impl PrimaryAdmin {
+    fn report(&self) -> PrimaryStatus {
+        let block = self.primary.status();
+        let checkpoints = self.coord.status();
+        PrimaryStatus {
+            role: "primary".into(),
+            peer: self.secondary.clone(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            last_error: block
+                .unprotected_reason
+                .clone()
+                .or_else(|| checkpoints.last_checkpoint_error.clone()),
+            link: self.repl.status(),
+            block,
+            checkpoints,
+        }
+    }
+}
+
+impl MetricsSource for PrimaryAdmin {
+    fn render(&self) -> BoxFuture<'_, String> {
+        Box::pin(async move {
+            let (pause, total) = self.coord.histograms();
+            metrics::primary_metrics(&self.report(), &pause, &total)
+        })
+    }
+}
+
 impl AdminHandler for PrimaryAdmin {
     fn events(&self) -> Option<BoxFuture<'_, (Value, tokio::sync::broadcast::Receiver<Value>)>> {
         Some(Box::pin(async move {
@@ -311,22 +346,7 @@ impl AdminHandler for PrimaryAdmin {
     fn handle(&self, cmd: String, req: Value) -> BoxFuture<'_, Result<Value, String>> {
         Box::pin(async move {
             match cmd.as_str() {
-                "status" => {
-                    let block = self.primary.status();
-                    let checkpoints = self.coord.status();
-                    to_json(PrimaryStatus {
-                        role: "primary".into(),
-                        peer: self.secondary.clone(),
-                        uptime_s: self.started.elapsed().as_secs_f64(),
-                        last_error: block
-                            .unprotected_reason
-                            .clone()
-                            .or_else(|| checkpoints.last_checkpoint_error.clone()),
-                        link: self.repl.status(),
-                        block,
-                        checkpoints,
-                    })
-                }
+                "status" => to_json(self.report()),
                 "checkpoint" => {
                     let r = self
                         .coord

@@ -14,6 +14,7 @@ use crate::epoch::{BoxFuture, SecondaryParticipant};
 use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::replica::admin::{self, AdminHandler};
 use crate::replica::meta::{meta_path, MetaStore};
+use crate::replica::metrics::{self, MetricsSource};
 use crate::replica::secondary::{Mode, PeerLossPolicy, Secondary};
 use crate::replica::status::{DigestCheck, PeerAuth};
 use crate::replica::{FailoverTarget, REPLICA_EXPORT};
@@ -112,9 +113,15 @@ pub async fn run_secondary_with(
         sec: sec.clone(),
         peer_auth: peer_auth_status(&cfg),
     });
-    let admin_task = admin::serve(cfg.control.clone(), handler, stop_rx.clone())
+    let admin_task = admin::serve(cfg.control.clone(), handler.clone(), stop_rx.clone())
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(addr) = cfg.metrics {
+        let (bound, _) = metrics::serve(addr, handler, stop_rx.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(%bound, "metrics at http://{bound}/metrics");
+    }
     let device = ublk::start_if(&cfg.ublk, sec.view())?;
     tracing::info!(listen = %cfg.listen, export = ?cfg.export.as_ref().map(|e| e.to_string()), "secondary waiting for a primary");
     shutdown.await;
@@ -136,6 +143,12 @@ struct SecondaryAdmin {
     sec: Arc<Secondary>,
     /// How primaries prove themselves on the listen port, for `status`.
     peer_auth: PeerAuth,
+}
+
+impl MetricsSource for SecondaryAdmin {
+    fn render(&self) -> BoxFuture<'_, String> {
+        Box::pin(async move { metrics::secondary_metrics(&self.sec.status()) })
+    }
 }
 
 impl AdminHandler for SecondaryAdmin {
