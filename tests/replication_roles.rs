@@ -189,3 +189,83 @@ fn a_primary_restarted_after_kill9_resyncs_incrementally_from_its_bitmap() {
     let logs = pair.logs();
     pair.stop_and_cmp("after a restart from the bitmap", &logs);
 }
+
+#[test]
+fn a_pair_runs_from_one_resource_file() {
+    require("qemu-io", "qemu-utils");
+    require("cmp", "diffutils");
+    let dir = scratch();
+    let d = dir.path();
+    let (p_img, s_img) = (d.join("a.img"), d.join("b.img"));
+    let (p_sock, s_sock) = (d.join("a.sock"), d.join("b.sock"));
+    let export = format!("127.0.0.1:{}", free_port());
+    let file = d.join("r0.toml");
+    let text = format!(
+        r#"
+[resource]
+size = "16M"
+checkpoint-interval = "100ms"
+ack = "received"
+
+[node.a]
+address = "127.0.0.1:{pa}"
+disk = "{pi}"
+control = "{ps}"
+export = "{export}"
+
+[node.b]
+address = "127.0.0.1:{pb}"
+disk = "{si}"
+control = "{ss}"
+"#,
+        pa = free_port(),
+        pb = free_port(),
+        pi = p_img.display(),
+        ps = p_sock.display(),
+        si = s_img.display(),
+        ss = s_sock.display(),
+    );
+    std::fs::write(&file, &text).unwrap();
+    let f = file.to_str().unwrap();
+    let (ok, out, err) = lockstep(&["config", "check", f], T);
+    assert!(ok, "config check: {err}{out}");
+    assert!(
+        out.contains("a as primary: lockstep primary") && out.contains("b as secondary:"),
+        "{out}"
+    );
+    let mut secondary = start_secondary(
+        d,
+        "secondary",
+        &owned(&["secondary", "--config", f, "--node", "b"]),
+        &s_sock,
+    );
+    let mut primary = Daemon::start(
+        "primary",
+        &lockstep_bin(),
+        &["primary", "--config", f, "--node", "a"],
+        d,
+    );
+    wait_status(&mut primary, &p_sock, T, "primary", |v| {
+        v["mode"] == "replicating" && v["resync"]["state"] == "done"
+    });
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x66 3M 1M",
+            &format!("nbd://{export}/lockstep"),
+        ],
+        T,
+    );
+    assert!(primary.stop(Duration::from_secs(60)).success());
+    let logs = format!("{}\n{}", primary.log_text(), secondary.log_text());
+    assert_cmp_equal(&p_img, &s_img, "a pair from a resource file", &logs);
+    assert!(secondary.stop(T).success());
+
+    // A typo is named, with its table.
+    std::fs::write(&file, text.replace("ack =", "akc =")).unwrap();
+    let (ok, _, err) = lockstep(&["config", "check", f], T);
+    assert!(!ok && err.contains("[resource] akc"), "{err}");
+}

@@ -3,6 +3,7 @@
 //! A thin clap layer: each subcommand parses its flags and calls into the library crates.
 //! See `docs/operations.md` for how to run it.
 
+mod config;
 mod daemon;
 mod demo;
 mod events;
@@ -17,7 +18,7 @@ mod vm;
 
 use std::io::IsTerminal;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,6 +61,13 @@ enum Command {
     VmResume(vm::VmResumeArgs),
     /// Delete a ublk device left by a daemon that will not come back (waiting I/O fails).
     UblkDelete(replicate::UblkDeleteArgs),
+    /// Resource files (`--config FILE --node NAME`): check one.
+    Config(config::ConfigArgs),
+}
+
+/// The command line's grammar: the derived one, with the daemons' `--config`/`--node`.
+fn command() -> clap::Command {
+    config::with_config_flags(Cli::command())
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,7 +79,18 @@ fn main() -> std::process::ExitCode {
         // Colour only for a person at a terminal; files, pipes and journals get plain text.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
+    let root = command();
+    let args = match config::expand(std::env::args_os().collect(), &root) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("lockstep: error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let cli = match Cli::from_arg_matches(&root.clone().get_matches_from(args)) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     blkrep::storage::keep_large_buffers_in_heap();
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
@@ -86,6 +105,7 @@ fn main() -> std::process::ExitCode {
         Command::Netcmp(a) => netcmp::run(a),
         Command::VmResume(a) => vm::resume(a),
         Command::UblkDelete(a) => replicate::ublk_delete(a),
+        Command::Config(a) => config::run(a, &root),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -104,6 +124,7 @@ mod tests {
     #[test]
     fn flags_are_consistent() {
         Cli::command().debug_assert();
+        super::command().debug_assert();
     }
 
     /// Parse a command line, words split at spaces.
