@@ -96,11 +96,10 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         let server = Arc::new(server);
         for (e, path) in exports.iter().zip(&paths) {
             tracing::info!(
-                "serving {} as {}/{} ({} bytes{})",
+                "serving {} as {} ({}{})",
                 path.display(),
-                listener.local_endpoint(),
-                e.name,
-                e.backend.size(),
+                listener.local_endpoint().uri(&e.name),
+                blkrep::units::size(e.backend.size()),
                 if e.read_only { ", read-only" } else { "" }
             );
         }

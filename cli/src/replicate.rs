@@ -12,7 +12,7 @@ use blkrep::replica::admin;
 use blkrep::replica::node::{self, PrimaryConfig, SecondaryConfig};
 use blkrep::replica::primary::PrimaryOptions;
 use blkrep::replica::secondary::{PeerLossPolicy, SecondaryOptions};
-use blkrep::replica::status::{FailoverReport, NodeStatus, VerifyReport};
+use blkrep::replica::status::{DigestCheck, FailoverReport, NodeStatus, VerifyReport};
 use blkrep::replica::wire::AckMode;
 use blkrep::replica::FailoverTarget;
 use blkrep::storage::DiskOptions;
@@ -286,7 +286,8 @@ pub struct StatusArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// The primary's control socket.
+    /// The primary's control socket (on a node that failed over: compares its disk with the
+    /// checkpoint it took over at).
     #[arg(long)]
     control: PathBuf,
     /// Print the raw JSON.
@@ -296,7 +297,8 @@ pub struct VerifyArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckpointArgs {
-    /// The primary's control socket.
+    /// The primary's control socket (a node that failed over has no secondary to
+    /// checkpoint with).
     #[arg(long)]
     control: PathBuf,
 }
@@ -382,6 +384,18 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
     // Reads both disks whole: allow an hour.
     let req = json!({"cmd": "verify"});
     let v = call_printing_json(&a.control, req, Duration::from_secs(3600), a.json)?;
+    if v.get("image_digest").is_some() {
+        // A failed-over node: its disk against the checkpoint it took over at.
+        let c: DigestCheck = serde_json::from_value(v)
+            .context("the daemon's digest check is not one this CLI reads")?;
+        if !a.json {
+            report::digest_check(&c);
+        }
+        if c.comparable && !c.equal() {
+            return Err(anyhow!("the disk differs from the checkpoint it failed over to"));
+        }
+        return Ok(());
+    }
     let v: VerifyReport = serde_json::from_value(v)
         .context("the daemon's verify report is not one this CLI reads")?;
     if !a.json {

@@ -43,7 +43,7 @@ impl Secondary {
                 }
             }
         }
-        tracing::info!(?target, "failing over");
+        tracing::info!(target = target.name(), "failing over");
         // Wait for every forwarded and local request, and any commit, in progress.
         let _x = self.barrier.write().await;
         let committed = self.inner().committed;
@@ -53,7 +53,7 @@ impl Secondary {
         all.extend(others.iter().map(|p| &**p));
         for p in &all {
             if let Err(e) = p.failover(target, committed).await {
-                let msg = format!("failover to {target:?} failed: {}: {e}", p.name());
+                let msg = format!("failover to {} failed: {}: {e}", target.name(), p.name());
                 let mut i = self.inner();
                 i.mode = Mode::Paused;
                 i.last_error = Some(msg.clone());
@@ -83,7 +83,17 @@ impl Secondary {
             generation: format!("{generation:016x}"),
         };
         i.failover = Some(report.clone());
-        tracing::info!(?report, "failed over; serving as an unprotected primary");
+        // What went wrong as a secondary (the lost primary) is history now.
+        i.last_error = None;
+        tracing::info!(
+            target = %report.target,
+            committed_epoch = report.committed_epoch,
+            restored_blocks = report.restored_blocks,
+            duration_us = report.duration_us,
+            checkpoint_digest = report.checkpoint_digest.as_deref().unwrap_or("none"),
+            generation = %report.generation,
+            "failed over; serving as an unprotected primary"
+        );
         Ok(report)
     }
 
