@@ -347,6 +347,14 @@ mod tests {
         }
     }
 
+    /// `:PORT` is every address: a secondary's listen there still needs authentication.
+    #[test]
+    fn every_address_is_not_loopback() {
+        let any = parse(":10809").unwrap();
+        assert!(crate::auth::listen_policy(&any, false, false).is_err());
+        assert!(crate::auth::listen_policy(&any, true, false).is_ok());
+    }
+
     #[test]
     fn uris_name_the_export_in_the_path() {
         let unix = Endpoint::Unix("/run/ro.sock".into());

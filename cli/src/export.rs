@@ -20,7 +20,7 @@ pub struct ExportArgs {
     /// Create the file, or grow it, to this size (e.g. 10G). Applies to every --disk.
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
-    /// Where clients connect: ADDR:PORT, or unix:PATH for a unix socket.
+    /// Where clients connect: an endpoint (forms below).
     #[arg(long, value_name = ENDPOINT, default_value = DEFAULT_ENDPOINT)]
     listen: Endpoint,
     /// Export name; repeat once per --disk. Defaults to the file name without extension. The

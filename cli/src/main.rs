@@ -33,12 +33,16 @@ struct Cli {
 enum Command {
     /// Run the replication demo: a primary and a secondary on loopback, a workload,
     /// checkpoints, a killed primary, a failover, and a checksum proof.
+    #[command(after_help = units::FORMS_HELP)]
     Demo(demo::DemoArgs),
     /// Serve one or more disks over NBD (no replication).
+    #[command(after_help = units::FORMS_HELP)]
     Export(export::ExportArgs),
     /// Serve a disk and replicate every write to a secondary.
+    #[command(after_help = units::FORMS_HELP)]
     Primary(replicate::PrimaryArgs),
     /// Receive a primary's writes, keep checkpoints, take over on failover.
+    #[command(after_help = units::FORMS_HELP)]
     Secondary(replicate::SecondaryArgs),
     /// Show a daemon's state.
     Status(replicate::StatusArgs),
@@ -50,6 +54,7 @@ enum Command {
     Verify(replicate::VerifyArgs),
     /// Compare what a service's primary and secondary instances send (stream proxy), or
     /// hold the primary's output until its checkpoint commits.
+    #[command(after_help = units::FORMS_HELP)]
     Netcmp(netcmp::NetcmpArgs),
     /// Continue a protected VM on the node that took over (QEMU started with -incoming
     /// defer), from the committed checkpoint's device state.
@@ -144,7 +149,7 @@ mod tests {
     fn durations_take_units_and_compounds() {
         let line = format!(
             "{PRIMARY} --secondary b:1 --reconnect-timeout 1h30m --heartbeat 250ms \
-             --checkpoint-interval 0 --connect-timeout 90"
+             --checkpoint-interval 0 --connect-timeout 90s --forward-queue 1.5G"
         );
         parse(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
     }
@@ -156,6 +161,13 @@ mod tests {
             e.contains("--duration") && e.contains("unknown time unit"),
             "{e}"
         );
+        let e = refused(&format!("{PRIMARY} --secondary b:1 --heartbeat 250"));
+        assert!(
+            e.contains("--heartbeat") && e.contains("250ms") && e.contains("250s"),
+            "{e}"
+        );
+        let e = refused(&format!("{PRIMARY} --size 10GB --secondary b:1"));
+        assert!(e.contains("--size") && e.contains("ambiguous"), "{e}");
         let e = refused("demo --interval 1h30");
         assert!(
             e.contains("--interval") && e.contains("not a duration"),

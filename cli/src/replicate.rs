@@ -23,7 +23,10 @@ use serde_json::{json, Value};
 use crate::daemon::{runtime, shutdown_signal, UblkArgs};
 use crate::memory::MemoryArg;
 use crate::report;
-use crate::units::{parse_size, DurationArg, SizeArg, ENDPOINT};
+use crate::units::{
+    choice, parse_size, DurationArg, SizeArg, ACK_MODES, ENDPOINT, FAILOVER_TARGETS,
+    PEER_LOSS_POLICIES,
+};
 
 /// Flags both daemons share.
 #[derive(Debug, Args)]
@@ -31,7 +34,7 @@ pub struct DiskArgs {
     /// The disk: a regular file or a block device.
     #[arg(long)]
     disk: PathBuf,
-    /// Create the file, or grow it, to this size (e.g. 10G).
+    /// Create the file, or grow it, to this size (e.g. 10G, 1.5GiB).
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
     /// Bypass the host page cache (O_DIRECT).
@@ -88,18 +91,18 @@ pub struct PrimaryArgs {
     disk: DiskArgs,
     #[command(flatten)]
     ublk: UblkArgs,
-    /// Where clients connect: ADDR:PORT, or unix:PATH.
+    /// Where clients connect: an endpoint (forms below).
     #[arg(long, value_name = ENDPOINT, default_value = DEFAULT_ENDPOINT)]
     export: Endpoint,
     /// Export name (the export also answers to the empty name).
     #[arg(long, default_value = node::DEFAULT_EXPORT_NAME)]
     name: String,
-    /// The secondary's --listen endpoint: ADDR:PORT, or unix:PATH.
+    /// The secondary's --listen endpoint: an endpoint (forms below).
     #[arg(long, value_name = ENDPOINT)]
     secondary: Endpoint,
     /// What a client's write waits for: local (local disk), received (the secondary
     /// applied it), durable (the secondary has it on stable storage).
-    #[arg(long, default_value = PrimaryOptions::default().ack.name())]
+    #[arg(long, default_value = PrimaryOptions::default().ack.name(), value_parser = choice::<AckMode>(ACK_MODES))]
     ack: AckMode,
     /// Checkpoint period (e.g. 100ms, 2s; 0 for none).
     #[arg(long, default_value_t = DurationArg(CoordinatorOptions::default().interval.unwrap_or_default()))]
@@ -149,12 +152,12 @@ pub struct SecondaryArgs {
     disk: DiskArgs,
     #[command(flatten)]
     ublk: UblkArgs,
-    /// Where the primary connects (replication data and control channel): ADDR:PORT, or
-    /// unix:PATH.
+    /// Where the primary connects (replication data and control channel): an endpoint
+    /// (forms below). Not loopback: needs --psk-file or TLS (or --insecure-no-auth).
     #[arg(long, value_name = ENDPOINT)]
     listen: Endpoint,
     /// Serve the secondary's own view here (COLO running secondary; after failover, the
-    /// disk as an unprotected primary): ADDR:PORT, or unix:PATH.
+    /// disk as an unprotected primary): an endpoint (forms below).
     #[arg(long, value_name = ENDPOINT)]
     export: Option<Endpoint>,
     /// Export name for --export.
@@ -165,7 +168,7 @@ pub struct SecondaryArgs {
     buffer_memory: SizeArg,
     /// After the primary misses --heartbeat-misses heartbeats: fail over to the last
     /// checkpoint, or wait for an operator.
-    #[arg(long, default_value = peer_loss_name(secondary_defaults().on_peer_loss))]
+    #[arg(long, default_value = peer_loss_name(secondary_defaults().on_peer_loss), value_parser = choice::<PeerLossPolicy>(PEER_LOSS_POLICIES))]
     on_peer_loss: PeerLossPolicy,
     /// Missed heartbeat periods (the primary's period) before the primary counts as lost.
     #[arg(long, default_value_t = secondary_defaults().heartbeat_misses)]
@@ -310,7 +313,7 @@ pub struct FailoverArgs {
     control: PathBuf,
     /// checkpoint: the last committed checkpoint (COLO); latest: every write the secondary
     /// acknowledged (DRBD).
-    #[arg(long, value_parser = |s: &str| s.parse::<FailoverTarget>())]
+    #[arg(long, value_parser = choice::<FailoverTarget>(FAILOVER_TARGETS))]
     to: FailoverTarget,
     /// Afterwards, compare the disk with the checkpoint's digest sent by the primary.
     #[arg(long)]
