@@ -172,9 +172,7 @@ fn unix_uri(s: &str, rest: &str) -> Result<Endpoint, String> {
     }
     match socket {
         Some(p) => Ok(Endpoint::Unix(p.into())),
-        None => Err(format!(
-            "{s:?} names no socket: nbd+unix:///?socket=PATH"
-        )),
+        None => Err(format!("{s:?} names no socket: nbd+unix:///?socket=PATH")),
     }
 }
 

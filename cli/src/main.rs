@@ -5,6 +5,7 @@
 
 mod daemon;
 mod demo;
+mod docgen;
 mod export;
 mod memory;
 mod netcmp;
@@ -16,7 +17,7 @@ mod vm;
 
 use std::io::IsTerminal;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,8 +60,38 @@ enum Command {
     /// Continue a protected VM on the node that took over (QEMU started with -incoming
     /// defer), from the committed checkpoint's device state.
     VmResume(vm::VmResumeArgs),
+    /// Change a setting of a running primary: checkpoint-interval, checkpoint-bytes.
+    Set(replicate::SetArgs),
     /// Delete a ublk device left by a daemon that will not come back (waiting I/O fails).
     UblkDelete(replicate::UblkDeleteArgs),
+    /// Print a shell completion script (bash, zsh, fish, …).
+    Completions(docgen::CompletionsArgs),
+    /// Print the manual page (roff), or write one per subcommand with --dir.
+    Man(docgen::ManArgs),
+}
+
+impl Command {
+    /// A long-running daemon (not a command that prints and exits).
+    fn is_daemon(&self) -> bool {
+        matches!(
+            self,
+            Command::Demo(_)
+                | Command::Export(_)
+                | Command::Primary(_)
+                | Command::Secondary(_)
+                | Command::Netcmp(_)
+        )
+    }
+}
+
+/// Commands that print and exit die quietly of SIGPIPE when their reader goes away
+/// (`lockstep status | head -1`), as Unix tools do, instead of panicking on the write. The
+/// daemons keep it ignored: a peer that goes away must be an error on its socket, not death.
+fn quiet_on_broken_pipe() {
+    // SAFETY: setting a signal's disposition to the default, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -73,6 +104,9 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
+    if !cli.command.is_daemon() {
+        quiet_on_broken_pipe();
+    }
     blkrep::storage::keep_large_buffers_in_heap();
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
@@ -85,7 +119,10 @@ fn main() -> std::process::ExitCode {
         Command::Verify(a) => replicate::verify(a),
         Command::Netcmp(a) => netcmp::run(a),
         Command::VmResume(a) => vm::resume(a),
+        Command::Set(a) => replicate::set(a),
         Command::UblkDelete(a) => replicate::ublk_delete(a),
+        Command::Completions(a) => docgen::completions(a, Cli::command()),
+        Command::Man(a) => docgen::man(a, Cli::command()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -152,6 +189,79 @@ mod tests {
              --checkpoint-interval 0 --connect-timeout 90s --forward-queue 1.5G"
         );
         parse(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+    }
+
+    /// Run `program args…` with `input` on stdin: (success, stdout, stderr); None if the
+    /// program is not installed.
+    fn run_with_input(
+        program: &str,
+        args: &[&str],
+        input: &[u8],
+    ) -> Option<(bool, String, String)> {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok()?;
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        Some((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        ))
+    }
+
+    #[test]
+    fn bash_completion_is_valid_bash() {
+        let mut script = Vec::new();
+        let mut cmd = Cli::command();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut cmd,
+            "lockstep",
+            &mut script,
+        );
+        let text = String::from_utf8(script.clone()).unwrap();
+        for word in [
+            "failover",
+            "--on-peer-loss",
+            "checkpoint-interval",
+            "received durable",
+        ] {
+            assert!(text.contains(word), "{word} not in the completion");
+        }
+        let (ok, _, err) = run_with_input("bash", &["-n"], &script).expect("bash");
+        assert!(ok, "bash -n: {err}");
+    }
+
+    #[test]
+    fn man_page_renders() {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut page)
+            .unwrap();
+        let roff = String::from_utf8(page.clone()).unwrap();
+        assert!(
+            roff.starts_with(".ie") || roff.contains(".TH lockstep 1"),
+            "{roff}"
+        );
+        // groff with preconv (-k), as man(1) runs it; warnings (-ww) are failures.
+        let args = ["-k", "-man", "-Tutf8", "-ww", "-P", "-cbou"];
+        match run_with_input("groff", &args, &page) {
+            Some((ok, text, err)) => {
+                assert!(ok && err.is_empty(), "groff: {err}");
+                assert!(
+                    text.contains("SUBCOMMANDS") && text.contains("failover"),
+                    "{text}"
+                );
+            }
+            None => eprintln!("groff is not installed: only generated, not rendered"),
+        }
     }
 
     #[test]

@@ -395,7 +395,9 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
             report::digest_check(&c);
         }
         if c.comparable && !c.equal() {
-            return Err(anyhow!("the disk differs from the checkpoint it failed over to"));
+            return Err(anyhow!(
+                "the disk differs from the checkpoint it failed over to"
+            ));
         }
         return Ok(());
     }
@@ -429,6 +431,60 @@ pub fn failover(a: FailoverArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `lockstep set` changes on a running primary.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Setting {
+    /// The checkpoint period (a duration in whole milliseconds; 0 for none).
+    CheckpointInterval,
+    /// Checkpoint once this much was written in an epoch (a size; 0 for none).
+    CheckpointBytes,
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    /// The primary's control socket.
+    #[arg(long)]
+    control: PathBuf,
+    /// What to change.
+    #[arg(value_enum)]
+    setting: Setting,
+    /// The new value: a duration for checkpoint-interval (100ms, 2s; 0 for none), a size for
+    /// checkpoint-bytes (64M; 0 for none).
+    value: String,
+}
+
+/// The control socket's `set` request for `a`, with the value as the daemon takes it.
+fn set_request(a: &SetArgs) -> anyhow::Result<Value> {
+    let (key, value) = match a.setting {
+        Setting::CheckpointInterval => {
+            let d = crate::units::parse_duration(&a.value).map_err(|e| anyhow!(e))?;
+            if d.subsec_nanos() % 1_000_000 != 0 {
+                return Err(anyhow!(
+                    "checkpoint-interval {}: give whole milliseconds",
+                    a.value
+                ));
+            }
+            ("checkpoint-interval-ms", d.as_millis() as u64)
+        }
+        Setting::CheckpointBytes => (
+            "checkpoint-bytes",
+            parse_size(&a.value).map_err(|e| anyhow!(e))?,
+        ),
+    };
+    Ok(json!({"cmd": "set", "key": key, "value": value}))
+}
+
+/// `lockstep set`: change a setting of a running primary (not kept across restarts).
+pub fn set(a: SetArgs) -> anyhow::Result<()> {
+    let req = set_request(&a)?;
+    call(&a.control, req, Duration::from_secs(10))?;
+    let name = clap::ValueEnum::to_possible_value(&a.setting)
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default();
+    println!("{name} set to {} (until the primary restarts)", a.value);
+    Ok(())
+}
+
 #[derive(Debug, Args)]
 pub struct UblkDeleteArgs {
     /// The device id (N in /dev/ublkbN).
@@ -457,6 +513,24 @@ mod tests {
     struct Secondary {
         #[command(flatten)]
         a: SecondaryArgs,
+    }
+
+    #[test]
+    fn set_sends_what_the_primary_takes() {
+        let args = |setting, value: &str| SetArgs {
+            control: "c".into(),
+            setting,
+            value: value.into(),
+        };
+        let r = set_request(&args(Setting::CheckpointInterval, "1.5s")).unwrap();
+        assert_eq!(
+            r,
+            json!({"cmd": "set", "key": "checkpoint-interval-ms", "value": 1500})
+        );
+        let r = set_request(&args(Setting::CheckpointBytes, "64M")).unwrap();
+        assert_eq!(r["value"], 64 << 20);
+        assert!(set_request(&args(Setting::CheckpointInterval, "100")).is_err());
+        assert!(set_request(&args(Setting::CheckpointInterval, "100us")).is_err());
     }
 
     /// The defaults shown in `--help` come from the library and parse back to its values.

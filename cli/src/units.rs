@@ -277,7 +277,16 @@ mod tests {
 
     #[test]
     fn bad_durations_say_why() {
-        for s in ["", "2x", "ms", "-1s", "1h30", "99999999999999999999999", "250", "1.5"] {
+        for s in [
+            "",
+            "2x",
+            "ms",
+            "-1s",
+            "1h30",
+            "99999999999999999999999",
+            "250",
+            "1.5",
+        ] {
             let e = parse_duration(s).expect_err(s);
             assert!(e.contains(&format!("{s:?}")), "{s:?}: {e}");
         }

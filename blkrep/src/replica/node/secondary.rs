@@ -120,7 +120,10 @@ pub async fn run_secondary_with(
         .await
         .map_err(|e| e.to_string())?;
     let device = ublk::start_if(&cfg.ublk, sec.view())?;
-    let export = cfg.export.as_ref().map_or("none".into(), |e| e.uri(&cfg.export_name));
+    let export = cfg
+        .export
+        .as_ref()
+        .map_or("none".into(), |e| e.uri(&cfg.export_name));
     tracing::info!(listen = %cfg.listen, %export, "secondary waiting for a primary");
     shutdown.await;
     tracing::info!("shutting down");
