@@ -52,7 +52,7 @@ pub async fn run_primary_with(
     let table = DigestTable::scan(&*local)
         .await
         .map_err(|e| format!("reading {} for its digest: {e}", cfg.disk.path.display()))?;
-    tracing::info!(digest = format!("{:016x}", table.sum()), generation = format!("{:016x}", meta.get().generation), took = ?started.elapsed(), "local disk scanned");
+    tracing::info!(digest = %format!("{:016x}", table.sum()), generation = %format!("{:016x}", meta.get().generation), took_ms = started.elapsed().as_millis() as u64, "local disk scanned");
     let primary = Primary::new(local.clone(), table, 0, cfg.primary.clone(), Arc::new(meta));
     let link_opts = LinkOptions {
         heartbeat: cfg.heartbeat,
@@ -153,7 +153,7 @@ pub async fn run_primary_with(
         .await
         .map_err(|e| e.to_string())?;
     let device = ublk::start_if(&cfg.ublk, primary.clone())?;
-    tracing::info!(export = %cfg.export, secondary = %cfg.secondary, ack = cfg.primary.ack.name(), "primary replicating");
+    tracing::info!(export = %cfg.export.uri(&cfg.export_name), secondary = %cfg.secondary, ack = %cfg.primary.ack.name(), "primary replicating");
 
     shutdown.await;
     tracing::info!("shutting down: draining clients");

@@ -118,7 +118,7 @@ impl Participant for BlockParticipant {
             let r = st.resync.clone();
             drop(st);
             tracing::info!(
-                kind = r.kind,
+                kind = %r.kind.as_deref().unwrap_or("none"),
                 sent_bytes = r.sent_bytes,
                 equal_units = r.equal_units,
                 compared_units = r.compared_units,

@@ -225,7 +225,7 @@ impl Session {
             self.release();
             return None;
         }
-        tracing::info!(peer = %self.peer, ack = ack.name(), sync = kind.name(), session = format!("{session:016x}"), "a primary connected");
+        tracing::info!(peer = %self.peer, ack = %ack.name(), sync = %kind.name(), session = %format!("{session:016x}"), "a primary connected");
         Some(Admitted { heartbeat_ms })
     }
 
@@ -399,7 +399,11 @@ impl Session {
                 };
                 if policy == PeerLossPolicy::Failover {
                     match s.failover(FailoverTarget::Checkpoint).await {
-                        Ok(r) => tracing::info!(?r, "automatic failover done"),
+                        Ok(r) => tracing::info!(
+                            committed_epoch = r.committed_epoch,
+                            restored_blocks = r.restored_blocks,
+                            "automatic failover done"
+                        ),
                         Err(e) => s.set_error(format!("automatic failover failed: {e}")),
                     }
                 } else {

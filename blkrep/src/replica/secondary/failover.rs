@@ -43,7 +43,7 @@ impl Secondary {
                 }
             }
         }
-        tracing::info!(target = target.name(), "failing over");
+        tracing::info!(target = %target.name(), "failing over");
         // Wait for every forwarded and local request, and any commit, in progress.
         let _x = self.barrier.write().await;
         let committed = self.inner().committed;
@@ -90,7 +90,7 @@ impl Secondary {
             committed_epoch = report.committed_epoch,
             restored_blocks = report.restored_blocks,
             duration_us = report.duration_us,
-            checkpoint_digest = report.checkpoint_digest.as_deref().unwrap_or("none"),
+            checkpoint_digest = %report.checkpoint_digest.as_deref().unwrap_or("none"),
             generation = %report.generation,
             "failed over; serving as an unprotected primary"
         );
