@@ -9,6 +9,7 @@ mod docgen;
 mod export;
 mod memory;
 mod netcmp;
+mod progress;
 mod replicate;
 mod report;
 mod secure;

@@ -385,8 +385,10 @@ pub fn checkpoint(a: CheckpointArgs) -> anyhow::Result<()> {
 
 pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
     // Reads both disks whole: allow an hour.
-    let req = json!({"cmd": "verify"});
-    let v = call_printing_json(&a.control, req, Duration::from_secs(3600), a.json)?;
+    let v = crate::progress::verify(&a.control, Duration::from_secs(3600))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
     if v.get("image_digest").is_some() {
         // A failed-over node: its disk against the checkpoint it took over at.
         let c: DigestCheck = serde_json::from_value(v)

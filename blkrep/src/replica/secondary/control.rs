@@ -399,11 +399,17 @@ impl Session {
                 };
                 if policy == PeerLossPolicy::Failover {
                     match s.failover(FailoverTarget::Checkpoint).await {
-                        Ok(r) => tracing::info!(
-                            committed_epoch = r.committed_epoch,
-                            restored_blocks = r.restored_blocks,
-                            "automatic failover done"
-                        ),
+                        Ok(r) => {
+                            tracing::info!(
+                                committed_epoch = r.committed_epoch,
+                                restored_blocks = r.restored_blocks,
+                                "automatic failover done"
+                            );
+                            // Why this node took over on its own stays in its status.
+                            s.inner().last_error = Some(format!(
+                                "failed over on its own (--on-peer-loss failover): lost the primary {peer}: {e}"
+                            ));
+                        }
                         Err(e) => s.set_error(format!("automatic failover failed: {e}")),
                     }
                 } else {
