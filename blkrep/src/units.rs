@@ -1,4 +1,24 @@
-//! Sizes as people read them in messages: `1 GiB (1073741824 bytes)`.
+//! Sizes and durations as people read them in messages: `1 GiB (1073741824 bytes)`,
+//! `1.03s`, `250ms`.
+
+use std::borrow::Borrow;
+use std::time::Duration;
+
+/// A duration to the millisecond (microseconds below one): `250ms`, `2s`, `1.03s`, `40µs`.
+pub fn duration(d: impl Borrow<Duration>) -> String {
+    let d = *d.borrow();
+    let ms = d.as_millis();
+    if ms == 0 && !d.is_zero() {
+        format!("{}µs", d.as_micros())
+    } else if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        let s = format!("{}.{:03}", ms / 1000, ms % 1000);
+        format!("{}s", s.trim_end_matches('0'))
+    }
+}
 
 /// Binary units, smallest first.
 const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
@@ -26,7 +46,18 @@ pub fn size(n: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::size;
+    use super::{duration, size};
+    use std::time::Duration;
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(duration(Duration::from_nanos(1_030_545_033)), "1.03s");
+        assert_eq!(duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(duration(Duration::from_secs(5)), "5s");
+        assert_eq!(duration(Duration::from_micros(40)), "40µs");
+        assert_eq!(duration(Duration::ZERO), "0ms");
+    }
 
     #[test]
     fn sizes_read_well() {

@@ -269,7 +269,10 @@ impl NbdServer {
                 None
             }
             Err(_) => {
-                self.reject(peer, format_args!("{late} within {limit:?}"));
+                self.reject(
+                    peer,
+                    format_args!("{late} within {}", crate::units::duration(limit)),
+                );
                 None
             }
         }

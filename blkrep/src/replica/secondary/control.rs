@@ -134,8 +134,9 @@ impl Session {
             }
             Err(_) => {
                 s.set_error(format!(
-                    "control connection from {}: no HELLO within {:?}",
-                    self.peer, s.opts.hello_timeout
+                    "control connection from {}: no HELLO within {}",
+                    self.peer,
+                    crate::units::duration(s.opts.hello_timeout)
                 ));
                 return None;
             }
