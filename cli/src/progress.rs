@@ -52,7 +52,7 @@ impl Shown {
         let bar = self.bar.get_or_insert_with(|| {
             let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             let style = ProgressStyle::with_template(
-                "verify [{bar:40}] {percent:>3}% {pos}/{len} chunks, {msg} (ETA {eta})",
+                "verify [{wide_bar}] {percent:>3}% {pos}/{len} chunks, {msg}, ETA {eta}",
             )
             .map(|s| s.progress_chars("=> "))
             .unwrap_or_else(|_| ProgressStyle::default_bar());
