@@ -149,6 +149,9 @@ fn every_command_answers_for_the_role_it_finds() {
     let (ok, out, err) = failover(&pair.s_sock, "checkpoint", &[]);
     assert!(ok, "{out}{err}\n{}", pair.logs());
 
+    let (ok, _, err) = failover(&pair.s_sock, "latest", &[]);
+    assert!(!ok && err.contains("already failed over"), "{err}");
+
     // verify: the digest check the daemon did, as it answered.
     let (ok, out, err) = lockstep(&["verify", "--control", &s], T);
     assert!(

@@ -27,8 +27,11 @@ impl Secondary {
         {
             let mut i = self.inner();
             match i.mode {
-                Mode::Primary | Mode::FailingOver => {
-                    return Err(ReplicaError::State(format!("this node is already {}", i.mode.name())))
+                Mode::Primary => {
+                    return Err(ReplicaError::State("this node already failed over: it is the primary (unprotected)".into()))
+                }
+                Mode::FailingOver => {
+                    return Err(ReplicaError::State("this node is failing over already".into()))
                 }
                 _ if target == FailoverTarget::Checkpoint && !i.consistent => {
                     return Err(ReplicaError::State("this secondary restarted while it was replicating: its disk holds writes of uncommitted epochs whose originals were lost, so it has no checkpoint to go back to. Let the primary reconnect and resync it, or fail over --to latest to take the disk as it is".into()))
