@@ -3,9 +3,11 @@
 //! A thin clap layer: each subcommand parses its flags and calls into the library crates.
 //! See `docs/operations.md` for how to run it.
 
+mod config;
 mod daemon;
 mod demo;
 mod docgen;
+mod events;
 mod export;
 mod memory;
 mod netcmp;
@@ -18,7 +20,7 @@ mod vm;
 
 use std::io::IsTerminal;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -48,6 +50,9 @@ enum Command {
     Secondary(replicate::SecondaryArgs),
     /// Show a daemon's state.
     Status(replicate::StatusArgs),
+    /// Stream a daemon's state changes as JSON lines (mode, peer, sync, checkpoints,
+    /// split-brain, failover) until it stops.
+    Events(events::EventsArgs),
     /// Run a checkpoint now (on the primary).
     Checkpoint(replicate::CheckpointArgs),
     /// Fail the secondary over and serve its disk as an unprotected primary.
@@ -69,6 +74,13 @@ enum Command {
     Completions(docgen::CompletionsArgs),
     /// Print the manual page (roff), or write one per subcommand with --dir.
     Man(docgen::ManArgs),
+    /// Resource files (`--config FILE --node NAME`): check one.
+    Config(config::ConfigArgs),
+}
+
+/// The command line's grammar: the derived one, with the daemons' `--config`/`--node`.
+fn command() -> clap::Command {
+    config::with_config_flags(Cli::command())
 }
 
 impl Command {
@@ -104,7 +116,18 @@ fn main() -> std::process::ExitCode {
         // Colour only for a person at a terminal; files, pipes and journals get plain text.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
+    let root = command();
+    let args = match config::expand(std::env::args_os().collect(), &root) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("lockstep: error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let cli = match Cli::from_arg_matches(&root.clone().get_matches_from(args)) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     if !cli.command.is_daemon() {
         quiet_on_broken_pipe();
     }
@@ -115,6 +138,7 @@ fn main() -> std::process::ExitCode {
         Command::Primary(a) => replicate::primary(a),
         Command::Secondary(a) => replicate::secondary(a),
         Command::Status(a) => replicate::status(a),
+        Command::Events(a) => events::run(a),
         Command::Checkpoint(a) => replicate::checkpoint(a),
         Command::Failover(a) => replicate::failover(a),
         Command::Verify(a) => replicate::verify(a),
@@ -122,8 +146,9 @@ fn main() -> std::process::ExitCode {
         Command::VmResume(a) => vm::resume(a),
         Command::Set(a) => replicate::set(a),
         Command::UblkDelete(a) => replicate::ublk_delete(a),
-        Command::Completions(a) => docgen::completions(a, Cli::command()),
-        Command::Man(a) => docgen::man(a, Cli::command()),
+        Command::Config(a) => config::run(a, &root),
+        Command::Completions(a) => docgen::completions(a, command()),
+        Command::Man(a) => docgen::man(a, command()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -142,6 +167,7 @@ mod tests {
     #[test]
     fn flags_are_consistent() {
         Cli::command().debug_assert();
+        super::command().debug_assert();
     }
 
     /// Parse a command line, words split at spaces.
@@ -220,7 +246,7 @@ mod tests {
     #[test]
     fn bash_completion_is_valid_bash() {
         let mut script = Vec::new();
-        let mut cmd = Cli::command();
+        let mut cmd = super::command();
         clap_complete::generate(
             clap_complete::Shell::Bash,
             &mut cmd,
@@ -243,7 +269,7 @@ mod tests {
     #[test]
     fn man_page_renders() {
         let mut page = Vec::new();
-        clap_mangen::Man::new(Cli::command())
+        clap_mangen::Man::new(super::command())
             .render(&mut page)
             .unwrap();
         let roff = String::from_utf8(page.clone()).unwrap();
