@@ -62,7 +62,7 @@ pub async fn run_primary_with(
     if tracked != 0 {
         tracing::info!(
             extents = marked.len(),
-            tracked = format!("{tracked:016x}"),
+            tracked = %format!("{tracked:016x}"),
             "dirty bitmap read: the next sync with that secondary generation is incremental"
         );
     } else {
