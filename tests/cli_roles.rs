@@ -221,3 +221,86 @@ fn every_command_answers_for_the_role_it_finds() {
     readable_log("primary", &pair.primary.log_text());
     readable_log("secondary", &pair.secondary.log_text());
 }
+
+/// Endpoints as NBD URIs: `export --listen nbd+unix:///?socket=…` serves there, logs the
+/// export's URI with its name in the path, and that URI works as it is; `--listen nbd://…`
+/// likewise; a secondary's `--listen :PORT` is every address, refused without a key.
+#[test]
+fn endpoints_are_nbd_uris_in_and_out() {
+    require("nbdinfo", "libnbd-bin");
+    let dir = scratch();
+    let disk = dir.path().join("a.img");
+    let sock = dir.path().join("e.sock");
+    let listen = format!("nbd+unix:///?socket={}", sock.display());
+    let args = [
+        "export",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--size",
+        "1.5M",
+        "--listen",
+        &listen,
+    ];
+    let mut d = lockstep_tests::Daemon::start("export-unix", &lockstep_bin(), &args, dir.path());
+    let start = Instant::now();
+    let uri = loop {
+        let log = d.log_text();
+        if let Some(i) = log.find("nbd+unix:///") {
+            let uri: String = log[i..].split_whitespace().next().unwrap().into();
+            if sock.exists() {
+                break uri;
+            }
+        }
+        assert!(start.elapsed() < T, "no export URI in the log:\n{log}");
+        if let Ok(Some(st)) = d.child.try_wait() {
+            panic!("export exited ({st}):\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(uri, format!("nbd+unix:///a?socket={}", sock.display()));
+    assert!(
+        d.log_text().contains("1.5 MiB (1572864 bytes)"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(nbdinfo(&["--size", &uri]).trim(), "1572864");
+    d.stop(Duration::from_secs(20));
+
+    let port = lockstep_tests::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let listen = format!("nbd://{addr}");
+    let args = [
+        "export",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ];
+    let mut d = lockstep_tests::Daemon::start("export-tcp", &lockstep_bin(), &args, dir.path());
+    lockstep_tests::wait_port(&addr, T, &mut d.child);
+    assert_eq!(
+        nbdinfo(&["--size", &format!("nbd://{addr}/a")]).trim(),
+        "1572864"
+    );
+    d.stop(Duration::from_secs(20));
+
+    let s_sock = dir.path().join("s.sock");
+    let (ok, _, err) = lockstep(
+        &[
+            "secondary",
+            "--disk",
+            dir.path().join("s.img").to_str().unwrap(),
+            "--size",
+            "1M",
+            "--listen",
+            &format!(":{}", lockstep_tests::free_port()),
+            "--control",
+            s_sock.to_str().unwrap(),
+        ],
+        T,
+    );
+    assert!(
+        !ok && err.contains("refusing to listen on 0.0.0.0:") && err.contains("--psk-file"),
+        "{err}"
+    );
+}

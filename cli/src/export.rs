@@ -96,7 +96,7 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         let server = Arc::new(server);
         for (e, path) in exports.iter().zip(&paths) {
             tracing::info!(
-                "serving {} as {} ({}{})",
+                "serving {} as {}: {}{}",
                 path.display(),
                 listener.local_endpoint().uri(&e.name),
                 blkrep::units::size(e.backend.size()),
