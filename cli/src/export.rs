@@ -96,11 +96,11 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         let server = Arc::new(server);
         for (e, path) in exports.iter().zip(&paths) {
             tracing::info!(
-                "serving {} as {}: {}{}",
+                "serving {}, {}{}, as {}",
                 path.display(),
-                listener.local_endpoint().uri(&e.name),
                 blkrep::units::size(e.backend.size()),
-                if e.read_only { ", read-only" } else { "" }
+                if e.read_only { ", read-only" } else { "" },
+                listener.local_endpoint().uri(&e.name)
             );
         }
         let (stop_tx, stop_rx) = watch::channel(false);
