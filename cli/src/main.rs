@@ -152,6 +152,10 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // A command that ran and has a verdict to give by its exit code (status).
+        Err(e) if e.downcast_ref::<replicate::Exit>().is_some() => {
+            std::process::ExitCode::from(e.downcast_ref::<replicate::Exit>().map_or(1, |x| x.0))
+        }
         Err(e) => {
             eprintln!("lockstep: error: {e:#}");
             std::process::ExitCode::FAILURE

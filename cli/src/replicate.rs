@@ -356,9 +356,61 @@ fn call_printing_json(
     Ok(v)
 }
 
+/// An exit code that is a command's answer, not an error (nothing more is printed).
+#[derive(Debug)]
+pub struct Exit(pub u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// `lockstep status`'s exit codes (docs/operations.md): whether the disk is protected now.
+pub mod exit_code {
+    /// Protected: replicating, no resync running, the secondary consistent.
+    pub const PROTECTED: u8 = 0;
+    /// Not protected right now, but on the way back by itself: paused (the link is down
+    /// and being retried), a sync or resync running, a secondary waiting for its primary.
+    pub const DEGRADED: u8 = 3;
+    /// Unprotected, and an operator must act: the primary gave up on its secondary, or this
+    /// node failed over and serves alone.
+    pub const UNPROTECTED: u8 = 4;
+    /// The secondary holds no checkpoint it could fail over to (it restarted mid-session).
+    pub const INCONSISTENT: u8 = 5;
+}
+
+/// The exit code `lockstep status` gives for a daemon's status.
+pub fn status_code(v: &Value) -> u8 {
+    use exit_code::*;
+    let mode = v["mode"].as_str().unwrap_or("");
+    match v["role"].as_str().unwrap_or("") {
+        _ if v["consistent"] == false => INCONSISTENT,
+        _ if mode == "primary" || mode == "unprotected" => UNPROTECTED,
+        "primary" | "secondary" if mode == "replicating" => {
+            let resyncing = v["resyncing"].as_bool() == Some(true)
+                || v["resyncing"].is_string()
+                || v["resync"]["state"]
+                    .as_str()
+                    .is_some_and(|s| s != "done" && s != "");
+            if resyncing {
+                DEGRADED
+            } else {
+                PROTECTED
+            }
+        }
+        "primary" | "secondary" => DEGRADED,
+        // netcmp and plain exports have no protection to report.
+        _ => PROTECTED,
+    }
+}
+
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     let req = json!({"cmd": "status"});
     let v = call_printing_json(&a.control, req, Duration::from_secs(10), a.json)?;
+    let code = status_code(&v);
     if !a.json && v.get("role").and_then(Value::as_str) == Some("netcmp") {
         if v.get("frontend").and_then(Value::as_str) == Some("packet") {
             let st: netcmp::PacketStatus =
@@ -373,6 +425,9 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         let st: NodeStatus =
             serde_json::from_value(v).context("the daemon's status is not one this CLI reads")?;
         report::status(&st);
+    }
+    if code != exit_code::PROTECTED {
+        return Err(Exit(code).into());
     }
     Ok(())
 }
