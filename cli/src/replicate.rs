@@ -394,7 +394,7 @@ pub fn status_code(v: &Value) -> u8 {
                 || v["resyncing"].is_string()
                 || v["resync"]["state"]
                     .as_str()
-                    .is_some_and(|s| s != "done" && s != "");
+                    .is_some_and(|s| s != "done" && !s.is_empty());
             if resyncing {
                 DEGRADED
             } else {
