@@ -20,6 +20,7 @@
 
 mod buf;
 mod faulty;
+pub mod lock;
 mod memory;
 mod powerloss;
 mod unaligned;
@@ -133,6 +134,10 @@ pub enum StorageError {
     /// failed over refuses forwarded writes).
     #[error("{0}")]
     Unavailable(String),
+    /// Another process uses the disk in a way that excludes this open (QEMU's lock bytes;
+    /// see [`lock`]), or its locks could not be taken.
+    #[error("{0}")]
+    InUse(String),
 }
 
 impl StorageError {
@@ -149,6 +154,7 @@ impl StorageError {
             StorageError::EngineStopped { .. } => libc::ESHUTDOWN,
             StorageError::Config(_) => libc::EINVAL,
             StorageError::Unavailable(_) => libc::ESHUTDOWN,
+            StorageError::InUse(_) => libc::EBUSY,
         }
     }
 }
