@@ -37,8 +37,15 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use crate::sync::Locked;
+
+/// How long a conflict may take to go away before an open is refused. A killed holder's
+/// descriptors can outlive its exit by a moment (the kernel finishes its io_uring requests,
+/// and closes files they held, in the background), so a daemon restarted at once would
+/// otherwise find its predecessor's locks.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// The byte QEMU locks for each permission it holds: `RAW_LOCK_PERM_BASE + bit`.
 pub const PERM_BASE: u64 = 100;
@@ -289,12 +296,18 @@ impl DiskLock {
             e
         };
         apply(&self.file, &added).map_err(|e| undo(LockError::Os(e)))?;
-        let busy = held_elsewhere(&self.file, &new.conflict_bytes())
-            .map_err(|e| undo(LockError::Os(e)))?;
-        if !busy.is_empty() {
-            return Err(undo(LockError::InUse(busy)));
+        let settle = Instant::now() + SETTLE;
+        loop {
+            let busy = held_elsewhere(&self.file, &new.conflict_bytes())
+                .map_err(|e| undo(LockError::Os(e)))?;
+            if busy.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= settle {
+                return Err(undo(LockError::InUse(busy)));
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(())
     }
 
     /// What this lock holds now.
