@@ -20,12 +20,18 @@
 //! So while a writable lockstep disk is open, `qemu-io`, `qemu-img` and `qemu-nbd` cannot
 //! open it for writing (`Failed to get "write" lock`: byte 201), and QEMU readers that do not
 //! share writes cannot open it either (byte 101), nor can readers that do not share resizing
-//! (`qemu-nbd -r`: byte 103). `qemu-img info` (with or without `-U`) and `qemu-io -r` still
-//! read it. lockstep in turn refuses a disk that any QEMU process (or another lockstep)
-//! writes, or refuses to share with a writer.
+//! (`qemu-nbd -r`: byte 103). `qemu-img info -U` and `qemu-io -r` still read it (so does
+//! plain `qemu-img info` in QEMU 10). lockstep in turn refuses a disk that any QEMU process
+//! (or another lockstep) writes, or refuses to share with a writer.
+//!
+//! Like QEMU (`raw_handle_perm_lock`), lockstep takes its bytes first and tests after, so two
+//! processes starting at the same moment cannot both miss each other (at worst both refuse).
+//! A conflict is tested again for up to a second before the open is refused: a holder killed
+//! a moment ago may still be closing its files.
 //!
 //! OFD locks belong to the open file description, so they last exactly as long as the
-//! descriptor a disk is served through, and die with the process however it ends. Two open
+//! descriptor a disk is served through (O_DIRECT or not: lockstep never reopens a disk), and
+//! die with the process however it ends. Two open
 //! file descriptions conflict even inside one process; lockstep opening one file twice itself
 //! (tests, or two exports of one file) shares one [`DiskLock`] per inode instead, through a
 //! process-wide table, so it never refuses itself.
