@@ -53,6 +53,26 @@ impl Drop for Guard {
     }
 }
 
+/// Wait for `g` to exit within `deadline` (else panic: the guard kills it); its stderr.
+fn finish(g: &mut Guard, deadline: Duration) -> (std::process::ExitStatus, String) {
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = g.0.try_wait().expect("try_wait") {
+            break st;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "still running after {deadline:?}"
+        );
+        sleep_ms(20);
+    };
+    let mut err = String::new();
+    if let Some(mut e) = g.0.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    (status, err)
+}
+
 /// `qemu-io` holding `path` open read-write, reading commands from a pipe kept open.
 fn qemu_io_holding(path: &Path, dir: &Path) -> Guard {
     let log = std::fs::File::create(dir.join("qemu-io.log")).unwrap();
@@ -217,4 +237,44 @@ fn two_exports_of_one_file_the_second_is_refused() {
     let (ok, text) = lockstep(&export_args(d_str, &addr2));
     // Another lockstep holds 101 (writes) and 201 (lets nobody else write), among others.
     assert_refused(ok, &text, d_str, "writes it", "201");
+}
+
+/// A QEMU VM (stopped before its first instruction: `-S`) with the file as a writable
+/// virtio-blk drive.
+fn vm(disk: &Path, dir: &Path) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-machine", "pc", "-accel", "tcg", "-S", "-nodefaults"])
+        .args(["-display", "none", "-drive"])
+        .arg(format!("file={},format=raw,if=virtio", disk.display()))
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join("vm.log")).unwrap())
+        .stderr(Stdio::piped());
+    c
+}
+
+#[test]
+fn a_qemu_vm_and_lockstep_keep_off_each_others_disk() {
+    require("qemu-system-x86_64", "qemu-system-x86");
+    let dir = scratch();
+    let disk = dir.path().join("disk.img");
+    let d_str = disk.to_str().unwrap();
+    std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+
+    // A VM's writable drive: 100, 101 held, and 201 (it shares reads and resizes, not writes).
+    let mut g = Guard(vm(&disk, dir.path()).spawn().expect("start qemu"));
+    wait_held(&disk, 201, true, Duration::from_secs(30), "the VM");
+    let (ok, text) = lockstep(&export_args(d_str, &addr));
+    assert_refused(ok, &text, d_str, "writes it", "bytes 101, 201 held");
+    let _ = g.0.kill();
+    let _ = g.0.wait();
+    wait_held(&disk, 101, false, T, "the VM stopped");
+
+    // lockstep first: the VM does not start.
+    let mut d = Daemon::export(dir.path(), &["--disk", d_str], &addr);
+    let mut vm = Guard(vm(&disk, dir.path()).spawn().expect("start qemu"));
+    let (status, text) = finish(&mut vm, T);
+    assert!(!status.success(), "the VM started: {text}");
+    assert!(text.contains("Failed to get \"write\" lock"), "{text}");
+    assert!(d.stop(T).success(), "{}", d.log_text());
 }
