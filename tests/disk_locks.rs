@@ -190,7 +190,8 @@ fn lockstep_refuses_a_disk_qemu_writes() {
     // qemu-io, interactive, holding the image read-write (bytes 100 and 101).
     let mut qio = qemu_io_holding(&disk, dir.path());
     let (ok, text) = lockstep(&export_args(d_str, &addr));
-    assert_refused(ok, &text, d_str, "writes it", "byte 101 held");
+    let by = format!("byte 101 held by qemu-io (pid {})", qio.0.id());
+    assert_refused(ok, &text, d_str, "writes it", &by);
     let mut ro = export_args(d_str, &addr);
     ro.push("--read-only");
     let (ok, text) = lockstep(&ro);
@@ -215,7 +216,8 @@ fn lockstep_refuses_a_disk_qemu_writes() {
     );
     wait_held(&disk, 203, true, Duration::from_secs(20), "qemu-nbd");
     let (ok, text) = lockstep(&export_args(d_str, &addr));
-    assert_refused(ok, &text, d_str, "writes it", "bytes 101, 203 held");
+    let by = format!("bytes 101, 203 held by qemu-nbd (pid {})", nbd.pid());
+    assert_refused(ok, &text, d_str, "writes it", &by);
     drop(nbd);
     wait_held(&disk, 101, false, T, "qemu-nbd stopped");
 
@@ -232,11 +234,18 @@ fn two_exports_of_one_file_the_second_is_refused() {
     let disk = dir.path().join("disk.img");
     let d_str = disk.to_str().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
-    let _d = Daemon::export(dir.path(), &["--disk", d_str, "--size", "1M"], &addr);
+    let d = Daemon::export(dir.path(), &["--disk", d_str, "--size", "1M"], &addr);
     let addr2 = format!("127.0.0.1:{}", free_port());
     let (ok, text) = lockstep(&export_args(d_str, &addr2));
     // Another lockstep holds 101 (writes) and 201 (lets nobody else write), among others.
-    assert_refused(ok, &text, d_str, "writes it", "201");
+    assert_refused(
+        ok,
+        &text,
+        d_str,
+        "writes it",
+        "bytes 101, 103, 201, 203 held by ",
+    );
+    assert!(text.contains(&format!(" (pid {});", d.pid())), "{text}");
 }
 
 /// A QEMU VM (stopped before its first instruction: `-S`) with the file as a writable
@@ -265,7 +274,8 @@ fn a_qemu_vm_and_lockstep_keep_off_each_others_disk() {
     let mut g = Guard(vm(&disk, dir.path()).spawn().expect("start qemu"));
     wait_held(&disk, 201, true, Duration::from_secs(30), "the VM");
     let (ok, text) = lockstep(&export_args(d_str, &addr));
-    assert_refused(ok, &text, d_str, "writes it", "bytes 101, 201 held");
+    let by = format!("bytes 101, 201 held by qemu-system-x86 (pid {})", g.0.id());
+    assert_refused(ok, &text, d_str, "writes it", &by);
     let _ = g.0.kill();
     let _ = g.0.wait();
     wait_held(&disk, 101, false, T, "the VM stopped");

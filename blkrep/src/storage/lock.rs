@@ -205,11 +205,46 @@ fn release(file: &File, bytes: &[u64]) {
     }
 }
 
+/// The processes (other than this one) with an OFD lock on the file `(dev, ino)`, as
+/// `name (pid N)`: best effort, from `/proc/PID/fdinfo`, among the processes we may inspect.
+pub fn holders(dev: u64, ino: u64) -> Vec<String> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        let locks = |fd: &std::fs::DirEntry| {
+            std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+                && std::fs::read_to_string(p.path().join("fdinfo").join(fd.file_name())).is_ok_and(
+                    |i| {
+                        i.lines()
+                            .any(|l| l.starts_with("lock:") && l.contains("OFDLCK"))
+                    },
+                )
+        };
+        if pid != me && fds.flatten().any(|fd| locks(&fd)) {
+            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            out.push(format!("{} (pid {pid})", comm.trim()));
+            if out.len() == 4 {
+                break;
+            }
+        }
+    }
+    out
+}
+
 /// Why a disk cannot be locked.
 #[derive(Debug)]
 pub enum LockError {
-    /// Another process holds these bytes.
-    InUse(Vec<u64>),
+    /// Another process holds these bytes; the processes found holding locks on the file.
+    InUse(Vec<u64>, Vec<String>),
     /// The filesystem or kernel refused the lock calls.
     Os(io::Error),
 }
@@ -218,16 +253,21 @@ impl LockError {
     /// The message for the operator, naming the disk, what holds it and the way out.
     pub fn message(&self, path: &Path) -> String {
         match self {
-            LockError::InUse(bytes) => {
+            LockError::InUse(bytes, holders) => {
                 let list = bytes
                     .iter()
                     .map(u64::to_string)
                     .collect::<Vec<_>>()
                     .join(", ");
+                let by = if holders.is_empty() {
+                    String::new()
+                } else {
+                    format!(" by {}", holders.join(", "))
+                };
                 format!(
                     "disk {} is in use by another process that {} (a QEMU VM, qemu-nbd, \
-                     qemu-img/qemu-io, or another lockstep): QEMU lock byte{} {list} held; stop \
-                     that process, or pass --no-lock if you are sure nothing else writes it",
+                     qemu-img/qemu-io, or another lockstep): QEMU lock byte{} {list} held{by}; \
+                     stop that process, or pass --no-lock if you are sure nothing else writes it",
                     path.display(),
                     meaning(bytes[0]),
                     if bytes.len() > 1 { "s" } else { "" },
@@ -310,7 +350,12 @@ impl DiskLock {
                 return Ok(());
             }
             if Instant::now() >= settle {
-                return Err(undo(LockError::InUse(busy)));
+                let who = self
+                    .file
+                    .metadata()
+                    .map(|m| holders(m.dev(), m.ino()))
+                    .unwrap_or_default();
+                return Err(undo(LockError::InUse(busy, who)));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
