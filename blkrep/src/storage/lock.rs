@@ -206,8 +206,15 @@ fn release(file: &File, bytes: &[u64]) {
 }
 
 /// The processes (other than this one) with an OFD lock on the file `(dev, ino)`, as
-/// `name (pid N)`: best effort, from `/proc/PID/fdinfo`, among the processes we may inspect.
+/// `name (pid N)`: best effort, among the processes we may inspect. Only `/proc/PID/fdinfo`
+/// is read (its `lock:` lines name the file as `MAJ:MIN:INO`): nothing here stats another
+/// process's files, which could hang on a dead network filesystem.
 pub fn holders(dev: u64, ino: u64) -> Vec<String> {
+    let id = format!(
+        " {:02x}:{:02x}:{ino} ",
+        libc::major(dev as libc::dev_t),
+        libc::minor(dev as libc::dev_t)
+    );
     let me = std::process::id();
     let mut out = Vec::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -217,19 +224,16 @@ pub fn holders(dev: u64, ino: u64) -> Vec<String> {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
             continue;
         };
-        let locks = |fd: &std::fs::DirEntry| {
-            std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino)
-                && std::fs::read_to_string(p.path().join("fdinfo").join(fd.file_name())).is_ok_and(
-                    |i| {
-                        i.lines()
-                            .any(|l| l.starts_with("lock:") && l.contains("OFDLCK"))
-                    },
-                )
+        let locks = |fd: std::fs::DirEntry| {
+            std::fs::read_to_string(fd.path()).is_ok_and(|info| {
+                info.lines()
+                    .any(|l| l.starts_with("lock:") && l.contains("OFDLCK") && l.contains(&id))
+            })
         };
-        if pid != me && fds.flatten().any(|fd| locks(&fd)) {
+        if pid != me && fds.flatten().any(locks) {
             let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
             out.push(format!("{} (pid {pid})", comm.trim()));
             if out.len() == 4 {
