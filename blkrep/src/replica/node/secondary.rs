@@ -11,9 +11,10 @@ use tokio::sync::watch;
 use super::{bind, stop_pair, to_json, SecondaryConfig};
 use crate::auth::listen_policy;
 use crate::epoch::{BoxFuture, SecondaryParticipant};
-use crate::nbd::server::{Export, NbdServer, ServerOptions};
+use crate::nbd::server::{Description, Export, NbdServer, ServerOptions};
 use crate::replica::admin::{self, AdminHandler};
 use crate::replica::meta::{meta_path, MetaStore};
+use crate::replica::metrics::{self, MetricsSource};
 use crate::replica::secondary::{Mode, PeerLossPolicy, Secondary};
 use crate::replica::status::{DigestCheck, PeerAuth};
 use crate::replica::{FailoverTarget, REPLICA_EXPORT};
@@ -62,7 +63,11 @@ pub async fn run_secondary_with(
             read_only: false,
             epochs: Some(sink),
         }],
-        ServerOptions::default(),
+        // The replication export is the primary's, by name: not listed to clients.
+        ServerOptions {
+            list_exports: false,
+            ..ServerOptions::default()
+        },
     )
     .map_err(|e| e.to_string())?
     .with_control(sec.control());
@@ -96,7 +101,7 @@ pub async fn run_secondary_with(
             NbdServer::new(
                 vec![Export {
                     name: cfg.export_name.clone(),
-                    description: "lockstep secondary".into(),
+                    description: view_description(sec.clone()),
                     backend: sec.view(),
                     read_only: false,
                     epochs: None,
@@ -112,11 +117,21 @@ pub async fn run_secondary_with(
         sec: sec.clone(),
         peer_auth: peer_auth_status(&cfg),
     });
-    let admin_task = admin::serve(cfg.control.clone(), handler, stop_rx.clone())
+    let admin_task = admin::serve(cfg.control.clone(), handler.clone(), stop_rx.clone())
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(addr) = cfg.metrics {
+        let (bound, _) = metrics::serve(addr, handler, stop_rx.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(%bound, "metrics at http://{bound}/metrics");
+    }
     let device = ublk::start_if(&cfg.ublk, sec.view())?;
-    tracing::info!(listen = %cfg.listen, export = ?cfg.export.as_ref().map(|e| e.to_string()), "secondary waiting for a primary");
+    let export = cfg
+        .export
+        .as_ref()
+        .map_or("none".into(), |e| e.uri(&cfg.export_name));
+    tracing::info!(listen = %cfg.listen, %export, "secondary waiting for a primary");
     shutdown.await;
     tracing::info!("shutting down");
     ublk::stop_if(device).await;
@@ -132,19 +147,52 @@ pub async fn run_secondary_with(
     Ok(())
 }
 
+/// Why a failed-over node runs no checkpoints.
+const TOOK_OVER: &str = "this node took over by failover and runs unprotected: there is no secondary to checkpoint with. To protect the disk again, restart this node as `lockstep primary` on its disk with a `lockstep secondary` to replicate to (docs/operations.md, \"Re-protect after a failover\")";
+
+/// The view export's description follows the node's role.
+fn view_description(sec: Arc<Secondary>) -> Description {
+    Description::live(move || match sec.mode() {
+        Mode::Primary => "lockstep primary (failed over; unprotected)".into(),
+        _ => "lockstep secondary (running view: last checkpoint plus its own writes)".into(),
+    })
+}
+
 struct SecondaryAdmin {
     sec: Arc<Secondary>,
     /// How primaries prove themselves on the listen port, for `status`.
     peer_auth: PeerAuth,
 }
 
+impl MetricsSource for SecondaryAdmin {
+    fn render(&self) -> BoxFuture<'_, String> {
+        Box::pin(async move { metrics::secondary_metrics(&self.sec.status()) })
+    }
+}
+
 impl AdminHandler for SecondaryAdmin {
+    fn events(&self) -> Option<BoxFuture<'_, (Value, tokio::sync::broadcast::Receiver<Value>)>> {
+        Some(Box::pin(async move {
+            let rx = self.sec.events().subscribe();
+            let status = self
+                .handle("status".into(), json!({}))
+                .await
+                .unwrap_or(Value::Null);
+            (json!({"event": "status", "status": status}), rx)
+        }))
+    }
+
     fn handle(&self, cmd: String, req: Value) -> BoxFuture<'_, Result<Value, String>> {
         Box::pin(async move {
             match cmd.as_str() {
                 "status" => {
                     let mut st = self.sec.status();
-                    st.peer_auth = Some(self.peer_auth.clone());
+                    let mut auth = self.peer_auth.clone();
+                    if st.role == "primary" {
+                        // Nothing fails over any more.
+                        auth.risks.retain(|r| !r.starts_with(ON_PEER_LOSS_RISK));
+                    }
+                    st.peer_auth = Some(auth);
                     to_json(st)
                 }
                 "failover" => {
@@ -153,7 +201,8 @@ impl AdminHandler for SecondaryAdmin {
                         .and_then(Value::as_str)
                         .unwrap_or("checkpoint")
                         .parse()?;
-                    let report = self.sec.failover(to).await?;
+                    let force = req.get("force").and_then(Value::as_bool) == Some(true);
+                    let report = self.sec.take_over(to, force).await?;
                     let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
                     if req.get("verify").and_then(Value::as_bool) == Some(true) {
                         let t = Instant::now();
@@ -172,12 +221,19 @@ impl AdminHandler for SecondaryAdmin {
                         return Err("online verify runs on the primary (lockstep verify --control PRIMARY.sock); on a secondary, verify compares a failed-over disk with its checkpoint digest".into());
                     }
                     let (image, checkpoint) = self.sec.verify_checkpoint().await?;
+                    let st = self.sec.status();
+                    let f = st.failover.as_ref();
                     to_json(DigestCheck {
                         image_digest: format!("{image:016x}"),
                         checkpoint_digest: checkpoint.map(|c| format!("{c:016x}")),
+                        committed_epoch: st.committed_epoch,
+                        comparable: f.is_some_and(|f| f.comparable) && st.dirty_blocks == 0,
+                        written_blocks: st.dirty_blocks,
                     })
                 }
-                "checkpoint" => Err("checkpoints are run by the primary".into()),
+                "checkpoint" if self.sec.mode() == Mode::Primary => Err(TOOK_OVER.into()),
+                "checkpoint" => Err("checkpoints are run by the primary (lockstep checkpoint --control PRIMARY.sock)".into()),
+                "set" => Err("settings are the primary's (lockstep set --control PRIMARY.sock)".into()),
                 other => Err(format!(
                     "unknown command {other:?} (status, failover, verify)"
                 )),
@@ -208,6 +264,9 @@ async fn push_writeback(
     }
 }
 
+/// How the risk of automatic failover begins (not shown once the node failed over).
+const ON_PEER_LOSS_RISK: &str = "--on-peer-loss failover";
+
 /// How often a replicating secondary starts writeback.
 const WRITEBACK_PERIOD: Duration = Duration::from_millis(50);
 
@@ -223,7 +282,10 @@ fn peer_auth_status(cfg: &SecondaryConfig) -> PeerAuth {
         });
     }
     if cfg.secondary.on_peer_loss == PeerLossPolicy::Failover {
-        risks.push("--on-peer-loss failover cannot tell a dead primary from a cut link: if the primary is alive, this makes two writable nodes; prefer fencing or a cluster manager's quorum");
+        risks.push(concat!(
+            "--on-peer-loss failover",
+            " cannot tell a dead primary from a cut link: if the primary is alive, this makes two writable nodes; prefer fencing or a cluster manager's quorum"
+        ));
     }
     PeerAuth {
         psk: cfg.key.is_some(),
