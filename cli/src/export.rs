@@ -33,6 +33,10 @@ pub struct ExportArgs {
     /// Bypass the host page cache (O_DIRECT); odd-sized requests use read-modify-write.
     #[arg(long)]
     direct: bool,
+    /// Do not take QEMU-compatible locks on the disk, nor refuse one that another process
+    /// (a QEMU VM, qemu-nbd, qemu-img, another lockstep) holds: QEMU's locking=off.
+    #[arg(long)]
+    no_lock: bool,
     #[command(flatten)]
     ublk: UblkArgs,
     /// With --tls-cert: clients must start TLS (NBD_OPT_STARTTLS) before anything else.
@@ -62,6 +66,7 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         o.size = a.size;
         o.direct = a.direct;
         o.read_only = a.read_only;
+        o.lock = !a.no_lock;
         let backend = open_disk(&o).with_context(|| format!("cannot open {}", path.display()))?;
         let name = a.name.get(i).cloned().unwrap_or_else(|| {
             path.file_stem()

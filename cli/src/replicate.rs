@@ -40,6 +40,10 @@ pub struct DiskArgs {
     /// Bypass the host page cache (O_DIRECT).
     #[arg(long)]
     direct: bool,
+    /// Do not take QEMU-compatible locks on the disk, nor refuse one that another process
+    /// (a QEMU VM, qemu-nbd, qemu-img, another lockstep) holds: QEMU's locking=off.
+    #[arg(long)]
+    no_lock: bool,
     /// Unix control socket (JSON lines) for `lockstep status|checkpoint|failover`.
     #[arg(long)]
     control: PathBuf,
@@ -62,6 +66,7 @@ impl DiskArgs {
         let mut o = DiskOptions::new(&self.disk);
         o.size = self.size;
         o.direct = self.direct;
+        o.lock = !self.no_lock;
         o
     }
 

@@ -15,11 +15,18 @@
 //! arbitrary byte ranges wrap it in [`Unaligned`], which does read-modify-write at the edges.
 //! [`open_disk`] builds the right stack from a path and options.
 //!
+//! [`UringFile::open`] locks the file as QEMU does ([`lock`]: OFD locks on QEMU's lock bytes,
+//! 100 + permission used and 200 + permission not shared): a writable disk keeps QEMU and
+//! other locksteps from writing or resizing it, and an open fails with
+//! [`StorageError::InUse`] when another process already writes the file or will not share it
+//! with a writer. [`DiskOptions::lock`] `= false` is QEMU's `locking=off`.
+//!
 //! For tests, [`Faulty`] wraps any backend to fail or delay requests by rule, and
 //! [`PowerLossDisk`] forgets unflushed writes on a power cut.
 
 mod buf;
 mod faulty;
+pub mod lock;
 mod memory;
 mod powerloss;
 mod unaligned;
@@ -133,6 +140,10 @@ pub enum StorageError {
     /// failed over refuses forwarded writes).
     #[error("{0}")]
     Unavailable(String),
+    /// Another process uses the disk in a way that excludes this open (QEMU's lock bytes;
+    /// see [`lock`]), or its locks could not be taken.
+    #[error("{0}")]
+    InUse(String),
 }
 
 impl StorageError {
@@ -149,6 +160,7 @@ impl StorageError {
             StorageError::EngineStopped { .. } => libc::ESHUTDOWN,
             StorageError::Config(_) => libc::EINVAL,
             StorageError::Unavailable(_) => libc::ESHUTDOWN,
+            StorageError::InUse(_) => libc::EBUSY,
         }
     }
 }

@@ -24,6 +24,7 @@ mod engine;
 
 use engine::{run_engine, Engine, Queue, Request, Work};
 
+use super::lock::{DiskLock, LockSet};
 use super::{check_range, Backend, Extent, IoBuf, IoFuture, Op, Result, StorageError};
 
 /// How to open a disk.
@@ -40,6 +41,9 @@ pub struct DiskOptions {
     pub read_only: bool,
     /// Maximum requests in flight in the kernel.
     pub queue_depth: u32,
+    /// Take QEMU-compatible OFD locks (see [`super::lock`]) and refuse a disk that another
+    /// process writes; `false` is QEMU's `locking=off`.
+    pub lock: bool,
 }
 
 impl DiskOptions {
@@ -51,6 +55,7 @@ impl DiskOptions {
             direct: false,
             read_only: false,
             queue_depth: 128,
+            lock: true,
         }
     }
 }
@@ -69,6 +74,9 @@ pub struct UringFile {
     block_device: bool,
     /// Buffered I/O: try the page cache on the caller's thread before using the ring.
     inline: Option<InlinePath>,
+    /// The QEMU lock bytes, held while this disk (or another open of the same file in this
+    /// process) is open. Dropped after the engine thread has stopped.
+    lock: Option<Arc<DiskLock>>,
 }
 
 /// The page-cache fast path of a buffered disk.
@@ -163,10 +171,27 @@ impl UringFile {
         oo.custom_flags(flags);
         let file = oo.open(&path).map_err(open_err)?;
         let fd = file.as_raw_fd();
-        let size = if block_device {
+        let cur = if block_device {
             ioctl_u64(fd, BLKGETSIZE64).map_err(open_err)?
         } else {
-            let cur = file.metadata().map_err(open_err)?.len();
+            file.metadata().map_err(open_err)?.len()
+        };
+        // Locked before anything changes, growing included (QEMU's "resize").
+        let lock = if opts.lock {
+            let want = if opts.read_only {
+                LockSet::reader()
+            } else {
+                LockSet::writer()
+            };
+            let lock = DiskLock::acquire(&file, want)
+                .map_err(|e| StorageError::InUse(e.message(&path)))?;
+            Some(lock)
+        } else {
+            None
+        };
+        let size = if block_device {
+            cur
+        } else {
             match opts.size {
                 Some(want) if want < cur => {
                     return Err(StorageError::Config(format!(
@@ -232,6 +257,7 @@ impl UringFile {
             inline: (!opts.direct).then(|| InlinePath {
                 nowait_writes: AtomicBool::new(true),
             }),
+            lock,
         })
     }
 
@@ -333,6 +359,11 @@ impl UringFile {
     /// The path this disk was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The QEMU permissions this disk holds on its file (`None`: opened with `lock` off).
+    pub fn lock_set(&self) -> Option<LockSet> {
+        self.lock.as_ref().map(|l| l.set())
     }
 
     async fn call(&self, op: Op, offset: u64, len: u64, work: Work) -> Result<Option<IoBuf>> {
