@@ -11,6 +11,7 @@ mod netcmp;
 mod replicate;
 mod report;
 mod secure;
+mod service;
 mod units;
 mod vm;
 

@@ -198,7 +198,9 @@ async fn until_signal(
     admin_task: Option<tokio::task::JoinHandle<()>>,
 ) {
     let run = tokio::spawn(frontend);
+    crate::service::ready("netcmp running");
     daemon::shutdown_signal().await;
+    crate::service::stopping("stopping");
     stop.send_replace(true);
     let _ = run.await;
     if let Some(t) = admin_task {

@@ -20,9 +20,10 @@ use clap::Args;
 use memrep::device::{DeviceReplica, DeviceState};
 use serde_json::{json, Value};
 
-use crate::daemon::{runtime, shutdown_signal, UblkArgs};
+use crate::daemon::{runtime, UblkArgs};
 use crate::memory::MemoryArg;
 use crate::report;
+use crate::service::{Service, ServiceArgs};
 use crate::units::{parse_size, DurationArg, SizeArg, ENDPOINT};
 
 /// Flags both daemons share.
@@ -49,6 +50,8 @@ pub struct DiskArgs {
     /// --tls-key) that chains to --tls-ca, and verify the other's. Combines with --psk-file.
     #[command(flatten)]
     tls: crate::secure::TlsArgs,
+    #[command(flatten)]
+    service: ServiceArgs,
 }
 
 impl DiskArgs {
@@ -193,6 +196,7 @@ pub struct SecondaryArgs {
 }
 
 pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
+    let service = Service::new(&a.disk.service)?;
     let memory = crate::memory::primary(&a.memory)?;
     let key = a.disk.key()?;
     let tls = a.disk.tls.link_files()?;
@@ -236,9 +240,10 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
             }
             None => memory.pause,
         };
-        node::run_primary_with(cfg, participants, guest, shutdown_signal())
-            .await
-            .map_err(|e| anyhow!(e))
+        let stop = service.shutdown_signal("stopping: final checkpoint, goodbye, flush");
+        let r = node::run_primary_ready(cfg, participants, guest, stop, service.hook()).await;
+        service.finish();
+        r.map_err(|e| anyhow!(e))
     })
 }
 
@@ -246,6 +251,7 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
+    let service = Service::new(&a.disk.service)?;
     let mut memory = crate::memory::secondary(&a.memory)?;
     if let Some(p) = &a.device_state {
         memory.push(Arc::new(DeviceReplica::new(p)));
@@ -269,9 +275,10 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
         tls,
         insecure_no_auth: a.insecure_no_auth,
     };
-    runtime()?
-        .block_on(node::run_secondary_with(cfg, memory, shutdown_signal()))
-        .map_err(|e| anyhow!(e))
+    let stop = service.shutdown_signal("stopping: flush");
+    let r = runtime()?.block_on(node::run_secondary_ready(cfg, memory, stop, service.hook()));
+    service.finish();
+    r.map_err(|e| anyhow!(e))
 }
 
 #[derive(Debug, Args)]

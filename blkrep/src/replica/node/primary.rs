@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::{bind, stop_pair, to_json, PrimaryConfig};
+use super::{bind, stop_pair, to_json, PrimaryConfig, Ready};
 use crate::digest::DigestTable;
 use crate::epoch::{
     BoxFuture, Epoch, EpochCoordinator, EpochEvent, GuestHook, NoGuest, Participant,
@@ -41,6 +41,19 @@ pub async fn run_primary_with(
     others: Vec<Arc<dyn Participant>>,
     guest: Arc<dyn GuestHook>,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    run_primary_ready(cfg, others, guest, shutdown, Box::new(|_| {})).await
+}
+
+/// [`run_primary_with`], calling `ready` once the node serves: replication started, the
+/// export and the control socket bound (and the ublk device up). Its argument is a one-line
+/// status for a service manager (`STATUS=` of sd_notify).
+pub async fn run_primary_ready(
+    cfg: PrimaryConfig,
+    others: Vec<Arc<dyn Participant>>,
+    guest: Arc<dyn GuestHook>,
+    shutdown: impl Future<Output = ()>,
+    ready: Ready,
 ) -> Result<(), String> {
     // The secondary refuses a period outside this range: say so before touching anything.
     let heartbeat_ms = u32::try_from(cfg.heartbeat.as_millis()).unwrap_or(u32::MAX);
@@ -154,6 +167,10 @@ pub async fn run_primary_with(
         .map_err(|e| e.to_string())?;
     let device = ublk::start_if(&cfg.ublk, primary.clone())?;
     tracing::info!(export = %cfg.export, secondary = %cfg.secondary, ack = cfg.primary.ack.name(), "primary replicating");
+    ready(format!(
+        "primary: serving {}, replicating to {}",
+        cfg.export, cfg.secondary
+    ));
 
     shutdown.await;
     tracing::info!("shutting down: draining clients");
