@@ -179,7 +179,21 @@ fn ocf_tester_passes_with_a_real_peer() {
     let b_sock = r.join("b.sock");
     let bargs = secondary_cmd(&r.join("b.img"), Some("8M"), &b_listen, &b_sock, None, &[]);
     let mut peer = start_secondary(r, "peer", &bargs, &b_sock);
-    let node = Node::new(r, "a", &b_listen, &[]);
+    // One configuration for both nodes: %self% and %peer% from `nodes`, as in a cluster.
+    let a_listen = format!("unix:{}", r.join("a-listen.sock").display());
+    let nodes = format!("node-a={a_listen} node-b={b_listen}");
+    let mut node = Node::new(
+        r,
+        "a",
+        "%peer%",
+        &[("nodes", &nodes), ("node_name", "node-a")],
+    );
+    for (k, v) in node.params.iter_mut() {
+        if k == "secondary_args" {
+            *v = v.replace(&a_listen, "%self%");
+            assert!(v.contains("%self%"), "{v}");
+        }
+    }
     let agent = r.join("lockstep-agent");
     std::fs::copy(agent_src(), &agent).unwrap();
     let mut args = vec!["-n".to_string(), "lockstep".into()];
@@ -316,4 +330,38 @@ fn demote_and_promote_of_a_failed_over_node_re_protect_it() {
     b.expect("demote", OCF_SUCCESS);
     b.expect("stop", OCF_SUCCESS);
     old.stop(Duration::from_secs(30));
+}
+
+#[test]
+fn validate_all_refuses_bad_parameters() {
+    const OCF_ERR_INSTALLED: i32 = 5;
+    const OCF_ERR_CONFIGURED: i32 = 6;
+    let root = open_scratch();
+    let r = root.path();
+    let ok = Node::new(r, "v", "unix:/nonexistent", &[]);
+    ok.expect("validate-all", OCF_SUCCESS);
+    for (k, v, want, says) in [
+        ("failover_to", "newest", OCF_ERR_CONFIGURED, "failover_to"),
+        ("nodes", "x=1 y=2", OCF_ERR_CONFIGURED, "not in nodes"),
+        ("nodes", "node-a=1", OCF_ERR_CONFIGURED, "two nodes"),
+        (
+            "primary_args",
+            "--disk d --control c",
+            OCF_ERR_CONFIGURED,
+            "control",
+        ),
+        ("peer_loss_wait", "5s", OCF_ERR_CONFIGURED, "peer_loss_wait"),
+        (
+            "binary",
+            "/nonexistent/lockstep",
+            OCF_ERR_INSTALLED,
+            "not an executable",
+        ),
+    ] {
+        let mut n = Node::new(r, "v", "unix:/nonexistent", &[("node_name", "node-a")]);
+        n.params.retain(|(name, _)| name != k);
+        n.params.push((k.into(), v.into()));
+        let out = n.expect("validate-all", want);
+        assert!(out.contains(says), "{k}={v}: {out}");
+    }
 }
