@@ -301,15 +301,29 @@ fn demote_and_promote_of_a_failed_over_node_re_protect_it() {
     let st = control_status(&b.control(), Duration::from_secs(10)).unwrap();
     assert_eq!(st["mode"], "primary", "failed over: {st}");
 
-    // The old primary's node comes back unpromoted: a secondary on its own disk.
+    // Demote keeps b's newer disk (b restarts as a secondary): the old primary, with older
+    // data, cannot become b's primary.
+    b.expect("demote", OCF_SUCCESS);
+    b.expect("monitor", OCF_SUCCESS);
+    let mut again = pargs.clone();
+    again.extend(["--connect-timeout".to_string(), "5s".into()]);
+    let out = lockstep_tests::run(
+        lockstep_bin().to_str().unwrap(),
+        &refs(&again),
+        Duration::from_secs(60),
+    );
+    let err = lockstep_tests::output_text(&out);
+    assert!(
+        !out.status.success() && err.contains("newer data"),
+        "the old primary was not refused: {err}"
+    );
+    b.expect("monitor", OCF_SUCCESS);
+
+    // The old primary's node comes back unpromoted: a secondary on its own disk. Promote
+    // restarts b as a primary, which resyncs the old primary's disk.
     let s_sock = r.join("a-sec.sock");
     let sargs = secondary_cmd(&a_img, None, &a_listen, &s_sock, None, &[]);
     let mut old = start_secondary(r, "old-primary", &sargs, &s_sock);
-
-    // Demote keeps b's newer disk (b restarts as a secondary); promote restarts it as a
-    // primary, which resyncs the old primary's disk.
-    b.expect("demote", OCF_SUCCESS);
-    b.expect("monitor", OCF_SUCCESS);
     b.expect("promote", OCF_SUCCESS);
     b.expect("monitor", OCF_RUNNING_PROMOTED);
     let deadline = Instant::now() + Duration::from_secs(60);
