@@ -379,3 +379,29 @@ fn validate_all_refuses_bad_parameters() {
         assert!(out.contains(says), "{k}={v}: {out}");
     }
 }
+
+#[test]
+fn promote_without_a_reachable_peer_fails_unless_promote_alone() {
+    let root = open_scratch();
+    let r = root.path();
+    let nobody = format!("unix:{}", r.join("nobody-listens.sock").display());
+    let mut b = Node::new(r, "b", &nobody, &[]);
+    for (k, v) in b.params.iter_mut() {
+        if k == "primary_args" {
+            *v = v.replace("--connect-timeout 10s", "--connect-timeout 2s");
+        }
+    }
+    b.expect("start", OCF_SUCCESS);
+    // A secondary no primary feeds becomes a primary only with its peer's secondary.
+    let out = b.expect("promote", OCF_ERR_GENERIC);
+    assert!(out.contains("cannot start as primary"), "{out}");
+    b.expect("monitor", OCF_SUCCESS);
+    // promote_alone: serve unprotected (a failover of the secondary).
+    b.params.push(("promote_alone".into(), "true".into()));
+    b.expect("promote", OCF_SUCCESS);
+    b.expect("monitor", OCF_RUNNING_PROMOTED);
+    let st = control_status(&b.control(), Duration::from_secs(10)).unwrap();
+    assert_eq!(st["mode"], "primary", "{st}");
+    b.expect("stop", OCF_SUCCESS);
+    b.expect("monitor", OCF_NOT_RUNNING);
+}

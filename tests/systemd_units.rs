@@ -3,7 +3,8 @@
 //! demands an executable ExecStart, and systemd is not PID 1 here), and the daemons speak the
 //! sd_notify protocol: `READY=1` (with `STATUS=` and `MAINPID=`) on `$NOTIFY_SOCKET` once
 //! their control socket answers, a primary's only when it replicates, `STOPPING=1` on
-//! SIGTERM; `--pid-file` exists while they serve and is removed when they exit.
+//! SIGTERM; `--pid-file` exists while they serve and is removed when they exit. `export` and
+//! `netcmp` notify too.
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use lockstep_tests::control::{control_status, tail};
 use lockstep_tests::pair::{primary_cmd, secondary_cmd};
-use lockstep_tests::{lockstep_bin, refs, require, run, scratch, Daemon};
+use lockstep_tests::{free_port, lockstep_bin, refs, require, run, scratch, Daemon};
 
 /// The repository's `contrib/systemd`.
 fn units_dir() -> PathBuf {
@@ -213,4 +214,63 @@ fn daemons_notify_ready_and_stopping_and_keep_a_pid_file() {
 
     check_stop(&mut pri, &np, &p_pid);
     check_stop(&mut sec, &ns, &s_pid);
+}
+
+#[test]
+fn export_and_netcmp_notify_ready_and_stopping() {
+    let dir = scratch();
+    let p = dir.path();
+    let bin = lockstep_bin();
+
+    // export: ready when it listens, with a pid file.
+    let n = NotifySocket::bind_path(&p.join("notify-e.sock"));
+    let pid_file = p.join("e.pid");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let disk = p.join("e.img");
+    let args = [
+        "export",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--size",
+        "1M",
+        "--listen",
+        &listen,
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+    ];
+    let env = [("NOTIFY_SOCKET", n.env.as_str())];
+    let mut e = Daemon::start_env("export", &bin, &args, p, &env);
+    let msg = n.expect(&mut e, "READY=1", Duration::from_secs(30));
+    assert_eq!(field(&msg, "MAINPID"), Some(e.pid().to_string().as_str()));
+    std::net::TcpStream::connect(&listen).expect("READY=1 before the export listens");
+    let written = std::fs::read_to_string(&pid_file).expect("pid file after READY=1");
+    assert_eq!(written.trim(), e.pid().to_string());
+    check_stop(&mut e, &n, &pid_file);
+
+    // netcmp (stream proxy): ready when its port and control socket are bound.
+    let n = NotifySocket::bind_path(&p.join("notify-n.sock"));
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (pri, sec) = (free_port(), free_port());
+    let sock = p.join("netcmp.sock");
+    let args = [
+        "netcmp",
+        "--listen",
+        &listen,
+        "--primary",
+        &format!("127.0.0.1:{pri}"),
+        "--secondary",
+        &format!("127.0.0.1:{sec}"),
+        "--socket",
+        sock.to_str().unwrap(),
+    ]
+    .map(String::from);
+    let env = [("NOTIFY_SOCKET", n.env.as_str())];
+    let mut c = Daemon::start_env("netcmp", &bin, &refs(&args), p, &env);
+    n.expect(&mut c, "READY=1", Duration::from_secs(30));
+    std::net::TcpStream::connect(&listen).expect("READY=1 before netcmp listens");
+    let st = control_status(&sock, Duration::from_secs(5)).expect("netcmp's socket answers");
+    assert_eq!(st["role"], "netcmp", "{st}");
+    c.signal(libc::SIGTERM);
+    n.expect(&mut c, "STOPPING=1", Duration::from_secs(30));
+    assert!(c.wait(Duration::from_secs(30)).success());
 }

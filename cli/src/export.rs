@@ -9,7 +9,7 @@ use blkrep::storage::{open_disk, DiskOptions};
 use clap::Args;
 use tokio::sync::watch;
 
-use crate::daemon::{runtime, wait_for_signal, UblkArgs};
+use crate::daemon::{runtime, UblkArgs};
 use crate::units::{parse_size, ENDPOINT};
 
 #[derive(Debug, Args)]
@@ -117,12 +117,13 @@ fn serve(a: ExportArgs, service: &crate::service::Service) -> anyhow::Result<()>
         let serving = tokio::spawn(server.clone().serve(listener, stop_rx));
         let device = blkrep::ublk::start_if(&ublk, exports[0].backend.clone())
             .map_err(|e| anyhow::anyhow!(e))?;
+        let signal = crate::service::signals()?;
         service.ready(&format!(
             "serving {} export(s) on {}",
             exports.len(),
             a.listen
         ));
-        let signal = wait_for_signal().await?;
+        let signal = signal.await;
         crate::service::stopping("stopping: finishing requests, flushing");
         tracing::info!("{signal}: finishing requests in flight, flushing, exiting");
         blkrep::ublk::stop_if(device).await;

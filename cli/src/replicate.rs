@@ -240,7 +240,7 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
             }
             None => memory.pause,
         };
-        let stop = service.shutdown_signal("stopping: final checkpoint, goodbye, flush");
+        let stop = service.shutdown_signal("stopping: final checkpoint, goodbye, flush")?;
         let r = node::run_primary_ready(cfg, participants, guest, stop, service.hook()).await;
         service.finish();
         r.map_err(|e| anyhow!(e))
@@ -275,8 +275,12 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
         tls,
         insecure_no_auth: a.insecure_no_auth,
     };
-    let stop = service.shutdown_signal("stopping: flush");
-    let r = runtime()?.block_on(node::run_secondary_ready(cfg, memory, stop, service.hook()));
+    let rt = runtime()?;
+    let stop = {
+        let _in_runtime = rt.enter();
+        service.shutdown_signal("stopping: flush")?
+    };
+    let r = rt.block_on(node::run_secondary_ready(cfg, memory, stop, service.hook()));
     service.finish();
     r.map_err(|e| anyhow!(e))
 }

@@ -76,6 +76,20 @@ pub fn stopping(status: &str) {
     notify_logged(&format!("STOPPING=1\nSTATUS={status}\n"));
 }
 
+/// Install the SIGINT and SIGTERM handlers now; the future resolves on either, with its
+/// name. Call within a runtime.
+pub fn signals() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
+}
+
 /// A daemon's service state: the pid file it wrote, removed on drop.
 #[derive(Debug, Clone)]
 pub struct Service {
@@ -129,10 +143,19 @@ impl Service {
         Box::new(move |status| s.ready(&status))
     }
 
-    /// Resolves on SIGINT or SIGTERM, after notifying STOPPING=1.
-    pub async fn shutdown_signal(&self, what: &'static str) {
-        crate::daemon::shutdown_signal().await;
-        stopping(what);
+    /// Install the SIGINT/SIGTERM handlers now (before READY=1: a stop right after it must
+    /// not kill the daemon unannounced); the future resolves on either, after notifying
+    /// STOPPING=1 with `what`. Call within a runtime.
+    pub fn shutdown_signal(
+        &self,
+        what: &'static str,
+    ) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+        let signal = signals()?;
+        Ok(async move {
+            let s = signal.await;
+            tracing::info!("{s} received");
+            stopping(what);
+        })
     }
 
     /// Remove the pid file if this process wrote it.
