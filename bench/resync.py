@@ -249,7 +249,8 @@ def main():
         stop(sec)
 
         # A 1 s cut under fio load.
-        for f in (p_img, s_img, p_img + ".lockstep-meta", s_img + ".lockstep-meta"):
+        for f in (p_img, s_img, p_img + ".lockstep-meta", s_img + ".lockstep-meta",
+                  p_img + ".lockstep-bitmap"):
             if os.path.exists(f):
                 os.remove(f)
         pri, sec, ps, ss, export, proxy = pair(d, a.size, p_img, s_img, via_proxy=True)

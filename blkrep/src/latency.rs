@@ -1,4 +1,5 @@
-//! Latency samples with percentiles over a sliding window, for status reports.
+//! Latency samples with percentiles over a sliding window, for status reports, and a
+//! cumulative histogram of every sample, for metrics.
 
 use std::time::Duration;
 
@@ -24,6 +25,26 @@ pub struct Latencies {
     next: usize,
     count: u64,
     max: u64,
+    /// Samples per bucket of [`BUCKETS_US`] (the last: above every bound).
+    buckets: [u64; BUCKETS_US.len() + 1],
+    sum_us: u64,
+}
+
+/// Upper bounds of the histogram's buckets, in microseconds: 100 µs to 10 s.
+pub const BUCKETS_US: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// Every sample recorded, by bucket: what a Prometheus histogram exports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Histogram {
+    /// `(upper bound in µs, samples at or below it)`, cumulative, ascending.
+    pub buckets: Vec<(u64, u64)>,
+    /// Samples in all.
+    pub count: u64,
+    /// Their sum, in microseconds.
+    pub sum_us: u64,
 }
 
 const WINDOW: usize = 4096;
@@ -35,6 +56,8 @@ impl Default for Latencies {
             next: 0,
             count: 0,
             max: 0,
+            buckets: [0; BUCKETS_US.len() + 1],
+            sum_us: 0,
         }
     }
 }
@@ -51,6 +74,26 @@ impl Latencies {
         self.next = (self.next + 1) % WINDOW;
         self.count += 1;
         self.max = self.max.max(us);
+        self.sum_us = self.sum_us.saturating_add(us);
+        let i = BUCKETS_US.partition_point(|&b| b < us);
+        self.buckets[i] += 1;
+    }
+
+    /// The cumulative histogram of every sample.
+    pub fn histogram(&self) -> Histogram {
+        let mut acc = 0;
+        Histogram {
+            buckets: BUCKETS_US
+                .iter()
+                .zip(self.buckets)
+                .map(|(&b, n)| {
+                    acc += n;
+                    (b, acc)
+                })
+                .collect(),
+            count: self.count,
+            sum_us: self.sum_us,
+        }
     }
 
     /// The `p`-th percentile (0..=100) of the window, in microseconds.
@@ -72,5 +115,29 @@ impl Latencies {
             max: self.max,
             samples: self.count,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_histogram_is_cumulative_and_counts_every_sample() {
+        let mut l = Latencies::default();
+        for us in [50, 100, 101, 3_000, 20_000_000] {
+            l.record(Duration::from_micros(us));
+        }
+        let h = l.histogram();
+        assert_eq!(h.count, 5);
+        assert_eq!(h.sum_us, 50 + 100 + 101 + 3_000 + 20_000_000);
+        assert_eq!(h.buckets[0], (100, 2), "le=100 holds 50 and 100");
+        assert_eq!(h.buckets[1], (250, 3));
+        assert_eq!(h.buckets[5], (5_000, 4));
+        assert_eq!(
+            *h.buckets.last().unwrap(),
+            (10_000_000, 4),
+            "20 s is only in +Inf"
+        );
     }
 }

@@ -3,8 +3,10 @@
 //! A thin clap layer: each subcommand parses its flags and calls into the library crates.
 //! See `docs/operations.md` for how to run it.
 
+mod config;
 mod daemon;
 mod demo;
+mod events;
 mod export;
 mod memory;
 mod netcmp;
@@ -17,7 +19,7 @@ mod vm;
 
 use std::io::IsTerminal;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -43,6 +45,9 @@ enum Command {
     Secondary(replicate::SecondaryArgs),
     /// Show a daemon's state.
     Status(replicate::StatusArgs),
+    /// Stream a daemon's state changes as JSON lines (mode, peer, sync, checkpoints,
+    /// split-brain, failover) until it stops.
+    Events(events::EventsArgs),
     /// Run a checkpoint now (on the primary).
     Checkpoint(replicate::CheckpointArgs),
     /// Fail the secondary over and serve its disk as an unprotected primary.
@@ -57,6 +62,13 @@ enum Command {
     VmResume(vm::VmResumeArgs),
     /// Delete a ublk device left by a daemon that will not come back (waiting I/O fails).
     UblkDelete(replicate::UblkDeleteArgs),
+    /// Resource files (`--config FILE --node NAME`): check one.
+    Config(config::ConfigArgs),
+}
+
+/// The command line's grammar: the derived one, with the daemons' `--config`/`--node`.
+fn command() -> clap::Command {
+    config::with_config_flags(Cli::command())
 }
 
 fn main() -> std::process::ExitCode {
@@ -68,7 +80,18 @@ fn main() -> std::process::ExitCode {
         // Colour only for a person at a terminal; files, pipes and journals get plain text.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
+    let root = command();
+    let args = match config::expand(std::env::args_os().collect(), &root) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("lockstep: error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let cli = match Cli::from_arg_matches(&root.clone().get_matches_from(args)) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     blkrep::storage::keep_large_buffers_in_heap();
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
@@ -76,12 +99,14 @@ fn main() -> std::process::ExitCode {
         Command::Primary(a) => replicate::primary(a),
         Command::Secondary(a) => replicate::secondary(a),
         Command::Status(a) => replicate::status(a),
+        Command::Events(a) => events::run(a),
         Command::Checkpoint(a) => replicate::checkpoint(a),
         Command::Failover(a) => replicate::failover(a),
         Command::Verify(a) => replicate::verify(a),
         Command::Netcmp(a) => netcmp::run(a),
         Command::VmResume(a) => vm::resume(a),
         Command::UblkDelete(a) => replicate::ublk_delete(a),
+        Command::Config(a) => config::run(a, &root),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -100,6 +125,7 @@ mod tests {
     #[test]
     fn flags_are_consistent() {
         Cli::command().debug_assert();
+        super::command().debug_assert();
     }
 
     /// Parse a command line, words split at spaces.

@@ -50,6 +50,9 @@ pub struct DiskArgs {
     /// --tls-key) that chains to --tls-ca, and verify the other's. Combines with --psk-file.
     #[command(flatten)]
     tls: crate::secure::TlsArgs,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9810).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
     service: ServiceArgs,
 }
@@ -217,6 +220,7 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
         },
         heartbeat: a.heartbeat.0,
         heartbeat_misses: a.heartbeat_misses,
+        metrics: a.disk.metrics,
         connect_timeout: a.connect_timeout.0,
         reconnect_timeout: a.reconnect_timeout.0,
         ublk: a.ublk.options()?,
@@ -274,6 +278,7 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
         key,
         tls,
         insecure_no_auth: a.insecure_no_auth,
+        metrics: a.disk.metrics,
     };
     let rt = runtime()?;
     let stop = {
@@ -324,6 +329,11 @@ pub struct FailoverArgs {
     /// Afterwards, compare the disk with the checkpoint's digest sent by the primary.
     #[arg(long)]
     verify: bool,
+    /// Take over even though the primary is still connected and replicating. Without it
+    /// that is refused: if the primary goes on serving its clients, both nodes accept
+    /// writes (split brain). Stop or fence the primary first.
+    #[arg(long)]
+    force: bool,
     /// Print the raw JSON.
     #[arg(long)]
     json: bool,
@@ -405,7 +415,7 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
 }
 
 pub fn failover(a: FailoverArgs) -> anyhow::Result<()> {
-    let req = json!({"cmd": "failover", "to": a.to.name(), "verify": a.verify});
+    let req = json!({"cmd": "failover", "to": a.to.name(), "verify": a.verify, "force": a.force});
     let v = call_printing_json(&a.control, req, Duration::from_secs(600), a.json)?;
     let report: FailoverReport = serde_json::from_value(v.clone())
         .context("the daemon's failover report is not one this CLI reads")?;

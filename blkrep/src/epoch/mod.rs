@@ -427,6 +427,12 @@ impl EpochCoordinator {
         self.stats.locked()
     }
 
+    /// Histograms of every checkpoint's client-visible pause and whole duration.
+    pub fn histograms(&self) -> (crate::latency::Histogram, crate::latency::Histogram) {
+        let s = self.stats();
+        (s.pause.histogram(), s.total.histogram())
+    }
+
     /// Status: epoch, counters, pause and total latencies, participants.
     pub fn status(&self) -> CheckpointStatus {
         let s = self.stats();

@@ -3,8 +3,9 @@
 //! Each request is one JSON object on one line with a `"cmd"` field; each answer is one line:
 //! `{"ok": true, ...}` or `{"ok": false, "error": "..."}`. Commands: `status`,
 //! `checkpoint`, `failover` (`"to": "checkpoint" | "latest"`, optional `"verify": true`),
-//! `set` (`"key"`, `"value"`), and on the primary `subscribe`, which turns the connection
-//! into a stream of epoch events ([`EpochEvent`]). See `docs/operations.md`.
+//! `set` (`"key"`, `"value"`), `events`, which turns the connection into a stream of the
+//! node's state changes ([`crate::replica::events`]), and on the primary `subscribe`, a
+//! stream of epoch events ([`EpochEvent`]). See `docs/operations.md`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, watch};
 
 use crate::epoch::{BoxFuture, EpochEvent};
+use crate::replica::events::NodeEvents;
 
 /// Longest request line.
 const MAX_LINE: usize = 64 << 10;
@@ -28,6 +30,12 @@ pub trait AdminHandler: Send + Sync + 'static {
     /// For `subscribe`: the first answer's fields and the events to send after it (the
     /// primary's commits and aborts); `None` where there are none (the secondary).
     fn subscribe(&self) -> Option<(Value, broadcast::Receiver<EpochEvent>)> {
+        None
+    }
+
+    /// For `events`: the first answer's fields (the node's status now) and its state
+    /// changes after it ([`crate::replica::events`]).
+    fn events(&self) -> Option<BoxFuture<'_, (Value, broadcast::Receiver<Value>)>> {
         None
     }
 }
@@ -97,12 +105,26 @@ async fn connection(s: UnixStream, h: Arc<dyn AdminHandler>) {
         }
         let answer = if line.len() > MAX_LINE {
             json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")})
-        } else if is_subscribe(&line) {
+        } else if command_is(&line, "subscribe") {
             match h.subscribe() {
-                Some((first, events)) => return send_events(wr, rd, first, events).await,
+                Some((first, events)) => {
+                    return send_events(wr, rd, first, events, |missed| EpochEvent::Lagged {
+                        missed,
+                    })
+                    .await
+                }
                 None => {
                     json!({"ok": false, "error": "this daemon has no epoch events (it is not a primary)"})
                 }
+            }
+        } else if command_is(&line, "events") {
+            match h.events() {
+                Some(f) => {
+                    // Subscribed before the snapshot is taken: nothing falls between them.
+                    let (first, events) = f.await;
+                    return send_events(wr, rd, first, events, NodeEvents::lagged).await;
+                }
+                None => json!({"ok": false, "error": "this daemon publishes no events"}),
             }
         } else {
             answer(&*h, &line).await
@@ -117,25 +139,22 @@ async fn connection(s: UnixStream, h: Arc<dyn AdminHandler>) {
 
 use tokio::io::AsyncReadExt as _;
 
-fn is_subscribe(line: &[u8]) -> bool {
+fn command_is(line: &[u8], cmd: &str) -> bool {
     serde_json::from_slice::<Value>(line)
         .ok()
-        .and_then(|v| {
-            v.get("cmd")
-                .and_then(Value::as_str)
-                .map(|c| c == "subscribe")
-        })
+        .and_then(|v| v.get("cmd").and_then(Value::as_str).map(|c| c == cmd))
         .unwrap_or(false)
 }
 
 /// A subscription: the first answer, then one event per line until the subscriber closes,
 /// the events end (the daemon stops) or a write fails. A subscriber that falls behind by
 /// more than the backlog gets a `lagged` event instead of the events it missed.
-async fn send_events(
+async fn send_events<T: Clone + serde::Serialize>(
     mut wr: tokio::net::unix::OwnedWriteHalf,
     mut rd: BufReader<tokio::net::unix::OwnedReadHalf>,
     mut first: Value,
-    mut events: broadcast::Receiver<EpochEvent>,
+    mut events: broadcast::Receiver<T>,
+    lagged: impl Fn(u64) -> T,
 ) {
     if let Value::Object(m) = &mut first {
         m.insert("ok".into(), Value::Bool(true));
@@ -155,7 +174,7 @@ async fn send_events(
             },
             e = events.recv() => match e {
                 Ok(e) => e,
-                Err(broadcast::error::RecvError::Lagged(missed)) => EpochEvent::Lagged { missed },
+                Err(broadcast::error::RecvError::Lagged(missed)) => lagged(missed),
                 Err(broadcast::error::RecvError::Closed) => return,
             },
         };

@@ -15,10 +15,13 @@
 
 pub mod admin;
 pub mod admission;
+pub mod bitmap;
 pub mod buffer;
 pub mod error;
+pub mod events;
 pub mod frame;
 pub mod meta;
+pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod primary;

@@ -209,6 +209,9 @@ pub struct BlockStatus {
     pub unprotected_for_s: Option<f64>,
     /// The digest of the whole disk.
     pub digest: String,
+    /// The persistent dirty bitmap (`DISK.lockstep-bitmap`), when the primary keeps one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmap: Option<crate::replica::bitmap::BitmapStats>,
 }
 
 /// The primary's link to its secondary.

@@ -118,6 +118,7 @@ fn main() {
         ublk: None,
         key: None,
         tls: None,
+        metrics: None,
     };
     let region = Arc::new(Region::open(&region_path).expect("--region"));
     // Tracked through this process's own mapping: the writer thread below writes through it.

@@ -78,6 +78,8 @@ pub struct PrimaryConfig {
     pub key: Option<PeerKey>,
     /// TLS to the secondary, both nodes presenting certificates of one CA.
     pub tls: Option<TlsFiles>,
+    /// Where Prometheus scrapes this node's metrics (`--metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// A secondary daemon's settings.
@@ -104,6 +106,8 @@ pub struct SecondaryConfig {
     pub tls: Option<TlsFiles>,
     /// Listen beyond loopback without a key or certificates (`--insecure-no-auth`).
     pub insecure_no_auth: bool,
+    /// Where Prometheus scrapes this node's metrics (`--metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 fn stop_pair() -> (watch::Sender<bool>, watch::Receiver<bool>) {

@@ -14,7 +14,9 @@ use crate::epoch::{
 };
 use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::replica::admin::{self, AdminHandler};
+use crate::replica::bitmap::{bitmap_path, DiskBitmap};
 use crate::replica::meta::{meta_path, MetaStore};
+use crate::replica::metrics::{self, MetricsSource};
 use crate::replica::peer::LinkOptions;
 use crate::replica::primary::{BlockParticipant, Primary, PrimaryMode};
 use crate::replica::session::{Replicator, ReplicatorOptions};
@@ -67,6 +69,21 @@ pub async fn run_primary_ready(
         .map_err(|e| format!("reading {} for its digest: {e}", cfg.disk.path.display()))?;
     tracing::info!(digest = format!("{:016x}", table.sum()), generation = format!("{:016x}", meta.get().generation), took = ?started.elapsed(), "local disk scanned");
     let primary = Primary::new(local.clone(), table, 0, cfg.primary.clone(), Arc::new(meta));
+    let bm_path = bitmap_path(&cfg.disk.path);
+    let (bm, tracked, marked) = DiskBitmap::open(&bm_path, local.size())
+        .map_err(|e| format!("opening the dirty bitmap {}: {e}", bm_path.display()))?;
+    if tracked != 0 {
+        tracing::info!(
+            extents = marked.len(),
+            tracked = format!("{tracked:016x}"),
+            "dirty bitmap read: the next sync with that secondary generation is incremental"
+        );
+    } else {
+        tracing::info!(
+            "no dirty bitmap relative to a secondary yet: the first sync compares the whole disk"
+        );
+    }
+    primary.attach_bitmap(bm, tracked, &marked);
     let link_opts = LinkOptions {
         heartbeat: cfg.heartbeat,
         misses: cfg.heartbeat_misses,
@@ -109,35 +126,9 @@ pub async fn run_primary_ready(
     primary.set_trigger(coord.trigger());
     repl.set_trigger(coord.trigger());
     repl.set_participants(coord.participants().to_vec());
-    // The secondary may still be starting (or busy): retry until the deadline; a permanent
-    // refusal is final.
-    let deadline = Instant::now() + cfg.connect_timeout;
-    loop {
-        match repl.attempt().await {
-            Ok(_) => break,
-            Err(e) if !e.is_permanent_refusal() && Instant::now() < deadline => {
-                tracing::debug!("secondary not reachable yet: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => {
-                return Err(format!(
-                    "cannot start replication with {}: {e}",
-                    cfg.secondary
-                ))
-            }
-        }
-    }
-    let repl_task = tokio::spawn(repl.clone().run());
-    let (coord_stop_tx, coord_stop_rx) = stop_pair();
-    let coord_task = tokio::spawn({
-        let c = coord.clone();
-        async move {
-            if let Err(e) = c.run(coord_stop_rx).await {
-                tracing::warn!("checkpoints stopped: {e}");
-            }
-        }
-    });
-
+    // Everything of our own that can fail is checked before the secondary hears from us: a
+    // primary that syncs and then dies on a port it cannot bind would leave a secondary
+    // that may fail over on its own.
     let server = Arc::new(
         NbdServer::new(
             vec![Export {
@@ -153,8 +144,6 @@ pub async fn run_primary_ready(
         .map_err(|e| e.to_string())?,
     );
     let listener = bind(&cfg.export).await?;
-    let (srv_stop_tx, srv_stop_rx) = stop_pair();
-    let srv = tokio::spawn(server.serve(listener, srv_stop_rx));
     let handler = Arc::new(PrimaryAdmin {
         primary: primary.clone(),
         coord: coord.clone(),
@@ -162,14 +151,49 @@ pub async fn run_primary_ready(
         secondary: cfg.secondary.to_string(),
         started: Instant::now(),
     });
-    let admin_task = admin::serve(cfg.control.clone(), handler, stop_rx.clone())
+    let admin_task = admin::serve(cfg.control.clone(), handler.clone(), stop_rx.clone())
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(addr) = cfg.metrics {
+        let (bound, _) = metrics::serve(addr, handler, stop_rx.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(%bound, "metrics at http://{bound}/metrics");
+    }
     let device = ublk::start_if(&cfg.ublk, primary.clone())?;
-    tracing::info!(export = %cfg.export, secondary = %cfg.secondary, ack = cfg.primary.ack.name(), "primary replicating");
+    tokio::pin!(shutdown);
+    let first = tokio::select! {
+        r = first_session(&repl, &cfg) => r.map(|()| true),
+        () = &mut shutdown => Ok(false),
+    };
+    if !matches!(first, Ok(true)) {
+        ublk::stop_if(device).await;
+        stop_tx.send_replace(true);
+        let _ = admin_task.await;
+        return first.map(|_| tracing::info!("stopped before the first session"));
+    }
+    let repl_task = tokio::spawn(repl.clone().run());
+    tokio::spawn(publish_checkpoints(
+        coord.subscribe(),
+        primary.events().clone(),
+    ));
+    let (coord_stop_tx, coord_stop_rx) = stop_pair();
+    let coord_task = tokio::spawn({
+        let c = coord.clone();
+        async move {
+            if let Err(e) = c.run(coord_stop_rx).await {
+                tracing::warn!("checkpoints stopped: {e}");
+            }
+        }
+    });
+    let (srv_stop_tx, srv_stop_rx) = stop_pair();
+    let srv = tokio::spawn(server.serve(listener, srv_stop_rx));
+    tracing::info!(export = %cfg.export, secondary = %cfg.secondary, ack = cfg.primary.ack.name(), mode = primary.mode().name(), "primary serving");
     ready(format!(
-        "primary: serving {}, replicating to {}",
-        cfg.export, cfg.secondary
+        "primary ({}): serving {}, secondary {}",
+        primary.mode().name(),
+        cfg.export,
+        cfg.secondary
     ));
 
     shutdown.await;
@@ -206,6 +230,81 @@ pub async fn run_primary_ready(
     Ok(())
 }
 
+/// Wait up to `--connect-timeout` for the first session with the secondary. A secondary
+/// that refuses for good (split-brain, another size, a wrong key), or anything that accepts
+/// connections at its address without a session coming of it, ends the start; an address
+/// where nothing answers does not: the primary then serves alone, unprotected, recording
+/// what it writes, and the reconnection loop resyncs the secondary when it appears.
+async fn first_session(repl: &Arc<Replicator>, cfg: &PrimaryConfig) -> Result<(), String> {
+    if cfg.connect_timeout.is_zero() {
+        repl.primary()
+            .give_up("started without waiting for the secondary (--connect-timeout 0)");
+        return Ok(());
+    }
+    tracing::info!(secondary = %cfg.secondary, timeout = %humantime::format_duration(cfg.connect_timeout), "connecting to the secondary");
+    let deadline = Instant::now() + cfg.connect_timeout;
+    loop {
+        match repl.attempt().await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_permanent_refusal() => {
+                return Err(format!(
+                    "cannot start replication with {}: {e}",
+                    cfg.secondary
+                ))
+            }
+            Err(e) if Instant::now() >= deadline => {
+                // Something answers there but no session comes of it (TLS or key trouble,
+                // busy with another primary, not a secondary): a mistake to fix, not a
+                // secondary that is gone.
+                let probe = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    crate::transport::connect(&cfg.secondary),
+                )
+                .await;
+                if matches!(probe, Ok(Ok(_))) {
+                    return Err(format!(
+                        "cannot start replication with {}: {e}",
+                        cfg.secondary
+                    ));
+                }
+                let reason = format!(
+                    "the secondary {} was not reachable within --connect-timeout {}: {e}",
+                    cfg.secondary,
+                    humantime::format_duration(cfg.connect_timeout)
+                );
+                tracing::warn!("{reason}; serving alone, UNPROTECTED: writes are recorded and resynced when the secondary connects");
+                repl.primary().give_up(&reason);
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::debug!("secondary not reachable yet: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The coordinator's checkpoint outcomes as node events, until the coordinator is gone.
+async fn publish_checkpoints(
+    mut rx: tokio::sync::broadcast::Receiver<EpochEvent>,
+    events: crate::replica::events::NodeEvents,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match rx.recv().await {
+            Ok(EpochEvent::Committed { epoch, .. }) => {
+                events.emit("checkpoint", json!({"state": "committed", "epoch": epoch}))
+            }
+            Ok(EpochEvent::Aborted { epoch, error }) => events.emit(
+                "checkpoint",
+                json!({"state": "aborted", "epoch": epoch, "error": error}),
+            ),
+            Ok(EpochEvent::Lagged { .. }) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
 struct PrimaryAdmin {
     primary: Arc<Primary>,
     coord: Arc<EpochCoordinator>,
@@ -214,7 +313,46 @@ struct PrimaryAdmin {
     started: Instant,
 }
 
+impl PrimaryAdmin {
+    fn report(&self) -> PrimaryStatus {
+        let block = self.primary.status();
+        let checkpoints = self.coord.status();
+        PrimaryStatus {
+            role: "primary".into(),
+            peer: self.secondary.clone(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            last_error: block
+                .unprotected_reason
+                .clone()
+                .or_else(|| checkpoints.last_checkpoint_error.clone()),
+            link: self.repl.status(),
+            block,
+            checkpoints,
+        }
+    }
+}
+
+impl MetricsSource for PrimaryAdmin {
+    fn render(&self) -> BoxFuture<'_, String> {
+        Box::pin(async move {
+            let (pause, total) = self.coord.histograms();
+            metrics::primary_metrics(&self.report(), &pause, &total)
+        })
+    }
+}
+
 impl AdminHandler for PrimaryAdmin {
+    fn events(&self) -> Option<BoxFuture<'_, (Value, tokio::sync::broadcast::Receiver<Value>)>> {
+        Some(Box::pin(async move {
+            let rx = self.primary.events().subscribe();
+            let status = self
+                .handle("status".into(), json!({}))
+                .await
+                .unwrap_or(Value::Null);
+            (json!({"event": "status", "status": status}), rx)
+        }))
+    }
+
     fn subscribe(&self) -> Option<(Value, tokio::sync::broadcast::Receiver<EpochEvent>)> {
         let events = self.coord.subscribe();
         let first = json!({
@@ -227,22 +365,7 @@ impl AdminHandler for PrimaryAdmin {
     fn handle(&self, cmd: String, req: Value) -> BoxFuture<'_, Result<Value, String>> {
         Box::pin(async move {
             match cmd.as_str() {
-                "status" => {
-                    let block = self.primary.status();
-                    let checkpoints = self.coord.status();
-                    to_json(PrimaryStatus {
-                        role: "primary".into(),
-                        peer: self.secondary.clone(),
-                        uptime_s: self.started.elapsed().as_secs_f64(),
-                        last_error: block
-                            .unprotected_reason
-                            .clone()
-                            .or_else(|| checkpoints.last_checkpoint_error.clone()),
-                        link: self.repl.status(),
-                        block,
-                        checkpoints,
-                    })
-                }
+                "status" => to_json(self.report()),
                 "checkpoint" => {
                     let r = self
                         .coord

@@ -14,6 +14,7 @@ use crate::epoch::{BoxFuture, SecondaryParticipant};
 use crate::nbd::server::{Export, NbdServer, ServerOptions};
 use crate::replica::admin::{self, AdminHandler};
 use crate::replica::meta::{meta_path, MetaStore};
+use crate::replica::metrics::{self, MetricsSource};
 use crate::replica::secondary::{Mode, PeerLossPolicy, Secondary};
 use crate::replica::status::{DigestCheck, PeerAuth};
 use crate::replica::{FailoverTarget, REPLICA_EXPORT};
@@ -124,9 +125,15 @@ pub async fn run_secondary_ready(
         sec: sec.clone(),
         peer_auth: peer_auth_status(&cfg),
     });
-    let admin_task = admin::serve(cfg.control.clone(), handler, stop_rx.clone())
+    let admin_task = admin::serve(cfg.control.clone(), handler.clone(), stop_rx.clone())
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(addr) = cfg.metrics {
+        let (bound, _) = metrics::serve(addr, handler, stop_rx.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(%bound, "metrics at http://{bound}/metrics");
+    }
     let device = ublk::start_if(&cfg.ublk, sec.view())?;
     tracing::info!(listen = %cfg.listen, export = ?cfg.export.as_ref().map(|e| e.to_string()), "secondary waiting for a primary");
     ready(format!(
@@ -154,7 +161,24 @@ struct SecondaryAdmin {
     peer_auth: PeerAuth,
 }
 
+impl MetricsSource for SecondaryAdmin {
+    fn render(&self) -> BoxFuture<'_, String> {
+        Box::pin(async move { metrics::secondary_metrics(&self.sec.status()) })
+    }
+}
+
 impl AdminHandler for SecondaryAdmin {
+    fn events(&self) -> Option<BoxFuture<'_, (Value, tokio::sync::broadcast::Receiver<Value>)>> {
+        Some(Box::pin(async move {
+            let rx = self.sec.events().subscribe();
+            let status = self
+                .handle("status".into(), json!({}))
+                .await
+                .unwrap_or(Value::Null);
+            (json!({"event": "status", "status": status}), rx)
+        }))
+    }
+
     fn handle(&self, cmd: String, req: Value) -> BoxFuture<'_, Result<Value, String>> {
         Box::pin(async move {
             match cmd.as_str() {
@@ -169,7 +193,8 @@ impl AdminHandler for SecondaryAdmin {
                         .and_then(Value::as_str)
                         .unwrap_or("checkpoint")
                         .parse()?;
-                    let report = self.sec.failover(to).await?;
+                    let force = req.get("force").and_then(Value::as_bool) == Some(true);
+                    let report = self.sec.take_over(to, force).await?;
                     let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
                     if req.get("verify").and_then(Value::as_bool) == Some(true) {
                         let t = Instant::now();

@@ -44,10 +44,12 @@ use crate::sync::{BlockRangeLock, Locked};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use roaring::RoaringTreemap;
+use roaring::{RoaringBitmap, RoaringTreemap};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use super::bitmap::{self, DiskBitmap};
+use super::events::NodeEvents;
 use super::meta::MetaStore;
 use super::wire::AckMode;
 use crate::digest::DigestTable;
@@ -101,6 +103,10 @@ pub struct Primary {
     meta: Arc<MetaStore>,
     /// The secondary generation our dirty bitmap is relative to (0: none).
     tracked: AtomicU64,
+    /// The dirty bitmap on disk, which a restarted primary starts from.
+    bitmap: OnceLock<Arc<DiskBitmap>>,
+    /// State changes, for `lockstep events`.
+    events: NodeEvents,
 }
 
 /// Budget units are KiB so that u32 permits cover large queues.
@@ -139,6 +145,8 @@ impl Primary {
             stop: watch::Sender::new(false),
             meta,
             tracked: AtomicU64::new(0),
+            bitmap: OnceLock::new(),
+            events: NodeEvents::default(),
             opts,
         })
     }
@@ -151,6 +159,56 @@ impl Primary {
     /// The node's metadata (generation, history).
     pub fn meta(&self) -> &MetaStore {
         &self.meta
+    }
+
+    /// Keep the dirty bitmap on disk in `bitmap` from now on, starting from what it held:
+    /// its `marked` extents become dirty, relative to secondary generation `tracked`. Call
+    /// before the first session and the first client.
+    pub fn attach_bitmap(&self, bitmap: Arc<DiskBitmap>, tracked: u64, marked: &RoaringBitmap) {
+        let blocks = bitmap.blocks_of(marked);
+        {
+            let mut st = self.st();
+            st.dirty |= blocks;
+        }
+        self.tracked.store(tracked, Ordering::Release);
+        let _ = self.bitmap.set(bitmap);
+    }
+
+    /// Where this node's state changes are published.
+    pub fn events(&self) -> &NodeEvents {
+        &self.events
+    }
+
+    /// The dirty bitmap on disk, if one is kept.
+    pub(super) fn disk_bitmap(&self) -> Option<&Arc<DiskBitmap>> {
+        self.bitmap.get()
+    }
+
+    /// After a commit: clear the extents of the bitmap on disk that no longer hold anything
+    /// the secondary may lack (at most once per [`bitmap::CLEAR_PERIOD`], in the background).
+    pub(super) fn maintain_bitmap(self: &Arc<Self>) {
+        let Some(bm) = self.bitmap.get().cloned() else {
+            return;
+        };
+        if !bm.clear_due() {
+            return;
+        }
+        let needed = {
+            let st = self.st();
+            let mut blocks = st.dirty.clone();
+            for w in st.written.values() {
+                blocks |= w;
+            }
+            bitmap::extents_of_blocks(&blocks)
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            match bm.clear_unneeded(needed, me.local.flush()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(extents = n, "dirty bitmap: extents cleared"),
+                Err(e) => tracing::warn!("dirty bitmap: clearing: {e}"),
+            }
+        });
     }
 
     /// The secondary generation since which every written block is in the dirty bitmap.
@@ -219,6 +277,7 @@ impl Primary {
             unprotected_reason: st.unprotected_reason.clone(),
             unprotected_for_s: st.unprotected_since.map(|t| t.elapsed().as_secs_f64()),
             digest: format!("{:016x}", self.digest.sum()),
+            bitmap: self.bitmap.get().map(|b| b.stats()),
         }
     }
 }

@@ -100,32 +100,8 @@ impl Participant for BlockParticipant {
     }
 
     fn commit(&self, epoch: Epoch) {
-        let mut st = self.0.st();
-        st.committed = epoch.0;
-        st.written = st.written.split_off(&(epoch.0 + 1));
-        if std::mem::take(&mut st.sync_commit_pending) {
-            // The secondary took our generation with this commit: from now on our dirty
-            // bitmap is exact relative to it.
-            self.0
-                .tracked
-                .store(self.0.meta.get().generation, Ordering::Release);
-            st.resync.state = "done".into();
-            st.resync.completed += 1;
-            if let Some(t) = st.resync_started {
-                st.resync.total_s = Some(t.elapsed().as_secs_f64());
-                st.resync.elapsed_s = t.elapsed().as_secs_f64();
-            }
-            let r = st.resync.clone();
-            drop(st);
-            tracing::info!(
-                kind = r.kind,
-                sent_bytes = r.sent_bytes,
-                equal_units = r.equal_units,
-                compared_units = r.compared_units,
-                total_s = r.total_s,
-                "resync complete: the secondary is consistent"
-            );
-        }
+        self.committed(epoch);
+        self.0.maintain_bitmap();
     }
 
     fn abort(&self, epoch: Epoch, reason: &EpochError) {
@@ -143,5 +119,55 @@ impl Participant for BlockParticipant {
             "committed_epoch": st.committed,
             "open_epochs": st.written.len(),
         })
+    }
+}
+
+impl BlockParticipant {
+    /// The primary's state after the secondary committed `epoch`.
+    fn committed(&self, epoch: Epoch) {
+        let mut st = self.0.st();
+        st.committed = epoch.0;
+        st.written = st.written.split_off(&(epoch.0 + 1));
+        if std::mem::take(&mut st.sync_commit_pending) {
+            // The secondary took our generation with this commit: from now on our dirty
+            // bitmap is exact relative to it.
+            let generation = self.0.meta.get().generation;
+            self.0.tracked.store(generation, Ordering::Release);
+            if let Some(bm) = self.0.disk_bitmap().cloned() {
+                tokio::spawn(async move {
+                    if let Err(e) = bm.set_tracked(generation).await {
+                        tracing::warn!("dirty bitmap: recording the synced generation: {e}");
+                    }
+                });
+            }
+            st.resync.state = "done".into();
+            st.resync.completed += 1;
+            if let Some(t) = st.resync_started {
+                st.resync.total_s = Some(t.elapsed().as_secs_f64());
+                st.resync.elapsed_s = t.elapsed().as_secs_f64();
+            }
+            let r = st.resync.clone();
+            drop(st);
+            self.0.events.emit(
+                "sync",
+                serde_json::json!({
+                    "state": "done",
+                    "kind": r.kind,
+                    "epoch": epoch.0,
+                    "sent_bytes": r.sent_bytes,
+                    "compared_units": r.compared_units,
+                    "equal_units": r.equal_units,
+                    "total_s": r.total_s,
+                }),
+            );
+            tracing::info!(
+                kind = r.kind,
+                sent_bytes = r.sent_bytes,
+                equal_units = r.equal_units,
+                compared_units = r.compared_units,
+                total_s = r.total_s,
+                "resync complete: the secondary is consistent"
+            );
+        }
     }
 }

@@ -23,6 +23,8 @@ use crate::storage::Result;
 
 /// Most blocks one resync request carries (1 MiB; 4 MiB measured no faster).
 const RESYNC_RUN_BLOCKS: u64 = 256;
+/// How often a running resync publishes a `sync` progress event.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl State {
     /// The resync's progress with its running times filled in.
@@ -100,6 +102,12 @@ impl Primary {
         st.resync_started = Some(Instant::now());
         st.sending_started = None;
         st.sending_ended = None;
+        let dirty = st.dirty.len();
+        drop(st);
+        self.events.emit(
+            "sync",
+            serde_json::json!({"state": "started", "kind": kind, "dirty_blocks": dirty}),
+        );
     }
 
     /// Units (of `unit_blocks` blocks) that may differ from the secondary: those holding a
@@ -163,7 +171,22 @@ impl Primary {
     /// error when replication stopped meanwhile.
     pub async fn resync(&self) -> std::result::Result<u64, ReplicaError> {
         let mut sent = 0u64;
+        let mut reported = Instant::now();
         loop {
+            if reported.elapsed() >= PROGRESS_EVERY {
+                reported = Instant::now();
+                let r = self.st().resync.clone();
+                self.events.emit(
+                    "sync",
+                    serde_json::json!({
+                        "state": "progress",
+                        "kind": r.kind,
+                        "sent_blocks": r.sent_blocks,
+                        "to_send_blocks": r.to_send_blocks,
+                        "sent_bytes": r.sent_bytes,
+                    }),
+                );
+            }
             let run = {
                 let st = self.st();
                 if st.mode != PrimaryMode::Replicating {

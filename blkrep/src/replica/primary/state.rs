@@ -147,6 +147,16 @@ impl Primary {
         if st.mode != PrimaryMode::Replicating {
             return;
         }
+        self.events.mode(
+            "primary",
+            st.mode.name(),
+            PrimaryMode::Paused.name(),
+            Some(reason),
+        );
+        self.events.emit(
+            "peer",
+            serde_json::json!({"state": "lost", "reason": reason}),
+        );
         st.mode = PrimaryMode::Paused;
         st.unprotected_reason = Some(reason.to_string());
         st.unprotected_since = Some(Instant::now());
@@ -173,6 +183,8 @@ impl Primary {
     pub fn give_up(&self, reason: &str) {
         let mut st = self.st();
         if st.mode == PrimaryMode::Paused {
+            self.events
+                .mode("primary", "paused", "unprotected", Some(reason));
             st.mode = PrimaryMode::Unprotected;
             st.unprotected_reason = Some(reason.to_string());
             tracing::warn!(%reason, "running unprotected");
@@ -218,6 +230,14 @@ impl Primary {
     pub async fn resumed(&self) {
         let _g = self.gate.write().await;
         let mut st = self.st();
+        self.events.mode(
+            "primary",
+            st.mode.name(),
+            PrimaryMode::Replicating.name(),
+            None,
+        );
+        self.events
+            .emit("peer", serde_json::json!({"state": "connected"}));
         st.mode = PrimaryMode::Replicating;
         st.unprotected_reason = None;
         st.unprotected_since = None;

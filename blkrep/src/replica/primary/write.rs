@@ -51,6 +51,20 @@ impl Primary {
         let first = offset / DIGEST_BLOCK;
         let last = (offset + len - 1) / DIGEST_BLOCK;
         let _g = self.locks.lock(first, last).await;
+        // Durably "may differ" before the disk changes (see replica::bitmap).
+        let _mark =
+            match self.disk_bitmap() {
+                Some(b) => Some(b.mark(first, last).await.map_err(|e| {
+                    crate::storage::StorageError::Io {
+                        op,
+                        path: b.path().into(),
+                        offset,
+                        len,
+                        source: e,
+                    }
+                })?),
+                None => None,
+            };
         let (mut hashes, edges) = self.covered_hashes(offset, len, &kind);
         if let Err(e) = local.await {
             self.local_failed(op, offset, first, last, &e.to_string())

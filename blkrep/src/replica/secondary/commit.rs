@@ -93,6 +93,10 @@ impl Secondary {
             for p in &all {
                 p.abort(epoch, &reason);
             }
+            self.events.emit(
+                "checkpoint",
+                serde_json::json!({"state": "aborted", "epoch": epoch, "error": reason}),
+            );
             return Err(reason);
         }
         for p in &all {
@@ -101,6 +105,7 @@ impl Secondary {
         let adopted = {
             let mut i = self.inner();
             i.committed = epoch;
+            i.session_commits += 1;
             i.next_commit = epoch + 1;
             i.checkpoints += 1;
             i.consistent = true;
@@ -109,7 +114,15 @@ impl Secondary {
                 i.last_sync = Some(kind.name());
             })
         };
+        self.events.emit(
+            "checkpoint",
+            serde_json::json!({"state": "committed", "epoch": epoch}),
+        );
         if let Some((kind, generation, history)) = adopted {
+            self.events.emit(
+                "sync",
+                serde_json::json!({"state": "done", "kind": kind.name(), "epoch": epoch}),
+            );
             // The first commit after a sync: the disk now is the primary's data at the
             // checkpoint (flushed by the block layer's prepare), so this node joins the
             // primary's lineage.

@@ -15,7 +15,7 @@
 //! whole story to this node's log and status.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{BufReader, BufWriter};
 use tokio::sync::Semaphore;
@@ -96,11 +96,17 @@ async fn run_control(
     let Some(admitted) = session.greet(&mut rd).await else {
         return;
     };
-    let s = &session.s;
+    let s = session.s.clone();
     let patience = Duration::from_millis(
         u64::from(admitted.heartbeat_ms) * u64::from(s.opts.heartbeat_misses.max(1)),
     );
+    {
+        let mut i = s.inner();
+        i.heard = Some((Instant::now(), patience));
+        i.session_commits = 0;
+    }
     let end = session.serve(&mut rd, patience).await;
+    s.inner().heard = None;
     // Nobody reads the answers any more.
     session.sums_tasks.abort_all();
     session.end(end).await;
@@ -111,6 +117,12 @@ impl Session {
     async fn refuse(&self, r: &Refusal) {
         self.s
             .set_error(format!("refusing primary {}: {}", self.peer, r.local()));
+        if matches!(r, Refusal::SplitBrain(_) | Refusal::FailedOverSplitBrain(_)) {
+            self.s.events().emit(
+                "split-brain",
+                serde_json::json!({"peer": self.peer, "reason": r.local()}),
+            );
+        }
         let _ = send(&self.wr, &refused(r)).await;
     }
 
@@ -118,7 +130,11 @@ impl Session {
     fn release(&self) {
         let mut i = self.s.inner();
         if i.mode == Mode::Syncing {
-            i.mode = Mode::Paused;
+            self.s.switch(
+                &mut i,
+                Mode::Paused,
+                Some("the session ended before replicating"),
+            );
             i.token += 1;
         }
     }
@@ -179,7 +195,7 @@ impl Session {
             let mut i = s.inner();
             let free = matches!(i.mode, Mode::Waiting | Mode::Paused);
             if free {
-                i.mode = Mode::Syncing;
+                s.switch(&mut i, Mode::Syncing, None);
                 i.token += 1;
                 i.session = Some(session);
                 i.peer = Some(self.peer.clone());
@@ -226,6 +242,15 @@ impl Session {
             return None;
         }
         tracing::info!(peer = %self.peer, ack = ack.name(), sync = kind.name(), session = format!("{session:016x}"), "a primary connected");
+        let ev = s.events();
+        ev.emit(
+            "peer",
+            serde_json::json!({"state": "connected", "peer": self.peer, "ack": ack.name()}),
+        );
+        ev.emit(
+            "sync",
+            serde_json::json!({"state": "started", "kind": kind.name(), "peer": self.peer}),
+        );
         Some(Admitted { heartbeat_ms })
     }
 
@@ -246,6 +271,18 @@ impl Session {
                     })
                 }
             };
+            let taken_over = {
+                let mut i = self.s.inner();
+                if let Some((at, _)) = &mut i.heard {
+                    *at = Instant::now();
+                }
+                // `failover --force` took the node while this session was live: end it, so
+                // that the primary learns at once that it no longer replicates.
+                matches!(i.mode, Mode::FailingOver | Mode::Primary).then(|| i.mode.name())
+            };
+            if let Some(mode) = taken_over {
+                return Err(self.fail(Refusal::Busy { mode }).await);
+            }
             let reply = match m {
                 Message::Heartbeat { seq } => {
                     self.s.inner().heartbeats += 1;
@@ -368,13 +405,17 @@ impl Session {
         match end {
             Ok(reason) => {
                 tracing::info!(%peer, %reason, "the primary ended replication");
+                s.events().emit(
+                    "peer",
+                    serde_json::json!({"state": "ended", "peer": peer, "reason": reason}),
+                );
                 let (clean, token) = {
                     let mut i = s.inner();
                     if !matches!(i.mode, Mode::Replicating | Mode::Syncing) {
                         return;
                     }
                     // A clean end comes right after a final checkpoint: nothing is open.
-                    i.mode = Mode::Waiting;
+                    s.switch(&mut i, Mode::Waiting, Some(&reason));
                     i.peer = None;
                     i.token += 1;
                     i.session_key = None;
@@ -387,19 +428,36 @@ impl Session {
             }
             Err(e) => {
                 s.set_error(format!("lost the primary {peer}: {e}"));
-                let policy = {
+                s.events().emit(
+                    "peer",
+                    serde_json::json!({"state": "lost", "peer": peer, "reason": e.to_string()}),
+                );
+                let (policy, commits) = {
                     let mut i = s.inner();
                     if !matches!(i.mode, Mode::Replicating | Mode::Syncing) {
                         return;
                     }
-                    i.mode = Mode::Paused;
+                    s.switch(&mut i, Mode::Paused, Some(&e.to_string()));
                     i.token += 1;
                     i.session_key = None;
-                    s.opts.on_peer_loss
+                    (s.opts.on_peer_loss, i.session_commits)
                 };
-                if policy == PeerLossPolicy::Failover {
+                if policy == PeerLossPolicy::Failover && commits == 0 {
+                    // It may have failed to start (a port it could not bind, a bad setting)
+                    // and be restarted in a moment: taking over now would make that restart
+                    // a split-brain although it never served a write.
+                    tracing::warn!(
+                        %peer,
+                        "not failing over automatically: the primary was lost before its first checkpoint in this session (it may never have finished starting); paused, waiting for it (or for `lockstep failover`)"
+                    );
+                } else if policy == PeerLossPolicy::Failover {
                     match s.failover(FailoverTarget::Checkpoint).await {
-                        Ok(r) => tracing::info!(?r, "automatic failover done"),
+                        Ok(r) => tracing::info!(
+                            to = %r.target,
+                            committed_epoch = r.committed_epoch,
+                            restored_blocks = r.restored_blocks,
+                            "automatic failover done"
+                        ),
                         Err(e) => s.set_error(format!("automatic failover failed: {e}")),
                     }
                 } else {
@@ -509,7 +567,7 @@ impl Secondary {
             i.next_commit = epoch;
             i.counts.clear();
             i.poisoned.clear();
-            i.mode = Mode::Replicating;
+            self.switch(&mut i, Mode::Replicating, None);
         }
         for p in self.others() {
             p.resume(epoch);

@@ -7,7 +7,7 @@
 
 use crate::replica::error::ReplicaError;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::block::BlockShare;
 use super::{spill_error, FailoverReport, Mode, Secondary};
@@ -17,7 +17,47 @@ use crate::replica::buffer::{DiskBuffer, BUFFER_BLOCK};
 use crate::replica::FailoverTarget;
 use crate::storage::{IoBuf, Result};
 
+/// How often [`Secondary::take_over`] looks whether a silent primary was declared lost.
+const LOSS_POLL: Duration = Duration::from_millis(20);
+
 impl Secondary {
+    /// The operator's failover (`lockstep failover`): [`Secondary::failover`], but refused
+    /// while a primary is connected and replicating, unless `force`. A primary that has just
+    /// died may look connected until its silence outlasts the heartbeat window; that long
+    /// (and a little more) is waited for before refusing.
+    pub async fn take_over(
+        &self,
+        target: FailoverTarget,
+        force: bool,
+    ) -> std::result::Result<FailoverReport, ReplicaError> {
+        let started = Instant::now();
+        loop {
+            let (mode, heard, peer) = {
+                let i = self.inner();
+                (i.mode, i.heard, i.peer.clone().unwrap_or_default())
+            };
+            if !matches!(mode, Mode::Replicating | Mode::Syncing) {
+                break;
+            }
+            let patience = heard.map_or(self.opts.hello_timeout, |(_, p)| p);
+            let last = heard.map_or(started, |(at, _)| at);
+            if force {
+                tracing::warn!(%peer, "forced failover while the primary is connected: the session is broken off; if that primary goes on serving its clients, both nodes accept writes (split brain)");
+                break;
+            }
+            if started.elapsed() > patience + Duration::from_millis(500) {
+                return Err(ReplicaError::State(format!(
+                    "the primary {peer} is connected and {mode} (heard from {} ms ago): failing over now would leave two writable nodes (split brain), and writes its clients go on making there would be lost here. Stop or fence the primary first (a dead one is noticed within {} ms), or run `lockstep failover --force` to break the session and take over anyway",
+                    last.elapsed().as_millis(),
+                    patience.as_millis(),
+                    mode = mode.name(),
+                )));
+            }
+            tokio::time::sleep(LOSS_POLL).await;
+        }
+        self.failover(target).await
+    }
+
     /// Stop replicating and serve the disk as an unprotected primary, at `target`.
     pub async fn failover(
         &self,
@@ -37,13 +77,13 @@ impl Secondary {
                     return Err(ReplicaError::State("a resync is in progress: the disk is a mix of old and new data; fail over --to checkpoint (the last checkpoint is intact)".into()))
                 }
                 _ => {
-                    i.mode = Mode::FailingOver;
+                    self.switch(&mut i, Mode::FailingOver, Some(target.name()));
                     // Nothing of the interrupted session may land after this.
                     i.token += 1;
                 }
             }
         }
-        tracing::info!(?target, "failing over");
+        tracing::info!(to = target.name(), "failing over");
         // Wait for every forwarded and local request, and any commit, in progress.
         let _x = self.barrier.write().await;
         let committed = self.inner().committed;
@@ -55,13 +95,13 @@ impl Secondary {
             if let Err(e) = p.failover(target, committed).await {
                 let msg = format!("failover to {target:?} failed: {}: {e}", p.name());
                 let mut i = self.inner();
-                i.mode = Mode::Paused;
+                self.switch(&mut i, Mode::Paused, Some(&msg));
                 i.last_error = Some(msg.clone());
                 return Err(ReplicaError::Disk(msg));
             }
         }
         let mut i = self.inner();
-        i.mode = Mode::Primary;
+        self.switch(&mut i, Mode::Primary, Some("failed over"));
         i.sync = None;
         // Writes from now on are this node's own: a new generation, so that the old primary
         // (if it also wrote) is recognised as split-brain when it comes back.
@@ -83,7 +123,22 @@ impl Secondary {
             generation: format!("{generation:016x}"),
         };
         i.failover = Some(report.clone());
-        tracing::info!(?report, "failed over; serving as an unprotected primary");
+        self.events.emit(
+            "failover",
+            serde_json::json!({
+                "to": report.target,
+                "committed_epoch": report.committed_epoch,
+                "restored_blocks": report.restored_blocks,
+            }),
+        );
+        tracing::info!(
+            to = %report.target,
+            committed_epoch = report.committed_epoch,
+            restored_blocks = report.restored_blocks,
+            duration_us = report.duration_us,
+            generation = %report.generation,
+            "failed over; serving as an unprotected primary"
+        );
         Ok(report)
     }
 

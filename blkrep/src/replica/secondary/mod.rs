@@ -45,6 +45,7 @@ use std::time::Duration;
 use roaring::RoaringTreemap;
 
 use super::buffer::{BufferStats, DiskBuffer, BUFFER_BLOCK};
+use super::events::NodeEvents;
 use super::meta::{MetaStore, NodeMeta};
 pub use super::status::FailoverReport;
 use super::status::SecondaryStatus;
@@ -165,6 +166,12 @@ struct Inner {
     checkpoints: u64,
     aborted: u64,
     heartbeats: u64,
+    /// When the running session's primary was last heard from (any message), and how long
+    /// its silence may last before it counts as lost (heartbeat period × misses).
+    heard: Option<(std::time::Instant, std::time::Duration)>,
+    /// Checkpoints committed in the running (or last) session: a primary that is lost
+    /// before its first one may never have finished starting.
+    session_commits: u64,
     /// How long each epoch mark held the replication connection (the forwarding stall).
     mark_drain: Latencies,
 }
@@ -184,6 +191,8 @@ pub struct Secondary {
     sums_slots: tokio::sync::Semaphore,
     /// Checkpoint participants besides the block layer.
     participants: Mutex<Vec<Arc<dyn SecondaryParticipant>>>,
+    /// State changes, for `lockstep events`.
+    events: NodeEvents,
 }
 
 impl std::fmt::Debug for Secondary {
@@ -255,6 +264,8 @@ impl Secondary {
                 checkpoints: 0,
                 aborted: 0,
                 heartbeats: 0,
+                heard: None,
+                session_commits: 0,
                 mark_drain: Latencies::default(),
             }),
             locks: BlockRangeLock::default(),
@@ -264,6 +275,7 @@ impl Secondary {
             meta,
             sums_slots: tokio::sync::Semaphore::new(SUMS_AT_ONCE),
             participants: Mutex::new(Vec::new()),
+            events: NodeEvents::default(),
         })
     }
 
@@ -286,6 +298,22 @@ impl Secondary {
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.locked()
+    }
+
+    /// Where this node's state changes are published.
+    pub fn events(&self) -> &NodeEvents {
+        &self.events
+    }
+
+    /// Switch `i` (this node's state, locked) to `mode`, publishing the change.
+    fn switch(&self, i: &mut Inner, mode: Mode, reason: Option<&str>) {
+        let role = if mode == Mode::Primary {
+            "primary"
+        } else {
+            "secondary"
+        };
+        self.events.mode(role, i.mode.name(), mode.name(), reason);
+        i.mode = mode;
     }
 
     /// The current mode.

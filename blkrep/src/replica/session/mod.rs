@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use super::error::ReplicaError;
 use super::peer::{Hello, LinkOptions, PeerLink};
 use super::primary::{Primary, PrimaryMode};
+use super::refusal::RefusalCode;
 use super::status::LinkStatus;
 use super::wire::{AckMode, SyncKind};
 use crate::auth::PeerKey;
@@ -74,6 +75,8 @@ struct SessionState {
     last_resume_s: Option<f64>,
     last_sync: Option<&'static str>,
     verify: Option<crate::replica::status::VerifyReport>,
+    /// A split-brain refusal was published since the last session (once is enough).
+    split_brain_told: bool,
 }
 
 /// Keeps a [`Primary`] replicating to its secondary.
@@ -165,7 +168,7 @@ impl Replicator {
         {
             Ok(v) => v,
             Err(e) => {
-                self.st().last_attempt_error = Some(e.to_string());
+                self.attempt_failed(&e);
                 return Err(e);
             }
         };
@@ -176,6 +179,7 @@ impl Replicator {
         match self.sync_and_resume(&link, welcome).await {
             Ok(()) => {
                 let mut st = self.st();
+                st.split_brain_told = false;
                 st.sessions += 1;
                 st.last_sync = Some(welcome.sync.name());
                 st.last_attempt_error = None;
@@ -190,9 +194,28 @@ impl Replicator {
                     },
                     other => ReplicaError::Unreachable(format!("{ep}: {other}")),
                 };
-                self.st().last_attempt_error = Some(e.to_string());
+                self.attempt_failed(&e);
                 Err(e)
             }
+        }
+    }
+
+    /// Remember why an attempt failed; publish a split-brain (once until a session works).
+    fn attempt_failed(&self, e: &ReplicaError) {
+        let split = matches!(
+            e,
+            ReplicaError::Refused {
+                code: Some(RefusalCode::SplitBrain | RefusalCode::FailedOverSplitBrain),
+                ..
+            }
+        );
+        let mut st = self.st();
+        st.last_attempt_error = Some(e.to_string());
+        if split && !std::mem::replace(&mut st.split_brain_told, true) {
+            self.primary.events().emit(
+                "split-brain",
+                serde_json::json!({"peer": self.opts.secondary.to_string(), "reason": e.to_string()}),
+            );
         }
     }
 

@@ -13,6 +13,28 @@ fn a_silent_primary_is_lost_and_the_policy_fails_over() {
         let c = NbdClient::connect(&s.ep, &export(REPLICA_EXPORT))
             .await
             .unwrap();
+        // Epoch 1 commits: this primary had finished starting.
+        c.write(0, &[5; 4096], false).await.unwrap();
+        let mark = c.submit_epoch_mark(2).await.unwrap();
+        c.send_submitted().await.unwrap();
+        mark.wait().await.unwrap();
+        let summaries = vec![EpochSummary {
+            participant: PARTICIPANT_BLOCK,
+            items: 1,
+            bytes: 4096,
+            digest: 0,
+        }];
+        write_message(
+            &mut wr,
+            &Message::Checkpoint {
+                epoch: 1,
+                summaries,
+            },
+        )
+        .await
+        .unwrap();
+        let m = read_message(&mut rd).await.unwrap();
+        assert!(matches!(m, Message::Committed { epoch: 1, .. }), "{m:?}");
         c.write(8192, &[3; 4096], false).await.unwrap();
         // No heartbeats: 3 misses of 50 ms.
         wait_for("failover", || s.sec.mode() == Mode::Primary).await;
@@ -21,14 +43,70 @@ fn a_silent_primary_is_lost_and_the_policy_fails_over() {
             "{}",
             last_error(&s.sec)
         );
-        // Rolled back to epoch 0 (all zero); forwarded writes are refused now.
-        assert!(s.disk.snapshot().iter().all(|&b| b == 0));
+        // Rolled back to epoch 1; forwarded writes are refused now.
+        let disk = s.disk.snapshot();
+        assert!(disk[..4096].iter().all(|&b| b == 5));
+        assert!(disk[4096..].iter().all(|&b| b == 0));
         let e = c.write(0, &[1; 512], false).await.unwrap_err();
         assert!(
             e.to_string().contains("interrupted session")
                 || e.to_string().contains("forwarded writes are refused"),
             "{e}"
         );
+    });
+}
+
+#[test]
+fn automatic_failover_ignores_a_primary_lost_before_its_first_checkpoint() {
+    rt().block_on(async {
+        let s = start_secondary(PeerLossPolicy::Failover, 1 << 20).await;
+        let (mut rd, mut wr) = control_conn(&s.ep).await;
+        raw_session(&mut rd, &mut wr).await;
+        // A primary that never got as far as a checkpoint (it failed to start) goes silent.
+        drop((rd, wr));
+        wait_for("paused", || s.sec.mode() == Mode::Paused).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(s.sec.mode(), Mode::Paused, "no automatic failover");
+        // The operator may still decide to.
+        s.sec
+            .take_over(FailoverTarget::Checkpoint, false)
+            .await
+            .unwrap();
+        assert_eq!(s.sec.mode(), Mode::Primary);
+    });
+}
+
+#[test]
+fn failover_is_refused_while_the_primary_replicates_unless_forced() {
+    rt().block_on(async {
+        let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
+        let p = start_primary(&s.ep, AckMode::Received).await;
+        p.primary
+            .write_at(0, IoBuf::from_slice(&[1; 4096]), false)
+            .await
+            .unwrap();
+        p.coord.checkpoint().await.unwrap();
+        let e = s
+            .sec
+            .take_over(FailoverTarget::Latest, false)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--force") && e.contains("split brain"), "{e}");
+        assert_eq!(s.sec.mode(), Mode::Replicating);
+        assert_eq!(p.primary.mode(), PrimaryMode::Replicating);
+        // Forced: the session is broken off and the primary learns it at once.
+        s.sec
+            .take_over(FailoverTarget::Checkpoint, true)
+            .await
+            .unwrap();
+        assert_eq!(s.sec.mode(), Mode::Primary);
+        wait_for("the primary to stop replicating", || {
+            p.primary.mode() != PrimaryMode::Replicating
+        })
+        .await;
+        let e = p.coord.checkpoint().await.unwrap_err().to_string();
+        assert!(!e.is_empty());
     });
 }
 
