@@ -5,7 +5,8 @@
 //!   start, monitor, promote (a secondary nobody feeds becomes `lockstep primary` replicating
 //!   to a peer secondary), demote (back to a secondary after the primary's last checkpoint
 //!   and GOODBYE), repeated and idempotent actions, stop;
-//! * promote is refused while a live primary replicates to the secondary, and after that
+//! * promote is refused while a live primary replicates to the secondary (both nodes from one
+//!   resource file, `--config FILE --node %node%`), and after that
 //!   primary is killed (-9) it fails the secondary over: role primary, monitor 8; the promoted
 //!   daemon killed in turn makes monitor say 9 (failed promoted);
 //! * demote and promote of a node that failed over re-protect it: it restarts as a primary
@@ -212,7 +213,7 @@ fn ocf_tester_passes_with_a_real_peer() {
     );
     // The agent promoted and demoted several times: its primary really replicated.
     let log = std::fs::read_to_string(node.dir.join("lockstep.log")).unwrap();
-    assert!(log.contains("primary replicating"), "{log}");
+    assert!(log.contains("ready: primary (replicating)"), "{log}");
     assert!(node.pid().is_none(), "the agent's daemon outlived its stop");
     let st = control_status(&b_sock, Duration::from_secs(10)).expect("peer answers");
     assert_eq!(st["consistent"], true, "{st}");
@@ -223,23 +224,50 @@ fn ocf_tester_passes_with_a_real_peer() {
 fn promote_is_refused_while_the_primary_lives_and_fails_over_once_it_is_killed() {
     let root = open_scratch();
     let r = root.path();
-    let a_listen = format!("unix:{}", r.join("a-listen.sock").display());
-    // Node b runs under the agent; a is a plain primary that replicates to it.
-    let b = Node::new(r, "b", &a_listen, &[("peer_loss_wait", "2")]);
+    // Both nodes from one resource file (`--config FILE --node NAME`): node-b under the
+    // agent (`--node %node%`), node-a a plain primary replicating to it.
+    let config = r.join("r0.toml");
+    let node = |n: &str| {
+        let at = |f: &str| r.join(format!("{n}{f}")).display().to_string();
+        format!(
+            "[node.node-{n}]\naddress = \"unix:{}\"\ndisk = \"{}\"\nexport = \"unix:{}\"\n",
+            at("-listen.sock"),
+            at(".img"),
+            at("-export.sock")
+        )
+    };
+    let text = format!(
+        "[resource]\nsize = \"8M\"\ncheckpoint-interval = \"100ms\"\n\n{}\n{}",
+        node("a"),
+        node("b")
+    );
+    std::fs::write(&config, text).unwrap();
+    let flags = format!("--config {} --node %node%", config.display());
+    let mut b = Node::new(
+        r,
+        "b",
+        "-",
+        &[("peer_loss_wait", "2"), ("node_name", "node-b")],
+    );
+    for (k, v) in b.params.iter_mut() {
+        if k == "secondary_args" || k == "primary_args" {
+            v.clone_from(&flags);
+        }
+    }
     b.expect("monitor", OCF_NOT_RUNNING);
     b.expect("start", OCF_SUCCESS);
     b.expect("monitor", OCF_SUCCESS);
-    let b_listen = format!("unix:{}", r.join("b-listen.sock").display());
-    let export = format!("unix:{}", r.join("a-export.sock").display());
     let p_sock = r.join("a.sock");
-    let pargs = primary_cmd(
-        &r.join("a.img"),
-        Some("8M"),
-        &export,
-        &b_listen,
-        &p_sock,
-        &["--checkpoint-interval".into(), "100ms".into()],
-    );
+    let pargs = [
+        "primary",
+        "--config",
+        config.to_str().unwrap(),
+        "--node",
+        "node-a",
+        "--control",
+        p_sock.to_str().unwrap(),
+    ]
+    .map(String::from);
     let mut primary = Daemon::start("primary", &lockstep_bin(), &refs(&pargs), r);
     wait_status(
         &mut primary,
@@ -396,12 +424,13 @@ fn promote_without_a_reachable_peer_fails_unless_promote_alone() {
     let out = b.expect("promote", OCF_ERR_GENERIC);
     assert!(out.contains("cannot start as primary"), "{out}");
     b.expect("monitor", OCF_SUCCESS);
-    // promote_alone: serve unprotected (a failover of the secondary).
+    // promote_alone: a primary serving alone, unprotected.
     b.params.push(("promote_alone".into(), "true".into()));
     b.expect("promote", OCF_SUCCESS);
     b.expect("monitor", OCF_RUNNING_PROMOTED);
     let st = control_status(&b.control(), Duration::from_secs(10)).unwrap();
-    assert_eq!(st["mode"], "primary", "{st}");
+    assert_eq!(st["role"], "primary", "{st}");
+    assert_eq!(st["mode"], "unprotected", "{st}");
     b.expect("stop", OCF_SUCCESS);
     b.expect("monitor", OCF_NOT_RUNNING);
 }
