@@ -274,3 +274,28 @@ fn export_and_netcmp_notify_ready_and_stopping() {
     n.expect(&mut c, "STOPPING=1", Duration::from_secs(30));
     assert!(c.wait(Duration::from_secs(30)).success());
 }
+
+/// A primary whose secondary does not answer is ready once it decides to serve alone.
+#[test]
+fn a_primary_serving_alone_is_ready_and_says_unprotected() {
+    let dir = scratch();
+    let p = dir.path();
+    let n = NotifySocket::bind_path(&p.join("notify.sock"));
+    let sock = p.join("p.sock");
+    let nobody = format!("unix:{}", p.join("nobody.sock").display());
+    let export = format!("unix:{}", p.join("export.sock").display());
+    let mut args = primary_cmd(&p.join("p.img"), Some("8M"), &export, &nobody, &sock, &[]);
+    args.extend(["--connect-timeout".to_string(), "1s".into()]);
+    let env = [("NOTIFY_SOCKET", n.env.as_str())];
+    let mut d = Daemon::start_env("primary", &lockstep_bin(), &refs(&args), p, &env);
+    let msg = n.expect(&mut d, "READY=1", Duration::from_secs(30));
+    assert!(
+        field(&msg, "STATUS").is_some_and(|s| s.contains("unprotected")),
+        "{msg}"
+    );
+    let st = control_status(&sock, Duration::from_secs(5)).expect("status at READY=1");
+    assert_eq!(st["mode"], "unprotected", "{st}");
+    d.signal(libc::SIGTERM);
+    n.expect(&mut d, "STOPPING=1", Duration::from_secs(30));
+    assert!(d.wait(Duration::from_secs(60)).success());
+}
