@@ -471,7 +471,11 @@ fn truncate_and_watch(p: &mut MemPair, secs: u64) -> AfterTruncation {
         .expect("region")
         .set_len(len / 2)
         .expect("truncate the region");
-    let wanted = format!("has {} bytes, expected {len}", len / 2);
+    let wanted = format!(
+        "has {}, expected {}",
+        blkrep::units::size(len / 2),
+        blkrep::units::size(len)
+    );
     let mut r = AfterTruncation {
         exited: None,
         size_error: None,
@@ -504,8 +508,8 @@ fn truncate_and_watch(p: &mut MemPair, secs: u64) -> AfterTruncation {
 ///
 /// Observed (debug build, several runs): with the counter writer (uffd) the writer dies of
 /// SIGBUS (its own mapping, expected) and the primary too (signal 7) about 0.5 s later: its
-/// checkpoint fails with "memory0: …: has N bytes, expected M", the link is dropped, and the new
-/// session reads the pages to resend beyond the new end of the file. With scan tracking the
+/// checkpoint fails with "memory0: …: has 32 MiB (…), expected 64 MiB (…)", the link is
+/// dropped, and the new session reads the pages to resend beyond the new end of the file. With scan tracking the
 /// primary either dies of SIGBUS the same way (seen once) or stays up and never commits again:
 /// the block participant cut the failed epoch n (it is in n+1) while the coordinator retries n,
 /// so every checkpoint fails with "block: the block layer is in epoch n+1" and the primary

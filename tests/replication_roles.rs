@@ -6,7 +6,7 @@
 use std::net::TcpListener;
 use std::time::Duration;
 
-use lockstep_tests::control::{failover, lockstep, status, wait_status, T};
+use lockstep_tests::control::{failover, lockstep, status, status_code, wait_status, T};
 use lockstep_tests::images::assert_cmp_equal;
 use lockstep_tests::pair::{ack_flags, primary_cmd, secondary_cmd, start_secondary, Pair};
 use lockstep_tests::{free_port, lockstep_bin, owned, refs, require, run_ok, scratch, Daemon};
@@ -268,4 +268,34 @@ control = "{ss}"
     std::fs::write(&file, text.replace("ack =", "akc =")).unwrap();
     let (ok, _, err) = lockstep(&["config", "check", f], T);
     assert!(!ok && err.contains("[resource] akc"), "{err}");
+}
+
+#[test]
+fn status_exit_codes_say_how_protected_each_node_is() {
+    let dir = scratch();
+    let mut flags = ack_flags("received", "100ms");
+    flags.extend(owned(&["--reconnect-timeout", "1s"]));
+    let mut pair = Pair::start(dir.path(), "16M", &flags);
+    pair.wait_synced(Duration::from_secs(30), 1);
+    let code = |sock: &std::path::Path| status_code(sock).expect("status").0;
+    assert_eq!(code(&pair.p_sock), 0, "a synced primary is protected");
+    let v = pair.wait_secondary(Duration::from_secs(10), "replicating");
+    assert!(v["resyncing"].is_null(), "{v}");
+    assert_eq!(code(&pair.s_sock), 0);
+    // The secondary dies: the primary is paused (3), and gives up after
+    // --reconnect-timeout (4).
+    pair.secondary.signal(libc::SIGKILL);
+    pair.secondary.wait(T);
+    pair.wait_primary(Duration::from_secs(10), |v| v["mode"] == "paused");
+    assert_eq!(code(&pair.p_sock), 3);
+    pair.wait_primary(Duration::from_secs(10), |v| v["mode"] == "unprotected");
+    assert_eq!(code(&pair.p_sock), 4);
+    // Restarted without the buffer it kept in memory, the secondary has no checkpoint to
+    // fail over to (5) until a primary resyncs it.
+    pair.stop_primary_ok(Duration::from_secs(60), "an unprotected primary");
+    pair.restart_secondary(dir.path(), "secondary2");
+    pair.wait_secondary(Duration::from_secs(20), "waiting");
+    let v = status(&pair.s_sock).expect("status");
+    assert_eq!(v["consistent"], false, "{v}");
+    assert_eq!(code(&pair.s_sock), 5);
 }

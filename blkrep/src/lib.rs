@@ -35,6 +35,7 @@ pub mod sync;
 pub mod tls;
 pub mod transport;
 pub mod ublk;
+pub mod units;
 
 /// The runtime the unit tests run on: two workers, like the machines lockstep is tested on.
 #[cfg(test)]

@@ -48,14 +48,43 @@ pub enum Endpoint {
 pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:10809";
 
 /// The forms an endpoint is written in, for messages.
-const ENDPOINT_FORMS: &str = "ADDR:PORT, e.g. 127.0.0.1:10809 or [::1]:10809, or unix:PATH";
+const ENDPOINT_FORMS: &str =
+    "ADDR:PORT, e.g. 127.0.0.1:10809 or [::1]:10809, :PORT, unix:PATH, nbd://ADDR[:PORT] or nbd+unix:///?socket=PATH";
+
+/// NBD's port (IANA), which an `nbd://HOST` URI without one means.
+const NBD_PORT: u16 = 10809;
 
 impl std::str::FromStr for Endpoint {
     type Err = String;
 
     /// Parse the one way lockstep names an endpoint everywhere: `ADDR:PORT` (a host name, an
-    /// IPv4 address or a bracketed IPv6 address) or `unix:PATH`.
+    /// IPv4 address or a bracketed IPv6 address), `:PORT` (every IPv4 address, 0.0.0.0),
+    /// `unix:PATH`, or an NBD URI without an export name: `nbd://ADDR[:PORT][/]` (port 10809
+    /// when left out), `nbd+unix:///?socket=PATH`.
     fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("nbd+unix://") {
+            return unix_uri(s, rest);
+        }
+        if let Some(rest) = s.strip_prefix("nbd://") {
+            let rest = uri_path(s, rest)?;
+            // A trailing "/" names the default export: fine.
+            let addr = rest.strip_suffix('/').unwrap_or(rest);
+            if addr.contains('/') {
+                return Err(no_name(s));
+            }
+            if addr.contains(':') && !addr.ends_with(']') {
+                return tcp(s, addr);
+            }
+            return tcp(s, &format!("{addr}:{NBD_PORT}"));
+        }
+        if let Some(scheme) = ["nbds://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://"]
+            .iter()
+            .find(|p| s.starts_with(*p))
+        {
+            return Err(format!(
+                "{s:?}: {scheme} is not supported here (TLS is set with --tls-cert; use {ENDPOINT_FORMS})"
+            ));
+        }
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
                 return Err(format!("{s:?} names no socket path (use unix:PATH)"));
@@ -67,31 +96,99 @@ impl std::str::FromStr for Endpoint {
                 "{s:?} is not an endpoint: write unix:{s} for a unix socket"
             ));
         }
-        let Some((host, port)) = s.rsplit_once(':') else {
-            return Err(format!(
-                "{s:?} is not an endpoint: no port (use {ENDPOINT_FORMS})"
-            ));
-        };
-        if host.is_empty() || host == "[]" || host.contains(char::is_whitespace) {
-            return Err(format!(
-                "{s:?} is not an endpoint: no address before the port (use {ENDPOINT_FORMS})"
-            ));
+        if let Some(port) = s.strip_prefix(':') {
+            // Every address, as `ss` and many daemons write it.
+            return tcp(s, &format!("0.0.0.0:{port}"));
         }
-        if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
-            return Err(format!(
-                "{s:?} is not an endpoint: an IPv6 address goes in brackets, [ADDR]:PORT"
-            ));
+        tcp(s, s)
+    }
+}
+
+/// `what` (as written: `s`) checked as ADDR:PORT.
+fn tcp(s: &str, what: &str) -> Result<Endpoint, String> {
+    let Some((host, port)) = what.rsplit_once(':') else {
+        return Err(format!(
+            "{s:?} is not an endpoint: no port (use {ENDPOINT_FORMS})"
+        ));
+    };
+    if host.is_empty() || host == "[]" || host.contains(char::is_whitespace) {
+        return Err(format!(
+            "{s:?} is not an endpoint: no address before the port (use {ENDPOINT_FORMS})"
+        ));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(format!(
+            "{s:?} is not an endpoint: an IPv6 address goes in brackets, [ADDR]:PORT"
+        ));
+    }
+    if host.contains(['/', '?', '#', '@']) {
+        return Err(format!(
+            "{s:?} is not an endpoint: {host:?} is not an address (use {ENDPOINT_FORMS})"
+        ));
+    }
+    if port.parse::<u16>().is_err() {
+        return Err(format!(
+            "{s:?} is not an endpoint: {port:?} is not a port number (0 to 65535)"
+        ));
+    }
+    Ok(Endpoint::Tcp(what.to_string()))
+}
+
+/// An NBD URI's part after the scheme, without query: refused if it has one.
+fn uri_path<'a>(s: &str, rest: &'a str) -> Result<&'a str, String> {
+    if rest.contains('?') {
+        return Err(format!(
+            "{s:?}: query parameters are not used here (use {ENDPOINT_FORMS})"
+        ));
+    }
+    Ok(rest)
+}
+
+fn no_name(s: &str) -> String {
+    format!("{s:?}: an export name does not belong in this address (the export's name is a flag of its own, --name; or fixed); write the address only")
+}
+
+/// `nbd+unix:///?socket=PATH` (`rest` follows the scheme).
+fn unix_uri(s: &str, rest: &str) -> Result<Endpoint, String> {
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{s:?}: an nbd+unix URI has no host: nbd+unix:///?socket=PATH"
+        ));
+    }
+    if path != "/" {
+        return Err(no_name(s));
+    }
+    let mut socket = None;
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        match kv.split_once('=') {
+            Some(("socket", p)) if !p.is_empty() => socket = Some(p),
+            _ => {
+                return Err(format!(
+                    "{s:?}: only ?socket=PATH is used in an nbd+unix URI"
+                ))
+            }
         }
-        if port.parse::<u16>().is_err() {
-            return Err(format!(
-                "{s:?} is not an endpoint: {port:?} is not a port number (0 to 65535)"
-            ));
+    }
+    match socket {
+        Some(p) => Ok(Endpoint::Unix(p.into())),
+        None => Err(format!("{s:?} names no socket: nbd+unix:///?socket=PATH")),
+    }
+}
+
+impl Endpoint {
+    /// The NBD URI of export `name` here (`nbd://ADDR:PORT/NAME`,
+    /// `nbd+unix:///NAME?socket=PATH`), for logs and clients.
+    pub fn uri(&self, name: &str) -> String {
+        match self {
+            Endpoint::Tcp(a) => format!("nbd://{a}/{name}"),
+            Endpoint::Unix(p) => format!("nbd+unix:///{name}?socket={}", p.display()),
         }
-        Ok(Endpoint::Tcp(s.to_string()))
     }
 }
 
 impl fmt::Display for Endpoint {
+    /// The URI of the default export; it parses back to the same endpoint.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoint::Tcp(a) => write!(f, "nbd://{a}"),
@@ -233,9 +330,34 @@ mod tests {
             ("unix:/run/l.sock", unix("/run/l.sock")),
             ("unix:rel.sock", unix("rel.sock")),
             (DEFAULT_ENDPOINT, tcp(DEFAULT_ENDPOINT)),
+            (":10809", tcp("0.0.0.0:10809")),
+            ("nbd://node-b:10900", tcp("node-b:10900")),
+            ("nbd://node-b:10900/", tcp("node-b:10900")),
+            ("nbd://node-b", tcp("node-b:10809")),
+            ("nbd://[::1]", tcp("[::1]:10809")),
+            ("nbd://[::1]:7/", tcp("[::1]:7")),
+            ("nbd+unix:///?socket=/run/l.sock", unix("/run/l.sock")),
+            ("nbd+unix:///?socket=rel.sock", unix("rel.sock")),
         ] {
-            assert_eq!(parse(s), Ok(want), "{s}");
+            assert_eq!(parse(s), Ok(want.clone()), "{s}");
+            // What is shown parses back.
+            assert_eq!(parse(&want.to_string()), Ok(want), "{s}");
         }
+    }
+
+    /// `:PORT` is every address: a secondary's listen there still needs authentication.
+    #[test]
+    fn every_address_is_not_loopback() {
+        let any = parse(":10809").unwrap();
+        assert!(crate::auth::listen_policy(&any, false, false).is_err());
+        assert!(crate::auth::listen_policy(&any, true, false).is_ok());
+    }
+
+    #[test]
+    fn uris_name_the_export_in_the_path() {
+        let unix = Endpoint::Unix("/run/ro.sock".into());
+        assert_eq!(unix.uri("a"), "nbd+unix:///a?socket=/run/ro.sock");
+        assert_eq!(Endpoint::Tcp("h:1".into()).uri("a"), "nbd://h:1/a");
     }
 
     #[test]
@@ -243,7 +365,15 @@ mod tests {
         for (s, why) in [
             ("", "no port"),
             ("localhost", "no port"),
-            (":10809", "no address"),
+            (":", "not a port number"),
+            (":x", "not a port number"),
+            ("nbd://h:1/name", "export name"),
+            ("nbd+unix:///name?socket=/s", "export name"),
+            ("nbd+unix:///", "names no socket"),
+            ("nbd+unix://host/?socket=/s", "no host"),
+            ("nbd://h:1?tls=1", "query"),
+            ("nbds://h:1", "not supported here"),
+            ("nbd://", "no address"),
             ("127.0.0.1:http", "not a port number"),
             ("127.0.0.1:70000", "not a port number"),
             ("::1:10809", "in brackets"),

@@ -39,7 +39,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "100ms")]
     interval: DurationArg,
     /// The primary's ack mode: local, received or durable.
-    #[arg(long, default_value = PrimaryOptions::default().ack.name())]
+    #[arg(long, default_value = PrimaryOptions::default().ack.name(), value_parser = crate::units::choice::<AckMode>(crate::units::ACK_MODES))]
     ack: AckMode,
     /// Writes in flight.
     #[arg(long, default_value = "16")]

@@ -20,7 +20,7 @@ pub struct ExportArgs {
     /// Create the file, or grow it, to this size (e.g. 10G). Applies to every --disk.
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
-    /// Where clients connect: ADDR:PORT, or unix:PATH for a unix socket.
+    /// Where clients connect: an endpoint (forms below).
     #[arg(long, value_name = ENDPOINT, default_value = DEFAULT_ENDPOINT)]
     listen: Endpoint,
     /// Export name; repeat once per --disk. Defaults to the file name without extension. The
@@ -105,12 +105,11 @@ fn serve(a: ExportArgs, service: &crate::service::Service) -> anyhow::Result<()>
         let server = Arc::new(server);
         for (e, path) in exports.iter().zip(&paths) {
             tracing::info!(
-                "serving {} as {}/{} ({} bytes{})",
+                "serving {}, {}{}, as {}",
                 path.display(),
-                listener.local_endpoint(),
-                e.name,
-                e.backend.size(),
-                if e.read_only { ", read-only" } else { "" }
+                blkrep::units::size(e.backend.size()),
+                if e.read_only { ", read-only" } else { "" },
+                listener.local_endpoint().uri(&e.name)
             );
         }
         let (stop_tx, stop_rx) = watch::channel(false);

@@ -12,7 +12,7 @@ use blkrep::replica::admin;
 use blkrep::replica::node::{self, PrimaryConfig, SecondaryConfig};
 use blkrep::replica::primary::PrimaryOptions;
 use blkrep::replica::secondary::{PeerLossPolicy, SecondaryOptions};
-use blkrep::replica::status::{FailoverReport, NodeStatus, VerifyReport};
+use blkrep::replica::status::{DigestCheck, FailoverReport, NodeStatus, VerifyReport};
 use blkrep::replica::wire::AckMode;
 use blkrep::replica::FailoverTarget;
 use blkrep::storage::DiskOptions;
@@ -24,7 +24,10 @@ use crate::daemon::{runtime, UblkArgs};
 use crate::memory::MemoryArg;
 use crate::report;
 use crate::service::{Service, ServiceArgs};
-use crate::units::{parse_size, DurationArg, SizeArg, ENDPOINT};
+use crate::units::{
+    choice, parse_size, DurationArg, SizeArg, ACK_MODES, ENDPOINT, FAILOVER_TARGETS,
+    PEER_LOSS_POLICIES,
+};
 
 /// Flags both daemons share.
 #[derive(Debug, Args)]
@@ -32,7 +35,7 @@ pub struct DiskArgs {
     /// The disk: a regular file or a block device.
     #[arg(long)]
     disk: PathBuf,
-    /// Create the file, or grow it, to this size (e.g. 10G).
+    /// Create the file, or grow it, to this size (e.g. 10G, 1.5GiB).
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
     /// Bypass the host page cache (O_DIRECT).
@@ -94,18 +97,18 @@ pub struct PrimaryArgs {
     disk: DiskArgs,
     #[command(flatten)]
     ublk: UblkArgs,
-    /// Where clients connect: ADDR:PORT, or unix:PATH.
+    /// Where clients connect: an endpoint (forms below).
     #[arg(long, value_name = ENDPOINT, default_value = DEFAULT_ENDPOINT)]
     export: Endpoint,
     /// Export name (the export also answers to the empty name).
     #[arg(long, default_value = node::DEFAULT_EXPORT_NAME)]
     name: String,
-    /// The secondary's --listen endpoint: ADDR:PORT, or unix:PATH.
+    /// The secondary's --listen endpoint: an endpoint (forms below).
     #[arg(long, value_name = ENDPOINT)]
     secondary: Endpoint,
     /// What a client's write waits for: local (local disk), received (the secondary
     /// applied it), durable (the secondary has it on stable storage).
-    #[arg(long, default_value = PrimaryOptions::default().ack.name())]
+    #[arg(long, default_value = PrimaryOptions::default().ack.name(), value_parser = choice::<AckMode>(ACK_MODES))]
     ack: AckMode,
     /// Checkpoint period (e.g. 100ms, 2s; 0 for none).
     #[arg(long, default_value_t = DurationArg(CoordinatorOptions::default().interval.unwrap_or_default()))]
@@ -155,12 +158,12 @@ pub struct SecondaryArgs {
     disk: DiskArgs,
     #[command(flatten)]
     ublk: UblkArgs,
-    /// Where the primary connects (replication data and control channel): ADDR:PORT, or
-    /// unix:PATH.
+    /// Where the primary connects (replication data and control channel): an endpoint
+    /// (forms below). Not loopback: needs --psk-file or TLS (or --insecure-no-auth).
     #[arg(long, value_name = ENDPOINT)]
     listen: Endpoint,
     /// Serve the secondary's own view here (COLO running secondary; after failover, the
-    /// disk as an unprotected primary): ADDR:PORT, or unix:PATH.
+    /// disk as an unprotected primary): an endpoint (forms below).
     #[arg(long, value_name = ENDPOINT)]
     export: Option<Endpoint>,
     /// Export name for --export.
@@ -171,7 +174,7 @@ pub struct SecondaryArgs {
     buffer_memory: SizeArg,
     /// After the primary misses --heartbeat-misses heartbeats: fail over to the last
     /// checkpoint, or wait for an operator.
-    #[arg(long, default_value = peer_loss_name(secondary_defaults().on_peer_loss))]
+    #[arg(long, default_value = peer_loss_name(secondary_defaults().on_peer_loss), value_parser = choice::<PeerLossPolicy>(PEER_LOSS_POLICIES))]
     on_peer_loss: PeerLossPolicy,
     /// Missed heartbeat periods (the primary's period) before the primary counts as lost.
     #[arg(long, default_value_t = secondary_defaults().heartbeat_misses)]
@@ -302,7 +305,8 @@ pub struct StatusArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// The primary's control socket.
+    /// The primary's control socket (on a node that failed over: compares its disk with the
+    /// checkpoint it took over at).
     #[arg(long)]
     control: PathBuf,
     /// Print the raw JSON.
@@ -312,7 +316,8 @@ pub struct VerifyArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckpointArgs {
-    /// The primary's control socket.
+    /// The primary's control socket (a node that failed over has no secondary to
+    /// checkpoint with).
     #[arg(long)]
     control: PathBuf,
 }
@@ -324,7 +329,7 @@ pub struct FailoverArgs {
     control: PathBuf,
     /// checkpoint: the last committed checkpoint (COLO); latest: every write the secondary
     /// acknowledged (DRBD).
-    #[arg(long, value_parser = |s: &str| s.parse::<FailoverTarget>())]
+    #[arg(long, value_parser = choice::<FailoverTarget>(FAILOVER_TARGETS))]
     to: FailoverTarget,
     /// Afterwards, compare the disk with the checkpoint's digest sent by the primary.
     #[arg(long)]
@@ -362,9 +367,61 @@ fn call_printing_json(
     Ok(v)
 }
 
+/// An exit code that is a command's answer, not an error (nothing more is printed).
+#[derive(Debug)]
+pub struct Exit(pub u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// `lockstep status`'s exit codes (docs/operations.md): whether the disk is protected now.
+pub mod exit_code {
+    /// Protected: replicating, no resync running, the secondary consistent.
+    pub const PROTECTED: u8 = 0;
+    /// Not protected right now, but on the way back by itself: paused (the link is down
+    /// and being retried), a sync or resync running, a secondary waiting for its primary.
+    pub const DEGRADED: u8 = 3;
+    /// Unprotected, and an operator must act: the primary gave up on its secondary, or this
+    /// node failed over and serves alone.
+    pub const UNPROTECTED: u8 = 4;
+    /// The secondary holds no checkpoint it could fail over to (it restarted mid-session).
+    pub const INCONSISTENT: u8 = 5;
+}
+
+/// The exit code `lockstep status` gives for a daemon's status.
+pub fn status_code(v: &Value) -> u8 {
+    use exit_code::*;
+    let mode = v["mode"].as_str().unwrap_or("");
+    match v["role"].as_str().unwrap_or("") {
+        _ if v["consistent"] == false => INCONSISTENT,
+        _ if mode == "primary" || mode == "unprotected" => UNPROTECTED,
+        "primary" | "secondary" if mode == "replicating" => {
+            let resyncing = v["resyncing"].as_bool() == Some(true)
+                || v["resyncing"].is_string()
+                || v["resync"]["state"]
+                    .as_str()
+                    .is_some_and(|s| s != "done" && !s.is_empty());
+            if resyncing {
+                DEGRADED
+            } else {
+                PROTECTED
+            }
+        }
+        "primary" | "secondary" => DEGRADED,
+        // netcmp and plain exports have no protection to report.
+        _ => PROTECTED,
+    }
+}
+
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     let req = json!({"cmd": "status"});
     let v = call_printing_json(&a.control, req, Duration::from_secs(10), a.json)?;
+    let code = status_code(&v);
     if !a.json && v.get("role").and_then(Value::as_str) == Some("netcmp") {
         if v.get("frontend").and_then(Value::as_str) == Some("packet") {
             let st: netcmp::PacketStatus =
@@ -379,6 +436,9 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         let st: NodeStatus =
             serde_json::from_value(v).context("the daemon's status is not one this CLI reads")?;
         report::status(&st);
+    }
+    if code != exit_code::PROTECTED {
+        return Err(Exit(code).into());
     }
     Ok(())
 }
@@ -401,8 +461,24 @@ pub fn checkpoint(a: CheckpointArgs) -> anyhow::Result<()> {
 
 pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
     // Reads both disks whole: allow an hour.
-    let req = json!({"cmd": "verify"});
-    let v = call_printing_json(&a.control, req, Duration::from_secs(3600), a.json)?;
+    let v = crate::progress::verify(&a.control, Duration::from_secs(3600))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    if v.get("image_digest").is_some() {
+        // A failed-over node: its disk against the checkpoint it took over at.
+        let c: DigestCheck = serde_json::from_value(v)
+            .context("the daemon's digest check is not one this CLI reads")?;
+        if !a.json {
+            report::digest_check(&c);
+        }
+        if c.comparable && !c.equal() {
+            return Err(anyhow!(
+                "the disk differs from the checkpoint it failed over to"
+            ));
+        }
+        return Ok(());
+    }
     let v: VerifyReport = serde_json::from_value(v)
         .context("the daemon's verify report is not one this CLI reads")?;
     if !a.json {
@@ -430,6 +506,60 @@ pub fn failover(a: FailoverArgs) -> anyhow::Result<()> {
     if verified.and_then(|v| v.verified) == Some(false) {
         return Err(anyhow!("the disk does not match the checkpoint"));
     }
+    Ok(())
+}
+
+/// What `lockstep set` changes on a running primary.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Setting {
+    /// The checkpoint period (a duration in whole milliseconds; 0 for none).
+    CheckpointInterval,
+    /// Checkpoint once this much was written in an epoch (a size; 0 for none).
+    CheckpointBytes,
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    /// The primary's control socket.
+    #[arg(long)]
+    control: PathBuf,
+    /// What to change.
+    #[arg(value_enum)]
+    setting: Setting,
+    /// The new value: a duration for checkpoint-interval (100ms, 2s; 0 for none), a size for
+    /// checkpoint-bytes (64M; 0 for none).
+    value: String,
+}
+
+/// The control socket's `set` request for `a`, with the value as the daemon takes it.
+fn set_request(a: &SetArgs) -> anyhow::Result<Value> {
+    let (key, value) = match a.setting {
+        Setting::CheckpointInterval => {
+            let d = crate::units::parse_duration(&a.value).map_err(|e| anyhow!(e))?;
+            if d.subsec_nanos() % 1_000_000 != 0 {
+                return Err(anyhow!(
+                    "checkpoint-interval {}: give whole milliseconds",
+                    a.value
+                ));
+            }
+            ("checkpoint-interval-ms", d.as_millis() as u64)
+        }
+        Setting::CheckpointBytes => (
+            "checkpoint-bytes",
+            parse_size(&a.value).map_err(|e| anyhow!(e))?,
+        ),
+    };
+    Ok(json!({"cmd": "set", "key": key, "value": value}))
+}
+
+/// `lockstep set`: change a setting of a running primary (not kept across restarts).
+pub fn set(a: SetArgs) -> anyhow::Result<()> {
+    let req = set_request(&a)?;
+    call(&a.control, req, Duration::from_secs(10))?;
+    let name = clap::ValueEnum::to_possible_value(&a.setting)
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default();
+    println!("{name} set to {} (until the primary restarts)", a.value);
     Ok(())
 }
 
@@ -461,6 +591,24 @@ mod tests {
     struct Secondary {
         #[command(flatten)]
         a: SecondaryArgs,
+    }
+
+    #[test]
+    fn set_sends_what_the_primary_takes() {
+        let args = |setting, value: &str| SetArgs {
+            control: "c".into(),
+            setting,
+            value: value.into(),
+        };
+        let r = set_request(&args(Setting::CheckpointInterval, "1.5s")).unwrap();
+        assert_eq!(
+            r,
+            json!({"cmd": "set", "key": "checkpoint-interval-ms", "value": 1500})
+        );
+        let r = set_request(&args(Setting::CheckpointBytes, "64M")).unwrap();
+        assert_eq!(r["value"], 64 << 20);
+        assert!(set_request(&args(Setting::CheckpointInterval, "100")).is_err());
+        assert!(set_request(&args(Setting::CheckpointInterval, "100us")).is_err());
     }
 
     /// The defaults shown in `--help` come from the library and parse back to its values.

@@ -2,7 +2,8 @@
 //! `blkrep::replica::status`: `status`, `verify` and `failover`.
 
 use blkrep::replica::status::{
-    FailoverReport, LatencySummary, NodeStatus, PrimaryStatus, SecondaryStatus, VerifyReport,
+    DigestCheck, FailoverReport, LatencySummary, NodeStatus, PrimaryStatus, SecondaryStatus,
+    VerifyReport,
 };
 
 /// A duration in microseconds, readable.
@@ -107,6 +108,9 @@ fn primary(p: &PrimaryStatus) {
 }
 
 fn secondary(s: &SecondaryStatus) {
+    if let Some(f) = &s.failover {
+        return failed_over(s, f);
+    }
     row("role", &s.role);
     row("mode", &s.mode);
     row(
@@ -144,6 +148,37 @@ fn secondary(s: &SecondaryStatus) {
     };
     row("consistent", format!("{}{resyncing}", s.consistent));
     row("generation", &s.generation);
+    peer_auth(s);
+    row("last error", opt(&s.last_error));
+}
+
+/// A secondary that failed over: a primary without a secondary; only the rows that apply.
+fn failed_over(s: &SecondaryStatus, f: &FailoverReport) {
+    row("role", &s.role);
+    row("mode", format!("{} (unprotected: no secondary)", s.mode));
+    row(
+        "failed over",
+        format!(
+            "to {} at epoch {}, {} blocks restored in {}",
+            f.target,
+            f.committed_epoch,
+            f.restored_blocks,
+            us(f.duration_us)
+        ),
+    );
+    row("old primary", opt(&s.peer));
+    row("written since", format!("{} blocks", s.dirty_blocks));
+    row("generation", &s.generation);
+    peer_auth(s);
+    row(
+        "re-protect",
+        "restart as `lockstep primary` with a secondary (docs/operations.md)",
+    );
+    row("last error", opt(&s.last_error));
+}
+
+/// Who may connect to the listen port as a primary, and what that risks.
+fn peer_auth(s: &SecondaryStatus) {
     if let Some(pa) = &s.peer_auth {
         let how = match (pa.tls, pa.psk) {
             (true, true) => "TLS certificates and peer key",
@@ -156,20 +191,38 @@ fn secondary(s: &SecondaryStatus) {
             row("RISK", r);
         }
     }
-    if let Some(f) = &s.failover {
-        row(
-            "failover",
-            format!(
-                "to {} at epoch {}, {} blocks restored in {}",
-                f.target,
-                f.committed_epoch,
-                f.restored_blocks,
-                us(f.duration_us)
-            ),
+}
+
+/// `lockstep verify` on a node that failed over: its disk against the checkpoint.
+pub fn digest_check(c: &DigestCheck) {
+    let checkpoint = opt(&c.checkpoint_digest);
+    if c.equal() {
+        println!(
+            "the disk equals checkpoint {} (digest {})",
+            c.committed_epoch, c.image_digest
         );
-        row("dirty blocks", s.dirty_blocks);
+    } else if c.checkpoint_digest.is_none() {
+        println!(
+            "disk digest {}; no checkpoint digest known to compare it with",
+            c.image_digest
+        );
+    } else if !c.comparable {
+        println!(
+            "disk digest {} differs from checkpoint {}'s {checkpoint}, as expected: {}",
+            c.image_digest,
+            c.committed_epoch,
+            if c.written_blocks > 0 {
+                format!("{} blocks written since the failover", c.written_blocks)
+            } else {
+                "failed over to the latest writes, not to the checkpoint".into()
+            }
+        );
+    } else {
+        println!(
+            "DIFFERS: disk digest {} but checkpoint {}'s is {checkpoint}",
+            c.image_digest, c.committed_epoch
+        );
     }
-    row("last error", opt(&s.last_error));
 }
 
 /// `lockstep verify`, as text.

@@ -24,15 +24,15 @@ pub enum RegionError {
     NotRegular { path: PathBuf },
     #[error("{path}: size is 0")]
     Empty { path: PathBuf },
-    #[error("{path}: size {len} is not a multiple of the page size {PAGE_SIZE}")]
+    #[error("{path}: size {} is not a multiple of the page size ({PAGE_SIZE} bytes)", blkrep::units::size(*.len))]
     Unaligned { path: PathBuf, len: u64 },
-    #[error("{path}: has {actual} bytes, expected {expected}")]
+    #[error("{path}: has {}, expected {}", blkrep::units::size(*.actual), blkrep::units::size(*.expected))]
     SizeMismatch {
         path: PathBuf,
         expected: u64,
         actual: u64,
     },
-    #[error("{path}: cannot set size to {len}: {source}")]
+    #[error("{path}: cannot set size to {}: {source}", blkrep::units::size(*.len))]
     Resize {
         path: PathBuf,
         len: u64,

@@ -93,16 +93,43 @@ pub fn failover(sock: &Path, to: &str, flags: &[&str]) -> (bool, String, String)
     lockstep(&a, T)
 }
 
-/// `lockstep status --control SOCK --json`, parsed.
+/// `lockstep status --control SOCK --json`, parsed. The exit code says how protected the
+/// node is (0, 3, 4, 5: docs/operations.md) and is checked against the JSON; any other code
+/// is an error.
 pub fn status(sock: &Path) -> Result<Value, String> {
-    let (ok, out, err) = lockstep(
+    let (code, v) = status_code(sock)?;
+    let mode = v["mode"].as_str().unwrap_or("");
+    let consistent = v["consistent"] != false;
+    let expected: &[i32] = match mode {
+        _ if !consistent => &[5],
+        "replicating" => &[0, 3],
+        "unprotected" | "primary" => &[4],
+        _ => &[3],
+    };
+    if v["role"] != "netcmp" && !expected.contains(&code) {
+        return Err(format!(
+            "lockstep status exited {code} for mode {mode}: {v}"
+        ));
+    }
+    Ok(v)
+}
+
+/// `lockstep status --control SOCK --json`: its exit code and its JSON.
+pub fn status_code(sock: &Path) -> Result<(i32, Value), String> {
+    let out = run(
+        lockstep_bin().to_str().expect("utf-8 path"),
         &["status", "--control", sock.to_str().unwrap(), "--json"],
         T,
     );
-    if !ok {
-        return Err(format!("lockstep status failed: {err}{out}"));
+    let code = out.status.code().unwrap_or(-1);
+    let text = String::from_utf8_lossy(&out.stdout);
+    if ![0, 3, 4, 5].contains(&code) {
+        return Err(format!(
+            "lockstep status failed ({code}): {}{text}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
-    parse_json(&out)
+    parse_json(&text).map(|v| (code, v))
 }
 
 /// Wait until the daemon answers `status` on `sock` with an answer `ready` accepts; panics

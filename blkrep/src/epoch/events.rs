@@ -165,9 +165,13 @@ impl Control {
             }
             Ok((conn, v))
         };
-        tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| format!("no answer from {} within {timeout:?}", path.display()))?
+        tokio::time::timeout(timeout, fut).await.map_err(|_| {
+            format!(
+                "no answer from {} within {}",
+                path.display(),
+                crate::units::duration(timeout)
+            )
+        })?
     }
 
     async fn line(&mut self) -> Result<String, String> {

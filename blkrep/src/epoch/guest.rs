@@ -140,9 +140,9 @@ impl QmpGuest {
         .await
         .unwrap_or_else(|_| {
             Err(format!(
-                "QMP {}: no answer to {cmd} within {:?}",
+                "QMP {}: no answer to {cmd} within {}",
                 self.path.display(),
-                self.timeout
+                crate::units::duration(self.timeout)
             ))
         });
         if let Err(e) = &r {

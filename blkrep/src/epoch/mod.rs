@@ -205,6 +205,16 @@ pub enum Reason {
     Requested,
 }
 
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reason::Interval => "interval",
+            Reason::Bytes => "bytes written",
+            Reason::Requested => "requested",
+        })
+    }
+}
+
 /// The result of one checkpoint.
 #[derive(Debug, Clone)]
 pub struct CheckpointReport {
@@ -602,9 +612,9 @@ impl EpochCoordinator {
             let r = self.checkpoint().await;
             match &r {
                 Err(EpochError::NotReplicating(why)) => {
-                    tracing::debug!("no checkpoint ({reason:?}): {why}")
+                    tracing::debug!("no checkpoint ({reason}): {why}")
                 }
-                Err(e) => tracing::warn!("checkpoint failed ({reason:?}): {e}"),
+                Err(e) => tracing::warn!("checkpoint failed ({reason}): {e}"),
                 Ok(_) => {}
             }
             // A lost peer does not end the loop: the participants pause, the link is

@@ -61,7 +61,7 @@ fn start_server(exports: Vec<Export>) -> ServerThread {
 fn export(name: &str, b: Arc<dyn Backend>, read_only: bool) -> Export {
     Export {
         name: name.into(),
-        description: format!("test disk {name}"),
+        description: format!("test disk {name}").into(),
         backend: b,
         read_only,
         epochs: None,

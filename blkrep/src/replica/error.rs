@@ -27,7 +27,7 @@ pub enum ReplicaError {
     #[error("link lost: {0}")]
     LinkLost(String),
     /// No answer in time.
-    #[error("no {what} within {after:?}")]
+    #[error("no {what} within {}", crate::units::duration(.after))]
     Timeout {
         /// What was awaited.
         what: &'static str,

@@ -165,8 +165,9 @@ impl PeerLink {
             },
             Message::Welcome { size, .. } => {
                 return Err(refused(format!(
-                    "{ep} answered with a disk of {size} bytes, expected {}",
-                    hello.size
+                    "{ep} answered with a disk of {}, expected {}",
+                    crate::units::size(size),
+                    crate::units::size(hello.size)
                 )))
             }
             Message::Refused { code, reason } => {

@@ -156,7 +156,9 @@ impl Refusal {
             Self::FailedOver(_) => "this node failed over and serves as the primary now, with data that descends from the connecting primary's; to re-protect it, restart the old primary's node as a secondary of this one".into(),
             Self::FailedOverSplitBrain(_) => "split-brain: this node failed over and the connecting primary has written data of its own since; neither disk is a copy of the other. Choose the survivor and restart the other node as its secondary with --discard-my-data".into(),
             Self::SizeMismatch { primary, secondary } => format!(
-                "disk sizes differ: primary {primary} bytes, secondary {secondary} bytes"
+                "disk sizes differ: primary {}, secondary {}",
+                crate::units::size(*primary),
+                crate::units::size(*secondary)
             ),
             Self::NewerHere(_) => format!("this disk holds newer data than the primary's: it was written as a primary after the primary's data. {}", Self::DISCARD_HINT),
             Self::SplitBrain(_) => format!("split-brain: the primary's data and this disk's have both been written since they were last in sync. {}", Self::DISCARD_HINT),

@@ -274,6 +274,16 @@ pub struct DigestCheck {
     pub image_digest: String,
     /// The primary's digest of the committed checkpoint, if known.
     pub checkpoint_digest: Option<String>,
+    /// The checkpoint failed over to.
+    #[serde(default)]
+    pub committed_epoch: u64,
+    /// Whether the disk can equal that digest: failed over to the checkpoint, and nothing
+    /// written since (else a difference is expected, not a fault).
+    #[serde(default)]
+    pub comparable: bool,
+    /// Blocks written since the failover.
+    #[serde(default)]
+    pub written_blocks: u64,
 }
 
 impl DigestCheck {

@@ -403,7 +403,7 @@ impl Shared {
                     }
                 }
                 Action::Checkpoint { key, reason } => {
-                    tracing::info!(flow = %key, ?reason, "outputs diverged: requesting a checkpoint");
+                    tracing::info!(flow = %key, %reason, "outputs diverged: requesting a checkpoint");
                     core.pending_since.get_or_insert_with(monotonic_ns);
                     self.link.request();
                 }

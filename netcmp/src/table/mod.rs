@@ -62,6 +62,18 @@ pub enum Reason {
     MemoryBudget,
 }
 
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::Mismatch { offset } => write!(f, "mismatch at offset {offset}"),
+            Reason::Timeout { offset } => {
+                write!(f, "no secondary output at offset {offset} in time")
+            }
+            Reason::MemoryBudget => f.write_str("over the held-bytes budget"),
+        }
+    }
+}
+
 /// What the frontend must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {

@@ -59,8 +59,9 @@ const BASE_ALLOCATION_ID: u32 = 1;
 pub struct Export {
     /// Name clients ask for (the first export also answers to "").
     pub name: String,
-    /// Free text shown by `nbdinfo`.
-    pub description: String,
+    /// Free text shown by `nbdinfo`: fixed, or asked for at each listing (a role that
+    /// changes, [`Description::live`]).
+    pub description: Description,
     /// The disk.
     pub backend: Arc<dyn Backend>,
     /// Refuse writes even if the backend allows them.
@@ -74,11 +75,48 @@ impl Export {
     pub fn new(name: impl Into<String>, backend: Arc<dyn Backend>) -> Self {
         Self {
             name: name.into(),
-            description: String::new(),
+            description: Description::default(),
             backend,
             read_only: false,
             epochs: None,
         }
+    }
+}
+
+/// An export's description: a fixed text, or one computed whenever a client asks.
+#[derive(Clone, Default)]
+pub struct Description(Option<Arc<dyn Fn() -> String + Send + Sync>>, String);
+
+impl Description {
+    /// A description computed each time a client lists or describes the export.
+    pub fn live(f: impl Fn() -> String + Send + Sync + 'static) -> Self {
+        Self(Some(Arc::new(f)), String::new())
+    }
+
+    /// The text now.
+    pub fn text(&self) -> String {
+        match &self.0 {
+            Some(f) => f(),
+            None => self.1.clone(),
+        }
+    }
+}
+
+impl From<String> for Description {
+    fn from(s: String) -> Self {
+        Self(None, s)
+    }
+}
+
+impl From<&str> for Description {
+    fn from(s: &str) -> Self {
+        Self(None, s.into())
+    }
+}
+
+impl std::fmt::Debug for Description {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.text())
     }
 }
 
@@ -99,6 +137,9 @@ pub struct ServerOptions {
     /// On an authenticating port: most key exchanges at once from one IP address, so one
     /// host cannot take every exchange slot from another.
     pub max_handshakes_per_host: usize,
+    /// Answer `NBD_OPT_LIST` with the exports; false lists none (an internal port, whose
+    /// exports are still reachable by name).
+    pub list_exports: bool,
 }
 
 impl Default for ServerOptions {
@@ -110,6 +151,7 @@ impl Default for ServerOptions {
             auth_timeout: Duration::from_secs(5),
             max_handshakes: 64,
             max_handshakes_per_host: 8,
+            list_exports: true,
         }
     }
 }
@@ -227,7 +269,10 @@ impl NbdServer {
                 None
             }
             Err(_) => {
-                self.reject(peer, format_args!("{late} within {limit:?}"));
+                self.reject(
+                    peer,
+                    format_args!("{late} within {}", crate::units::duration(limit)),
+                );
                 None
             }
         }

@@ -316,16 +316,21 @@ impl Negotiation<'_> {
         Ok(Answer::End(reply, Some(self.transmission(export, flags))))
     }
 
-    /// `NBD_OPT_LIST`: every export's name and description.
+    /// `NBD_OPT_LIST`: every export's name and description (none on an internal port).
     fn list(&self, data: &[u8]) -> Answer {
         if !data.is_empty() {
             return refuse(OPT_LIST, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
         }
         let mut out = Vec::new();
-        for e in &self.server.exports {
+        let listed = if self.server.opts.list_exports {
+            &self.server.exports[..]
+        } else {
+            &[]
+        };
+        for e in listed {
             let mut d = (e.name.len() as u32).to_be_bytes().to_vec();
             d.extend_from_slice(e.name.as_bytes());
-            d.extend_from_slice(e.description.as_bytes());
+            d.extend_from_slice(e.description.text().as_bytes());
             out.extend(codec::encode_option_reply(OPT_LIST, REP_SERVER, &d));
         }
         out.extend(ack(OPT_LIST));
@@ -354,11 +359,9 @@ impl Negotiation<'_> {
         if req.requests.contains(&INFO_NAME) {
             out.extend(info(&codec::info_string(INFO_NAME, &export.name)));
         }
-        if req.requests.contains(&INFO_DESCRIPTION) && !export.description.is_empty() {
-            out.extend(info(&codec::info_string(
-                INFO_DESCRIPTION,
-                &export.description,
-            )));
+        let description = export.description.text();
+        if req.requests.contains(&INFO_DESCRIPTION) && !description.is_empty() {
+            out.extend(info(&codec::info_string(INFO_DESCRIPTION, &description)));
         }
         out.extend(ack(opt));
         if opt == OPT_GO {

@@ -67,7 +67,7 @@ pub async fn run_primary_ready(
     let table = DigestTable::scan(&*local)
         .await
         .map_err(|e| format!("reading {} for its digest: {e}", cfg.disk.path.display()))?;
-    tracing::info!(digest = format!("{:016x}", table.sum()), generation = format!("{:016x}", meta.get().generation), took = ?started.elapsed(), "local disk scanned");
+    tracing::info!(digest = %format!("{:016x}", table.sum()), generation = %format!("{:016x}", meta.get().generation), took_ms = started.elapsed().as_millis() as u64, "local disk scanned");
     let primary = Primary::new(local.clone(), table, 0, cfg.primary.clone(), Arc::new(meta));
     let bm_path = bitmap_path(&cfg.disk.path);
     let (bm, tracked, marked) = DiskBitmap::open(&bm_path, local.size())
@@ -75,7 +75,7 @@ pub async fn run_primary_ready(
     if tracked != 0 {
         tracing::info!(
             extents = marked.len(),
-            tracked = format!("{tracked:016x}"),
+            tracked = %format!("{tracked:016x}"),
             "dirty bitmap read: the next sync with that secondary generation is incremental"
         );
     } else {
@@ -188,11 +188,11 @@ pub async fn run_primary_ready(
     });
     let (srv_stop_tx, srv_stop_rx) = stop_pair();
     let srv = tokio::spawn(server.serve(listener, srv_stop_rx));
-    tracing::info!(export = %cfg.export, secondary = %cfg.secondary, ack = cfg.primary.ack.name(), mode = primary.mode().name(), "primary serving");
+    tracing::info!(export = %cfg.export.uri(&cfg.export_name), secondary = %cfg.secondary, ack = %cfg.primary.ack.name(), mode = %primary.mode().name(), "primary serving");
     ready(format!(
         "primary ({}): serving {}, secondary {}",
         primary.mode().name(),
-        cfg.export,
+        cfg.export.uri(&cfg.export_name),
         cfg.secondary
     ));
 

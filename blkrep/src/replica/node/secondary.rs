@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use super::{bind, stop_pair, to_json, Ready, SecondaryConfig};
 use crate::auth::listen_policy;
 use crate::epoch::{BoxFuture, SecondaryParticipant};
-use crate::nbd::server::{Export, NbdServer, ServerOptions};
+use crate::nbd::server::{Description, Export, NbdServer, ServerOptions};
 use crate::replica::admin::{self, AdminHandler};
 use crate::replica::meta::{meta_path, MetaStore};
 use crate::replica::metrics::{self, MetricsSource};
@@ -75,7 +75,11 @@ pub async fn run_secondary_ready(
             read_only: false,
             epochs: Some(sink),
         }],
-        ServerOptions::default(),
+        // The replication export is the primary's, by name: not listed to clients.
+        ServerOptions {
+            list_exports: false,
+            ..ServerOptions::default()
+        },
     )
     .map_err(|e| e.to_string())?
     .with_control(sec.control());
@@ -109,7 +113,7 @@ pub async fn run_secondary_ready(
             NbdServer::new(
                 vec![Export {
                     name: cfg.export_name.clone(),
-                    description: "lockstep secondary".into(),
+                    description: view_description(sec.clone()),
                     backend: sec.view(),
                     read_only: false,
                     epochs: None,
@@ -135,9 +139,13 @@ pub async fn run_secondary_ready(
         tracing::info!(%bound, "metrics at http://{bound}/metrics");
     }
     let device = ublk::start_if(&cfg.ublk, sec.view())?;
-    tracing::info!(listen = %cfg.listen, export = ?cfg.export.as_ref().map(|e| e.to_string()), "secondary waiting for a primary");
+    let export = cfg
+        .export
+        .as_ref()
+        .map_or("none".into(), |e| e.uri(&cfg.export_name));
+    tracing::info!(listen = %cfg.listen, %export, "secondary waiting for a primary");
     ready(format!(
-        "secondary: waiting for a primary on {}",
+        "secondary: waiting for a primary on {}, export {export}",
         cfg.listen
     ));
     shutdown.await;
@@ -153,6 +161,17 @@ pub async fn run_secondary_ready(
         .map_err(|e| format!("final flush: {e}"))?;
     tracing::info!("secondary stopped");
     Ok(())
+}
+
+/// Why a failed-over node runs no checkpoints.
+const TOOK_OVER: &str = "this node took over by failover and runs unprotected: there is no secondary to checkpoint with. To protect the disk again, restart this node as `lockstep primary` on its disk with a `lockstep secondary` to replicate to (docs/operations.md, \"Re-protect after a failover\")";
+
+/// The view export's description follows the node's role.
+fn view_description(sec: Arc<Secondary>) -> Description {
+    Description::live(move || match sec.mode() {
+        Mode::Primary => "lockstep primary (failed over; unprotected)".into(),
+        _ => "lockstep secondary (running view: last checkpoint plus its own writes)".into(),
+    })
 }
 
 struct SecondaryAdmin {
@@ -184,7 +203,12 @@ impl AdminHandler for SecondaryAdmin {
             match cmd.as_str() {
                 "status" => {
                     let mut st = self.sec.status();
-                    st.peer_auth = Some(self.peer_auth.clone());
+                    let mut auth = self.peer_auth.clone();
+                    if st.role == "primary" {
+                        // Nothing fails over any more.
+                        auth.risks.retain(|r| !r.starts_with(ON_PEER_LOSS_RISK));
+                    }
+                    st.peer_auth = Some(auth);
                     to_json(st)
                 }
                 "failover" => {
@@ -213,12 +237,19 @@ impl AdminHandler for SecondaryAdmin {
                         return Err("online verify runs on the primary (lockstep verify --control PRIMARY.sock); on a secondary, verify compares a failed-over disk with its checkpoint digest".into());
                     }
                     let (image, checkpoint) = self.sec.verify_checkpoint().await?;
+                    let st = self.sec.status();
+                    let f = st.failover.as_ref();
                     to_json(DigestCheck {
                         image_digest: format!("{image:016x}"),
                         checkpoint_digest: checkpoint.map(|c| format!("{c:016x}")),
+                        committed_epoch: st.committed_epoch,
+                        comparable: f.is_some_and(|f| f.comparable) && st.dirty_blocks == 0,
+                        written_blocks: st.dirty_blocks,
                     })
                 }
-                "checkpoint" => Err("checkpoints are run by the primary".into()),
+                "checkpoint" if self.sec.mode() == Mode::Primary => Err(TOOK_OVER.into()),
+                "checkpoint" => Err("checkpoints are run by the primary (lockstep checkpoint --control PRIMARY.sock)".into()),
+                "set" => Err("settings are the primary's (lockstep set --control PRIMARY.sock)".into()),
                 other => Err(format!(
                     "unknown command {other:?} (status, failover, verify)"
                 )),
@@ -249,6 +280,9 @@ async fn push_writeback(
     }
 }
 
+/// How the risk of automatic failover begins (not shown once the node failed over).
+const ON_PEER_LOSS_RISK: &str = "--on-peer-loss failover";
+
 /// How often a replicating secondary starts writeback.
 const WRITEBACK_PERIOD: Duration = Duration::from_millis(50);
 
@@ -264,7 +298,10 @@ fn peer_auth_status(cfg: &SecondaryConfig) -> PeerAuth {
         });
     }
     if cfg.secondary.on_peer_loss == PeerLossPolicy::Failover {
-        risks.push("--on-peer-loss failover cannot tell a dead primary from a cut link: if the primary is alive, this makes two writable nodes; prefer fencing or a cluster manager's quorum");
+        risks.push(concat!(
+            "--on-peer-loss failover",
+            " cannot tell a dead primary from a cut link: if the primary is alive, this makes two writable nodes; prefer fencing or a cluster manager's quorum"
+        ));
     }
     PeerAuth {
         psk: cfg.key.is_some(),

@@ -161,7 +161,7 @@ impl BlockParticipant {
                 }),
             );
             tracing::info!(
-                kind = r.kind,
+                kind = %r.kind.as_deref().unwrap_or("none"),
                 sent_bytes = r.sent_bytes,
                 equal_units = r.equal_units,
                 compared_units = r.compared_units,

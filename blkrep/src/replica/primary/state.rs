@@ -211,7 +211,7 @@ impl Primary {
             .await;
             match r {
                 Ok(Ok(m)) => tracing::info!(
-                    generation = format!("{:016x}", m.generation),
+                    generation = %format!("{:016x}", m.generation),
                     "writing without the secondary: new data generation"
                 ),
                 Ok(Err(e)) => tracing::warn!("storing the new data generation: {e}"),

@@ -127,7 +127,7 @@ impl Secondary {
             // checkpoint (flushed by the block layer's prepare), so this node joins the
             // primary's lineage.
             tracing::info!(
-                sync = kind.name(),
+                sync = %kind.name(),
                 epoch,
                 "sync complete: the secondary is consistent with the primary"
             );

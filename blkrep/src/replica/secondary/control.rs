@@ -150,8 +150,9 @@ impl Session {
             }
             Err(_) => {
                 s.set_error(format!(
-                    "control connection from {}: no HELLO within {:?}",
-                    self.peer, s.opts.hello_timeout
+                    "control connection from {}: no HELLO within {}",
+                    self.peer,
+                    crate::units::duration(s.opts.hello_timeout)
                 ));
                 return None;
             }
@@ -241,7 +242,7 @@ impl Session {
             self.release();
             return None;
         }
-        tracing::info!(peer = %self.peer, ack = ack.name(), sync = kind.name(), session = format!("{session:016x}"), "a primary connected");
+        tracing::info!(peer = %self.peer, ack = %ack.name(), sync = %kind.name(), session = %format!("{session:016x}"), "a primary connected");
         let ev = s.events();
         ev.emit(
             "peer",
@@ -452,12 +453,18 @@ impl Session {
                     );
                 } else if policy == PeerLossPolicy::Failover {
                     match s.failover(FailoverTarget::Checkpoint).await {
-                        Ok(r) => tracing::info!(
-                            to = %r.target,
-                            committed_epoch = r.committed_epoch,
-                            restored_blocks = r.restored_blocks,
-                            "automatic failover done"
-                        ),
+                        Ok(r) => {
+                            tracing::info!(
+                                to = %r.target,
+                                committed_epoch = r.committed_epoch,
+                                restored_blocks = r.restored_blocks,
+                                "automatic failover done"
+                            );
+                            // Why this node took over on its own stays in its status.
+                            s.inner().last_error = Some(format!(
+                                "failed over on its own (--on-peer-loss failover): lost the primary {peer}: {e}"
+                            ));
+                        }
                         Err(e) => s.set_error(format!("automatic failover failed: {e}")),
                     }
                 } else {

@@ -67,8 +67,11 @@ impl Secondary {
         {
             let mut i = self.inner();
             match i.mode {
-                Mode::Primary | Mode::FailingOver => {
-                    return Err(ReplicaError::State(format!("this node is already {}", i.mode.name())))
+                Mode::Primary => {
+                    return Err(ReplicaError::State("this node already failed over: it is the primary (unprotected)".into()))
+                }
+                Mode::FailingOver => {
+                    return Err(ReplicaError::State("this node is failing over already".into()))
                 }
                 _ if target == FailoverTarget::Checkpoint && !i.consistent => {
                     return Err(ReplicaError::State("this secondary restarted while it was replicating: its disk holds writes of uncommitted epochs whose originals were lost, so it has no checkpoint to go back to. Let the primary reconnect and resync it, or fail over --to latest to take the disk as it is".into()))
@@ -83,7 +86,7 @@ impl Secondary {
                 }
             }
         }
-        tracing::info!(to = target.name(), "failing over");
+        tracing::info!(to = %target.name(), "failing over");
         // Wait for every forwarded and local request, and any commit, in progress.
         let _x = self.barrier.write().await;
         let committed = self.inner().committed;
@@ -93,7 +96,7 @@ impl Secondary {
         all.extend(others.iter().map(|p| &**p));
         for p in &all {
             if let Err(e) = p.failover(target, committed).await {
-                let msg = format!("failover to {target:?} failed: {}: {e}", p.name());
+                let msg = format!("failover to {} failed: {}: {e}", target.name(), p.name());
                 let mut i = self.inner();
                 self.switch(&mut i, Mode::Paused, Some(&msg));
                 i.last_error = Some(msg.clone());
@@ -123,6 +126,8 @@ impl Secondary {
             generation: format!("{generation:016x}"),
         };
         i.failover = Some(report.clone());
+        // What went wrong as a secondary (the lost primary) is history now.
+        i.last_error = None;
         self.events.emit(
             "failover",
             serde_json::json!({
@@ -136,6 +141,7 @@ impl Secondary {
             committed_epoch = report.committed_epoch,
             restored_blocks = report.restored_blocks,
             duration_us = report.duration_us,
+            checkpoint_digest = %report.checkpoint_digest.as_deref().unwrap_or("none"),
             generation = %report.generation,
             "failed over; serving as an unprotected primary"
         );

@@ -245,7 +245,7 @@ impl Replicator {
                     Ok(kind) => {
                         let s = since.elapsed().as_secs_f64();
                         tracing::info!(
-                            sync = kind.name(),
+                            sync = %kind.name(),
                             after_s = s,
                             "reconnected to the secondary"
                         );

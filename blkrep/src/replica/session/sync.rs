@@ -38,7 +38,7 @@ impl Replicator {
             SyncKind::Checksum => CHUNK_BLOCKS,
             SyncKind::Full => 0,
         };
-        tracing::info!(sync = kind.name(), secondary = %self.opts.secondary, consistent = welcome.consistent, "secondary connected: syncing");
+        tracing::info!(sync = %kind.name(), secondary = %self.opts.secondary, consistent = welcome.consistent, "secondary connected: syncing");
         p.begin_sync(kind.name(), unit);
         match kind {
             SyncKind::Checksum => p.mark_all_dirty().await,

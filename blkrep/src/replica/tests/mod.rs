@@ -117,7 +117,7 @@ async fn serve_secondary_at(
     let mut srv = NbdServer::new(
         vec![Export {
             name: REPLICA_EXPORT.into(),
-            description: String::new(),
+            description: Default::default(),
             backend: sink.clone(),
             read_only: false,
             epochs: Some(sink),
