@@ -434,3 +434,22 @@ fn promote_without_a_reachable_peer_fails_unless_promote_alone() {
     b.expect("stop", OCF_SUCCESS);
     b.expect("monitor", OCF_NOT_RUNNING);
 }
+
+#[test]
+fn the_agent_is_posix_shell_that_shellcheck_accepts() {
+    require("shellcheck", "shellcheck");
+    let agent = agent_src();
+    let agent = agent.to_str().unwrap();
+    let out = lockstep_tests::run("sh", &["-n", agent], Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "{}",
+        lockstep_tests::output_text(&out)
+    );
+    let out = lockstep_tests::run("shellcheck", &["-s", "sh", agent], Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{}",
+        lockstep_tests::output_text(&out)
+    );
+}
