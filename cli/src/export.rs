@@ -9,7 +9,7 @@ use blkrep::storage::{open_disk, DiskOptions};
 use clap::Args;
 use tokio::sync::watch;
 
-use crate::daemon::{runtime, wait_for_signal, UblkArgs};
+use crate::daemon::{runtime, UblkArgs};
 use crate::units::{parse_size, ENDPOINT};
 
 #[derive(Debug, Args)]
@@ -45,9 +45,18 @@ pub struct ExportArgs {
     /// Demand a client certificate that chains to --tls-ca.
     #[arg(long, requires = "tls_ca")]
     tls_verify_peer: bool,
+    #[command(flatten)]
+    service: crate::service::ServiceArgs,
 }
 
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
+    let service = crate::service::Service::new(&a.service)?;
+    let r = serve(a, &service);
+    service.finish();
+    r
+}
+
+fn serve(a: ExportArgs, service: &crate::service::Service) -> anyhow::Result<()> {
     let ublk = a.ublk.options()?;
     if ublk.is_some() && a.disk.len() != 1 {
         bail!("--ublk serves one disk: give exactly one --disk");
@@ -112,7 +121,14 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         let serving = tokio::spawn(server.clone().serve(listener, stop_rx));
         let device = blkrep::ublk::start_if(&ublk, exports[0].backend.clone())
             .map_err(|e| anyhow::anyhow!(e))?;
-        let signal = wait_for_signal().await?;
+        let signal = crate::service::signals()?;
+        service.ready(&format!(
+            "serving {} export(s) on {}",
+            exports.len(),
+            a.listen
+        ));
+        let signal = signal.await;
+        crate::service::stopping("stopping: finishing requests, flushing");
         tracing::info!("{signal}: finishing requests in flight, flushing, exiting");
         blkrep::ublk::stop_if(device).await;
         let _ = stop_tx.send(true);

@@ -15,6 +15,7 @@ mod progress;
 mod replicate;
 mod report;
 mod secure;
+mod service;
 mod units;
 mod vm;
 

@@ -198,7 +198,18 @@ async fn until_signal(
     admin_task: Option<tokio::task::JoinHandle<()>>,
 ) {
     let run = tokio::spawn(frontend);
-    daemon::shutdown_signal().await;
+    match crate::service::signals() {
+        Ok(signal) => {
+            crate::service::ready("netcmp running");
+            tracing::info!("{} received", signal.await);
+            crate::service::stopping("stopping");
+        }
+        Err(e) => {
+            crate::service::ready("netcmp running");
+            tracing::error!("{e:#}");
+            daemon::shutdown_signal().await;
+        }
+    }
     stop.send_replace(true);
     let _ = run.await;
     if let Some(t) = admin_task {

@@ -20,9 +20,10 @@ use clap::Args;
 use memrep::device::{DeviceReplica, DeviceState};
 use serde_json::{json, Value};
 
-use crate::daemon::{runtime, shutdown_signal, UblkArgs};
+use crate::daemon::{runtime, UblkArgs};
 use crate::memory::MemoryArg;
 use crate::report;
+use crate::service::{Service, ServiceArgs};
 use crate::units::{
     choice, parse_size, DurationArg, SizeArg, ACK_MODES, ENDPOINT, FAILOVER_TARGETS,
     PEER_LOSS_POLICIES,
@@ -59,6 +60,8 @@ pub struct DiskArgs {
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9810).
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    service: ServiceArgs,
 }
 
 impl DiskArgs {
@@ -204,6 +207,7 @@ pub struct SecondaryArgs {
 }
 
 pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
+    let service = Service::new(&a.disk.service)?;
     let memory = crate::memory::primary(&a.memory)?;
     let key = a.disk.key()?;
     let tls = a.disk.tls.link_files()?;
@@ -248,9 +252,10 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
             }
             None => memory.pause,
         };
-        node::run_primary_with(cfg, participants, guest, shutdown_signal())
-            .await
-            .map_err(|e| anyhow!(e))
+        let stop = service.shutdown_signal("stopping: final checkpoint, goodbye, flush")?;
+        let r = node::run_primary_ready(cfg, participants, guest, stop, service.hook()).await;
+        service.finish();
+        r.map_err(|e| anyhow!(e))
     })
 }
 
@@ -258,6 +263,7 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
+    let service = Service::new(&a.disk.service)?;
     let mut memory = crate::memory::secondary(&a.memory)?;
     if let Some(p) = &a.device_state {
         memory.push(Arc::new(DeviceReplica::new(p)));
@@ -282,9 +288,14 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
         insecure_no_auth: a.insecure_no_auth,
         metrics: a.disk.metrics,
     };
-    runtime()?
-        .block_on(node::run_secondary_with(cfg, memory, shutdown_signal()))
-        .map_err(|e| anyhow!(e))
+    let rt = runtime()?;
+    let stop = {
+        let _in_runtime = rt.enter();
+        service.shutdown_signal("stopping: flush")?
+    };
+    let r = rt.block_on(node::run_secondary_ready(cfg, memory, stop, service.hook()));
+    service.finish();
+    r.map_err(|e| anyhow!(e))
 }
 
 #[derive(Debug, Args)]

@@ -101,10 +101,22 @@ pub struct Daemon {
 impl Daemon {
     /// Start `program args…`, stderr to a log file in `dir`.
     pub fn start(name: &str, program: &Path, args: &[&str], dir: &Path) -> Self {
+        Self::start_env(name, program, args, dir, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    pub fn start_env(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = dir.join(format!("{name}.log"));
         let f = std::fs::File::create(&log).expect("log file");
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(f.try_clone().expect("dup log"))
             .stderr(f)

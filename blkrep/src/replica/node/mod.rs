@@ -1,14 +1,19 @@
 //! Whole daemons: a primary node and a secondary node, from configuration to shutdown.
 //!
 //! The CLI parses flags into [`PrimaryConfig`] / [`SecondaryConfig`] and calls
-//! [`run_primary`] / [`run_secondary`] with a future that resolves on SIGINT/SIGTERM.
+//! [`run_primary`] / [`run_secondary`] with a future that resolves on SIGINT/SIGTERM
+//! (the `_ready` variants also call a [`Ready`] hook once the node serves).
 //! `primary.rs` and `secondary.rs` hold each daemon and its control-socket commands.
 
 mod primary;
 mod secondary;
 
-pub use primary::{run_primary, run_primary_with};
-pub use secondary::{run_secondary, run_secondary_with};
+pub use primary::{run_primary, run_primary_ready, run_primary_with};
+pub use secondary::{run_secondary, run_secondary_ready, run_secondary_with};
+
+/// Called once when a daemon serves (its ports and control socket bound; a primary also
+/// replicating), with a one-line status: the CLI's readiness notification and pid file.
+pub type Ready = Box<dyn FnOnce(String) + Send>;
 
 use std::path::PathBuf;
 use std::sync::Arc;

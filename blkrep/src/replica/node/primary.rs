@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::{bind, stop_pair, to_json, PrimaryConfig};
+use super::{bind, stop_pair, to_json, PrimaryConfig, Ready};
 use crate::digest::DigestTable;
 use crate::epoch::{
     BoxFuture, Epoch, EpochCoordinator, EpochEvent, GuestHook, NoGuest, Participant,
@@ -43,6 +43,19 @@ pub async fn run_primary_with(
     others: Vec<Arc<dyn Participant>>,
     guest: Arc<dyn GuestHook>,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    run_primary_ready(cfg, others, guest, shutdown, Box::new(|_| {})).await
+}
+
+/// [`run_primary_with`], calling `ready` once the node serves: replication started, the
+/// export and the control socket bound (and the ublk device up). Its argument is a one-line
+/// status for a service manager (`STATUS=` of sd_notify).
+pub async fn run_primary_ready(
+    cfg: PrimaryConfig,
+    others: Vec<Arc<dyn Participant>>,
+    guest: Arc<dyn GuestHook>,
+    shutdown: impl Future<Output = ()>,
+    ready: Ready,
 ) -> Result<(), String> {
     // The secondary refuses a period outside this range: say so before touching anything.
     let heartbeat_ms = u32::try_from(cfg.heartbeat.as_millis()).unwrap_or(u32::MAX);
@@ -176,6 +189,12 @@ pub async fn run_primary_with(
     let (srv_stop_tx, srv_stop_rx) = stop_pair();
     let srv = tokio::spawn(server.serve(listener, srv_stop_rx));
     tracing::info!(export = %cfg.export.uri(&cfg.export_name), secondary = %cfg.secondary, ack = %cfg.primary.ack.name(), mode = %primary.mode().name(), "primary serving");
+    ready(format!(
+        "primary ({}): serving {}, secondary {}",
+        primary.mode().name(),
+        cfg.export.uri(&cfg.export_name),
+        cfg.secondary
+    ));
 
     shutdown.await;
     tracing::info!("shutting down: draining clients");

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use super::{bind, stop_pair, to_json, SecondaryConfig};
+use super::{bind, stop_pair, to_json, Ready, SecondaryConfig};
 use crate::auth::listen_policy;
 use crate::epoch::{BoxFuture, SecondaryParticipant};
 use crate::nbd::server::{Description, Export, NbdServer, ServerOptions};
@@ -36,6 +36,18 @@ pub async fn run_secondary_with(
     cfg: SecondaryConfig,
     others: Vec<Arc<dyn SecondaryParticipant>>,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    run_secondary_ready(cfg, others, shutdown, Box::new(|_| {})).await
+}
+
+/// [`run_secondary_with`], calling `ready` once the node serves: the listen port, the export
+/// and the control socket bound (and the ublk device up). Its argument is a one-line status
+/// for a service manager (`STATUS=` of sd_notify).
+pub async fn run_secondary_ready(
+    cfg: SecondaryConfig,
+    others: Vec<Arc<dyn SecondaryParticipant>>,
+    shutdown: impl Future<Output = ()>,
+    ready: Ready,
 ) -> Result<(), String> {
     let notice = listen_policy(
         &cfg.listen,
@@ -132,6 +144,10 @@ pub async fn run_secondary_with(
         .as_ref()
         .map_or("none".into(), |e| e.uri(&cfg.export_name));
     tracing::info!(listen = %cfg.listen, %export, "secondary waiting for a primary");
+    ready(format!(
+        "secondary: waiting for a primary on {}, export {export}",
+        cfg.listen
+    ));
     shutdown.await;
     tracing::info!("shutting down");
     ublk::stop_if(device).await;
