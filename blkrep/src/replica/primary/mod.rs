@@ -23,11 +23,13 @@
 //! | `queue.rs` | the forward queue: what the secondary must see, in order; barrier |
 //! | `forward.rs` | the forwarder task draining it: connection, start, run loop, stop |
 //! | `resync.rs` | dirty units, the digest comparison, sending dirty blocks, progress for status |
+//! | `repair.rs` | `verify --repair`: differing chunks made dirty and resent while replicating |
 //! | `participant.rs` | [`BlockParticipant`]: cutting, preparing and committing epochs |
 
 mod forward;
 mod participant;
 mod queue;
+mod repair;
 mod resync;
 mod state;
 mod write;
@@ -37,6 +39,7 @@ use crate::replica::status::{BlockStatus, ForwardQueue};
 pub use forward::open_replica_connection;
 pub use participant::BlockParticipant;
 pub use queue::wait_idle;
+pub use resync::Sent;
 pub use state::PrimaryMode;
 pub use write::BlockLock;
 
