@@ -30,7 +30,12 @@ use crate::replica::primary::PrimaryMode;
 const BATCH: u64 = 256;
 /// Differing chunks resent per checkpoint (1 GiB): what the secondary holds as originals
 /// of one epoch, and how much is sent before the first part of a large repair commits.
-const REPAIR_BATCH_CHUNKS: u64 = (1 << 30) / (CHUNK_BLOCKS * DIGEST_BLOCK);
+/// (2 in unit tests, whose disks are small, so that a repair takes several batches.)
+const REPAIR_BATCH_CHUNKS: u64 = if cfg!(test) {
+    2
+} else {
+    (1 << 30) / (CHUNK_BLOCKS * DIGEST_BLOCK)
+};
 
 /// What one comparison pass found.
 #[derive(Debug, Default)]
@@ -96,6 +101,7 @@ impl Replicator {
             participants: serde_json::Map::new(),
             repair: None,
         };
+        self.st().verify = Some(report.clone());
         let found = self.compare(None, Some(&mut report)).await?;
         let secs = start.elapsed().as_secs_f64();
         report.differing_chunks = found.units.len();

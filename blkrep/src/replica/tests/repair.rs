@@ -1,6 +1,7 @@
 //! `verify --repair`: chunks damaged on the secondary behind replication's back are resent,
 //! committed and compared again; with client writes going on; a failover afterwards keeps
-//! them; a session lost before the resend leaves them to the next resync; refusals.
+//! them; a session lost before the resend leaves them to the next resync; a primary whose
+//! own disk changed behind its back; refusals.
 
 use super::*;
 use crate::replica::status::ByteRange;
@@ -66,7 +67,8 @@ fn verify_repair_resends_differing_chunks_and_a_failover_keeps_them() {
         assert_eq!(r.reverified_chunks, 3, "{r:?}");
         assert_eq!(r.still_differing_chunks, 0, "{r:?}");
         assert_eq!(r.rehashed_blocks, 0, "{r:?}");
-        assert_eq!(r.checkpoints, 1, "{r:?}");
+        // Two batches of at most two chunks in unit tests, a checkpoint each.
+        assert_eq!(r.checkpoints, 2, "{r:?}");
         assert_eq!(r.committed_epoch, p.coord.committed().0, "{r:?}");
         assert_eq!(v.state, "done");
         assert_eq!(s.disk.snapshot(), p.disk.snapshot(), "repaired");
@@ -155,11 +157,49 @@ fn verify_repair_needs_a_checkpoint_coordinator_and_one_verify_at_a_time() {
         let e = p.repl.verify_with(true).await.unwrap_err().to_string();
         assert!(e.contains("no checkpoints"), "{e}");
         let _stop = run_checkpoints(&p);
-        let (a, b) = tokio::join!(p.repl.verify_with(true), p.repl.verify());
-        let e = a
-            .err()
-            .or(b.err())
-            .expect("one of two verifies at once refused");
-        assert!(e.to_string().contains("already running"), "{e}");
+        // The first verify waits for block 0, held here, while the second is asked for.
+        let held = p.primary.lock_blocks(0, 0).await;
+        let first = tokio::spawn({
+            let repl = p.repl.clone();
+            async move { repl.verify_with(true).await }
+        });
+        wait_for("the first verify to start", || {
+            p.repl.status().verify.is_some_and(|v| v.state == "running")
+        })
+        .await;
+        let e = p.repl.verify().await.unwrap_err().to_string();
+        assert!(e.contains("already running"), "{e}");
+        drop(held);
+        let v = first.await.unwrap().unwrap();
+        assert_eq!(v.differing_chunks, 0, "{v:?}");
+        assert!(v.repair.is_none(), "nothing to repair: {v:?}");
+    });
+}
+
+#[test]
+fn verify_repair_sends_what_the_primary_disk_holds_when_it_changed_behind_its_back() {
+    rt().block_on(async {
+        let s = start_secondary(PeerLossPolicy::Wait, 1 << 20).await;
+        let p = start_primary(&s.ep, AckMode::Received).await;
+        let _stop = run_checkpoints(&p);
+        fill_blocks(&p.primary, 0..32, 5).await;
+        p.coord.checkpoint().await.unwrap();
+        // Block 20 changes on both disks, differently, with no write through the primary.
+        p.disk
+            .write_at(20 * 4096, IoBuf::from_slice(&[0x11; 4096]), false)
+            .await
+            .unwrap();
+        damage(&s, 20 * 4096, &[0x22; 4096]).await;
+        let v = p.repl.verify_with(true).await.unwrap();
+        assert_eq!(v.differing_chunks, 1, "{v:?}");
+        let r = v.repair.expect("a repair report");
+        assert_eq!(r.rehashed_blocks, 1, "{r:?}");
+        assert_eq!(r.still_differing_chunks, 0, "{r:?}");
+        let disk = s.disk.snapshot();
+        assert!(disk[20 * 4096..21 * 4096].iter().all(|&b| b == 0x11));
+        assert_eq!(disk, p.disk.snapshot());
+        // The primary's digest says what its disk holds again.
+        let fresh = DigestTable::scan(&p.disk).await.unwrap();
+        assert_eq!(p.primary.digest(), fresh.sum());
     });
 }
