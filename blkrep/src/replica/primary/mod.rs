@@ -118,6 +118,14 @@ fn cost(len: u64) -> u32 {
 }
 
 impl Primary {
+    /// The forward queue budget a request of `len` bytes takes: one larger than the whole
+    /// queue (`--forward-queue`) takes all of it, so it waits until the queue is empty
+    /// instead of forever.
+    fn budget(&self, len: u64) -> u32 {
+        let all = cost(self.opts.queue_bytes).min(Semaphore::MAX_PERMITS as u32);
+        cost(len).min(all)
+    }
+
     /// A primary over `local`, whose digest table is `digest`, starting in epoch
     /// `committed + 1`, paused until a secondary is synced ([`Primary::resumed`]).
     pub fn new(

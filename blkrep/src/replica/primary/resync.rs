@@ -17,7 +17,7 @@ use roaring::RoaringTreemap;
 
 use super::queue::FwdKind;
 use super::state::State;
-use super::{cost, Primary, PrimaryMode};
+use super::{Primary, PrimaryMode};
 use crate::digest::{self, DIGEST_BLOCK};
 use crate::storage::Result;
 
@@ -247,7 +247,12 @@ impl Primary {
                 .filter(|&(b, h)| self.digest.get(b) != h)
                 .collect(),
         };
-        let permit = self.space.clone().acquire_many_owned(cost(len)).await.ok();
+        let permit = self
+            .space
+            .clone()
+            .acquire_many_owned(self.budget(len))
+            .await
+            .ok();
         let _gate = self.gate.read().await;
         let mut st = self.st();
         if st.mode != PrimaryMode::Replicating {
