@@ -102,7 +102,10 @@ impl Replicator {
             repair: None,
         };
         self.st().verify = Some(report.clone());
-        let found = self.compare(None, Some(&mut report)).await?;
+        let found = match self.compare(None, Some(&mut report)).await {
+            Ok(f) => f,
+            Err(e) => return Err(self.verify_failed(report, e)),
+        };
         let secs = start.elapsed().as_secs_f64();
         report.differing_chunks = found.units.len();
         report.differing = found.ranges;
@@ -114,18 +117,34 @@ impl Replicator {
         if repair && !found.units.is_empty() {
             report.state = "repairing".into();
             self.st().verify = Some(report.clone());
-            match self.repair(&found.units, &mut report).await {
-                Ok(()) => {}
-                Err(e) => {
-                    report.state = format!("repair failed: {e}");
-                    self.st().verify = Some(report);
-                    return Err(e);
-                }
+            if let Err(e) = self.repair(&found.units, &mut report).await {
+                return Err(self.verify_failed(report, e));
             }
         }
         report.state = "done".into();
         self.st().verify = Some(report.clone());
+        let r = report.repair.as_ref();
+        self.primary.events().emit(
+            "verify",
+            serde_json::json!({
+                "state": "done",
+                "differing_chunks": report.differing_chunks,
+                "repaired_chunks": r.map(|r| r.repaired_chunks),
+                "still_differing_chunks": r.map(|r| r.still_differing_chunks),
+            }),
+        );
         Ok(report)
+    }
+
+    /// A verify (or its repair) failed with `e`: say so in status and as an event; returns `e`.
+    fn verify_failed(&self, mut report: VerifyReport, e: ReplicaError) -> ReplicaError {
+        report.state = format!("failed: {e}");
+        self.st().verify = Some(report);
+        self.primary.events().emit(
+            "verify",
+            serde_json::json!({"state": "failed", "error": e.to_string()}),
+        );
+        e
     }
 
     /// The running session's link, if the primary replicates with no resync running.

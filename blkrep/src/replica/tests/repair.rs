@@ -42,7 +42,17 @@ fn verify_repair_resends_differing_chunks_and_a_failover_keeps_them() {
         assert_eq!(v.differing_chunks, 3, "{v:?}");
         assert!(v.repair.is_none());
         let chunk = 16 * 4096;
+        let mut events = p.primary.events().subscribe();
         let v = p.repl.verify_with(true).await.unwrap();
+        let verify_event = loop {
+            let e = events.try_recv().expect("a verify event");
+            if e["event"] == "verify" {
+                break e;
+            }
+        };
+        assert_eq!(verify_event["state"], "done", "{verify_event}");
+        assert_eq!(verify_event["repaired_chunks"], 3, "{verify_event}");
+        assert_eq!(verify_event["still_differing_chunks"], 0, "{verify_event}");
         assert_eq!(v.differing_chunks, 3, "{v:?}");
         assert_eq!(
             v.differing,
@@ -134,6 +144,11 @@ fn blocks_marked_for_repair_are_resent_by_the_next_resync_after_a_loss() {
         assert!(e.contains("next session's resync"), "{e}");
         let e = p.repl.verify_with(true).await.unwrap_err().to_string();
         assert!(e.contains("not replicating"), "{e}");
+        let last = p.repl.status().verify.expect("the last verify");
+        assert!(
+            last.state.starts_with("done"),
+            "a refused verify leaves the last one: {last:?}"
+        );
         proxy.heal();
         wait_for("resumed and resynced", || {
             p.primary.mode() == PrimaryMode::Replicating && !p.primary.status().resyncing
