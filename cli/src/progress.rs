@@ -78,15 +78,15 @@ fn line(done: u64, total: u64, differing: u64) -> String {
     )
 }
 
-/// Send `verify` to `control` and wait for its answer (up to `timeout`), showing the
-/// progress the daemon's status reports meanwhile.
-pub fn verify(control: &Path, timeout: Duration) -> anyhow::Result<Value> {
+/// Send `verify` (with `repair`: `verify --repair`) to `control` and wait for its answer
+/// (up to `timeout`), showing the progress the daemon's status reports meanwhile.
+pub fn verify(control: &Path, repair: bool, timeout: Duration) -> anyhow::Result<Value> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     rt.block_on(async {
-        let req = json!({"cmd": "verify"});
+        let req = json!({"cmd": "verify", "repair": repair});
         let answer = admin::request(control, &req, timeout);
         tokio::pin!(answer);
         let mut shown = Shown::new();

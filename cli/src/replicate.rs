@@ -314,6 +314,10 @@ pub struct VerifyArgs {
     /// checkpoint it took over at).
     #[arg(long)]
     control: PathBuf,
+    /// Resend the chunks that differ from the primary, commit them with a checkpoint and
+    /// compare them again; exit 0 when the disks are equal at the end.
+    #[arg(long)]
+    repair: bool,
     /// Print the raw JSON.
     #[arg(long)]
     json: bool,
@@ -466,7 +470,7 @@ pub fn checkpoint(a: CheckpointArgs) -> anyhow::Result<()> {
 
 pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
     // Reads both disks whole: allow an hour.
-    let v = crate::progress::verify(&a.control, Duration::from_secs(3600))?;
+    let v = crate::progress::verify(&a.control, a.repair, Duration::from_secs(3600))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     }
@@ -489,10 +493,16 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
     if !a.json {
         report::verify(&v);
     }
-    if v.differing_chunks != 0 {
-        return Err(anyhow!("the primary's and the secondary's disks differ"));
+    match &v.repair {
+        Some(r) if r.still_differing_chunks != 0 => Err(anyhow!(
+            "the primary's and the secondary's disks still differ after the repair"
+        )),
+        Some(_) => Ok(()),
+        None if v.differing_chunks != 0 => {
+            Err(anyhow!("the primary's and the secondary's disks differ"))
+        }
+        None => Ok(()),
     }
-    Ok(())
 }
 
 pub fn failover(a: FailoverArgs) -> anyhow::Result<()> {

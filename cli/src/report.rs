@@ -239,6 +239,31 @@ pub fn verify(v: &VerifyReport) {
     for d in &v.differing {
         println!("  differs: offset {} length {}", d.offset, d.len);
     }
+    if v.unlisted_chunks > 0 {
+        println!("  … and {} more differing chunks", v.unlisted_chunks);
+    }
+    if let Some(r) = &v.repair {
+        println!(
+            "repaired {} chunks ({}) in {:.2} s: resent from the primary, committed in epoch {}",
+            r.repaired_chunks,
+            bytes(r.repaired_bytes),
+            r.duration_s,
+            r.committed_epoch
+        );
+        if r.rehashed_blocks > 0 {
+            println!(
+                "  {} blocks on the primary's disk no longer matched its digest (changed behind lockstep's back): sent as they are",
+                r.rehashed_blocks
+            );
+        }
+        println!(
+            "compared again: {} chunks, {} differ",
+            r.reverified_chunks, r.still_differing_chunks
+        );
+        for d in &r.still_differing {
+            println!("  still differs: offset {} length {}", d.offset, d.len);
+        }
+    }
     for (name, r) in &v.participants {
         let n = |k: &str| r.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
         match r.get("error").and_then(serde_json::Value::as_str) {

@@ -12,6 +12,7 @@
 //! | `checkpoint` | `state` (`committed`, `aborted`), `epoch`, `error` | a checkpoint ends |
 //! | `split-brain` | `peer`, `reason` | a session is refused because both nodes wrote |
 //! | `failover` | `to`, `committed_epoch`, `restored_blocks` | this node took over |
+//! | `verify` | `state` (`done`, `failed`), chunk counts, `error` | an online verify ends |
 //! | `lagged` | `missed` | the subscriber fell behind and missed events |
 
 use std::sync::atomic::{AtomicU64, Ordering};

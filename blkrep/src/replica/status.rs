@@ -118,9 +118,13 @@ pub struct VerifyReport {
     pub done_chunks: u64,
     /// Chunks that differ so far.
     pub differing_chunks: u64,
-    /// The differing ranges (adjacent chunks merged); when done.
+    /// The differing ranges (adjacent chunks merged); when done. At most
+    /// [`MAX_LISTED_RANGES`]; the differing chunks beyond are counted in `unlisted_chunks`.
     #[serde(default)]
     pub differing: Vec<ByteRange>,
+    /// Differing chunks not in `differing` (beyond [`MAX_LISTED_RANGES`] ranges).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unlisted_chunks: u64,
     /// Bytes compared; when done.
     #[serde(default)]
     pub bytes_compared: u64,
@@ -133,6 +137,47 @@ pub struct VerifyReport {
     /// The other participants' own comparisons (memory regions), by name; when done.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub participants: serde_json::Map<String, serde_json::Value>,
+    /// What `verify --repair` did about the differing chunks (None without `--repair`, or
+    /// when nothing differed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repair: Option<RepairReport>,
+}
+
+/// Differing ranges a [`VerifyReport`] lists at most (the count is always exact).
+pub const MAX_LISTED_RANGES: usize = 4096;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// `verify --repair`: the differing chunks resent from the primary, committed by a
+/// checkpoint, and compared again.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RepairReport {
+    /// Chunks resent.
+    pub repaired_chunks: u64,
+    /// Bytes resent.
+    pub repaired_bytes: u64,
+    /// Blocks whose bytes on the primary's disk no longer matched the primary's own digest
+    /// (changed behind lockstep's back): sent as the disk holds them, and rehashed.
+    #[serde(default)]
+    pub rehashed_blocks: u64,
+    /// Checkpoints requested to commit the resent chunks (one per batch).
+    pub checkpoints: u64,
+    /// The epoch of the last of them.
+    pub committed_epoch: u64,
+    /// Chunks compared again after the commit (the repaired ones).
+    pub reverified_chunks: u64,
+    /// Of those, chunks that still differ.
+    pub still_differing_chunks: u64,
+    /// Their ranges (adjacent chunks merged; at most [`MAX_LISTED_RANGES`]).
+    #[serde(default)]
+    pub still_differing: Vec<ByteRange>,
+    /// Chunks still differing not in `still_differing`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub still_unlisted_chunks: u64,
+    /// Seconds from the first resend to the end of the second comparison.
+    pub duration_s: f64,
 }
 
 /// Progress of the current (or last) resync, for status.

@@ -411,7 +411,8 @@ impl AdminHandler for PrimaryAdmin {
                     Err("failover runs on the secondary (this node is the primary)".into())
                 }
                 "verify" => {
-                    let mut v = self.repl.verify().await?;
+                    let repair = req.get("repair").and_then(Value::as_bool).unwrap_or(false);
+                    let mut v = self.repl.verify_with(repair).await?;
                     for p in self.coord.participants() {
                         match p.verify().await {
                             Ok(Value::Null) => {}

@@ -236,6 +236,9 @@ impl AdminHandler for SecondaryAdmin {
                     if self.sec.mode() != Mode::Primary {
                         return Err("online verify runs on the primary (lockstep verify --control PRIMARY.sock); on a secondary, verify compares a failed-over disk with its checkpoint digest".into());
                     }
+                    if req.get("repair").and_then(Value::as_bool) == Some(true) {
+                        return Err("--repair needs a replicating primary: this node has failed over and has no peer to repair".into());
+                    }
                     let (image, checkpoint) = self.sec.verify_checkpoint().await?;
                     let st = self.sec.status();
                     let f = st.failover.as_ref();

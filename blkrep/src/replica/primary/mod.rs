@@ -23,11 +23,13 @@
 //! | `queue.rs` | the forward queue: what the secondary must see, in order; barrier |
 //! | `forward.rs` | the forwarder task draining it: connection, start, run loop, stop |
 //! | `resync.rs` | dirty units, the digest comparison, sending dirty blocks, progress for status |
+//! | `repair.rs` | `verify --repair`: differing chunks made dirty and resent while replicating |
 //! | `participant.rs` | [`BlockParticipant`]: cutting, preparing and committing epochs |
 
 mod forward;
 mod participant;
 mod queue;
+mod repair;
 mod resync;
 mod state;
 mod write;
@@ -37,6 +39,7 @@ use crate::replica::status::{BlockStatus, ForwardQueue};
 pub use forward::open_replica_connection;
 pub use participant::BlockParticipant;
 pub use queue::wait_idle;
+pub use resync::Sent;
 pub use state::PrimaryMode;
 pub use write::BlockLock;
 
@@ -115,6 +118,14 @@ fn cost(len: u64) -> u32 {
 }
 
 impl Primary {
+    /// The forward queue budget a request of `len` bytes takes: one larger than the whole
+    /// queue (`--forward-queue`) takes all of it, so it waits until the queue is empty
+    /// instead of forever.
+    fn budget(&self, len: u64) -> u32 {
+        let all = cost(self.opts.queue_bytes).min(Semaphore::MAX_PERMITS as u32);
+        cost(len).min(all)
+    }
+
     /// A primary over `local`, whose digest table is `digest`, starting in epoch
     /// `committed + 1`, paused until a secondary is synced ([`Primary::resumed`]).
     pub fn new(

@@ -17,7 +17,7 @@ use roaring::RoaringTreemap;
 
 use super::queue::FwdKind;
 use super::state::State;
-use super::{cost, Primary, PrimaryMode};
+use super::{Primary, PrimaryMode};
 use crate::digest::{self, DIGEST_BLOCK};
 use crate::storage::Result;
 
@@ -46,7 +46,7 @@ impl State {
     }
 
     /// The first run of consecutive dirty blocks (at most [`RESYNC_RUN_BLOCKS`]).
-    fn first_dirty_run(&self) -> Option<(u64, u64)> {
+    pub(super) fn first_dirty_run(&self) -> Option<(u64, u64)> {
         let mut it = self.dirty.iter();
         let first = it.next()?;
         let mut last = first;
@@ -197,7 +197,7 @@ impl Primary {
                 st.first_dirty_run()
             };
             let Some((first, last)) = run else { break };
-            sent += self.resync_run(first, last).await?;
+            sent += self.send_run(first, last, Purpose::Resync).await?.bytes;
         }
         let mut st = self.st();
         if st.mode == PrimaryMode::Replicating {
@@ -210,26 +210,55 @@ impl Primary {
 
     /// Send the dirty blocks `first..=last` (read under their block lock, so ordered with
     /// client writes) and forget them; the unknown digest entries among them become the
-    /// hashes of the bytes sent. Returns the bytes sent.
-    async fn resync_run(&self, first: u64, last: u64) -> std::result::Result<u64, ReplicaError> {
+    /// hashes of the bytes sent. For a repair, so does every entry that no longer matches
+    /// the bytes read (the disk was changed behind our back: the secondary is to hold what
+    /// the disk holds, and the digest is to say so). Returns the bytes sent.
+    pub(super) async fn send_run(
+        &self,
+        first: u64,
+        last: u64,
+        purpose: Purpose,
+    ) -> std::result::Result<Sent, ReplicaError> {
+        let what = match purpose {
+            Purpose::Resync => "resync",
+            Purpose::Repair => "repair",
+        };
         let off = first * DIGEST_BLOCK;
         let end = ((last + 1) * DIGEST_BLOCK).min(self.local.size());
         if end <= off {
             self.st().dirty.remove_range(first..=last);
-            return Ok(0);
+            return Ok(Sent::default());
         }
         let len = end - off;
         let _l = self.locks.lock(first, last).await;
         let data = self.local.read_at(off, len as usize).await.map_err(|e| {
-            ReplicaError::Disk(format!("reading the local disk for the resync: {e}"))
+            ReplicaError::Disk(format!("reading the local disk for the {what}: {e}"))
         })?;
-        let permit = self.space.clone().acquire_many_owned(cost(len)).await.ok();
+        let hash_of = |b: u64| {
+            let s = ((b - first) * DIGEST_BLOCK) as usize;
+            let e = (s + DIGEST_BLOCK as usize).min(data.len());
+            digest::block_hash(b, &data[s..e])
+        };
+        // Under the block lock, which every writer of these digest entries holds too.
+        let stale: Vec<(u64, u64)> = match purpose {
+            Purpose::Resync => Vec::new(),
+            Purpose::Repair => (first..=last)
+                .map(|b| (b, hash_of(b)))
+                .filter(|&(b, h)| self.digest.get(b) != h)
+                .collect(),
+        };
+        let permit = self
+            .space
+            .clone()
+            .acquire_many_owned(self.budget(len))
+            .await
+            .ok();
         let _gate = self.gate.read().await;
         let mut st = self.st();
         if st.mode != PrimaryMode::Replicating {
-            return Err(ReplicaError::State(
-                "replication stopped during the resync".into(),
-            ));
+            return Err(ReplicaError::State(format!(
+                "replication stopped during the {what}"
+            )));
         }
         st.dirty.remove_range(first..=last);
         if !st.unknown.is_empty() {
@@ -237,22 +266,54 @@ impl Primary {
             // bytes the disk holds, and the secondary is about to hold.
             for b in first..=last {
                 if st.unknown.remove(b) {
-                    let s = ((b - first) * DIGEST_BLOCK) as usize;
-                    let e = (s + DIGEST_BLOCK as usize).min(data.len());
-                    self.digest.set(b, digest::block_hash(b, &data[s..e]));
+                    self.digest.set(b, hash_of(b));
                 }
             }
         }
+        for &(b, h) in &stale {
+            self.digest.set(b, h);
+        }
         st.account(first, last, len);
-        st.resync.sent_blocks += last - first + 1;
-        st.resync.sent_bytes += len;
+        if purpose == Purpose::Resync {
+            st.resync.sent_blocks += last - first + 1;
+            st.resync.sent_bytes += len;
+        }
         drop(st);
+        if !stale.is_empty() {
+            tracing::warn!(
+                first,
+                last,
+                blocks = stale.len(),
+                "repair: the primary's disk no longer matches its digest here (changed behind lockstep's back): sending what it holds"
+            );
+        }
         let kind = if data.iter().all(|&b| b == 0) {
             FwdKind::Zeroes { may_unmap: true }
         } else {
             FwdKind::Write { data, fua: false }
         };
         self.enqueue(kind, off, len, None, permit);
-        Ok(len)
+        Ok(Sent {
+            bytes: len,
+            rehashed: stale.len() as u64,
+        })
     }
+}
+
+/// Why dirty blocks are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Purpose {
+    /// A session's resync: counted in its progress.
+    Resync,
+    /// `verify --repair`: checked against the digest first.
+    Repair,
+}
+
+/// What sending dirty blocks did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// Bytes sent.
+    pub bytes: u64,
+    /// Blocks whose digest entry no longer matched the disk, rehashed.
+    pub rehashed: u64,
 }

@@ -14,7 +14,7 @@
 use tokio::sync::oneshot;
 
 use super::queue::FwdKind;
-use super::{cost, Primary, PrimaryMode};
+use super::{Primary, PrimaryMode};
 use crate::digest::{self, DIGEST_BLOCK};
 use crate::replica::wire::AckMode;
 use crate::storage::{check_range, Backend, Extent, IoBuf, IoFuture, Op, Result};
@@ -82,7 +82,11 @@ impl Primary {
             }
         }
         let permit = if self.mode() == PrimaryMode::Replicating {
-            self.space.clone().acquire_many_owned(cost(len)).await.ok()
+            self.space
+                .clone()
+                .acquire_many_owned(self.budget(len))
+                .await
+                .ok()
         } else {
             None
         };

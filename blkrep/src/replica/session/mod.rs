@@ -16,7 +16,7 @@
 //! | --- | --- |
 //! | `mod.rs` | [`Replicator`]: one attempt, the reconnect loop, shutdown, status |
 //! | `sync.rs` | after WELCOME: mark dirty, compare digests, RESUME, forward, resync |
-//! | `verify.rs` | online comparison of both disks by digest |
+//! | `verify.rs` | online comparison of both disks by digest, and `--repair` |
 //! | `channel.rs` | the other participants' channels to their secondary halves |
 
 mod channel;
@@ -87,6 +87,8 @@ pub struct Replicator {
     trigger: OnceLock<CheckpointTrigger>,
     participants: OnceLock<Vec<Arc<dyn Participant>>>,
     state: Mutex<SessionState>,
+    /// Held by the running verify (one at a time).
+    verifying: tokio::sync::Mutex<()>,
     stop: watch::Receiver<bool>,
 }
 
@@ -112,6 +114,7 @@ impl Replicator {
             trigger: OnceLock::new(),
             participants: OnceLock::new(),
             state: Mutex::new(SessionState::default()),
+            verifying: tokio::sync::Mutex::new(()),
             stop,
         })
     }

@@ -35,6 +35,7 @@ mod links;
 mod model;
 mod participants;
 mod powercut;
+mod repair;
 
 const SIZE: u64 = 64 * 4096 + 1000;
 
