@@ -299,3 +299,54 @@ fn status_exit_codes_say_how_protected_each_node_is() {
     assert_eq!(v["consistent"], false, "{v}");
     assert_eq!(code(&pair.s_sock), 5);
 }
+
+/// The outage DRBD users know: both nodes were in sync, the primary's host restarts while
+/// the secondary's is down. The primary comes up alone, serves, and when the secondary
+/// returns resyncs only what was written meanwhile (from its on-disk bitmap).
+#[test]
+fn a_primary_restarted_alone_resyncs_its_returning_secondary_incrementally() {
+    require("qemu-io", "qemu-utils");
+    require("cmp", "diffutils");
+    let dir = scratch();
+    let mut pair = Pair::start(dir.path(), "64M", &ack_flags("received", "100ms"));
+    pair.wait_synced(Duration::from_secs(30), 1);
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x11 0 16M", &pair.uri()],
+        T,
+    );
+    pair.stop_primary_ok(Duration::from_secs(60), "the first primary");
+    pair.stop_secondary_ok(T, "the secondary");
+
+    let mut flags = ack_flags("received", "100ms");
+    flags.extend(owned(&["--connect-timeout", "1s"]));
+    let pargs = primary_cmd(
+        &pair.p_img,
+        None,
+        &pair.export,
+        &pair.listen,
+        &pair.p_sock,
+        &flags,
+    );
+    pair.primary = Daemon::start("primary2", &lockstep_bin(), &refs(&pargs), dir.path());
+    pair.wait_primary(T, |v| v["mode"] == "unprotected");
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 32M 1M", &pair.uri()],
+        T,
+    );
+    pair.restart_secondary(dir.path(), "secondary2");
+    let v = pair.wait_synced(Duration::from_secs(60), 1);
+    let r = &v["resync"];
+    assert_eq!(r["kind"], "incremental", "{v}\n{}", pair.logs());
+    assert_eq!(
+        r["sent_bytes"].as_u64(),
+        Some(1 << 20),
+        "only the megabyte written alone travels: {v}"
+    );
+    let logs = pair.logs();
+    pair.stop_and_cmp(
+        "after an incremental resync of a primary that started alone",
+        &logs,
+    );
+}

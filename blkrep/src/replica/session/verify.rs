@@ -208,13 +208,19 @@ impl Replicator {
             };
             let first = a * CHUNK_BLOCKS;
             let last = ((b + 1) * CHUNK_BLOCKS).min(nblocks) - 1;
-            let sums = {
+            // Both sides' sums under the block lock: a client write after it is released
+            // changes our digest table, and would look like a difference.
+            let (ours, sums) = {
                 let _l = p.lock_blocks(first, last).await;
                 p.barrier().await?;
-                link.sums(CHUNK_BLOCKS as u32, units.clone()).await?
+                let ours: Vec<u64> = units
+                    .iter()
+                    .map(|u| p.digest_table().unit_sum(u, CHUNK_BLOCKS))
+                    .collect();
+                (ours, link.sums(CHUNK_BLOCKS as u32, units.clone()).await?)
             };
-            for (u, theirs) in units.iter().zip(&sums) {
-                if p.digest_table().unit_sum(u, CHUNK_BLOCKS) != *theirs {
+            for ((u, mine), theirs) in units.iter().zip(&ours).zip(&sums) {
+                if mine != theirs {
                     pass.add(u, size);
                 }
             }
