@@ -42,17 +42,11 @@ fn metadata_claims_about_the_disk_follow_its_flush() {
         // the epoch's data is durable.
         disk.set_open(false);
         let before = disk.flushed();
-        let summaries = vec![EpochSummary {
-            participant: PARTICIPANT_BLOCK,
-            items: 1,
-            bytes: 4096,
-            digest: 0,
-        }];
         write_message(
             &mut wr,
             &Message::Checkpoint {
                 epoch: 1,
-                summaries,
+                summaries: block_summary(1, 4096),
             },
         )
         .await

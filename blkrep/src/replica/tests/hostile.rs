@@ -210,7 +210,7 @@ fn lying_checkpoints_are_aborted_never_committed() {
             .await
             .unwrap();
         c.write(0, &[1; 4096], false).await.unwrap();
-        let summary = |items, bytes| vec![EpochSummary { participant: PARTICIPANT_BLOCK, items, bytes, digest: 0 }];
+        let summary = block_summary;
         let mut ask = async |epoch, s: Vec<EpochSummary>| {
             write_message(&mut wr, &Message::Checkpoint { epoch, summaries: s }).await.unwrap();
             read_message(&mut rd).await.unwrap()

@@ -18,17 +18,11 @@ fn a_silent_primary_is_lost_and_the_policy_fails_over() {
         let mark = c.submit_epoch_mark(2).await.unwrap();
         c.send_submitted().await.unwrap();
         mark.wait().await.unwrap();
-        let summaries = vec![EpochSummary {
-            participant: PARTICIPANT_BLOCK,
-            items: 1,
-            bytes: 4096,
-            digest: 0,
-        }];
         write_message(
             &mut wr,
             &Message::Checkpoint {
                 epoch: 1,
-                summaries,
+                summaries: block_summary(1, 4096),
             },
         )
         .await

@@ -323,6 +323,16 @@ async fn raw_session(
     sync
 }
 
+/// The block layer's summary of an epoch: `items` modifications of `bytes` bytes.
+fn block_summary(items: u64, bytes: u64) -> Vec<EpochSummary> {
+    vec![EpochSummary {
+        participant: PARTICIPANT_BLOCK,
+        items,
+        bytes,
+        digest: 0,
+    }]
+}
+
 async fn fill_blocks(p: &Primary, blocks: impl Iterator<Item = u64>, fill: u8) {
     for b in blocks {
         let data = pattern(b * 4096, 4096, fill ^ b as u8);
