@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import json
 import math
+import os
 import re
 import signal
 import socket
@@ -107,3 +108,13 @@ def control(sock, req, timeout=30):
     if not v.get("ok"):
         raise RunError(f"{req} on {sock}: {v}")
     return v
+
+
+def cpu_seconds(pid):
+    """utime + stime of a running process (all its threads), seconds; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None

@@ -45,7 +45,7 @@ import time
 import zlib
 from pathlib import Path
 
-from benchlib import RunError, control, die_with_parent, free_port, parse_size, rel, spawn, stop_proc, tail
+from benchlib import RunError, control, cpu_seconds, die_with_parent, free_port, parse_size, rel, spawn, stop_proc, tail
 
 REPO = Path(__file__).resolve().parent.parent
 LOCKSTEP = REPO / "target" / "release" / "lockstep"
@@ -288,17 +288,8 @@ class Pair:
             r.unlink(missing_ok=True)
 
 
-def cpu_seconds(proc):
-    """utime + stime of a running process (all its threads), seconds; None when gone."""
-    try:
-        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def cpu_of(pair):
-    return {name: cpu_seconds(p) for name, (p, _log) in pair.procs.items()}
+    return {name: cpu_seconds(p.pid) for name, (p, _log) in pair.procs.items()}
 
 
 def session_start(log_path):

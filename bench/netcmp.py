@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import RunError, control, free_port, parse_size, percentile, rel, spawn, stop_proc, tail
+from benchlib import RunError, control, cpu_seconds, free_port, parse_size, percentile, rel, spawn, stop_proc, tail
 
 REPO = Path(__file__).resolve().parent.parent
 LOCKSTEP = REPO / "target" / "release" / "lockstep"
@@ -214,12 +214,6 @@ def run_stream(tmp, size):
         return results
     finally:
         s.close()
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_colo(tmp, size, n):

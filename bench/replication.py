@@ -39,10 +39,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import RunError, free_port, parse_size, percentile, rel, spawn, stop_proc, tail
+from benchlib import RunError, cpu_seconds, free_port, parse_size, percentile, rel, spawn, stop_proc, tail
 
 REPO = Path(__file__).resolve().parent.parent
-LOCKSTEP = REPO / "target" / "release" / "lockstep"
+# LOCKSTEP_BIN: another build to measure (e.g. an older commit's, side by side).
+LOCKSTEP = Path(os.environ.get("LOCKSTEP_BIN", REPO / "target" / "release" / "lockstep"))
 OUT_DIR = REPO / "bench" / "out"
 
 # (label, fio rw, block size)
@@ -189,10 +190,31 @@ def fio_result(proc, cmd, out, log_path):
     w = job["write"]
     return {
         "iops": w["iops"], "mbps": w["bw_bytes"] / 1e6, "write_bw_bytes": w["bw_bytes"],
+        "writes": w.get("total_ios"),
         "write_clat_mean_ns": w["clat_ns"]["mean"],
         "write_clat_p99_ns": w["clat_ns"].get("percentile", {}).get("99.000000"),
         "cmd": cmd,
     }
+
+
+def server_cpu(procs):
+    """CPU seconds used so far by the servers of a configuration (every thread, user and
+    system); None if one is gone."""
+    total = 0.0
+    for p in procs:
+        c = cpu_seconds(p.pid)
+        if c is None:
+            return None
+        total += c
+    return total
+
+
+def add_cpu(res, cpu0, cpu1):
+    """The servers' CPU time during the fio run, in all and per write."""
+    if cpu0 is None or cpu1 is None or not res.get("writes"):
+        return
+    res["server_cpu_s"] = cpu1 - cpu0
+    res["server_cpu_us_per_write"] = (cpu1 - cpu0) * 1e6 / res["writes"]
 
 
 def sparse_file(path, size):
@@ -403,6 +425,7 @@ def run_qemu(cfg, rw, bs, args, tmp, files):
         out = tmp / "fio.json"
         out.unlink(missing_ok=True)
         cmd = run_fio_cmd(f"{cfg}-{rw}", rw, bs, f"nbd://127.0.0.1:{port}/colo", args.size, args.runtime, out)
+        cpu0 = server_cpu([p_proc, s_proc])
         fio = start_fio(cmd, f_log)
         interval = args.interval / 1000
         next_at = time.monotonic() + interval
@@ -445,7 +468,9 @@ def run_qemu(cfg, rw, bs, args, tmp, files):
             phases.append([(t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6, (t4 - t3) * 1e6, (t5 - t4) * 1e6])
             next_at = max(t0 + interval, time.monotonic())
         fio.wait()
+        cpu1 = server_cpu([p_proc, s_proc])
         res = fio_result(fio, cmd, out, f_log)
+        add_cpu(res, cpu0, cpu1)
         status = {"primary": p_qmp.cmd("query-xen-replication-status"),
                   "secondary": s_qmp.cmd("query-xen-replication-status")}
         for where, st in status.items():
@@ -581,6 +606,7 @@ def run_lockstep(cfg, rw, bs, args, tmp, files):
     for f in ("pri", "sec"):
         files[f].unlink(missing_ok=True)  # lockstep creates them (sparse) from --size
         meta_of(files[f]).unlink(missing_ok=True)  # a fresh disk has no replication metadata
+        files[f].with_name(files[f].name + ".lockstep-bitmap").unlink(missing_ok=True)
     for s in ("sec.sock", "pri.sock"):
         (tmp / s).unlink(missing_ok=True)
     if cfg in TLS_MODES:
@@ -604,12 +630,15 @@ def run_lockstep(cfg, rw, bs, args, tmp, files):
         out = tmp / "fio.json"
         out.unlink(missing_ok=True)
         cmd = run_fio_cmd(f"{cfg}-{rw}", rw, bs, f"nbd://127.0.0.1:{port}/", args.size, args.runtime, out)
+        cpu0 = server_cpu(p for p, _ in procs.values())
         fio = start_fio(cmd, f_log)
         fio.wait()
+        cpu1 = server_cpu(p for p, _ in procs.values())
         for what, (proc, log) in procs.items():
             if proc.poll() is not None:
                 raise RunError(f"lockstep {what} exited with {proc.returncode} during the run:\n{tail(log)}")
         res = fio_result(fio, cmd, out, f_log)
+        add_cpu(res, cpu0, cpu1)
         if cfg != "export":
             st = lockstep_status(tmp)
             pause = st.get("checkpoint_pause_us") or {}
@@ -646,8 +675,8 @@ def fmt_ms(us):
 
 
 def table(results, configs, unavailable):
-    head = ["workload", "configuration", "IOPS", "MB/s", "/export", "/qemu", "ckpts",
-            "pause p50", "pause p99", "total p50", "total p99"]
+    head = ["workload", "configuration", "IOPS", "MB/s", "/export", "/qemu", "CPU/w us", "CPU /export",
+            "ckpts", "pause p50", "pause p99", "total p50", "total p99"]
     rows = []
     for name, _rw, _bs in WORKLOADS:
         res = results[name]
@@ -664,7 +693,11 @@ def table(results, configs, unavailable):
             ratio_qemu = f"{r['iops'] / qemu['iops']:.2f}x" if repl and qemu and qemu.get("iops") else "-"
             pause, total = r.get("pause_us") or {}, r.get("total_us") or {}
             ck = r.get("checkpoints")
+            cpu = r.get("server_cpu_us_per_write")
+            base_cpu = (base or {}).get("server_cpu_us_per_write")
+            cpu_ratio = f"{cpu / base_cpu:.2f}x" if cpu and base_cpu and cfg != "export" else "-"
             rows.append([name, label(cfg), f"{r['iops']:,.0f}", f"{r['mbps']:,.1f}", ratio_base, ratio_qemu,
+                         "-" if cpu is None else f"{cpu:.1f}", cpu_ratio,
                          "-" if ck is None else str(ck), fmt_ms(pause.get("p50")), fmt_ms(pause.get("p99")),
                          fmt_ms(total.get("p50")), fmt_ms(total.get("p99"))])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
@@ -807,7 +840,8 @@ def main():
     print()
     print(table(results, args.configs, unavailable))
     print("\n(/export and /qemu: IOPS of the lockstep ack mode divided by unreplicated lockstep and by QEMU "
-          "replication; pause and total in ms)")
+          "replication; CPU/w: the servers' CPU time (every process and thread of the configuration, user "
+          "and system) per write during the fio run, and its ratio to the export's; pause and total in ms)")
     for name, _rw, _bs in WORKLOADS:
         for cfg in TLS_MODES:
             tls, plain = results[name].get(cfg, {}), results[name].get(ack_of(cfg), {})

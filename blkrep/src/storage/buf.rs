@@ -27,8 +27,12 @@ unsafe impl Send for IoBuf {}
 unsafe impl Sync for IoBuf {}
 
 impl IoBuf {
-    /// A zero-filled buffer of `len` bytes.
-    pub fn zeroed(len: usize) -> Self {
+    /// An allocation of `len` bytes, zero-filled or not.
+    ///
+    /// # Safety
+    /// With `zero` false the bytes are uninitialised: the caller must write all `len` of
+    /// them through raw pointers before the buffer is read, dereferenced or handed out.
+    unsafe fn alloc(len: usize, zero: bool) -> Self {
         if len == 0 {
             return Self {
                 ptr: NonNull::dangling(),
@@ -40,8 +44,20 @@ impl IoBuf {
         let cap = len.div_ceil(IO_ALIGN) * IO_ALIGN;
         let layout = Layout::from_size_align(cap, IO_ALIGN).expect("IoBuf layout");
         // SAFETY: layout has non-zero size (cap >= IO_ALIGN).
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let raw = unsafe {
+            if zero {
+                alloc::alloc_zeroed(layout)
+            } else {
+                alloc::alloc(layout)
+            }
+        };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        if !zero && cap > len {
+            // The padding past the window is never exposed; zero it anyway, so that no
+            // path can ever see stale heap bytes.
+            // SAFETY: len..cap lies inside the allocation just made.
+            unsafe { std::ptr::write_bytes(raw.add(len), 0, cap - len) };
+        }
         Self {
             ptr,
             cap,
@@ -50,11 +66,45 @@ impl IoBuf {
         }
     }
 
-    /// A buffer holding a copy of `data`.
+    /// A zero-filled buffer of `len` bytes.
+    pub fn zeroed(len: usize) -> Self {
+        // SAFETY: zero-filled: every byte is initialised.
+        unsafe { Self::alloc(len, true) }
+    }
+
+    /// A buffer holding a copy of `data` (written once, not zero-filled first).
     pub fn from_slice(data: &[u8]) -> Self {
-        let mut b = Self::zeroed(data.len());
-        b.copy_from_slice(data);
-        b
+        // SAFETY: every one of the `len` bytes is written by the copy below before the
+        // buffer is returned; the source cannot overlap a fresh allocation.
+        unsafe {
+            let mut b = Self::alloc(data.len(), false);
+            if !data.is_empty() {
+                std::ptr::copy_nonoverlapping(data.as_ptr(), b.as_mut_ptr(), data.len());
+            }
+            b
+        }
+    }
+
+    /// Exactly `len` bytes read from `rd` (an NBD write's payload), received straight into
+    /// the buffer without zero-filling it first. An error (or EOF) before `len` bytes
+    /// drops the partial buffer.
+    pub async fn read_from<R>(rd: &mut R, len: usize) -> std::io::Result<Self>
+    where
+        R: tokio::io::AsyncRead + Unpin + ?Sized,
+    {
+        use tokio::io::AsyncReadExt;
+        // SAFETY: `Fill` writes only through `chunk_mut`'s raw window and the buffer is
+        // returned only once all `len` bytes were written (`filled == len`).
+        let mut fill = Fill {
+            buf: unsafe { Self::alloc(len, false) },
+            filled: 0,
+        };
+        while fill.filled < len {
+            if rd.read_buf(&mut fill).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(fill.buf)
     }
 
     /// Number of visible bytes.
@@ -90,6 +140,36 @@ impl IoBuf {
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         // SAFETY: as in `as_ptr`.
         unsafe { self.ptr.as_ptr().add(self.start) }
+    }
+}
+
+/// An [`IoBuf`] being received into: `filled` bytes of it are initialised.
+struct Fill {
+    buf: IoBuf,
+    filled: usize,
+}
+
+// SAFETY: `chunk_mut` hands out exactly the unfilled part of the allocation, and
+// `advance_mut` only counts bytes the reader reported as written there.
+unsafe impl bytes::BufMut for Fill {
+    fn remaining_mut(&self) -> usize {
+        self.buf.len - self.filled
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        assert!(cnt <= self.remaining_mut(), "advanced past the buffer");
+        self.filled += cnt;
+    }
+
+    fn chunk_mut(&mut self) -> &mut bytes::buf::UninitSlice {
+        let rest = self.buf.len - self.filled;
+        // SAFETY: filled..len lies inside the allocation; UninitSlice never reads it.
+        unsafe {
+            bytes::buf::UninitSlice::from_raw_parts_mut(
+                self.buf.as_mut_ptr().add(self.filled),
+                rest,
+            )
+        }
     }
 }
 
@@ -176,5 +256,28 @@ mod tests {
         assert_eq!(&*b, &[4]);
         let empty = IoBuf::zeroed(0);
         assert!(empty.is_empty());
+    }
+
+    #[test]
+    fn read_from_fills_exactly_from_partial_reads_and_refuses_a_short_stream() {
+        crate::test_runtime().block_on(async {
+            let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+            // A reader that returns at most 7 bytes at a time.
+            let (mut a, mut b) = tokio::io::duplex(7);
+            let d = data.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                a.write_all(&d).await.unwrap();
+            });
+            let buf = IoBuf::read_from(&mut b, 9_000).await.unwrap();
+            assert_eq!(&buf[..], &data[..9_000]);
+            let e = IoBuf::read_from(&mut b, 2_000).await.unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+            let empty = IoBuf::read_from(&mut b, 0).await.unwrap();
+            assert!(empty.is_empty());
+            let c = IoBuf::from_slice(&data[..5]);
+            assert_eq!(&c[..], &data[..5]);
+            assert_eq!(IoBuf::from_slice(&[]).len(), 0);
+        });
     }
 }

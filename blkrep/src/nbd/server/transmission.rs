@@ -118,14 +118,15 @@ impl NbdServer {
                 continue;
             }
             let payload = if req.command == CMD_WRITE {
-                let mut buf = IoBuf::zeroed(req.length as usize);
-                if let Err(e) = rd.read_exact(&mut buf).await {
-                    break Err(NbdError::Io {
-                        context: format!("reading a write payload from {peer}"),
-                        source: e,
-                    });
+                match IoBuf::read_from(&mut rd, req.length as usize).await {
+                    Ok(buf) => Some(buf),
+                    Err(e) => {
+                        break Err(NbdError::Io {
+                            context: format!("reading a write payload from {peer}"),
+                            source: e,
+                        })
+                    }
                 }
-                Some(buf)
             } else {
                 None
             };
