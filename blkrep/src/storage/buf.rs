@@ -95,10 +95,8 @@ impl IoBuf {
         use tokio::io::AsyncReadExt;
         // SAFETY: `Fill` writes only through `chunk_mut`'s raw window and the buffer is
         // returned only once all `len` bytes were written (`filled == len`).
-        let mut fill = Fill {
-            buf: unsafe { Self::alloc(len, false) },
-            filled: 0,
-        };
+        let buf = unsafe { Self::alloc(len, false) };
+        let mut fill = Fill { buf, filled: 0 };
         while fill.filled < len {
             if rd.read_buf(&mut fill).await? == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
