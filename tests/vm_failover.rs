@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use lockstep_tests::control::{control_status, failover, lockstep};
 use lockstep_tests::guest::vm::{counts, start_vm, vm_initrd, wait_count, VmSpec};
-use lockstep_tests::pair::{ack_flags, Pair};
+use lockstep_tests::pair::{ack_flags, primary_cmd, secondary_cmd, Pair};
 use lockstep_tests::trials::{trials, Rng};
 use lockstep_tests::{free_port, heavy, lockstep_bin, owned, refs, run, scratch, sleep_ms, Daemon};
 
@@ -415,21 +415,19 @@ fn a_failed_over_vm_is_protected_again_and_fails_back() {
     let a_export = format!("127.0.0.1:{}", free_port());
     let a_sock = d.join("a2.sock");
     let a_dev = d.join("a2.device");
-    let sargs = owned(&[
-        "secondary",
-        "--disk",
-        node.pair.p_img.to_str().unwrap(),
-        "--listen",
+    let sargs = secondary_cmd(
+        &node.pair.p_img,
+        None,
         &a_listen,
-        "--export",
-        &a_export,
-        "--control",
-        a_sock.to_str().unwrap(),
-        "--memory",
-        node.p_ram.to_str().unwrap(),
-        "--device-state",
-        a_dev.to_str().unwrap(),
-    ]);
+        &a_sock,
+        Some(&a_export),
+        &owned(&[
+            "--memory",
+            node.p_ram.to_str().unwrap(),
+            "--device-state",
+            a_dev.to_str().unwrap(),
+        ]),
+    );
     let mut a2 = Daemon::start("secondary-a2", &lockstep_bin(), &refs(&sargs), d);
     lockstep_tests::control::wait_mode(&mut a2, &a_sock, Duration::from_secs(20), "a2", "waiting");
     let mut admin = lockstep_tests::qmp::Qmp::connect(&d.join("qemu2-admin.qmp"));
@@ -437,27 +435,23 @@ fn a_failed_over_vm_is_protected_again_and_fails_back() {
     // The failed-over daemon makes way for a primary on the same disk and export.
     node.pair.secondary.stop(Duration::from_secs(30));
     let b_sock = d.join("b2.sock");
-    let pargs = owned(&[
-        "primary",
-        "--disk",
-        node.pair.s_img.to_str().unwrap(),
-        "--export",
-        &b_export,
-        "--secondary",
-        &a_listen,
-        "--control",
-        b_sock.to_str().unwrap(),
+    let mut extra = owned(&[
         "--memory",
         node.s_ram.to_str().unwrap(),
         "--qmp",
         d.join("qemu2.qmp").to_str().unwrap(),
         "--device-state",
         d.join("b2.device").to_str().unwrap(),
-        "--ack",
-        "received",
-        "--checkpoint-interval",
-        "300ms",
     ]);
+    extra.extend(ack_flags("received", "300ms"));
+    let pargs = primary_cmd(
+        &node.pair.s_img,
+        None,
+        &b_export,
+        &a_listen,
+        &b_sock,
+        &extra,
+    );
     let mut b2 = Daemon::start("primary-b2", &lockstep_bin(), &refs(&pargs), d);
     let st = lockstep_tests::control::wait_status(
         &mut b2,

@@ -107,15 +107,22 @@ impl Resource {
         self.nodes.keys().map(String::as_str).collect()
     }
 
-    /// The flags of node `node` running as `role`, for `cmd` (that role's clap command);
-    /// `other` is the other role's command, whose flags are left out rather than refused.
+    /// The flags of node `node` running as `role` (one of [`ROLES`]), checked against
+    /// `root`'s subcommand for that role; settings only the other role knows are left out
+    /// rather than refused.
     pub fn flags(
         &self,
         role: &str,
         node: &str,
-        cmd: &clap::Command,
-        other: &clap::Command,
+        root: &clap::Command,
     ) -> anyhow::Result<Vec<String>> {
+        let sub = |r: &str| root.find_subcommand(r).expect("a role subcommand");
+        let cmd = sub(role);
+        let other = sub(if role == "primary" {
+            "secondary"
+        } else {
+            "primary"
+        });
         let file = self.path.display();
         let own = self.nodes.get(node).ok_or_else(|| {
             anyhow!(
@@ -247,14 +254,7 @@ pub fn expand(args: Vec<OsString>, root: &clap::Command) -> anyhow::Result<Vec<O
         (Some(_), None) => bail!("--config needs --node NAME: which node of the resource this is"),
         (None, Some(_)) => bail!("--node needs --config FILE"),
     };
-    let res = Resource::load(Path::new(&file))?;
-    let other = if role == "primary" {
-        "secondary"
-    } else {
-        "primary"
-    };
-    let sub = |r: &str| root.find_subcommand(r).expect("role subcommand").clone();
-    let flags = res.flags(&role, &node, &sub(&role), &sub(other))?;
+    let flags = Resource::load(Path::new(&file))?.flags(&role, &node, root)?;
     let mut out = vec![args[0].clone(), args[1].clone()];
     out.extend(flags.into_iter().map(OsString::from));
     out.extend(rest);
@@ -306,16 +306,10 @@ enum ConfigCommand {
 pub fn run(a: ConfigArgs, root: &clap::Command) -> anyhow::Result<()> {
     let ConfigCommand::Check { file } = a.command;
     let res = Resource::load(&file)?;
-    let sub = |r: &str| root.find_subcommand(r).expect("role subcommand").clone();
     let mut problems = Vec::new();
     for node in res.node_names() {
         for role in ROLES {
-            let other = if role == "primary" {
-                "secondary"
-            } else {
-                "primary"
-            };
-            let flags = match res.flags(role, node, &sub(role), &sub(other)) {
+            let flags = match res.flags(role, node, root) {
                 Ok(f) => f,
                 Err(e) => {
                     problems.push(format!("node {node} as {role}: {e:#}"));

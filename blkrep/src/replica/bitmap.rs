@@ -90,6 +90,15 @@ struct State {
     broken: Option<String>,
 }
 
+impl State {
+    /// Take the extents a modification is in flight in out of `c`.
+    fn spare_busy(&self, c: &mut RoaringBitmap) {
+        for e in self.inflight.keys() {
+            c.remove(*e);
+        }
+    }
+}
+
 /// The persistent extent bitmap of one primary disk.
 #[derive(Debug)]
 pub struct DiskBitmap {
@@ -292,11 +301,7 @@ impl DiskBitmap {
             let touched = std::mem::take(&mut st.touched);
             let mut c = &st.wanted - &needed;
             c -= touched;
-            for (e, n) in &st.inflight {
-                if *n > 0 {
-                    c.remove(*e);
-                }
-            }
+            st.spare_busy(&mut c);
             c
         };
         if candidates.is_empty() {
@@ -310,11 +315,7 @@ impl DiskBitmap {
             // Anything marked since the candidates were chosen stays.
             let mut c = candidates;
             c -= &st.touched;
-            for (e, n) in &st.inflight {
-                if *n > 0 {
-                    c.remove(*e);
-                }
-            }
+            st.spare_busy(&mut c);
             let n = c.len();
             st.wanted -= c;
             st.version += 1;

@@ -42,15 +42,7 @@ fn metadata_claims_about_the_disk_follow_its_flush() {
         // the epoch's data is durable.
         disk.set_open(false);
         let before = disk.flushed();
-        write_message(
-            &mut wr,
-            &Message::Checkpoint {
-                epoch: 1,
-                summaries: block_summary(1, 4096),
-            },
-        )
-        .await
-        .unwrap();
+        send_checkpoint(&mut wr, 1, block_summary(1, 4096)).await;
         // Heartbeats are answered while the flush waits (and keep the session alive).
         for seq in 0..5 {
             write_message(&mut wr, &Message::Heartbeat { seq })
@@ -76,18 +68,7 @@ fn metadata_claims_about_the_disk_follow_its_flush() {
         let mark = c.submit_epoch_mark(3).await.unwrap();
         c.send_submitted().await.unwrap();
         mark.wait().await.unwrap();
-        write_message(
-            &mut wr,
-            &Message::Checkpoint {
-                epoch: 2,
-                summaries: vec![EpochSummary {
-                    participant: PARTICIPANT_BLOCK,
-                    ..Default::default()
-                }],
-            },
-        )
-        .await
-        .unwrap();
+        send_checkpoint(&mut wr, 2, block_summary(0, 0)).await;
         assert_eq!(
             read_message(&mut rd).await.unwrap(),
             Message::Committed { epoch: 2 }

@@ -325,15 +325,7 @@ fn a_forwarded_write_that_fails_on_the_secondary_aborts_its_epoch() {
             c.send_submitted().await.unwrap();
             mark.wait().await.unwrap();
             // The primary counted both writes it sent.
-            let summaries = vec![EpochSummary {
-                participant: PARTICIPANT_BLOCK,
-                items: 2,
-                bytes: 8192,
-                digest: 0,
-            }];
-            write_message(&mut wr, &Message::Checkpoint { epoch: 1, summaries })
-                .await
-                .unwrap();
+            send_checkpoint(&mut wr, 1, block_summary(2, 8192)).await;
             let m = read_message(&mut rd).await.unwrap();
             assert!(
                 matches!(&m, Message::Aborted { epoch: 1, reason }

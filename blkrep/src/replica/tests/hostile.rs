@@ -212,7 +212,7 @@ fn lying_checkpoints_are_aborted_never_committed() {
         c.write(0, &[1; 4096], false).await.unwrap();
         let summary = block_summary;
         let mut ask = async |epoch, s: Vec<EpochSummary>| {
-            write_message(&mut wr, &Message::Checkpoint { epoch, summaries: s }).await.unwrap();
+            send_checkpoint(&mut wr, epoch, s).await;
             read_message(&mut rd).await.unwrap()
         };
         // Epoch 1 is still open (no epoch mark yet).

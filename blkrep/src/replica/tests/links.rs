@@ -18,15 +18,7 @@ fn a_silent_primary_is_lost_and_the_policy_fails_over() {
         let mark = c.submit_epoch_mark(2).await.unwrap();
         c.send_submitted().await.unwrap();
         mark.wait().await.unwrap();
-        write_message(
-            &mut wr,
-            &Message::Checkpoint {
-                epoch: 1,
-                summaries: block_summary(1, 4096),
-            },
-        )
-        .await
-        .unwrap();
+        send_checkpoint(&mut wr, 1, block_summary(1, 4096)).await;
         let m = read_message(&mut rd).await.unwrap();
         assert!(matches!(m, Message::Committed { epoch: 1, .. }), "{m:?}");
         c.write(8192, &[3; 4096], false).await.unwrap();

@@ -333,6 +333,17 @@ fn block_summary(items: u64, bytes: u64) -> Vec<EpochSummary> {
     }]
 }
 
+/// On a raw control session: CHECKPOINT(`epoch`) with `summaries`.
+async fn send_checkpoint(
+    wr: &mut tokio::io::BufWriter<crate::transport::WriteHalf>,
+    epoch: u64,
+    summaries: Vec<EpochSummary>,
+) {
+    write_message(wr, &Message::Checkpoint { epoch, summaries })
+        .await
+        .unwrap();
+}
+
 async fn fill_blocks(p: &Primary, blocks: impl Iterator<Item = u64>, fill: u8) {
     for b in blocks {
         let data = pattern(b * 4096, 4096, fill ^ b as u8);

@@ -406,35 +406,15 @@ impl UringFile {
             return Ok(());
         }
         let unsupported = |e: &StorageError| matches!(e, StorageError::Io { source, .. } if source.raw_os_error() == Some(libc::EOPNOTSUPP));
-        let keep = libc::FALLOC_FL_KEEP_SIZE;
-        if may_unmap {
+        // Deallocate if allowed, else zero in place (files only); each may be unsupported.
+        let modes = [
+            (may_unmap, libc::FALLOC_FL_PUNCH_HOLE),
+            (!self.block_device, libc::FALLOC_FL_ZERO_RANGE),
+        ];
+        for (_, mode) in modes.into_iter().filter(|(wanted, _)| *wanted) {
+            let mode = mode | libc::FALLOC_FL_KEEP_SIZE;
             match self
-                .call(
-                    op,
-                    offset,
-                    len,
-                    Work::Fallocate {
-                        len,
-                        mode: libc::FALLOC_FL_PUNCH_HOLE | keep,
-                    },
-                )
-                .await
-            {
-                Err(e) if unsupported(&e) => {}
-                r => return r.map(drop),
-            }
-        }
-        if !self.block_device {
-            match self
-                .call(
-                    op,
-                    offset,
-                    len,
-                    Work::Fallocate {
-                        len,
-                        mode: libc::FALLOC_FL_ZERO_RANGE | keep,
-                    },
-                )
+                .call(op, offset, len, Work::Fallocate { len, mode })
                 .await
             {
                 Err(e) if unsupported(&e) => {}
