@@ -217,17 +217,25 @@ impl Lab {
     }
 
     pub fn wait(&self, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+        self.wait_for(T, &ready)
+            .unwrap_or_else(|st| panic!("netcmp: {what} not within {T:?}: {st}\n{}", self.logs()))
+    }
+
+    /// The status once `ready` accepts it, or the last status when `within` passed first.
+    pub fn wait_for(
+        &self,
+        within: Duration,
+        ready: impl Fn(&Value) -> bool,
+    ) -> Result<Value, Value> {
         let start = Instant::now();
         loop {
             let st = self.status();
             if ready(&st) {
-                return st;
+                return Ok(st);
             }
-            assert!(
-                start.elapsed() < T,
-                "netcmp: {what} not within {T:?}: {st}\n{}",
-                self.logs()
-            );
+            if start.elapsed() >= within {
+                return Err(st);
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
