@@ -47,13 +47,38 @@ def tail(path, lines=20):
         return ""
 
 
-def free_port():
-    """A TCP port on 127.0.0.1 that nobody listens on now."""
-    import socket
+_NEXT_PORT = [None]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nobody listens on now.
+
+    Taken from below the kernel's ephemeral range, so no outgoing connection can grab it
+    between this probe and the daemon's own bind; never the same port twice per run."""
+    import os
+    import socket
+    import time
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low, high = 10000, min(max(ephemeral_low, 12000), 65536)
+    span = high - low
+    if _NEXT_PORT[0] is None:
+        _NEXT_PORT[0] = (os.getpid() * 7919 + time.time_ns()) % span
+    for _ in range(span):
+        port = low + _NEXT_PORT[0] % span
+        _NEXT_PORT[0] += 1
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {low}..{high}")
 
 
 def percentile(values, p):

@@ -64,13 +64,41 @@ pub fn require(tool: &str, package: &str) {
     assert!(found, "required tool `{tool}` is missing: install the Debian package `{package}` (tests/run-all does)");
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback for a daemon a test starts.
+///
+/// Ports come from below the kernel's ephemeral range, so the outgoing connections that
+/// tests and daemons make (whose source ports the kernel picks from that range) can never
+/// take a port between our probe and the daemon's own bind. Each test process walks the
+/// range from its own starting point and never hands out a port twice.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind port 0")
-        .local_addr()
-        .expect("local addr")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u32>().ok())
+        })
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_low.clamp(12_000, 65_536));
+    let span = high - low;
+    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        std::process::id().wrapping_mul(7919).wrapping_add(nanos)
+    });
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = low + start.wrapping_add(n) % span;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}");
 }
 
 /// Poll until `addr` accepts TCP connections, or panic after `deadline`.
