@@ -61,7 +61,7 @@ fn kill_primary_trial(rng: &mut Rng) -> String {
     require("qemu-img", "qemu-utils");
     require("qemu-io", "qemu-utils");
     let dir = scratch();
-    let ack = rng.pick(&["local", "received", "durable"]);
+    let ack = rng.pick(&["local", "received", "durable", "sync"]);
     let interval = rng.pick(&["50ms", "70ms", "100ms"]);
     let bytes = rng.pick(&["0", "0", "2M"]);
     let depth = rng.pick(&[16u32, 24, 32]);

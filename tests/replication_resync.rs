@@ -26,7 +26,7 @@ struct ResyncTotals {
 fn link_cut_trial(rng: &mut Rng, totals: &mut ResyncTotals) -> String {
     require("fio", "fio");
     let dir = scratch();
-    let ack = rng.pick(&["local", "received", "durable"]);
+    let ack = rng.pick(&["local", "received", "durable", "sync"]);
     let (mut pair, proxy) = Pair::start_full(
         dir.path(),
         "256M",

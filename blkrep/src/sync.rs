@@ -4,12 +4,14 @@
 //!   mutex here guards plain bookkeeping that stays consistent between statements, so a
 //!   poisoned lock is still safe to use; one panic must not take the daemon down with it.
 //! - [`BlockRangeLock`]: serialise writers whose block ranges overlap.
+//! - [`Unfinished`]: work answered before it finished, and a wait for all of it.
 //! - [`GroupSync`]: one flush at a time, shared by every caller that arrived before it began.
 //! - [`BoxFuture`]: the boxed future that object-safe async traits return.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
@@ -63,14 +65,109 @@ impl BlockRangeLock {
     }
 }
 
-impl Drop for RangeGuard<'_> {
-    fn drop(&mut self) {
-        let mut held = self.lock.held.locked();
-        if let Some(i) = held.iter().position(|&r| r == self.range) {
+impl BlockRangeLock {
+    /// [`BlockRangeLock::lock`], with a guard that owns its lock (for a task of its own).
+    pub async fn lock_owned(self: &Arc<Self>, first: u64, last: u64) -> OwnedRangeGuard {
+        let g = self.lock(first, last).await;
+        let range = g.range;
+        std::mem::forget(g);
+        OwnedRangeGuard {
+            lock: self.clone(),
+            range,
+        }
+    }
+
+    fn release(&self, range: (u64, u64)) {
+        let mut held = self.held.locked();
+        if let Some(i) = held.iter().position(|&r| r == range) {
             held.swap_remove(i);
         }
         drop(held);
-        self.lock.released.notify_waiters();
+        self.released.notify_waiters();
+    }
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        self.lock.release(self.range);
+    }
+}
+
+/// A [`RangeGuard`] that owns its lock.
+#[derive(Debug)]
+pub struct OwnedRangeGuard {
+    lock: Arc<BlockRangeLock>,
+    range: (u64, u64),
+}
+
+impl Drop for OwnedRangeGuard {
+    fn drop(&mut self) {
+        self.lock.release(self.range);
+    }
+}
+
+/// Work that was answered before it finished (a write acknowledged on receipt and applied
+/// afterwards): each item holds a ticket until it is done, and [`Unfinished::drain`] waits
+/// for every item that started before the call (not for later ones, so a steady stream of
+/// new work cannot hold it back).
+#[derive(Debug, Default)]
+pub struct Unfinished {
+    /// The next ticket's number, and the numbers of the tickets still held.
+    state: Mutex<(u64, BTreeSet<u64>)>,
+    done: Notify,
+}
+
+/// Held while one item of [`Unfinished`] work runs; dropping it (even by a panic) ends it.
+#[derive(Debug)]
+pub struct UnfinishedTicket {
+    of: Arc<Unfinished>,
+    n: u64,
+}
+
+impl Unfinished {
+    /// Start an item.
+    pub fn start(self: &Arc<Self>) -> UnfinishedTicket {
+        let mut s = self.state.locked();
+        let n = s.0;
+        s.0 += 1;
+        s.1.insert(n);
+        UnfinishedTicket {
+            of: self.clone(),
+            n,
+        }
+    }
+
+    /// Items not finished yet.
+    pub fn len(&self) -> usize {
+        self.state.locked().1.len()
+    }
+
+    /// Whether every item has finished.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Return once every item started before this call has finished.
+    pub async fn drain(&self) {
+        let upto = self.state.locked().0;
+        loop {
+            let notified = {
+                let s = self.state.locked();
+                if s.1.first().is_none_or(|&n| n >= upto) {
+                    return;
+                }
+                // Created under the mutex, so a finish cannot slip between check and wait.
+                self.done.notified()
+            };
+            notified.await;
+        }
+    }
+}
+
+impl Drop for UnfinishedTicket {
+    fn drop(&mut self) {
+        self.of.state.locked().1.remove(&self.n);
+        self.of.done.notify_waiters();
     }
 }
 
@@ -154,6 +251,45 @@ mod tests {
             .await
             .expect("released range is taken")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_owned_guard_holds_its_range_until_dropped() {
+        let l = Arc::new(BlockRangeLock::default());
+        let g = l.lock_owned(3, 4).await;
+        let l2 = l.clone();
+        let waiter = tokio::spawn(async move {
+            let _g = l2.lock(4, 8).await;
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "an overlapping range must wait");
+        tokio::spawn(async move { drop(g) }).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("released range is taken")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_earlier_work_only() {
+        let u = Arc::new(Unfinished::default());
+        let first = u.start();
+        let u2 = u.clone();
+        let drain = tokio::spawn(async move { u2.drain().await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // Work started after the drain began does not hold it back.
+        let later = u.start();
+        assert!(!drain.is_finished(), "drain must wait for the earlier item");
+        assert_eq!(u.len(), 2);
+        drop(first);
+        tokio::time::timeout(std::time::Duration::from_secs(5), drain)
+            .await
+            .expect("drain ends once the earlier item is done")
+            .unwrap();
+        assert_eq!(u.len(), 1);
+        drop(later);
+        assert!(u.is_empty());
+        u.drain().await;
     }
 
     #[tokio::test]

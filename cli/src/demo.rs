@@ -38,7 +38,7 @@ pub struct DemoArgs {
     /// Checkpoint period.
     #[arg(long, default_value = "100ms")]
     interval: DurationArg,
-    /// The primary's ack mode: local, received or durable.
+    /// The primary's ack mode: local, received, durable or sync (docs/operations.md).
     #[arg(long, default_value = PrimaryOptions::default().ack.name(), value_parser = crate::units::choice::<AckMode>(crate::units::ACK_MODES))]
     ack: AckMode,
     /// Writes in flight.

@@ -111,8 +111,9 @@ pub struct PrimaryArgs {
     /// The secondary's --listen endpoint: an endpoint (forms below).
     #[arg(long, value_name = ENDPOINT)]
     secondary: Endpoint,
-    /// What a client's write waits for: local (local disk), received (the secondary
-    /// applied it), durable (the secondary has it on stable storage).
+    /// What a client's write waits for, as DRBD's protocols: local (A: the local disk;
+    /// forwarding queued), received (B: the secondary has it in memory), durable (C: the
+    /// secondary wrote it to its disk); sync: stable storage on both (FUA every write).
     #[arg(long, default_value = PrimaryOptions::default().ack.name(), value_parser = choice::<AckMode>(ACK_MODES))]
     ack: AckMode,
     /// Checkpoint period (e.g. 100ms, 2s; 0 for none).

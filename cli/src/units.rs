@@ -114,7 +114,7 @@ Endpoints: ADDR:PORT ([::1]:10809 for IPv6), :PORT (every IPv4 address), unix:PA
 nbd://ADDR[:PORT] or nbd+unix:///?socket=PATH.";
 
 /// The names `--ack` takes.
-pub const ACK_MODES: &[&str] = &["local", "received", "durable"];
+pub const ACK_MODES: &[&str] = &["local", "received", "durable", "sync"];
 /// The names `failover --to` takes.
 pub const FAILOVER_TARGETS: &[&str] = &["checkpoint", "latest"];
 /// The names `--on-peer-loss` takes.

@@ -75,7 +75,7 @@ impl Primary {
         let mut run = Forwarder {
             lost: self.lost(),
             stop: self.stop.subscribe(),
-            durable: self.opts.ack == AckMode::Durable,
+            sync: self.opts.ack == AckMode::Sync,
             max_inflight: self.opts.max_inflight,
             p: self,
             client,
@@ -145,8 +145,8 @@ struct Forwarder {
     next_id: u64,
     /// Taken from the queue but not sendable yet (order, or the in-flight limit).
     held: Option<FwdOp>,
-    /// Every modification is forwarded with FUA (ack mode `durable`).
-    durable: bool,
+    /// Every modification is forwarded with FUA (ack mode `sync`).
+    sync: bool,
     max_inflight: usize,
 }
 
@@ -230,12 +230,12 @@ impl Forwarder {
 
     /// Put `op` on the wire (it goes out with the batch).
     async fn submit(&self, op: &FwdOp) -> Result<Ticket, crate::nbd::NbdError> {
-        let (c, durable) = (&self.client, self.durable);
+        let (c, sync) = (&self.client, self.sync);
         match &op.kind {
-            FwdKind::Write { data, fua } => c.submit_write(op.offset, data, *fua || durable).await,
-            FwdKind::Trim => c.submit_trim(op.offset, op.len as u32, durable).await,
+            FwdKind::Write { data, fua } => c.submit_write(op.offset, data, *fua || sync).await,
+            FwdKind::Trim => c.submit_trim(op.offset, op.len as u32, sync).await,
             FwdKind::Zeroes { may_unmap } => {
-                c.submit_write_zeroes(op.offset, op.len as u32, *may_unmap, durable)
+                c.submit_write_zeroes(op.offset, op.len as u32, *may_unmap, sync)
                     .await
             }
             FwdKind::Flush => c.submit_flush().await,

@@ -5,7 +5,7 @@
 //!  client write ─▶ range lock ─▶ local disk ─▶ gate(read): digest, epoch accounting,
 //!                                               enqueue ─▶ ForwardQueue ─▶ forwarder task
 //!                                                                              │ NBD, pipelined
-//!  ack: local = after enqueue; received / durable = after the secondary's reply ◀┘
+//!  ack: local = after enqueue; received / durable / sync = after the secondary's reply ◀┘
 //!  checkpoint cut(n) = gate(write): epoch n+1 begins, epoch mark n+1 enqueued, digest taken
 //! ```
 //!
@@ -75,7 +75,7 @@ pub struct PrimaryOptions {
 impl Default for PrimaryOptions {
     fn default() -> Self {
         Self {
-            ack: AckMode::Received,
+            ack: AckMode::Durable,
             queue_bytes: 64 << 20,
             max_inflight: 256,
         }

@@ -6,7 +6,9 @@
 //!  modify: range lock ─▶ hash covered blocks ─▶ local disk ─▶ hash edge blocks (read back)
 //!          ─▶ queue budget ─▶ gate(read): digest table; replicating: account + enqueue,
 //!                                                       otherwise: dirty (+ new generation)
-//!          ─▶ ack (local: now; received / durable: after the secondary's reply)
+//!          ─▶ ack (local: now; received / durable / sync: after the secondary's reply)
+//!  ack mode sync: the local modification is made durable too (FUA, or a flush after a
+//!          trim / write-zeroes), the promise the forwarded one carries
 //!  the local write or a read-back fails ─▶ gate(write): dirty + digest unknown, and the
 //!          session ends (link_lost) ─▶ the client's error
 //! ```
@@ -194,6 +196,18 @@ impl Primary {
         (hashes, edges)
     }
 
+    /// A local trim or write-zeroes, followed by a flush in ack mode `sync` (where every
+    /// modification is durable before it completes; writes carry FUA instead).
+    fn synced<'a>(&'a self, op: IoFuture<'a, ()>) -> IoFuture<'a, ()> {
+        if self.opts.ack != AckMode::Sync {
+            return op;
+        }
+        Box::pin(async move {
+            op.await?;
+            self.local.flush().await
+        })
+    }
+
     /// The hash of block `b` as the local disk holds it now.
     async fn read_block_hash(&self, b: u64) -> Result<u64> {
         let bstart = b * DIGEST_BLOCK;
@@ -217,12 +231,13 @@ impl Backend for Primary {
         Box::pin(async move {
             let len = data.len() as u64;
             let copy = IoBuf::from_slice(&data);
+            let local_fua = fua || self.opts.ack == AckMode::Sync;
             self.modify(
                 Op::Write,
                 offset,
                 len,
                 FwdKind::Write { data: copy, fua },
-                self.local.write_at(offset, data, fua),
+                self.local.write_at(offset, data, local_fua),
             )
             .await
         })
@@ -270,7 +285,7 @@ impl Backend for Primary {
             offset,
             len,
             FwdKind::Trim,
-            self.local.discard(offset, len),
+            self.synced(self.local.discard(offset, len)),
         ))
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()> {
@@ -279,7 +294,7 @@ impl Backend for Primary {
             offset,
             len,
             FwdKind::Zeroes { may_unmap },
-            self.local.write_zeroes(offset, len, may_unmap),
+            self.synced(self.local.write_zeroes(offset, len, may_unmap)),
         ))
     }
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {

@@ -4,10 +4,19 @@
 //!
 //! ```text
 //!  NBD "replica" export ─▶ ReplicaSink::connect ─▶ ReplicaConn (bound to a session token)
-//!      write / trim / zeroes ─▶ Secondary::forwarded: fence check ─▶ range lock
+//!      write / trim / zeroes ─▶ Secondary::admit_forwarded: fence check ─▶ range lock
 //!            ─▶ preserve(originals of epoch n) ─▶ apply to disk ─▶ count (or poison epoch n)
+//!            ─▶ answer
+//!      ack mode received, no FUA: answer right after the range lock; the rest runs as a
+//!            task of its own, holding the lock (and the barrier) until it is applied
+//!      flush ─▶ wait for what was answered early ─▶ flush the disk (or the failure)
 //!      epoch mark n+1 ─▶ Secondary::begin_epoch: later writes belong to epoch n+1
 //! ```
+//!
+//! A write answered early that then fails poisons its epoch, exactly as one that failed
+//! before its answer: that checkpoint cannot commit (the primary resyncs), and the next
+//! FLUSH fails. What was answered early is applied before any FLUSH, checkpoint, failover,
+//! RESUME or GOODBYE completes, and a read of the same blocks waits for it (range lock).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +24,21 @@ use std::time::Duration;
 use super::{blocks_of, spill_error, Mode, Secondary};
 use crate::nbd::server::EpochSink;
 use crate::replica::buffer::BUFFER_BLOCK;
+use crate::replica::wire::AckMode;
 use crate::storage::{check_range, Backend, Extent, IoBuf, IoFuture, Op, Result, StorageError};
-use crate::sync::BoxFuture;
+use crate::sync::{BoxFuture, OwnedRangeGuard};
+
+/// A forwarded modification admitted into its epoch: it holds the barrier (shared) and the
+/// range lock of its blocks until it has been applied and counted.
+pub(super) struct Admitted {
+    epoch: u64,
+    first: u64,
+    last: u64,
+    /// The session's ack mode is `received`: answer before applying.
+    early: bool,
+    _barrier: tokio::sync::OwnedRwLockReadGuard<()>,
+    _range: OwnedRangeGuard,
+}
 
 impl Secondary {
     /// Copy the originals of blocks `first..=last` into `epoch` where not yet kept. The
@@ -84,18 +106,11 @@ impl Secondary {
         Ok(())
     }
 
-    /// One forwarded modification: preserve originals, apply, account.
-    pub(super) async fn forwarded(
-        &self,
-        token: u64,
-        op: Op,
-        offset: u64,
-        len: u64,
-        apply: IoFuture<'_, ()>,
-    ) -> Result<()> {
+    /// Admit one forwarded modification: fence check, its epoch, its range lock.
+    async fn admit_forwarded(&self, token: u64, op: Op, offset: u64, len: u64) -> Result<Admitted> {
         check_range(op, offset, len, self.disk.size(), 1)?;
-        let _b = self.barrier.read().await;
-        let epoch = {
+        let barrier = self.barrier.clone().read_owned().await;
+        let (epoch, early) = {
             let i = self.inner();
             if i.token != token {
                 return Err(StorageError::Unavailable(FENCED.into()));
@@ -106,13 +121,32 @@ impl Secondary {
                     i.mode.name()
                 )));
             }
-            i.current
+            (i.current, i.ack == AckMode::Received)
         };
         let (first, last) = blocks_of(offset, len);
-        let _g = self.locks.lock(first, last).await;
+        let range = self.locks.lock_owned(first, last).await;
+        Ok(Admitted {
+            epoch,
+            first,
+            last,
+            early,
+            _barrier: barrier,
+            _range: range,
+        })
+    }
+
+    /// An admitted modification: preserve originals, apply, account.
+    async fn apply_admitted(
+        &self,
+        a: &Admitted,
+        op: Op,
+        len: u64,
+        apply: IoFuture<'_, ()>,
+    ) -> Result<()> {
         let r = async {
             if len > 0 {
-                self.preserve(epoch, first, last, op != Op::Write).await?;
+                self.preserve(a.epoch, a.first, a.last, op != Op::Write)
+                    .await?;
             }
             apply.await
         }
@@ -120,7 +154,7 @@ impl Secondary {
         let mut i = self.inner();
         match &r {
             Ok(()) => {
-                let c = i.counts.entry(epoch).or_default();
+                let c = i.counts.entry(a.epoch).or_default();
                 c.items += 1;
                 c.bytes += len;
                 i.forwarded_writes += 1;
@@ -128,10 +162,55 @@ impl Secondary {
             }
             Err(e) => {
                 // The epoch can no longer be committed: its data is incomplete.
-                i.poisoned.entry(epoch).or_insert_with(|| e.to_string());
+                i.poisoned.entry(a.epoch).or_insert_with(|| e.to_string());
             }
         }
         r
+    }
+
+    /// One forwarded modification, answered once applied; in ack mode `received` (unless
+    /// `durable_now`: a FUA write) answered once admitted, and applied by a task of its own.
+    async fn forwarded(
+        self: &Arc<Self>,
+        token: u64,
+        op: Op,
+        offset: u64,
+        len: u64,
+        durable_now: bool,
+        apply: IoFuture<'static, ()>,
+    ) -> Result<()> {
+        let a = self.admit_forwarded(token, op, offset, len).await?;
+        if !a.early || durable_now {
+            return self.apply_admitted(&a, op, len, apply).await;
+        }
+        let ticket = self.early.start();
+        let sec = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sec.apply_admitted(&a, op, len, apply).await {
+                tracing::warn!(
+                    epoch = a.epoch,
+                    offset,
+                    len,
+                    "a {op} answered on receipt failed here: {e}"
+                );
+            }
+            drop(a);
+            drop(ticket);
+        });
+        Ok(())
+    }
+
+    /// Wait until every forwarded write answered on receipt so far is applied; then fail if
+    /// one of the running session's writes failed here (its epoch cannot commit).
+    pub(super) async fn applied(&self) -> Result<()> {
+        self.early.drain().await;
+        let i = self.inner();
+        match i.poisoned.iter().next() {
+            Some((epoch, e)) => Err(StorageError::Unavailable(format!(
+                "a forwarded write of epoch {epoch} failed here: {e}"
+            ))),
+            None => Ok(()),
+        }
     }
 
     pub(super) fn begin_epoch(&self, token: u64, epoch: u64) -> std::result::Result<(), String> {
@@ -248,41 +327,40 @@ impl Backend for ReplicaConn {
         self.sec.disk.read_at(offset, len)
     }
     fn write_at(&self, offset: u64, data: IoBuf, fua: bool) -> IoFuture<'_, ()> {
-        let s = &self.sec;
-        let token = self.token;
+        let s = self.sec.clone();
         let len = data.len() as u64;
-        Box::pin(async move {
-            let apply = Box::pin(async move {
-                s.disk.write_at(offset, data, false).await?;
-                if fua {
-                    s.flush_disk().await?;
-                }
-                Ok(())
-            });
-            s.forwarded(token, Op::Write, offset, len, apply).await
-        })
+        let apply = Box::pin(async move {
+            s.disk.write_at(offset, data, false).await?;
+            if fua {
+                s.flush_disk().await?;
+            }
+            Ok(())
+        });
+        Box::pin(
+            self.sec
+                .forwarded(self.token, Op::Write, offset, len, fua, apply),
+        )
     }
     fn flush(&self) -> IoFuture<'_, ()> {
-        Box::pin(self.sec.flush_disk())
+        Box::pin(async move {
+            self.sec.applied().await?;
+            self.sec.flush_disk().await
+        })
     }
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        let s = &self.sec;
-        Box::pin(s.forwarded(
-            self.token,
-            Op::Discard,
-            offset,
-            len,
-            s.disk.discard(offset, len),
-        ))
+        let s = self.sec.clone();
+        let apply = Box::pin(async move { s.disk.discard(offset, len).await });
+        Box::pin(
+            self.sec
+                .forwarded(self.token, Op::Discard, offset, len, false, apply),
+        )
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()> {
-        let s = &self.sec;
-        Box::pin(s.forwarded(
-            self.token,
-            Op::WriteZeroes,
-            offset,
-            len,
-            s.disk.write_zeroes(offset, len, may_unmap),
-        ))
+        let s = self.sec.clone();
+        let apply = Box::pin(async move { s.disk.write_zeroes(offset, len, may_unmap).await });
+        Box::pin(
+            self.sec
+                .forwarded(self.token, Op::WriteZeroes, offset, len, false, apply),
+        )
     }
 }

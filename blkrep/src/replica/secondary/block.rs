@@ -85,8 +85,10 @@ impl SecondaryParticipant for BlockShare<'_> {
     ) -> BoxFuture<'b, Result<(), String>> {
         Box::pin(async move {
             // COMMITTED (and the metadata a first commit after a sync stores) says the epoch
-            // is on this disk: flush it first. Every write of the epoch finished before its
-            // mark was answered, so one flush covers it.
+            // is on this disk: flush it first. Every write of the epoch was answered before
+            // its mark was; those answered on receipt (ack mode `received`) are applied
+            // first, so one flush covers them all.
+            self.sec.early.drain().await;
             self.sec
                 .flush_disk()
                 .await

@@ -199,6 +199,7 @@ impl Session {
                 s.switch(&mut i, Mode::Syncing, None);
                 i.token += 1;
                 i.session = Some(session);
+                i.ack = ack;
                 i.peer = Some(self.peer.clone());
                 i.sync = Some((kind, generation, history.clone()));
             }

@@ -49,11 +49,11 @@ use super::events::NodeEvents;
 use super::meta::{MetaStore, NodeMeta};
 pub use super::status::FailoverReport;
 use super::status::SecondaryStatus;
-use super::wire::SyncKind;
+use super::wire::{AckMode, SyncKind};
 use crate::auth::{SessionKey, SessionKeys};
 use crate::epoch::Latencies;
 use crate::storage::{Backend, Op, StorageError};
-use crate::sync::{BlockRangeLock, GroupSync, Locked};
+use crate::sync::{BlockRangeLock, GroupSync, Locked, Unfinished};
 
 /// What the secondary does when the primary stops sending heartbeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +155,9 @@ struct Inner {
     last_sync: Option<&'static str>,
     counts: BTreeMap<u64, EpochCount>,
     poisoned: BTreeMap<u64, String>,
+    /// The running (or last) session's ack mode: `received` answers forwarded writes on
+    /// receipt and applies them afterwards.
+    ack: AckMode,
     committed_digest: Option<u64>,
     local_writes: u64,
     session: Option<u64>,
@@ -181,9 +184,13 @@ pub struct Secondary {
     disk: Arc<dyn Backend>,
     opts: SecondaryOptions,
     inner: Mutex<Inner>,
-    locks: BlockRangeLock,
-    /// Forwarded and local I/O hold it shared; failover holds it exclusively.
-    barrier: tokio::sync::RwLock<()>,
+    locks: Arc<BlockRangeLock>,
+    /// Forwarded and local I/O hold it shared (a write acknowledged on receipt until it is
+    /// applied); failover, RESUME and GOODBYE hold it exclusively.
+    barrier: Arc<tokio::sync::RwLock<()>>,
+    /// Forwarded writes acknowledged on receipt (ack mode `received`) and not applied yet:
+    /// a FLUSH and a checkpoint wait for them.
+    early: Arc<Unfinished>,
     sync: GroupSync,
     dirty: Mutex<RoaringTreemap>,
     meta: MetaStore,
@@ -253,6 +260,7 @@ impl Secondary {
                 last_sync: None,
                 counts: BTreeMap::new(),
                 poisoned: BTreeMap::new(),
+                ack: AckMode::Durable,
                 committed_digest: None,
                 local_writes: 0,
                 session: None,
@@ -268,8 +276,9 @@ impl Secondary {
                 session_commits: 0,
                 mark_drain: Latencies::default(),
             }),
-            locks: BlockRangeLock::default(),
-            barrier: tokio::sync::RwLock::new(()),
+            locks: Arc::default(),
+            barrier: Arc::default(),
+            early: Arc::default(),
             sync: GroupSync::default(),
             dirty: Mutex::new(RoaringTreemap::new()),
             meta,

@@ -96,7 +96,7 @@ fn metadata_claims_about_the_disk_follow_its_flush() {
 #[test]
 fn a_client_flush_completes_with_the_secondarys_flush() {
     rt().block_on(async {
-        for ack in [AckMode::Received, AckMode::Durable, AckMode::Local] {
+        for ack in AckMode::ALL {
             let dir = tempfile::tempdir().unwrap();
             let (disk, _sec, ep, _stop) = gated_secondary(&dir).await;
             let p = start_primary(&ep, ack).await;
@@ -135,6 +135,44 @@ fn a_client_flush_completes_with_the_secondarys_flush() {
                 .expect("a paused primary's flush does not wait for the secondary")
                 .unwrap();
             disk.set_open(true);
+        }
+    });
+}
+
+/// Ack mode `sync` makes every modification durable on the primary's own disk before it
+/// completes, as on the secondary (a FUA write; a flush after a write-zeroes or trim); the
+/// other modes leave that to the client's FLUSH, as the disk would.
+#[test]
+fn ack_mode_sync_makes_each_local_modification_durable() {
+    rt().block_on(async {
+        for ack in AckMode::ALL {
+            let disk = Arc::new(crate::storage::PowerLossDisk::new(&MemoryBackend::new(
+                SIZE,
+            )));
+            let p = Primary::new(
+                disk.clone(),
+                DigestTable::zeroed(SIZE),
+                0,
+                PrimaryOptions {
+                    ack,
+                    queue_bytes: 1 << 20,
+                    max_inflight: 8,
+                },
+                Arc::new(MetaStore::in_memory(NodeMeta::fresh())),
+            );
+            p.write_at(8192, IoBuf::from_slice(&[9; 4096]), true)
+                .await
+                .unwrap();
+            p.write_at(0, IoBuf::from_slice(&[5; 4096]), false)
+                .await
+                .unwrap();
+            p.write_zeroes(8192, 4096, false).await.unwrap();
+            // Each unflushed modification survives a power cut by the seed's coin.
+            let survived = (0..16).all(|seed| {
+                let image = disk.cut(seed).snapshot();
+                image[..4096].iter().all(|&b| b == 5) && image[8192..12288].iter().all(|&b| b == 0)
+            });
+            assert_eq!(survived, ack == AckMode::Sync, "{ack:?}");
         }
     });
 }

@@ -343,13 +343,59 @@ fn a_forwarded_write_that_fails_on_the_secondary_aborts_its_epoch() {
     });
 }
 
+/// Ack mode `received`, at the secondary's control protocol: a forwarded write is answered
+/// on receipt and applied afterwards. A FLUSH waits for it; a disk failure shows at the next
+/// FLUSH and aborts the epoch's checkpoint; a FUA write is answered only once applied, so
+/// its failure is its own error.
+#[test]
+fn a_write_answered_on_receipt_is_applied_before_flushes_and_checkpoints() {
+    rt().block_on(async {
+        let s = secondary(SIZE).await;
+        let (mut rd, mut wr) = control_conn(&s.ep).await;
+        raw_session_acking(&mut rd, &mut wr, AckMode::Received).await;
+        let c = NbdClient::connect(&s.ep, &export(REPLICA_EXPORT))
+            .await
+            .unwrap();
+        // Slow: answered long before the disk has it; the FLUSH waits for it.
+        let slow = s
+            .disk
+            .add(Rule::on(Op::Write).range(0, 4096).delay(Duration::from_millis(400)));
+        let t = std::time::Instant::now();
+        c.write(0, &[1; 4096], false).await.unwrap();
+        assert!(t.elapsed() < Duration::from_millis(300), "{:?}", t.elapsed());
+        c.flush().await.unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(400), "{:?}", t.elapsed());
+        assert!(s.disk.read_at(0, 4096).await.unwrap().iter().all(|&b| b == 1));
+        s.disk.remove(slow);
+        // Failing: answered all the same; the FLUSH reports it.
+        s.disk.add(Rule::on(Op::Write).range(4096, 1));
+        c.write(4096, &[2; 4096], false).await.unwrap();
+        let e = c.flush().await.unwrap_err();
+        assert!(e.to_string().contains("failed here"), "{e}");
+        let fua = c.write(4096, &[3; 4096], true).await.unwrap_err();
+        assert_eq!(nbd_errno(fua), errno_to_nbd(libc::EIO));
+        let mark = c.submit_epoch_mark(2).await.unwrap();
+        c.send_submitted().await.unwrap();
+        mark.wait().await.unwrap();
+        send_checkpoint(&mut wr, 1, block_summary(3, 3 * 4096)).await;
+        let m = read_message(&mut rd).await.unwrap();
+        assert!(
+            matches!(&m, Message::Aborted { epoch: 1, reason }
+                if reason.contains("a write of epoch 1 failed here") && reason.contains("fault injection")),
+            "{m:?}"
+        );
+        s.disk.heal();
+        assert!(read_all(&*s.sec.view()).await.iter().all(|&b| b == 0));
+    });
+}
+
 /// A real pair, in every ack mode: the secondary's disk fails writes to one block; the
 /// checkpoint fails and nothing is committed; the primary keeps retrying the session, which
 /// cannot finish its resync while the disk fails; healed, it does, and the disks end equal.
 #[test]
 fn a_secondary_disk_that_fails_writes_blocks_commits_until_healed_then_resyncs() {
     rt().block_on(async {
-        for ack in [AckMode::Local, AckMode::Received, AckMode::Durable] {
+        for ack in AckMode::ALL {
             let pr = pair(SIZE, ack).await;
             fill_blocks(&pr.p, 0..8, 1).await;
             let committed = pr.recover().await;

@@ -295,7 +295,7 @@ fn hello_of(size: u64, generation: u64) -> Message {
         tracked: 0,
         committed: 0,
         session: 7,
-        ack: AckMode::Received,
+        ack: AckMode::Durable,
         heartbeat_ms: 50,
     }
 }
@@ -304,12 +304,26 @@ fn hello() -> Message {
     hello_of(SIZE, 42)
 }
 
-/// Say HELLO, expect WELCOME, RESUME in epoch 1: forwarded writes are taken from now on.
+/// Say HELLO (ack mode `durable`: forwarded writes are answered once applied), expect
+/// WELCOME, RESUME in epoch 1: forwarded writes are taken from now on.
 async fn raw_session(
     rd: &mut tokio::io::BufReader<crate::transport::ReadHalf>,
     wr: &mut tokio::io::BufWriter<crate::transport::WriteHalf>,
 ) -> SyncKind {
-    write_message(wr, &hello()).await.unwrap();
+    raw_session_acking(rd, wr, AckMode::Durable).await
+}
+
+/// [`raw_session`] in ack mode `ack`.
+async fn raw_session_acking(
+    rd: &mut tokio::io::BufReader<crate::transport::ReadHalf>,
+    wr: &mut tokio::io::BufWriter<crate::transport::WriteHalf>,
+    ack: AckMode,
+) -> SyncKind {
+    let mut hello = hello();
+    if let Message::Hello { ack: a, .. } = &mut hello {
+        *a = ack;
+    }
+    write_message(wr, &hello).await.unwrap();
     let Message::Welcome { sync, .. } = read_message(rd).await.unwrap() else {
         panic!("no WELCOME")
     };

@@ -189,7 +189,7 @@ proptest! {
     fn replication_matches_the_model(
         steps in proptest::collection::vec(step(), 1..40),
         latest in any::<bool>(),
-        ack in prop_oneof![Just(AckMode::Local), Just(AckMode::Received), Just(AckMode::Durable)],
+        ack in prop_oneof![Just(AckMode::Local), Just(AckMode::Received), Just(AckMode::Durable), Just(AckMode::Sync)],
         spill in any::<bool>(),
     ) {
         let end = if latest { FailoverTarget::Latest } else { FailoverTarget::Checkpoint };

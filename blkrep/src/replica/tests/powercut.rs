@@ -45,7 +45,7 @@ async fn power_cut_trial(seed: u64) -> String {
     let disk = Arc::new(PowerLossDisk::new(&MemoryBackend::new(SIZE)));
     let (sec, ep, stop) = secondary_on("127.0.0.1:0", disk.clone(), None, dir.path()).await;
     let (proxy, via) = cut_proxy(&ep);
-    let ack = [AckMode::Local, AckMode::Received, AckMode::Durable][(next() % 3) as usize];
+    let ack = AckMode::ALL[(next() % 4) as usize];
     let p = start_primary(&via, ack).await;
     tokio::spawn(p.repl.clone().run());
 

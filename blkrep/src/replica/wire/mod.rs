@@ -93,30 +93,41 @@ impl SyncKind {
     }
 }
 
-/// What the primary waits for before it acknowledges a write to its client.
+/// What the primary waits for before it acknowledges a write to its client: DRBD's
+/// protocols A, B and C, plus a mode that makes every write durable on both nodes.
+///
+/// The wire numbers are stable: 1 and 2 keep the meanings the modes called `received` and
+/// `durable` had before the modes took DRBD's names, so a peer of that age that sends them
+/// gets what it asked for under the new names (`durable`, `sync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckMode {
-    /// The local disk has it; forwarding is queued.
+    /// Protocol A: the local disk has it; forwarding is queued.
     Local,
-    /// The secondary has received and applied it (page cache).
+    /// Protocol B: the secondary has received it (in its memory; it is applied after the
+    /// answer, before any later FLUSH, checkpoint or failover completes there).
     Received,
-    /// The secondary has it on stable storage.
+    /// Protocol C: the secondary has written it to its disk as the primary wrote it to its
+    /// own (both completed writes; neither is synced).
     Durable,
+    /// Every write is on stable storage on both nodes before it completes (FUA on both).
+    Sync,
 }
 
 impl AckMode {
     fn to_u8(self) -> u8 {
         match self {
             AckMode::Local => 0,
-            AckMode::Received => 1,
-            AckMode::Durable => 2,
+            AckMode::Durable => 1,
+            AckMode::Sync => 2,
+            AckMode::Received => 3,
         }
     }
     fn from_u8(v: u8) -> Option<Self> {
         Some(match v {
             0 => AckMode::Local,
-            1 => AckMode::Received,
-            2 => AckMode::Durable,
+            1 => AckMode::Durable,
+            2 => AckMode::Sync,
+            3 => AckMode::Received,
             _ => return None,
         })
     }
@@ -126,21 +137,25 @@ impl AckMode {
             AckMode::Local => "local",
             AckMode::Received => "received",
             AckMode::Durable => "durable",
+            AckMode::Sync => "sync",
         }
     }
+    /// Every mode, in the order of the promise they make.
+    pub const ALL: [AckMode; 4] = [
+        AckMode::Local,
+        AckMode::Received,
+        AckMode::Durable,
+        AckMode::Sync,
+    ];
 }
 
 impl std::str::FromStr for AckMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "local" => Ok(AckMode::Local),
-            "received" => Ok(AckMode::Received),
-            "durable" => Ok(AckMode::Durable),
-            _ => Err(format!(
-                "unknown ack mode {s:?} (local, received or durable)"
-            )),
-        }
+        AckMode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown ack mode {s:?} (local, received, durable or sync)"))
     }
 }
 
