@@ -5,9 +5,12 @@ fio (nbd ioengine, one job, iodepth 32, time-based) writes through the primary's
 NBD export while a checkpoint runs every 100 ms, for these configurations:
 
   export     `lockstep export`: no replication, the upper limit for the ratios
-  local      `lockstep primary --ack local`     (+ `lockstep secondary`)
-  received   `lockstep primary --ack received`  (+ `lockstep secondary`)
-  durable    `lockstep primary --ack durable`   (+ `lockstep secondary`)
+  export-wt  `lockstep export --writethrough`: every write durable (FUA), the
+             unreplicated peer of `sync` (its ratios are against this one)
+  local      `lockstep primary --ack local`     (+ `lockstep secondary`)   DRBD's A
+  received   `lockstep primary --ack received`  (+ `lockstep secondary`)   DRBD's B
+  durable    `lockstep primary --ack durable`   (+ `lockstep secondary`)   DRBD's C
+  sync       `lockstep primary --ack sync`      (+ `lockstep secondary`)   FUA on both
   qemu       QEMU's block replication (quorum + replication filter + NBD, as COLO
              sets it up), two `qemu-system-x86_64 -machine none` processes driven
              over QMP; the replication link is a unix socket (see --help epilog)
@@ -51,13 +54,17 @@ WORKLOADS = [
     ("4k randwrite", "randwrite", "4k"),
     ("1M seq write", "write", "1M"),
 ]
-CONFIGS = ["export", "local", "received", "durable", "received-tls", "durable-tls", "qemu", "qemu-tcp"]
-ACK_MODES = ["local", "received", "durable"]
+CONFIGS = ["export", "export-wt", "local", "received", "durable", "sync", "received-tls", "durable-tls",
+           "qemu", "qemu-tcp"]
+EXPORTS = ["export", "export-wt"]
+ACK_MODES = ["local", "received", "durable", "sync"]
 # Replication with certificates and the peer key on the link: "received-tls" is "received"
 # over TLS (rustls) with --psk-file on top.
 TLS_MODES = ["received-tls", "durable-tls"]
 LABELS = {
     "export": "lockstep export",
+    "export-wt": "lockstep export --writethrough",
+    "sync": "lockstep ack=sync",
     "local": "lockstep ack=local",
     "received": "lockstep ack=received",
     "durable": "lockstep ack=durable",
@@ -565,9 +572,9 @@ def make_pki(tmp):
 
 
 def lockstep_cmds(cfg, args, tmp, files, port, link_port):
-    if cfg == "export":
+    if cfg in EXPORTS:
         return {"export": [str(LOCKSTEP), "export", "--disk", str(files["pri"]), "--size", str(args.size),
-                           "--listen", f"127.0.0.1:{port}"]}
+                           "--listen", f"127.0.0.1:{port}", *(["--writethrough"] if cfg == "export-wt" else [])]}
     secure = secure_flags(tmp) if cfg in TLS_MODES else []
     return {
         "secondary": [str(LOCKSTEP), "secondary", "--disk", str(files["sec"]), "--size", str(args.size),
@@ -616,7 +623,7 @@ def run_lockstep(cfg, rw, bs, args, tmp, files):
     fio = None
     f_log = tmp / "fio.log"
     try:
-        if cfg == "export":
+        if cfg in EXPORTS:
             log = tmp / "export.log"
             procs["export"] = (spawn(cmds["export"], log), log)
             wait_listening(port, procs["export"][0], log, "lockstep export")
@@ -639,7 +646,7 @@ def run_lockstep(cfg, rw, bs, args, tmp, files):
                 raise RunError(f"lockstep {what} exited with {proc.returncode} during the run:\n{tail(log)}")
         res = fio_result(fio, cmd, out, f_log)
         add_cpu(res, cpu0, cpu1)
-        if cfg != "export":
+        if cfg not in EXPORTS:
             st = lockstep_status(tmp)
             pause = st.get("checkpoint_pause_us") or {}
             total = st.get("checkpoint_total_us") or {}
@@ -658,7 +665,7 @@ def run_lockstep(cfg, rw, bs, args, tmp, files):
         for what in ("primary", "secondary", "export"):
             if what in procs:
                 stop_proc(procs[what][0])
-        if args.verify and cfg != "export" and fio is not None:
+        if args.verify and cfg not in EXPORTS and fio is not None:
             files["verified"] = same_content(files["pri"], files["sec"])
 
 
@@ -680,7 +687,7 @@ def table(results, configs, unavailable):
     rows = []
     for name, _rw, _bs in WORKLOADS:
         res = results[name]
-        base = res.get("export")
+        plain = res.get("export")
         qemu = next((res[c] for c in ("qemu", "qemu-tcp") if res.get(c, {}).get("iops")), None)
         for cfg in configs:
             r = res.get(cfg)
@@ -689,13 +696,15 @@ def table(results, configs, unavailable):
                 rows.append([name, label(cfg), why] + ["-"] * (len(head) - 3))
                 continue
             repl = ack_of(cfg) in ACK_MODES
+            # `sync` promises what a writethrough export does: compare like with like.
+            base = res.get("export-wt") if cfg == "sync" else plain
             ratio_base = f"{r['iops'] / base['iops']:.2f}x" if repl and base and base.get("iops") else "-"
             ratio_qemu = f"{r['iops'] / qemu['iops']:.2f}x" if repl and qemu and qemu.get("iops") else "-"
             pause, total = r.get("pause_us") or {}, r.get("total_us") or {}
             ck = r.get("checkpoints")
             cpu = r.get("server_cpu_us_per_write")
             base_cpu = (base or {}).get("server_cpu_us_per_write")
-            cpu_ratio = f"{cpu / base_cpu:.2f}x" if cpu and base_cpu and cfg != "export" else "-"
+            cpu_ratio = f"{cpu / base_cpu:.2f}x" if cpu and base_cpu and cfg not in EXPORTS else "-"
             rows.append([name, label(cfg), f"{r['iops']:,.0f}", f"{r['mbps']:,.1f}", ratio_base, ratio_qemu,
                          "-" if cpu is None else f"{cpu:.1f}", cpu_ratio,
                          "-" if ck is None else str(ck), fmt_ms(pause.get("p50")), fmt_ms(pause.get("p99")),
@@ -774,8 +783,10 @@ def main():
     unavailable = {}
     if any(not c.startswith("qemu") for c in args.configs):
         export_why, repl_why = lockstep_support()
-        if export_why and "export" in args.configs:
-            unavailable["export"] = export_why
+        if export_why and any(c in args.configs for c in EXPORTS):
+            for c in EXPORTS:
+                if c in args.configs:
+                    unavailable[c] = export_why
             print(f"lockstep export: not available ({export_why})")
         if repl_why and any(ack_of(c) in ACK_MODES for c in args.configs):
             for c in ACK_MODES + TLS_MODES:
@@ -839,7 +850,8 @@ def main():
 
     print()
     print(table(results, args.configs, unavailable))
-    print("\n(/export and /qemu: IOPS of the lockstep ack mode divided by unreplicated lockstep and by QEMU "
+    print("\n(/export and /qemu: IOPS of the lockstep ack mode divided by unreplicated lockstep (for ack=sync: "
+          "by the writethrough export, which syncs every write too) and by QEMU "
           "replication; CPU/w: the servers' CPU time (every process and thread of the configuration, user "
           "and system) per write during the fio run, and its ratio to the export's; pause and total in ms)")
     for name, _rw, _bs in WORKLOADS:

@@ -84,11 +84,9 @@ fn qemu_io_patterns_zeroes_discard_flush_fua() {
     let disk = dir.path().join("disk.img");
     random_file(&disk, 4 << 20, 2);
     let addr = format!("127.0.0.1:{}", free_port());
-    for direct in [false, true] {
+    for flag in [None, Some("--direct"), Some("--writethrough")] {
         let mut args = vec!["--disk", disk.to_str().unwrap()];
-        if direct {
-            args.push("--direct");
-        }
+        args.extend(flag);
         let mut d = Daemon::export(dir.path(), &args, &addr);
         let u = uri(&addr, "disk");
         let cmds = [
@@ -117,7 +115,7 @@ fn qemu_io_patterns_zeroes_discard_flush_fua() {
         let out = run_ok("qemu-io", &args, T);
         assert!(
             !out.contains("Pattern verification failed") && !out.contains("error"),
-            "qemu-io (direct={direct}):\n{out}"
+            "qemu-io ({flag:?}):\n{out}"
         );
         // Out of range: qemu-io refuses or the server returns an error; either way not a success.
         let bad = run("qemu-io", &["-f", "raw", "-c", "read 4194300 100", &u], T);

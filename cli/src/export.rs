@@ -33,6 +33,10 @@ pub struct ExportArgs {
     /// Bypass the host page cache (O_DIRECT); odd-sized requests use read-modify-write.
     #[arg(long)]
     direct: bool,
+    /// Every write is durable before it completes (FUA; a flush after a trim or zeroing),
+    /// as qemu-nbd's --cache=writethrough: the unreplicated peer of `primary --ack sync`.
+    #[arg(long)]
+    writethrough: bool,
     /// Do not take QEMU-compatible locks on the disk, nor refuse one that another process
     /// (a QEMU VM, qemu-nbd, qemu-img, another lockstep) holds: QEMU's locking=off.
     #[arg(long)]
@@ -76,7 +80,11 @@ fn serve(a: ExportArgs, service: &crate::service::Service) -> anyhow::Result<()>
         o.direct = a.direct;
         o.read_only = a.read_only;
         o.lock = !a.no_lock;
-        let backend = open_disk(&o).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut backend =
+            open_disk(&o).with_context(|| format!("cannot open {}", path.display()))?;
+        if a.writethrough {
+            backend = Arc::new(blkrep::storage::WriteThrough(backend));
+        }
         let name = a.name.get(i).cloned().unwrap_or_else(|| {
             path.file_stem()
                 .map(|s| s.to_string_lossy().into_owned())

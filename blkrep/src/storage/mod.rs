@@ -21,6 +21,8 @@
 //! [`StorageError::InUse`] when another process already writes the file or will not share it
 //! with a writer. [`DiskOptions::lock`] `= false` is QEMU's `locking=off`.
 //!
+//! [`WriteThrough`] makes every modification durable before it completes (no volatile cache).
+//!
 //! For tests, [`Faulty`] wraps any backend to fail or delay requests by rule, and
 //! [`PowerLossDisk`] forgets unflushed writes on a power cut.
 
@@ -31,6 +33,7 @@ mod memory;
 mod powerloss;
 mod unaligned;
 mod uring;
+mod writethrough;
 
 #[cfg(test)]
 pub(crate) mod suite;
@@ -41,6 +44,7 @@ pub use memory::MemoryBackend;
 pub use powerloss::PowerLossDisk;
 pub use unaligned::Unaligned;
 pub use uring::{DiskOptions, UringFile};
+pub use writethrough::WriteThrough;
 
 use std::fmt;
 use std::future::Future;

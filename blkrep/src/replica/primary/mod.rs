@@ -135,6 +135,11 @@ impl Primary {
         opts: PrimaryOptions,
         meta: Arc<MetaStore>,
     ) -> Arc<Self> {
+        // Ack mode `sync`: the primary's own writes are durable when they complete too.
+        let local: Arc<dyn Backend> = match opts.ack {
+            AckMode::Sync => Arc::new(crate::storage::WriteThrough(local)),
+            _ => local,
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let units = cost(opts.queue_bytes).min(Semaphore::MAX_PERMITS as u32) as usize;
         Arc::new(Self {

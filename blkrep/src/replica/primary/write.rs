@@ -7,8 +7,8 @@
 //!          ─▶ queue budget ─▶ gate(read): digest table; replicating: account + enqueue,
 //!                                                       otherwise: dirty (+ new generation)
 //!          ─▶ ack (local: now; received / durable / sync: after the secondary's reply)
-//!  ack mode sync: the local modification is made durable too (FUA, or a flush after a
-//!          trim / write-zeroes), the promise the forwarded one carries
+//!  ack mode sync: the local disk is wrapped in storage::WriteThrough (Primary::new), so the
+//!          local modification is durable too, the promise the forwarded one carries
 //!  the local write or a read-back fails ─▶ gate(write): dirty + digest unknown, and the
 //!          session ends (link_lost) ─▶ the client's error
 //! ```
@@ -196,18 +196,6 @@ impl Primary {
         (hashes, edges)
     }
 
-    /// A local trim or write-zeroes, followed by a flush in ack mode `sync` (where every
-    /// modification is durable before it completes; writes carry FUA instead).
-    fn synced<'a>(&'a self, op: IoFuture<'a, ()>) -> IoFuture<'a, ()> {
-        if self.opts.ack != AckMode::Sync {
-            return op;
-        }
-        Box::pin(async move {
-            op.await?;
-            self.local.flush().await
-        })
-    }
-
     /// The hash of block `b` as the local disk holds it now.
     async fn read_block_hash(&self, b: u64) -> Result<u64> {
         let bstart = b * DIGEST_BLOCK;
@@ -231,13 +219,12 @@ impl Backend for Primary {
         Box::pin(async move {
             let len = data.len() as u64;
             let copy = IoBuf::from_slice(&data);
-            let local_fua = fua || self.opts.ack == AckMode::Sync;
             self.modify(
                 Op::Write,
                 offset,
                 len,
                 FwdKind::Write { data: copy, fua },
-                self.local.write_at(offset, data, local_fua),
+                self.local.write_at(offset, data, fua),
             )
             .await
         })
@@ -285,7 +272,7 @@ impl Backend for Primary {
             offset,
             len,
             FwdKind::Trim,
-            self.synced(self.local.discard(offset, len)),
+            self.local.discard(offset, len),
         ))
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()> {
@@ -294,7 +281,7 @@ impl Backend for Primary {
             offset,
             len,
             FwdKind::Zeroes { may_unmap },
-            self.synced(self.local.write_zeroes(offset, len, may_unmap)),
+            self.local.write_zeroes(offset, len, may_unmap),
         ))
     }
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
