@@ -72,6 +72,17 @@ impl IoBuf {
         unsafe { Self::alloc(len, true) }
     }
 
+    /// A buffer of `len` bytes for the kernel to fill (a read), not zero-filled first.
+    ///
+    /// # Safety
+    /// The caller must have every one of the `len` bytes written (by the kernel, through
+    /// [`IoBuf::as_mut_ptr`]) before the contents are read or the buffer leaves its hands,
+    /// and drop it otherwise.
+    pub(crate) unsafe fn for_read(len: usize) -> Self {
+        // SAFETY: the caller's obligation above.
+        unsafe { Self::alloc(len, false) }
+    }
+
     /// A buffer holding a copy of `data` (written once, not zero-filled first).
     pub fn from_slice(data: &[u8]) -> Self {
         // SAFETY: every one of the `len` bytes is written by the copy below before the

@@ -21,7 +21,7 @@ use tokio::io::{BufReader, BufWriter};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{Mode, PeerLossPolicy, Secondary, MAX_QUEUED_SUMS};
+use super::{Mode, PeerLossPolicy, Secondary, MAX_QUEUED_SUMS, SUMS_PER_SESSION};
 use crate::auth::SessionKey;
 use crate::digest;
 use crate::nbd::server::ControlHandler;
@@ -91,7 +91,7 @@ async fn run_control(
         peer,
         key,
         sums_tasks: JoinSet::new(),
-        session_sums: Arc::new(Semaphore::new(1)),
+        session_sums: Arc::new(Semaphore::new(SUMS_PER_SESSION)),
     };
     let Some(admitted) = session.greet(&mut rd).await else {
         return;
@@ -359,7 +359,7 @@ impl Session {
                 .fail(Refusal::Protocol(format!("SUMS_REQUEST {id}: {e}")))
                 .await);
         }
-        // An honest primary asks one batch at a time (verify may overlap a little), so a
+        // An honest primary keeps two batches in flight (verify may overlap a little), so a
         // longer queue is a flood: end the session rather than queue it.
         while self.sums_tasks.try_join_next().is_some() {}
         if self.sums_tasks.len() >= MAX_QUEUED_SUMS {
@@ -371,7 +371,7 @@ impl Session {
         }
         let (s, wr, one) = (self.s.clone(), self.wr.clone(), self.session_sums.clone());
         self.sums_tasks.spawn(async move {
-            // One request of this session at a time, and few across sessions: the disk also
+            // Two requests of this session at a time, and few across sessions: the disk also
             // serves forwarded writes.
             let Ok(_mine) = one.acquire_owned().await else {
                 return;

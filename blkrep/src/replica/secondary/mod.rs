@@ -211,8 +211,10 @@ impl std::fmt::Debug for Secondary {
     }
 }
 
-/// SUMS requests computed at once on one secondary (one per session at most).
+/// SUMS requests computed at once on one secondary, over all sessions.
 const SUMS_AT_ONCE: usize = 2;
+/// SUMS requests of one session computed at once (a syncing primary keeps two in flight).
+const SUMS_PER_SESSION: usize = 2;
 /// SUMS requests of one session computed or waiting before the session is ended.
 const MAX_QUEUED_SUMS: usize = 8;
 

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  begin_sync ─▶ mark dirty (checksum: every block; full: every allocated block)
-//!             ─▶ compare_units: SUMS_REQUEST per batch of dirty units; equal ones forgotten
+//!             ─▶ compare_units: SUMS_REQUEST per batch of dirty units (two in flight); equal
+//!               ones forgotten
 //!             ─▶ RESUME(epoch) ⇄ RESUME_ACK ─▶ connect_participants (channel.rs)
 //!             ─▶ resume_forwarding: data connection, forwarder
 //!             ─▶ spawn_resync: every dirty block, then the checkpoint that completes the sync
@@ -22,6 +23,10 @@ use crate::replica::error::ReplicaError;
 use crate::replica::peer::{PeerLink, Welcome};
 use crate::replica::primary::open_replica_connection;
 use crate::replica::wire::{SyncKind, MAX_SUM_UNITS};
+
+/// SUMS requests a sync keeps in flight: the secondary answers two of a session at once
+/// (one per core of a small host), and a second request hides the round trip.
+const SUMS_IN_FLIGHT: usize = 2;
 
 impl Replicator {
     /// Sync the secondary that sent `welcome` and resume replication to it; the resync of
@@ -68,21 +73,37 @@ impl Replicator {
     }
 
     /// Ask the secondary for the digests of every dirty unit (of `unit` blocks), in
-    /// batches, and forget the units it holds alike.
-    async fn compare_units(&self, link: &PeerLink, unit: u64) -> Result<(), ReplicaError> {
+    /// batches, [`SUMS_IN_FLIGHT`] at a time (the secondary hashes them in parallel), and
+    /// forget the units it holds alike.
+    async fn compare_units(&self, link: &Arc<PeerLink>, unit: u64) -> Result<(), ReplicaError> {
         let p = &self.primary;
-        let units = p.dirty_units(unit);
+        let mut batches = Vec::new();
         let mut batch = RoaringTreemap::new();
-        let mut it = units.iter().peekable();
-        while let Some(u) = it.next() {
+        for u in p.dirty_units(unit).iter() {
             batch.insert(u);
-            if batch.len() == MAX_SUM_UNITS || it.peek().is_none() {
-                let b = std::mem::take(&mut batch);
-                let sums = link.sums(unit as u32, b.clone()).await?;
-                p.forget_equal(unit, &b, &sums).await;
+            if batch.len() == MAX_SUM_UNITS {
+                batches.push(std::mem::take(&mut batch));
             }
         }
-        Ok(())
+        if !batch.is_empty() {
+            batches.push(batch);
+        }
+        // Dropped on an error: the requests still in flight are abandoned with the session.
+        let mut asked = tokio::task::JoinSet::new();
+        let mut next = 0;
+        loop {
+            while next < batches.len() && asked.len() < SUMS_IN_FLIGHT {
+                let (l, b, i) = (link.clone(), batches[next].clone(), next);
+                asked.spawn(async move { (i, l.sums(unit as u32, b).await) });
+                next += 1;
+            }
+            let Some(done) = asked.join_next().await else {
+                return Ok(());
+            };
+            let (i, sums) =
+                done.map_err(|e| ReplicaError::Protocol(format!("a SUMS request failed: {e}")))?;
+            p.forget_equal(unit, &batches[i], &sums?).await;
+        }
     }
 
     /// RESUME was acknowledged: open the replication connection, replicate again, start

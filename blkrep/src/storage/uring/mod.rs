@@ -481,7 +481,11 @@ impl Backend for UringFile {
             if len == 0 {
                 return Ok(IoBuf::zeroed(0));
             }
-            let mut buf = IoBuf::zeroed(len);
+            // SAFETY: handed only to the kernel, and returned only once a read filled all
+            // of it: the inline read answers only when it read `len` bytes, the ring only
+            // once the whole request was transferred (it retries short ones and fails at
+            // EOF), and on an error the buffer is dropped.
+            let mut buf = unsafe { IoBuf::for_read(len) };
             match self.read_inline(offset, &mut buf) {
                 Some(Ok(())) => return Ok(buf),
                 Some(Err(e)) => return Err(self.io_error(Op::Read, offset, len as u64, e)),
