@@ -224,6 +224,22 @@ async fn hash_blocks(
     Ok(())
 }
 
+/// Does `data` hold only zero bytes? Compares eight bytes at a time, 64 bytes per step
+/// (a byte-by-byte scan showed in profiles: every original of a sparse disk is zeroes).
+pub fn is_zero(data: &[u8]) -> bool {
+    let mut chunks = data.chunks_exact(64);
+    for c in &mut chunks {
+        let mut acc = 0u64;
+        for w in c.chunks_exact(8) {
+            acc |= u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
 /// The digest of each unit in `units` (unit `u` = blocks `u * unit_blocks ..`, clipped to the
 /// disk), in the bitmap's order, read from `disk`; holes are not read. What the secondary
 /// answers to a SUMS request, and what [`DigestTable::unit_sum`] computes from memory. A unit

@@ -32,20 +32,7 @@ pub fn page_hash(page: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(page)
 }
 
-/// Does `page` hold only zero bytes? Compares eight bytes at a time, 64 bytes per step.
-pub fn is_zero(page: &[u8]) -> bool {
-    let mut chunks = page.chunks_exact(64);
-    for c in &mut chunks {
-        let mut acc = 0u64;
-        for w in c.chunks_exact(8) {
-            acc |= u64::from_ne_bytes(w.try_into().expect("8 bytes"));
-        }
-        if acc != 0 {
-            return false;
-        }
-    }
-    chunks.remainder().iter().all(|&b| b == 0)
-}
+pub use blkrep::digest::is_zero;
 
 /// `page_hash` of a page of zeros, computed once.
 pub fn zero_hash() -> u64 {

@@ -116,7 +116,7 @@ impl DiskBuffer {
             return Ok(Slot::Zero);
         };
         debug_assert_eq!(data.len() as u64, BUFFER_BLOCK);
-        if data.iter().all(|&b| b == 0) {
+        if crate::digest::is_zero(data) {
             return Ok(Slot::Zero);
         }
         if self.memory + BUFFER_BLOCK <= self.memory_limit {

@@ -2,29 +2,49 @@
 //!
 //! io_uring needs a buffer that stays put until the completion arrives, and O_DIRECT needs it
 //! aligned to the device's logical block size. `IoBuf` is both: heap memory aligned to
-//! [`IO_ALIGN`], owned by exactly one holder at a time, with a movable window (`start..start+len`)
-//! so that a read-modify-write can return a sub-range without copying.
+//! [`IO_ALIGN`], with a movable window (`start..start+len`) so that a read-modify-write can
+//! return a sub-range without copying. A buffer is written only while it has one holder;
+//! [`IoBuf::share`] gives a second, read-only handle to the same bytes (the primary writes a
+//! client's payload to its disk and forwards it to the secondary from one buffer).
 
 use std::alloc::{self, Layout};
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 /// Alignment of every `IoBuf` allocation; enough for O_DIRECT on any common device.
 pub const IO_ALIGN: usize = 4096;
 
-/// An aligned, owned, fixed-capacity byte buffer.
+/// An aligned, fixed-capacity byte buffer.
 pub struct IoBuf {
-    ptr: NonNull<u8>,
-    cap: usize,
+    mem: Arc<Alloc>,
     start: usize,
     len: usize,
 }
 
-// SAFETY: IoBuf owns its allocation exclusively (like Vec<u8>); nothing else aliases it.
-unsafe impl Send for IoBuf {}
-// SAFETY: shared references only give out `&[u8]`, which is Sync.
-unsafe impl Sync for IoBuf {}
+/// The allocation behind one or more [`IoBuf`] handles.
+struct Alloc {
+    ptr: NonNull<u8>,
+    cap: usize,
+}
+
+// SAFETY: the allocation is plain memory; it is written only through a handle that is its
+// only holder (`IoBuf::as_mut_ptr` checks), and read through any number of handles.
+unsafe impl Send for Alloc {}
+// SAFETY: as above: concurrent access is read-only.
+unsafe impl Sync for Alloc {}
+
+impl Drop for Alloc {
+    fn drop(&mut self) {
+        if self.cap != 0 {
+            let layout = Layout::from_size_align(self.cap, IO_ALIGN).expect("IoBuf layout");
+            // SAFETY: allocated in `IoBuf::alloc` with this very layout, freed exactly once
+            // (when the last handle goes).
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
+        }
+    }
+}
 
 impl IoBuf {
     /// An allocation of `len` bytes, zero-filled or not.
@@ -35,8 +55,10 @@ impl IoBuf {
     unsafe fn alloc(len: usize, zero: bool) -> Self {
         if len == 0 {
             return Self {
-                ptr: NonNull::dangling(),
-                cap: 0,
+                mem: Arc::new(Alloc {
+                    ptr: NonNull::dangling(),
+                    cap: 0,
+                }),
                 start: 0,
                 len: 0,
             };
@@ -59,10 +81,19 @@ impl IoBuf {
             unsafe { std::ptr::write_bytes(raw.add(len), 0, cap - len) };
         }
         Self {
-            ptr,
-            cap,
+            mem: Arc::new(Alloc { ptr, cap }),
             start: 0,
             len,
+        }
+    }
+
+    /// A second handle to the same bytes, without copying them. Neither handle can be
+    /// written through while both exist ([`IoBuf::as_mut_ptr`] panics).
+    pub fn share(&self) -> Self {
+        Self {
+            mem: self.mem.clone(),
+            start: self.start,
+            len: self.len,
         }
     }
 
@@ -142,13 +173,20 @@ impl IoBuf {
     /// Pointer to the first visible byte, for handing to the kernel.
     pub fn as_ptr(&self) -> *const u8 {
         // SAFETY: start <= cap, so the result stays inside (or one past) the allocation.
-        unsafe { self.ptr.as_ptr().add(self.start) }
+        unsafe { self.mem.ptr.as_ptr().add(self.start) }
     }
 
     /// Mutable pointer to the first visible byte, for handing to the kernel.
+    ///
+    /// # Panics
+    /// If another handle to the bytes exists ([`IoBuf::share`]): shared bytes are read-only.
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        // SAFETY: as in `as_ptr`.
-        unsafe { self.ptr.as_ptr().add(self.start) }
+        assert!(
+            Arc::get_mut(&mut self.mem).is_some(),
+            "IoBuf: writing to a buffer that is shared"
+        );
+        // SAFETY: as in `as_ptr`; this handle is the allocation's only holder.
+        unsafe { self.mem.ptr.as_ptr().add(self.start) }
     }
 }
 
@@ -188,7 +226,9 @@ impl Deref for IoBuf {
         if self.len == 0 {
             return &[];
         }
-        // SAFETY: start+len <= cap, the memory is initialised (alloc_zeroed) and owned by self.
+        // SAFETY: start+len <= cap, the memory is initialised (every constructor writes it)
+        // and kept alive by this handle; it is written only through an unshared handle, so
+        // nothing writes it while this borrow lasts.
         unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
     }
 }
@@ -201,16 +241,6 @@ impl DerefMut for IoBuf {
         let len = self.len;
         // SAFETY: as in `deref`, and `&mut self` guarantees exclusive access.
         unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr(), len) }
-    }
-}
-
-impl Drop for IoBuf {
-    fn drop(&mut self) {
-        if self.cap != 0 {
-            let layout = Layout::from_size_align(self.cap, IO_ALIGN).expect("IoBuf layout");
-            // SAFETY: allocated in `zeroed` with this very layout, freed exactly once.
-            unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
-        }
     }
 }
 
@@ -247,6 +277,25 @@ pub fn keep_large_buffers_in_heap() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_buffer_is_read_only_until_it_is_alone() {
+        let mut a = IoBuf::from_slice(&[5; 5000]);
+        let b = a.share();
+        assert_eq!(a.as_ptr(), b.as_ptr(), "no copy");
+        assert_eq!(&b[..], &[5; 5000][..]);
+        let write = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            a[0] = 1;
+        }));
+        assert!(write.is_err(), "writing a shared buffer must panic");
+        drop(b);
+        a[0] = 1;
+        assert_eq!(a[0], 1);
+        // A clone is a copy, never a share.
+        let mut c = a.clone();
+        c[1] = 2;
+        assert_eq!(a[1], 5);
+    }
 
     #[test]
     fn aligned_and_zeroed() {

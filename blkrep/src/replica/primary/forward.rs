@@ -19,8 +19,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
 
 use super::queue::{FwdKind, FwdOp};
 use super::Primary;
@@ -81,7 +81,7 @@ impl Primary {
             client,
             rx,
             inflight: HashMap::new(),
-            tasks: JoinSet::new(),
+            answers: FuturesUnordered::new(),
             next_id: 0,
             held: None,
         };
@@ -117,6 +117,11 @@ pub async fn open_replica_connection(
     .map_err(|e| ReplicaError::Unreachable(format!("opening the replication connection: {e}")))
 }
 
+/// The secondary's answer to one in-flight request, by id.
+type Answer = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (u64, std::result::Result<(), String>)> + Send + Sync>,
+>;
+
 /// Why the forwarder's loop ended.
 enum End {
     /// The queue closed or the forwarder was told to stop: the primary is shutting down.
@@ -140,8 +145,10 @@ struct Forwarder {
     stop: watch::Receiver<bool>,
     /// Sent and not answered yet, by id, with the blocks each covers.
     inflight: HashMap<u64, (Option<(u64, u64)>, FwdOp)>,
-    /// One waiter per in-flight request, resolving to its id and the secondary's answer.
-    tasks: JoinSet<(u64, std::result::Result<(), String>)>,
+    /// One waiter per in-flight request, resolving to its id and the secondary's answer,
+    /// polled by the forwarder itself (no task per request: the connection's reply reader
+    /// wakes the forwarder directly).
+    answers: FuturesUnordered<Answer>,
     next_id: u64,
     /// Taken from the queue but not sendable yet (order, or the in-flight limit).
     held: Option<FwdOp>,
@@ -207,8 +214,9 @@ impl Forwarder {
                 .map_err(|e| End::failed("forwarding to the secondary", e))?;
             let id = self.next_id;
             self.next_id += 1;
-            self.tasks
-                .spawn(async move { (id, ticket.wait().await.map_err(|e| e.to_string())) });
+            self.answers.push(Box::pin(async move {
+                (id, ticket.wait().await.map_err(|e| e.to_string()))
+            }));
             self.inflight.insert(id, (range, op));
             submitted += 1;
         }
@@ -248,8 +256,7 @@ impl Forwarder {
     async fn next_event(&mut self) -> Result<(), End> {
         let room = self.has_room();
         tokio::select! {
-            Some(r) = self.tasks.join_next(), if !self.tasks.is_empty() => {
-                let (id, result) = r.map_err(|e| End::failed("forwarder task failed", e))?;
+            Some((id, result)) = self.answers.next(), if !self.answers.is_empty() => {
                 self.answered(id, result)
             }
             op = self.rx.recv(), if room => match op {
@@ -291,11 +298,9 @@ impl Forwarder {
 
     /// The queue closed: the primary is shutting down. Finish what is in flight.
     async fn finish_in_flight(mut self) {
-        while let Some(r) = self.tasks.join_next().await {
-            if let Ok((id, res)) = r {
-                if let Some((_, mut op)) = self.inflight.remove(&id) {
-                    op.complete(res);
-                }
+        while let Some((id, res)) = self.answers.next().await {
+            if let Some((_, mut op)) = self.inflight.remove(&id) {
+                op.complete(res);
             }
         }
         *self.p.queue_rx.locked() = Some(self.rx);
@@ -308,7 +313,7 @@ impl Forwarder {
         // Release every waiter: their data is local and their blocks are dirty. Nothing is
         // queued any more once the primary is paused (sends happen under the gate while
         // replicating), so emptying the queue now leaves it empty for the next session.
-        self.tasks.abort_all();
+        self.answers.clear();
         self.inflight.clear();
         drop(self.held.take());
         while let Ok(op) = self.rx.try_recv() {

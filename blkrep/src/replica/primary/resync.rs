@@ -287,7 +287,7 @@ impl Primary {
                 "repair: the primary's disk no longer matches its digest here (changed behind lockstep's back): sending what it holds"
             );
         }
-        let kind = if data.iter().all(|&b| b == 0) {
+        let kind = if digest::is_zero(&data) {
             FwdKind::Zeroes { may_unmap: true }
         } else {
             FwdKind::Write { data, fua: false }

@@ -218,7 +218,8 @@ impl Backend for Primary {
     fn write_at(&self, offset: u64, data: IoBuf, fua: bool) -> IoFuture<'_, ()> {
         Box::pin(async move {
             let len = data.len() as u64;
-            let copy = IoBuf::from_slice(&data);
+            // The forward queue reads the same bytes the local write does: no copy.
+            let copy = data.share();
             self.modify(
                 Op::Write,
                 offset,
