@@ -76,7 +76,7 @@ impl Default for PrimaryOptions {
     fn default() -> Self {
         Self {
             ack: AckMode::Durable,
-            queue_bytes: 64 << 20,
+            queue_bytes: 16 << 20,
             max_inflight: 256,
         }
     }
