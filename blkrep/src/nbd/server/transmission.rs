@@ -17,7 +17,11 @@ use crate::nbd::codec::{self, Request};
 use crate::nbd::proto::*;
 use crate::nbd::NbdError;
 use crate::storage::{Backend, IoBuf};
+use crate::sync::BoxFuture;
 use crate::transport::{ReadHalf, WriteHalf};
+
+/// Requests up to this size are first tried on the connection's reader itself.
+const INLINE_MAX: u32 = 64 << 10;
 
 impl NbdServer {
     /// Serve requests until the client disconnects, breaks the protocol or `shutdown`
@@ -131,11 +135,27 @@ impl NbdServer {
                 None
             };
             let backend = session.export.backend.clone();
-            let tx = tx.clone();
             let base_allocation = session.base_allocation;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let small = req.length <= INLINE_MAX;
+            let mut run: BoxFuture<'static, ReplyBody> =
+                Box::pin(async move { execute(&*backend, &req, payload, base_allocation).await });
+            // A small request that completes at once (a page-cache hit) is answered from here,
+            // without a task of its own; anything that has to wait continues as a task.
+            if small {
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                if let std::task::Poll::Ready(body) = run.as_mut().poll(&mut cx) {
+                    let _ = tx.send(Reply {
+                        cookie: req.cookie,
+                        body,
+                        _permit: Some(permit),
+                    });
+                    continue;
+                }
+            }
+            let tx = tx.clone();
             inflight.spawn(async move {
-                let body = execute(&*backend, &req, payload, base_allocation).await;
+                let body = run.await;
                 let _ = tx.send(Reply {
                     cookie: req.cookie,
                     body,

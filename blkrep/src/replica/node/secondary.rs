@@ -156,6 +156,8 @@ pub async fn run_secondary_ready(
         let _ = t.await;
     }
     let _ = admin_task.await;
+    // Writes answered on receipt (ack mode `received`) reach the disk before the flush.
+    sec.applied_early().await;
     disk.flush()
         .await
         .map_err(|e| format!("final flush: {e}"))?;

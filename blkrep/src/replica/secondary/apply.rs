@@ -200,6 +200,11 @@ impl Secondary {
         Ok(())
     }
 
+    /// Wait until every forwarded write answered on receipt so far is applied (at shutdown).
+    pub async fn applied_early(&self) {
+        self.early.drain().await;
+    }
+
     /// Wait until every forwarded write answered on receipt so far is applied; then fail if
     /// one of the running session's writes failed here (its epoch cannot commit).
     pub(super) async fn applied(&self) -> Result<()> {

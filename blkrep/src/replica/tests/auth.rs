@@ -127,7 +127,8 @@ fn a_block_written_by_a_stranger_is_rolled_back_by_the_next_session() {
         c.write_at(40 * 4096, IoBuf::from_slice(&[0x55; 4096]), false)
             .await
             .unwrap();
-        assert_eq!(s.disk.snapshot()[40 * 4096], 0x55, "the write landed");
+        // The session acks on receipt (`received`): the write lands right after its answer.
+        wait_for("the write to land", || s.disk.snapshot()[40 * 4096] == 0x55).await;
         fill_blocks(&p.primary, 2..4, 2).await;
         // Its epoch cannot commit (the secondary counted a write the primary did not send).
         assert!(p.coord.checkpoint().await.is_err());
