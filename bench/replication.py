@@ -144,17 +144,20 @@ def make_pki(tmp):
 
 
 def lockstep_cmds(cfg, args, tmp, files, port, link_port):
+    threads = ["--threads", str(args.threads)] if args.threads else []
     if cfg in EXPORTS:
         return {"export": [str(LOCKSTEP), "export", "--disk", str(files["pri"]), "--size", str(args.size),
-                           "--listen", f"127.0.0.1:{port}", *(["--writethrough"] if cfg == "export-wt" else [])]}
+                           "--listen", f"127.0.0.1:{port}", *(["--writethrough"] if cfg == "export-wt" else []),
+                           *threads]}
     secure = secure_flags(tmp) if cfg in TLS_MODES else []
     return {
         "secondary": [str(LOCKSTEP), "secondary", "--disk", str(files["sec"]), "--size", str(args.size),
-                      "--listen", f"127.0.0.1:{link_port}", "--control", str(tmp / "sec.sock"), *secure],
+                      "--listen", f"127.0.0.1:{link_port}", "--control", str(tmp / "sec.sock"), *secure,
+                      *threads],
         "primary": [str(LOCKSTEP), "primary", "--disk", str(files["pri"]), "--size", str(args.size),
                     "--export", f"127.0.0.1:{port}", "--secondary", f"127.0.0.1:{link_port}",
                     "--control", str(tmp / "pri.sock"), "--ack", ack_of(cfg),
-                    "--checkpoint-interval", f"{args.interval}ms", *secure],
+                    "--checkpoint-interval", f"{args.interval}ms", *secure, *threads],
     }
 
 
@@ -321,6 +324,8 @@ def parse_args():
                     help="how QEMU's checkpoint waits for admitted writes: drain (QMP transaction with "
                          "no actions: drain only) or stop (QMP stop/cont, COLO's vm_stop: drain and "
                          "flush both disks)")
+    ap.add_argument("--threads", type=int,
+                    help="worker threads of every lockstep daemon (--threads N; default: theirs)")
     ap.add_argument("--verify", action="store_true",
                     help="after each replicated run compare the primary and secondary disk files")
     args = ap.parse_args()
@@ -439,7 +444,7 @@ def main():
             "runtime_s": args.runtime, "size_bytes": args.size, "dir": str(args.dir),
             "buffer_dir": str(args.buffer_dir), "iodepth": IODEPTH, "numjobs": 1,
             "checkpoint_interval_ms": args.interval, "qemu_pause": args.qemu_pause,
-            "configs": args.configs, "verify": args.verify,
+            "configs": args.configs, "verify": args.verify, "threads": args.threads,
         },
         "versions": versions(args.configs),
         "commands": {

@@ -84,7 +84,12 @@ fn qemu_io_patterns_zeroes_discard_flush_fua() {
     let disk = dir.path().join("disk.img");
     random_file(&disk, 4 << 20, 2);
     let addr = format!("127.0.0.1:{}", free_port());
-    for flag in [None, Some("--direct"), Some("--writethrough")] {
+    for flag in [
+        None,
+        Some("--direct"),
+        Some("--writethrough"),
+        Some("--threads=1"),
+    ] {
         let mut args = vec!["--disk", disk.to_str().unwrap()];
         args.extend(flag);
         let mut d = Daemon::export(dir.path(), &args, &addr);
@@ -438,6 +443,14 @@ fn cli_errors_are_clear() {
         T,
     );
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("suffix"));
+    // No worker threads.
+    let out = run(
+        lockstep_bin().to_str().unwrap(),
+        &["export", "--disk", big.to_str().unwrap(), "--threads", "0"],
+        T,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--threads"), "{err}");
     // Port already taken.
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();

@@ -43,10 +43,16 @@ impl UblkArgs {
 
 /// The multi-threaded runtime a daemon runs on.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")
+    runtime_with(None)
+}
+
+/// A multi-threaded runtime with `threads` workers (None: tokio's default, one per CPU).
+pub fn runtime_with(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        b.worker_threads(n);
+    }
+    b.enable_all().build().context("starting the runtime")
 }
 
 /// Wait for SIGINT or SIGTERM; returns which.

@@ -9,7 +9,7 @@ use blkrep::storage::{open_disk, DiskOptions};
 use clap::Args;
 use tokio::sync::watch;
 
-use crate::daemon::{runtime, UblkArgs};
+use crate::daemon::UblkArgs;
 use crate::units::{parse_size, ENDPOINT};
 
 #[derive(Debug, Args)]
@@ -105,7 +105,7 @@ fn serve(a: ExportArgs, service: &crate::service::Service) -> anyhow::Result<()>
         .files()
         .map(|f| blkrep::tls::acceptor(&f, a.tls_verify_peer))
         .transpose()?;
-    runtime()?.block_on(async move {
+    service.runtime()?.block_on(async move {
         let listener = Listener::bind(&a.listen).await?;
         let mut server = NbdServer::new(exports.clone(), ServerOptions::default())?;
         if let Some(t) = starttls {

@@ -20,7 +20,7 @@ use clap::Args;
 use memrep::device::{DeviceReplica, DeviceState};
 use serde_json::{json, Value};
 
-use crate::daemon::{runtime, UblkArgs};
+use crate::daemon::UblkArgs;
 use crate::memory::MemoryArg;
 use crate::report;
 use crate::service::{Service, ServiceArgs};
@@ -236,7 +236,7 @@ pub fn primary(a: PrimaryArgs) -> anyhow::Result<()> {
         key,
         tls,
     };
-    runtime()?.block_on(async {
+    service.runtime()?.block_on(async {
         memory.serve_writers().await?;
         if a.qmp.is_some() {
             memory.follow_vm();
@@ -289,7 +289,7 @@ pub fn secondary(a: SecondaryArgs) -> anyhow::Result<()> {
         insecure_no_auth: a.insecure_no_auth,
         metrics: a.disk.metrics,
     };
-    let rt = runtime()?;
+    let rt = service.runtime()?;
     let stop = {
         let _in_runtime = rt.enter();
         service.shutdown_signal("stopping: flush")?

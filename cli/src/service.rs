@@ -23,6 +23,11 @@ pub struct ServiceArgs {
     /// is refused at start.
     #[arg(long, value_name = "FILE")]
     pid_file: Option<PathBuf>,
+    /// Worker threads of the daemon's runtime (default: one per CPU). 1 suits a small host
+    /// that the daemon shares with its clients: it saves the wakeups between workers (on 2
+    /// cores, 1.5x the 4k writes of --ack local; docs/performance.md).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
 }
 
 /// Send one sd_notify message (lines `KEY=VALUE`) to `$NOTIFY_SOCKET`, if set. Returns
@@ -95,6 +100,7 @@ pub fn signals() -> anyhow::Result<impl std::future::Future<Output = &'static st
 pub struct Service {
     pid_file: Option<PathBuf>,
     written: Arc<Mutex<bool>>,
+    threads: Option<u16>,
 }
 
 impl Service {
@@ -122,7 +128,13 @@ impl Service {
         Ok(Self {
             pid_file: a.pid_file.clone(),
             written: Arc::new(Mutex::new(false)),
+            threads: a.threads,
         })
+    }
+
+    /// The daemon's runtime, with `--threads` workers.
+    pub fn runtime(&self) -> anyhow::Result<tokio::runtime::Runtime> {
+        crate::daemon::runtime_with(self.threads.map(usize::from))
     }
 
     /// The daemon serves: write the pid file, then notify READY=1 with `status`.
