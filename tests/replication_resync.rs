@@ -85,8 +85,11 @@ fn link_cut_trial(rng: &mut Rng, totals: &mut ResyncTotals) -> String {
             sent <= dirty + dirty / 4 + (1 << 20),
             "cut {k}: resent {sent} bytes, far more than the {dirty} bytes that may have differed: {v}"
         );
+        // Not a full resend of the 256 MiB disk. What is dirty can grow past 32 MiB (the
+        // epochs of a cut that comes while the last resync still skips checkpoints), so the
+        // bound is half the disk; the line above keeps the resend close to what was dirty.
         assert!(
-            sent < 32 << 20,
+            sent < 128 << 20,
             "cut {k}: a full resend ({sent} bytes): {v}"
         );
         totals.cuts += 1 + u64::from(double);
