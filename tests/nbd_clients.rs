@@ -76,6 +76,15 @@ fn qemu_img_info_convert_and_compare() {
     );
 }
 
+/// Threads of process `pid` that are tokio runtime workers.
+fn runtime_workers(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim() == "tokio-rt-worker")
+        .count()
+}
+
 #[test]
 fn qemu_io_patterns_zeroes_discard_flush_fua() {
     require("qemu-io", "qemu-utils");
@@ -93,6 +102,9 @@ fn qemu_io_patterns_zeroes_discard_flush_fua() {
         let mut args = vec!["--disk", disk.to_str().unwrap()];
         args.extend(flag);
         let mut d = Daemon::export(dir.path(), &args, &addr);
+        if flag == Some("--threads=1") {
+            assert_eq!(runtime_workers(d.pid()), 1, "--threads=1 runs one worker");
+        }
         let u = uri(&addr, "disk");
         let cmds = [
             "write -P 0xab 0 64k",

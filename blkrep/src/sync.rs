@@ -138,12 +138,14 @@ impl Unfinished {
     }
 
     /// Items not finished yet.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.state.locked().1.len()
     }
 
     /// Whether every item has finished.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 

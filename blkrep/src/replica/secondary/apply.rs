@@ -200,7 +200,8 @@ impl Secondary {
         Ok(())
     }
 
-    /// Wait until every forwarded write answered on receipt so far is applied (at shutdown).
+    /// Wait until every forwarded write answered on receipt so far is applied (before a
+    /// checkpoint's flush, at shutdown).
     pub async fn applied_early(&self) {
         self.early.drain().await;
     }
@@ -208,7 +209,7 @@ impl Secondary {
     /// Wait until every forwarded write answered on receipt so far is applied; then fail if
     /// one of the running session's writes failed here (its epoch cannot commit).
     pub(super) async fn applied(&self) -> Result<()> {
-        self.early.drain().await;
+        self.applied_early().await;
         let i = self.inner();
         match i.poisoned.iter().next() {
             Some((epoch, e)) => Err(StorageError::Unavailable(format!(

@@ -88,7 +88,7 @@ impl SecondaryParticipant for BlockShare<'_> {
             // is on this disk: flush it first. Every write of the epoch was answered before
             // its mark was; those answered on receipt (ack mode `received`) are applied
             // first, so one flush covers them all.
-            self.sec.early.drain().await;
+            self.sec.applied_early().await;
             self.sec
                 .flush_disk()
                 .await
